@@ -1,0 +1,3 @@
+from dds.cli import main
+
+main()

@@ -1,0 +1,185 @@
+"""The `dds` command line: parses options, resolves the workspace, calls one library function per
+command and prints the result. Heavy libraries (torch, open_clip) are imported inside commands."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Optional
+
+import typer
+
+from dds.errors import DdsError
+from dds.workspace import Workspace
+
+app = typer.Typer(
+    name="dds",
+    help="Dynamic data selection meets data augmentation: shard, embed and index an image dataset, "
+    "then train on a fraction of it, choosing every epoch which samples to train on and which to augment strongly.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+WorkspaceOpt = typer.Option(None, "--workspace", "-w", envvar="DDS_WORKSPACE",
+                            help="Workspace folder holding shards, embeddings, scores, runs and catalog.duckdb "
+                                 "[default: ./dds-work].")
+EncoderOpt = typer.Option("lite0-minilm", "--encoder", "-e",
+                          help="Encoder name: lite0-minilm (offline pair), openclip:ARCH/PRETRAINED "
+                               "(open_clip tag or local checkpoint), tiny-clip (random, for tests).")
+DeviceOpt = typer.Option("auto", "--device", help="auto (cuda when present), cpu or cuda.")
+ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+
+
+def _ws(path: Optional[str]) -> Workspace:
+    return Workspace.resolve(path)
+
+
+def _print_summary(title: str, summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for k, v in summary.items():
+        table.add_row(str(k), v if isinstance(v, str) else json.dumps(v, default=str))
+    Console().print(table)
+
+
+@app.command()
+def shard(
+    source: str = typer.Argument(..., help="A manifest name (fashion-mnist), imagefolder:PATH (one sub-folder per "
+                                           "class, or train/ and test/ each with class folders) or tar:GLOB "
+                                           "(WebDataset shards with .cls labels)."),
+    name: Optional[str] = typer.Option(None, "--name", "-n", help="Dataset name in the workspace [default: derived from SOURCE]."),
+    split: Optional[str] = typer.Option(None, "--split", help="train or test [default: every split the source has]."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Keep a class-stratified subset of N samples per split."),
+    shard_size: int = typer.Option(5000, "--shard-size", help="Samples per WebDataset tar."),
+    label_noise: float = typer.Option(0.0, "--label-noise", help="Fraction of train labels to flip (true label kept in label_orig)."),
+    noise_kind: str = typer.Option("symmetric", "--noise-kind", help="symmetric: flip uniformly to another class."),
+    seed: int = typer.Option(0, "--seed", help="Seed for --limit and --label-noise."),
+    workspace: Optional[str] = WorkspaceOpt,
+    progress: bool = ProgressOpt,
+) -> None:
+    """Write SOURCE as WebDataset shards plus the samples, shards and rejects tables."""
+    from dds._validate import check_choice, check_fraction, check_positive_int
+    from dds.pipeline.shard import run_shard
+
+    check_positive_int("--limit", limit)
+    check_positive_int("--shard-size", shard_size)
+    check_fraction("--label-noise", label_noise, allow_zero=True, allow_one=False)
+    check_choice("--noise-kind", noise_kind, ("symmetric",))
+    if split is not None:
+        check_choice("--split", split, ("train", "test"))
+    summary = run_shard(_ws(workspace), source, name=name, split=split, limit=limit, shard_size=shard_size,
+                        label_noise=label_noise, noise_kind=noise_kind, seed=seed, progress=progress)
+    _print_summary(f"dds shard {source}", summary)
+
+
+@app.command()
+def embed(
+    name: str = typer.Argument(..., help="Dataset name (as given to dds shard)."),
+    encoder: str = EncoderOpt,
+    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass."),
+    split: str = typer.Option("train", "--split", help="train, test or all."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader decode workers [default: 1 on CPU, 4 on CUDA]."),
+    device: str = DeviceOpt,
+    workspace: Optional[str] = WorkspaceOpt,
+    progress: bool = ProgressOpt,
+) -> None:
+    """Embed every image (per shard, resumable) and every class prompt with ENCODER."""
+    from dds._validate import check_choice, check_positive_int
+    from dds.pipeline.embed import run_embed
+
+    check_positive_int("--batch-size", batch_size)
+    check_choice("--device", device, ("auto", "cpu", "cuda"))
+    check_choice("--split", split, ("train", "test", "all"))
+    splits = ("train", "test") if split == "all" else (split,)
+    summary = run_embed(_ws(workspace), name, encoder=encoder, batch_size=batch_size, splits=splits,
+                        num_workers=workers, device=device, progress=progress)
+    _print_summary(f"dds embed {name}", summary)
+
+
+@app.command()
+def index(
+    name: str = typer.Argument(..., help="Dataset name (as given to dds shard)."),
+    encoder: str = EncoderOpt,
+    k: int = typer.Option(10, "--k", help="Neighbours per sample in the kNN graph."),
+    adapters: str = typer.Option("auto", "--adapters", help="auto (on for unaligned towers, off for CLIP), on, off."),
+    folds: int = typer.Option(5, "--folds", help="Cross-fitting folds for the adapters."),
+    seed: int = typer.Option(0, "--seed", help="Seed for folds and adapter training."),
+    device: str = DeviceOpt,
+    workspace: Optional[str] = WorkspaceOpt,
+    progress: bool = ProgressOpt,
+) -> None:
+    """Build the kNN graph and per-sample scores (density, consistency, joint, region)."""
+    from dds._validate import check_choice, check_positive_int
+    from dds.pipeline.index import run_index
+
+    check_positive_int("--k", k)
+    check_choice("--adapters", adapters, ("auto", "on", "off"))
+    check_choice("--device", device, ("auto", "cpu", "cuda"))
+    if folds < 2:
+        raise DdsError(f"--folds must be at least 2 (cross-fitting), got {folds}")
+    ws = _ws(workspace)
+    summary = run_index(ws, name, encoder=encoder, k=k, adapters=adapters, folds=folds, seed=seed,
+                        device=device, progress=progress)
+    _print_summary(f"dds index {name}", summary)
+    _print_rows(ws, "SELECT region, count(*) AS n, round(avg(density), 3) AS density, "
+                    "round(avg(consistency), 3) AS consistency, round(avg(joint), 3) AS joint "
+                    f"FROM scores WHERE dataset = '{name}' AND encoder = '{encoder}' GROUP BY region ORDER BY n DESC",
+                "scores by region")
+
+
+def _print_rows(ws: Workspace, sql: str, title: str | None = None, fmt: str = "table") -> None:
+    from dds.catalog import query
+
+    table = query(ws, sql)
+    if fmt == "json":
+        typer.echo(json.dumps(table.to_pylist(), default=str, indent=1))
+        return
+    if fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, sys.stdout.buffer)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Table(title=title)
+    for col in table.column_names:
+        out.add_column(col)
+    for row in table.to_pylist():
+        out.add_row(*("" if v is None else str(v) for v in row.values()))
+    Console().print(out)
+
+
+@app.command()
+def sql(
+    query_text: str = typer.Argument(..., metavar="SQL", help="A read-only query over the catalog views: datasets, "
+                                     "samples, shards, rejects, embeddings, text_embeddings, knn, scores, runs, "
+                                     "epochs, history, bench."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, csv or json."),
+    workspace: Optional[str] = WorkspaceOpt,
+) -> None:
+    """Run a read-only SQL query over the workspace catalog."""
+    from dds._validate import check_choice
+
+    check_choice("--format", fmt, ("table", "csv", "json"))
+    _print_rows(_ws(workspace), query_text, fmt=fmt)
+
+
+def main() -> None:
+    """Console entry point: DdsError becomes one line on stderr and exit status 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except DdsError as e:
+        typer.echo(f"dds: error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("dds: interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
