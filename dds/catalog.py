@@ -112,7 +112,7 @@ def query(ws: Workspace, sql: str):
     try:
         result = None
         for st in statements:
-            result = con.execute(st).to_arrow_table()
+            result = con.sql(st.query).to_arrow_table()
         return result
     except duckdb.Error as e:
         raise DdsError(f"query failed: {str(e).splitlines()[0]}") from None
