@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import Optional
 
@@ -168,6 +169,134 @@ def sql(
     _print_rows(_ws(workspace), query_text, fmt=fmt)
 
 
+@app.command()
+def train(
+    name: str = typer.Argument(..., help="Dataset name (as given to dds shard); needs a train and a test split."),
+    policy: str = typer.Option("dds", "--policy", "-p", help="Selection policy: dds, full, random, infobatch, ucb."),
+    budget: float = typer.Option(0.5, "--budget", help="Fraction of full-data sample-steps the whole run may spend, "
+                                                       "warm-up and annealing included."),
+    epochs: int = typer.Option(12, "--epochs", help="Training epochs."),
+    model: str = typer.Option("resnet20", "--model", "-m", help="Model name: resnet20, cnn3, resnet18, resnet50."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the model, the selector and augmentation."),
+    encoder: str = EncoderOpt,
+    batch_size: int = typer.Option(128, "--batch-size", "-b", help="Training batch size."),
+    lr: float = typer.Option(0.1, "--lr", help="Peak learning rate (cosine schedule over the run's steps)."),
+    option: list[str] = typer.Option([], "--option", "-o", help="Policy option KEY=VALUE (repeatable), e.g. -o loss_weight=0.5."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run RUN_ID from its last checkpoint."),
+    device: str = DeviceOpt,
+    workspace: Optional[str] = WorkspaceOpt,
+    progress: bool = ProgressOpt,
+) -> None:
+    """Train a classifier, choosing every epoch which samples to train on and how strongly to augment them."""
+    from dds._validate import check_choice, check_fraction, check_positive_int
+
+    ws = _ws(workspace)
+    if not resume:
+        check_fraction("--budget", budget)
+        check_positive_int("--epochs", epochs)
+        check_positive_int("--batch-size", batch_size)
+        check_choice("--device", device, ("auto", "cpu", "cuda"))
+    from dds.train.config import TrainConfig
+    from dds.train.loop import run_train
+
+    if resume:
+        result = run_train(ws, None, resume=resume, progress=progress)
+    else:
+        cfg = TrainConfig(dataset=name, policy=policy, budget=budget, epochs=epochs, model=model, seed=seed,
+                          encoder=encoder, batch_size=batch_size, lr=lr, device=device,
+                          policy_options=_parse_options(option))
+        result = run_train(ws, cfg, progress=progress)
+    _print_summary("dds train", result)
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    """``["k=v", ...]`` -> dict, values parsed as JSON where they parse (numbers, booleans), else strings."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise DdsError(f"--option takes KEY=VALUE, got '{pair}'")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@app.command()
+def bench(
+    name: str = typer.Argument(..., help="Dataset name (as given to dds shard)."),
+    policies: str = typer.Option("full,random,infobatch,ucb,dds", "--policies", help="Comma-separated policies; "
+                                 "'full' is the reference for wall-clock ratios."),
+    budget: float = typer.Option(0.5, "--budget", help="Budget of every non-full policy (fraction of sample-steps)."),
+    epochs: int = typer.Option(12, "--epochs", help="Training epochs per run."),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds per policy (0..N-1)."),
+    model: str = typer.Option("resnet20", "--model", "-m", help="Model name."),
+    encoder: str = EncoderOpt,
+    device: str = DeviceOpt,
+    workspace: Optional[str] = WorkspaceOpt,
+    progress: bool = ProgressOpt,
+) -> None:
+    """Run several policies on the same data, model, epochs and seeds; print and store one comparison table."""
+    from dds._validate import check_choice, check_fraction, check_positive_int
+    from dds.train.bench import run_bench
+
+    check_fraction("--budget", budget)
+    check_positive_int("--epochs", epochs)
+    check_positive_int("--seeds", seeds)
+    check_choice("--device", device, ("auto", "cpu", "cuda"))
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    if not names:
+        raise DdsError("--policies is empty; give e.g. --policies full,dds")
+    ws = _ws(workspace)
+    rows = run_bench(ws, name, policies=names, budget=budget, epochs=epochs, seeds=seeds, model=model,
+                     base_config={"encoder": encoder, "device": device}, progress=progress)
+    _print_table("dds bench", rows)
+    typer.echo(f"per-sample history: dds sql \"SELECT * FROM history WHERE run_id = '{rows[0]['run_ids'][0]}' LIMIT 10\""
+               f" -w {ws.root}")
+
+
+def _print_table(title: str, rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Table(title=title)
+    cols = [c for c in rows[0] if c != "run_ids"] if rows else []
+    for c in cols:
+        out.add_column(c)
+    for r in rows:
+        out.add_row(*(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+    Console().print(out)
+
+
+@app.command("bench-embed")
+def bench_embed(
+    name: str = typer.Argument(..., help="Dataset name (as given to dds shard)."),
+    encoder: str = EncoderOpt,
+    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass."),
+    max_images: int = typer.Option(10000, "--max-images", help="Images to time in each of the two passes."),
+    device: str = DeviceOpt,
+    workspace: Optional[str] = WorkspaceOpt,
+) -> None:
+    """Embedding throughput: the full embed pipeline against the bare encoder forward pass, side by side."""
+    from dds.pipeline.embed import bench_embed as _bench
+
+    _print_summary("dds bench-embed", _bench(_ws(workspace), name, encoder=encoder, batch_size=batch_size,
+                                             device=device, max_images=max_images))
+
+
+@app.command("bench-plan")
+def bench_plan(
+    n: int = typer.Option(1_280_000, "--n", help="Samples (ImageNet-1k size by default)."),
+    classes: int = typer.Option(1000, "--classes", help="Classes."),
+    policy: str = typer.Option("dds", "--policy", help="Policy to time."),
+) -> None:
+    """Time planning one epoch on synthetic scores (target: <= 50 ms for 1.28M samples on CPU)."""
+    from dds.selector import bench_plan as _bench
+
+    _print_summary("dds bench-plan", _bench(n=n, classes=classes, policy=policy))
+
+
 def main() -> None:
     """Console entry point: DdsError becomes one line on stderr and exit status 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -179,6 +308,11 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("dds: interrupted; rerun the same command to resume", err=True)
         sys.exit(130)
+    except Exception as e:  # an unexpected failure: one line, the traceback only on request
+        if os.environ.get("DDS_DEBUG"):
+            raise
+        typer.echo(f"dds: error: {type(e).__name__}: {e} (set DDS_DEBUG=1 for the traceback)", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

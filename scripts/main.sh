@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: Fashion-MNIST with the offline encoder pair (lite0-minilm).
+# shard -> embed -> index, then a summary of the scores table. Runs in minutes on 2 CPU cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1
+export DDS_WORKSPACE=${DDS_WORKSPACE:-./dds-work}
+LIMIT=${DDS_LIMIT:-5000}
+DDS=.venv/bin/dds
+
+$DDS shard fashion-mnist --limit "$LIMIT"
+$DDS embed fashion-mnist --encoder lite0-minilm
+$DDS index fashion-mnist --encoder lite0-minilm
+$DDS sql "SELECT region, count(*) AS samples, round(avg(density), 3) AS density,
+                 round(avg(consistency), 3) AS consistency, round(avg(joint), 3) AS joint,
+                 round(avg(knn_agreement), 3) AS knn_agreement
+          FROM scores GROUP BY region ORDER BY samples DESC"
+echo "workspace: $DDS_WORKSPACE  (query it: .venv/bin/dds sql \"SELECT * FROM scores LIMIT 5\")"

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: the Debian Fashion-MNIST package and a virtual environment in .venv.
+# Idempotent: a second run only checks that everything is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq dataset-fashion-mnist
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# torch/torchvision first and pinned: these releases install from local disk here; an unpinned
+# torch would pull a multi-GB CUDA build from the index.
+.venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
