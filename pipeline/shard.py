@@ -1,0 +1,506 @@
+"""``dds shard``: write a source as WebDataset tars plus the shards, samples and rejects tables.
+
+Pure cores (:func:`stratified_subset`, :func:`symmetric_noise`, :func:`encode_png`) work on arrays and
+images; :func:`run_shard` is the I/O shell. A split's tars are written into a temporary folder inside
+the dataset folder and moved into ``shards/`` only once all of them are complete; the tables then
+replace only the rows of the split(s) written, so sharding ``--split test`` after ``train`` keeps train.
+Tars are byte-for-byte reproducible (fixed tar headers, fixed PNG settings): a re-run gives the same
+keys, labels and sha256s.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import shutil
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from dds import catalog
+from dds._validate import check_choice, check_fraction, check_positive_int
+from dds.errors import DdsError
+from dds.pipeline.sources import (SPLITS, SourceData, SplitData, default_prompt_names, open_source, target_mode,
+                                  typical_size)
+from dds.manifests import DEFAULT_TEMPLATES
+from dds.workspace import Workspace, atomic_write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+NOISE_KINDS = ("symmetric",)
+PNG_COMPRESS_LEVEL = 6  # fixed so that re-runs give identical bytes
+
+SAMPLES_SCHEMA = pa.schema([("dataset", pa.string()), ("key", pa.string()), ("split", pa.string()),
+                            ("label", pa.int32()), ("label_orig", pa.int32()), ("shard", pa.string()),
+                            ("idx", pa.int64()), ("source", pa.string())])
+SHARDS_SCHEMA = pa.schema([("dataset", pa.string()), ("split", pa.string()), ("shard", pa.string()),
+                           ("path", pa.string()), ("count", pa.int64()), ("sha256", pa.string())])
+REJECTS_SCHEMA = pa.schema([("dataset", pa.string()), ("source", pa.string()), ("reason", pa.string()),
+                            ("split", pa.string())])
+
+
+# ---------------------------------------------------------------- pure cores
+
+
+def stratified_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Choose exactly ``limit`` samples, each class in proportion to its size.
+
+    Quotas are ``floor(limit * n_c / N)`` plus one for the classes with the largest remainders
+    (ties: lower class first); within a class the samples are drawn at random from ``seed``.
+
+    Args:
+        labels: (N,) integer labels.
+        limit: samples to keep, 1 <= limit <= N.
+        seed: seed of the draw within each class.
+
+    Returns:
+        (limit,) int64, sorted indices into ``labels``.
+
+    Raises:
+        ValueError: ``limit`` is not in 1..N.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if not 1 <= limit <= n:
+        raise ValueError(f"limit must be in 1..{n}, got {limit}")
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = limit * counts / n
+    quota = np.floor(exact).astype(np.int64)
+    extra = limit - int(quota.sum())
+    order = np.lexsort((np.arange(len(classes)), -(exact - quota)))  # largest remainder first
+    quota[order[:extra]] += 1
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+def symmetric_noise(labels: np.ndarray, num_classes: int, fraction: float, seed: int) -> np.ndarray:
+    """Flip exactly ``round(fraction * N)`` labels, each to a uniformly drawn *different* class.
+
+    Args:
+        labels: (N,) integer labels in 0..num_classes-1.
+        num_classes: number of classes C (at least 2 when anything is flipped).
+        fraction: share of labels to flip, in [0, 1].
+        seed: seed of which samples flip and to what.
+
+    Returns:
+        (N,) int64, the noisy labels (``labels`` itself is not modified).
+
+    Raises:
+        ValueError: ``fraction`` outside [0, 1], or flips asked for with fewer than 2 classes.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    n_flip = int(round(fraction * len(labels)))
+    noisy = labels.copy()
+    if n_flip == 0:
+        return noisy
+    if num_classes < 2:
+        raise ValueError(f"label noise needs at least 2 classes, got {num_classes}")
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(labels), size=n_flip, replace=False)
+    offset = rng.integers(1, num_classes, size=n_flip)  # 1..C-1: never the same class
+    noisy[idx] = (labels[idx] + offset) % num_classes
+    return noisy
+
+
+def encode_png(img: Image.Image, mode: str) -> bytes:
+    """PNG bytes of ``img`` converted to ``mode`` ("L" or "RGB"), with fixed settings (reproducible)."""
+    if img.mode != mode:
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")  # alpha is dropped onto black, not mixed into the colours
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buf.getvalue()
+
+
+def sample_key(split: str, source_index: int) -> str:
+    """The stable key of sample ``source_index`` (its position in the listed source) of ``split``."""
+    return f"{split}-{source_index:07d}"
+
+
+# ---------------------------------------------------------------- writing tars
+
+
+class TarShardWriter:
+    """Writes ``{split}-{i:06d}.tar`` files of ``shard_size`` samples each into ``out_dir``.
+
+    Tar headers are fixed (mtime 0, uid/gid 0, mode 0444, ustar) so equal content gives equal bytes.
+    """
+
+    def __init__(self, out_dir: Path, split: str, shard_size: int) -> None:
+        self.out_dir, self.split, self.shard_size = out_dir, split, shard_size
+        self.shards: list[dict[str, Any]] = []  # one row per closed tar: shard, path, count, sha256
+        self._tar: tarfile.TarFile | None = None
+        self._count = 0
+
+    @property
+    def stem(self) -> str:
+        return f"{self.split}-{len(self.shards):06d}"
+
+    def write(self, key: str, png: bytes, label: int) -> str:
+        """Add one sample; returns the stem of the tar it went into."""
+        if self._tar is None:
+            self._tar = tarfile.open(self.out_dir / f"{self.stem}.tar", "w", format=tarfile.USTAR_FORMAT)
+        for name, data in ((f"{key}.png", png), (f"{key}.cls", str(int(label)).encode("ascii"))):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        self._count += 1
+        stem = self.stem
+        if self._count == self.shard_size:
+            self._close()
+        return stem
+
+    def _close(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        path = self.out_dir / f"{self.stem}.tar"
+        with open(path, "rb") as f:
+            sha = hashlib.file_digest(f, "sha256").hexdigest()
+        self.shards.append({"shard": path.stem, "path": f"shards/{path.name}", "count": self._count, "sha256": sha})
+        self._tar, self._count = None, 0
+
+    def close(self) -> list[dict[str, Any]]:
+        """Close the open tar; returns the rows of every tar written."""
+        self._close()
+        return self.shards
+
+
+@dataclass
+class SplitResult:
+    """What writing one split produced."""
+
+    samples: dict[str, list] = field(default_factory=lambda: {k: [] for k in ("key", "label", "label_orig", "shard", "source")})
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    rejects: list[tuple[str, str]] = field(default_factory=list)  # (source, reason)
+    pixel_sum: np.ndarray | None = None  # (channels,) float64 sums of pixel values in [0, 1]
+    pixel_sq: np.ndarray | None = None
+    pixel_n: int = 0
+
+
+def decoded(sd: SplitData, order: np.ndarray, on_error: Callable[[str, Exception], None]) -> Iterator[tuple[int, Image.Image]]:
+    """Yields ``(source_index, image)`` for ``order``; a sample that fails to decode goes to ``on_error``."""
+    for i in order:
+        try:
+            yield int(i), sd.load(int(i))
+        except Exception as e:  # PIL raises many types on corrupt data; the policy is the caller's
+            on_error(sd.refs[int(i)], e)
+
+
+def write_split(split: str, sd: SplitData, order: np.ndarray, labels: np.ndarray, *, mode: str, out_dir: Path,
+                shard_size: int, stats: bool, progress: bool, desc: str) -> SplitResult:
+    """Decode, PNG-encode and write the samples ``order`` of ``sd`` as tars in ``out_dir``.
+
+    Args:
+        order: (M,) int64 source indices to write, in shard order.
+        labels: (M,) training labels for ``order`` (after noise); ``sd.labels[order]`` is label_orig.
+        mode: "L" or "RGB", the mode of every stored PNG.
+        stats: accumulate per-channel pixel sums for mean/std.
+    """
+    res = SplitResult()
+    writer = TarShardWriter(out_dir, split, shard_size)
+    label_of = dict(zip(order.tolist(), labels.tolist()))
+
+    def reject(ref: str, e: Exception) -> None:
+        log.warning("rejected %s: %s", ref, e)
+        res.rejects.append((ref, f"unreadable image: {type(e).__name__}: {e}"))
+
+    with tqdm(total=len(order), desc=desc, unit="img", disable=not progress) as bar:
+        for i, img in decoded(sd, order, reject):
+            bar.update(1)
+            try:
+                png = encode_png(img, mode)
+            except Exception as e:  # e.g. a mode PIL cannot convert
+                reject(sd.refs[i], e)
+                continue
+            if stats:
+                _add_stats(res, img if img.mode == mode else img.convert(mode))
+            shard = writer.write(sample_key(split, i), png, label_of[i])
+            for k, v in (("key", sample_key(split, i)), ("label", label_of[i]), ("label_orig", int(sd.labels[i])),
+                         ("shard", shard), ("source", sd.refs[i])):
+                res.samples[k].append(v)
+        bar.update(len(order) - bar.n)
+    res.shards = writer.close()
+    return res
+
+
+def _add_stats(res: SplitResult, img: Image.Image) -> None:
+    a = np.asarray(img, dtype=np.float64).reshape(img.height * img.width, -1) / 255.0
+    if res.pixel_sum is None:
+        res.pixel_sum, res.pixel_sq = np.zeros(a.shape[1]), np.zeros(a.shape[1])
+    res.pixel_sum += a.sum(0)
+    res.pixel_sq += (a * a).sum(0)
+    res.pixel_n += a.shape[0]
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _check_options(split: str | None, limit: int | None, shard_size: int, label_noise: float, noise_kind: str) -> None:
+    if split is not None:
+        check_choice("--split", split, SPLITS)
+    check_positive_int("--limit", limit)
+    check_positive_int("--shard-size", shard_size)
+    check_fraction("--label-noise", label_noise, allow_zero=True, allow_one=False)
+    check_choice("--noise-kind", noise_kind, NOISE_KINDS)
+    if split == "test" and label_noise > 0:
+        raise DdsError("label noise is only injected into the train split; drop --label-noise when sharding --split test")
+
+
+def _choose(sd: SplitData, split: str, limit: int | None, seed: int) -> np.ndarray:
+    n = len(sd.labels)
+    if limit is None or limit >= n:
+        if limit is not None:
+            log.warning("--limit %d >= the %d readable samples of split %s: keeping all of them", limit, n, split)
+        return np.arange(n, dtype=np.int64)
+    return stratified_subset(sd.labels, limit, seed)
+
+
+def run_shard(ws: Workspace, source: str, *, name: str | None = None, split: str | None = None,
+              limit: int | None = None, shard_size: int = 5000, label_noise: float = 0.0,
+              noise_kind: str = "symmetric", seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Shard ``source`` into dataset ``name`` of workspace ``ws`` (see the module docstring).
+
+    Args:
+        source: a manifest name (``fashion-mnist``), ``imagefolder:PATH`` or ``tar:GLOB``.
+        name: dataset name; default the manifest name, else the folder / glob stem.
+        split: ``train`` or ``test``; None shards every split the source has.
+        limit: keep a class-stratified subset of this many samples per split (all when larger).
+        shard_size: samples per tar.
+        label_noise: fraction of train labels to flip (``label_orig`` keeps the truth); never on test.
+        noise_kind: ``symmetric`` (flip to a uniformly drawn other class).
+        seed: seed of ``limit`` and ``label_noise``.
+        progress: show a tqdm bar while writing.
+
+    Returns:
+        A summary: dataset, splits (samples per split written), shards, rejects, noise_flipped, seconds,
+        path (the dataset folder), workspace.
+
+    Raises:
+        DdsError: bad options, a missing/empty source, or a split that does not fit the dataset's other splits.
+    """
+    t0 = time.perf_counter()
+    _check_options(split, limit, shard_size, label_noise, noise_kind)
+    src = _open_checked(source, split, name, label_noise)
+    name = name or src.default_name
+    ds_dir = ws.dataset_dir(name)
+    old = _read_json(ds_dir / "dataset.json")
+    mode = _dataset_mode(src)
+    _check_compatible(old, src, mode, name)
+    results, changed = _write_all_splits(src, ds_dir, name, mode=mode, limit=limit, shard_size=shard_size,
+                                         label_noise=label_noise, seed=seed, progress=progress)
+    _write_tables(ds_dir, name, results)
+    info = _dataset_info(old, src, name, source, mode, results, label_noise, noise_kind, seed,
+                         dict(limit=limit, shard_size=shard_size, seed=seed))
+    atomic_write_json(ds_dir / "dataset.json", info)
+    write_parquet(ds_dir / "dataset.parquet", pa.table({
+        "name": [name], "num_samples": pa.array([sum(info["splits"].values())], pa.int64()),
+        "num_classes": pa.array([len(info["classes"])], pa.int32()),
+        "classes": pa.array([info["classes"]], pa.list_(pa.string())), "source": [source]}))
+    _invalidate_derived(ds_dir, changed, classes_changed=bool(old) and old.get("classes") != info["classes"])
+    catalog.refresh(ws)
+    return {
+        "dataset": name,
+        "splits": {s: len(r.samples["key"]) for s, r in results.items()},
+        "shards": {s: len(r.shards) for s, r in results.items()},
+        "rejects": sum(len(r.rejects) for r in results.values()),
+        "noise_flipped": int(sum(np.sum(np.asarray(r.samples["label"]) != np.asarray(r.samples["label_orig"]))
+                                 for r in results.values())),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "path": str(ds_dir),
+        "workspace": str(ws.root),
+    }
+
+
+def _open_checked(source: str, split: str | None, name: str | None, label_noise: float) -> SourceData:
+    """List the source; every split asked for must hold readable samples."""
+    src = open_source(source, split=split, name=name)
+    for s, sd in src.splits.items():
+        if not len(sd.labels):
+            first = f"; first: {sd.rejects[0][0]}: {sd.rejects[0][1]}" if sd.rejects else ""
+            raise DdsError(f"split '{s}' of {source} has no readable samples ({len(sd.rejects)} rejected{first})")
+    if label_noise > 0 and "train" not in src.splits:
+        raise DdsError(f"--label-noise applies to the train split, and {source} has none; drop --label-noise")
+    return src
+
+
+def _write_all_splits(src: SourceData, ds_dir: Path, name: str, *, mode: str, limit: int | None, shard_size: int,
+                      label_noise: float, seed: int, progress: bool) -> tuple[dict[str, SplitResult], set[str]]:
+    """Write every split's tars into a temporary folder, then move them into ``shards/`` together.
+
+    Returns:
+        The result per split, and the stems of the tars whose content changed (or that were removed).
+    """
+    ds_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ds_dir.glob(".tmp-shard-*"):  # left by a run that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-shard-", dir=ds_dir))
+    try:
+        results = {}
+        for s, sd in src.splits.items():
+            order = _choose(sd, s, limit, seed)
+            orig = sd.labels[order]
+            labels = symmetric_noise(orig, len(src.classes), label_noise, seed) if s == "train" else orig
+            res = write_split(s, sd, order, labels, mode=mode, out_dir=tmp, shard_size=shard_size,
+                              stats=src.manifest is None, progress=progress, desc=f"shard {name}/{s}")
+            res.rejects[:0] = sd.rejects  # found while listing, before those found while decoding
+            results[s] = res
+        return results, _swap_in(ds_dir, tmp, results)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _dataset_mode(src: SourceData) -> str:
+    if src.manifest is not None and src.kind == "manifest":
+        return "L" if src.manifest.channels == 1 else "RGB"
+    return target_mode([m for sd in src.splits.values() for m in sd.modes])
+
+
+def _check_compatible(old: dict[str, Any], src: SourceData, mode: str, name: str) -> None:
+    """A split written next to other, kept splits must share their classes and channels."""
+    kept = [s for s in old.get("splits", {}) if s not in src.splits]
+    if not kept:
+        return
+    if old.get("classes") != src.classes:
+        raise DdsError(f"dataset '{name}' has split(s) {', '.join(kept)} with classes {old.get('classes')}, "
+                       f"but this source has {src.classes}; shard every split again (omit --split) or use another --name")
+    channels = 1 if mode == "L" else 3
+    if old.get("channels", channels) != channels:
+        raise DdsError(f"dataset '{name}' has split(s) {', '.join(kept)} with {old['channels']} channel(s), but these "
+                       f"images give {channels}; shard every split again (omit --split) or use another --name")
+
+
+def _swap_in(ds_dir: Path, tmp: Path, results: dict[str, SplitResult]) -> set[str]:
+    """Move the new tars into ``shards/`` and drop the old tars of those splits; returns changed shard stems."""
+    shards_dir = ds_dir / "shards"
+    shards_dir.mkdir(exist_ok=True)
+    old_rows = _read_table(ds_dir / "shards.parquet")
+    old_sha = {r["shard"]: r["sha256"] for r in old_rows.to_pylist()} if old_rows is not None else {}
+    changed: set[str] = set()
+    for s, res in results.items():
+        new = {row["shard"] for row in res.shards}
+        for row in res.shards:
+            (tmp / f"{row['shard']}.tar").replace(shards_dir / f"{row['shard']}.tar")
+            if old_sha.get(row["shard"]) != row["sha256"]:
+                changed.add(row["shard"])
+        for p in shards_dir.glob(f"{s}-*.tar"):
+            if p.stem not in new:
+                p.unlink()
+                changed.add(p.stem)
+    return changed
+
+
+def _read_table(path: Path) -> pa.Table | None:
+    return pq.read_table(path) if path.exists() else None
+
+
+def _merge(path: Path, new: pa.Table, splits: list[str], sort: list[tuple[str, str]]) -> None:
+    """Write ``new`` plus the rows of ``path`` whose split is not in ``splits``, sorted, atomically."""
+    old = _read_table(path)
+    if old is not None:
+        keep = old.filter(pc.invert(pc.is_in(old["split"], pa.array(splits, pa.string()))))
+        names = [n for n in new.schema.names if n in keep.schema.names]
+        if names == new.schema.names:
+            new = pa.concat_tables([keep.select(names).cast(new.schema), new])
+        else:
+            log.warning("%s has an older layout; its rows of other splits are dropped", path)
+    write_parquet(path, new.sort_by(sort))
+
+
+def _write_tables(ds_dir: Path, name: str, results: dict[str, SplitResult]) -> None:
+    splits = list(results)
+    samples = {k: [] for k in SAMPLES_SCHEMA.names}
+    shards = {k: [] for k in SHARDS_SCHEMA.names}
+    rejects = {k: [] for k in REJECTS_SCHEMA.names}
+    for s, r in results.items():
+        n = len(r.samples["key"])
+        samples["dataset"] += [name] * n
+        samples["split"] += [s] * n
+        samples["idx"] += list(range(n))
+        for k, v in r.samples.items():
+            samples[k] += v
+        for row in r.shards:
+            for k in SHARDS_SCHEMA.names:
+                shards[k].append({"dataset": name, "split": s}.get(k, row.get(k)))
+        for ref, reason in r.rejects:
+            for k, v in (("dataset", name), ("source", ref), ("reason", reason), ("split", s)):
+                rejects[k].append(v)
+    _merge(ds_dir / "samples.parquet", pa.table(samples, schema=SAMPLES_SCHEMA), splits,
+           [("split", "descending"), ("idx", "ascending")])
+    _merge(ds_dir / "shards.parquet", pa.table(shards, schema=SHARDS_SCHEMA), splits,
+           [("split", "descending"), ("shard", "ascending")])
+    _merge(ds_dir / "rejects.parquet", pa.table(rejects, schema=REJECTS_SCHEMA), splits,
+           [("split", "descending"), ("source", "ascending")])
+
+
+def _norm_stats(results: dict[str, SplitResult]) -> tuple[list[float], list[float]] | None:
+    """Per-channel mean/std over the train split written (else any split written); None without images."""
+    for s in ("train", *results):
+        r = results.get(s)
+        if r is not None and r.pixel_n:
+            mean = r.pixel_sum / r.pixel_n
+            std = np.sqrt(np.maximum(r.pixel_sq / r.pixel_n - mean**2, 0.0))
+            return [round(float(x), 4) for x in mean], [round(float(x), 4) for x in std]
+    return None
+
+
+def _dataset_info(old: dict[str, Any], src: SourceData, name: str, source: str, mode: str,
+                  results: dict[str, SplitResult], label_noise: float, noise_kind: str, seed: int,
+                  options: dict[str, Any]) -> dict[str, Any]:
+    """The new ``dataset.json``: this run's splits merged over the old file's other splits."""
+    m = src.manifest
+    splits = {s: n for s, n in old.get("splits", {}).items() if s not in results}
+    splits.update({s: len(r.samples["key"]) for s, r in results.items()})
+    info: dict[str, Any] = {
+        "name": name, "source": source, "manifest": m.name if m else None, "classes": list(src.classes),
+        "prompt_names": list(m.prompt_names) if m else default_prompt_names(src.classes),
+        "templates": list(m.templates) if m else list(DEFAULT_TEMPLATES),
+        "channels": 1 if mode == "L" else 3,
+        "splits": dict(sorted(splits.items(), key=lambda kv: (SPLITS + (kv[0],)).index(kv[0]))),
+        "label_noise": ({"fraction": label_noise, "kind": noise_kind, "seed": seed} if "train" in results
+                        else old.get("label_noise", {"fraction": 0.0, "kind": noise_kind, "seed": seed})),
+        "shard_options": {**old.get("shard_options", {}), **{s: {**options, "source": source} for s in results}},
+    }
+    if m is not None and m.image_size:
+        info.update(mean=list(m.mean), std=list(m.std), image_size=m.image_size)
+    else:
+        stats = None if (old and "train" not in results and "mean" in old) else _norm_stats(results)
+        mean, std = stats if stats else (old.get("mean", [0.5]), old.get("std", [0.5]))
+        sizes = [sz for sd in src.splits.values() for sz in sd.sizes]
+        info.update(mean=mean, std=std, image_size=typical_size(sizes) or old.get("image_size", 0))
+    return info
+
+
+def _invalidate_derived(ds_dir: Path, changed: set[str], *, classes_changed: bool) -> None:
+    """Delete embeddings / scores made from tars that changed: later stages would otherwise reuse them."""
+    removed = [p for stem in changed for p in ds_dir.glob(f"embed/*/shards/{stem}.parquet")]
+    if any(stem.startswith("train-") for stem in changed) or classes_changed:
+        removed += [p for f in ("knn.parquet", "scores.parquet") for p in ds_dir.glob(f"index/*/{f}")]
+    if classes_changed:
+        removed += list(ds_dir.glob("embed/*/text.parquet"))
+    for p in removed:
+        p.unlink()
+    if removed:
+        log.warning("removed %d embedding/index file(s) made from the previous shards; run dds embed / dds index again",
+                    len(removed))
