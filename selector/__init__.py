@@ -1,1 +1,30 @@
-"""dds.selector"""
+"""dds.selector: the online selector. Every epoch it decides which samples are trained on, in what
+order, with which loss weight and how strongly each is augmented.
+
+Usage in a training loop (torch helpers live in ``dds.selector.torch``)::
+
+    sel = Selector("dds", info, epochs=E, budget=0.5, seed=0)
+    for epoch in range(E):
+        plan = sel.plan(epoch)                     # EpochPlan(indices, weights, aug)
+        ...train on plan.indices in order, strong augmentation where plan.aug == 1,
+           loss = weighted_mean(per_sample_loss, weights)...
+        sel.observe(indices, per_sample_losses)    # unweighted per-sample losses
+
+Policies (``list_policies()``): ``full``, ``random``, ``infobatch``, ``ucb``, ``dds``; new ones are
+added with ``@register_policy(name)`` on a ``Policy`` subclass. This package imports no torch.
+"""
+from dds.selector._base import (REGIONS, EpochPlan, Policy, SampleInfo, encode_regions, get_policy,
+                                list_policies, register_policy)
+from dds.selector._selector import Selector, bench_plan, synthetic_info
+
+# built-in policies: importing registers them
+from dds.selector._simple import FullConfig, RandomConfig  # noqa: E402
+from dds.selector._infobatch import InfoBatchConfig  # noqa: E402
+from dds.selector._ucb import UcbConfig  # noqa: E402
+from dds.selector._dds import DdsConfig  # noqa: E402
+
+__all__ = [
+    "REGIONS", "SampleInfo", "EpochPlan", "Selector", "Policy", "register_policy", "list_policies", "get_policy",
+    "encode_regions", "bench_plan", "synthetic_info",
+    "FullConfig", "RandomConfig", "InfoBatchConfig", "UcbConfig", "DdsConfig",
+]

@@ -1,0 +1,246 @@
+"""Base types of the selector: per-sample inputs, the epoch plan, the policy base class and registry.
+
+No torch here: ``dds.selector`` is imported by other people's training loops.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from dds.errors import DdsError
+from dds.registry import Registry
+
+#: Region names; ``SampleInfo.region`` holds their positions (int8 codes 0..3).
+REGIONS: tuple[str, ...] = ("augment", "keep", "redundant", "noisy")
+AUGMENT, KEEP, REDUNDANT, NOISY = 0, 1, 2, 3
+
+
+def encode_regions(names: Any) -> np.ndarray:
+    """Region names (as in the ``scores`` table) -> int8 codes into ``REGIONS``.
+
+    Args:
+        names: (N,) strings, each one of ``REGIONS``.
+
+    Returns:
+        (N,) int8 codes.
+
+    Raises:
+        DdsError: a name is not a region.
+    """
+    arr = np.asarray(names).astype(str)
+    codes = np.full(arr.shape, -1, dtype=np.int8)
+    for code, name in enumerate(REGIONS):
+        codes[arr == name] = code
+    if (codes < 0).any():
+        bad = sorted(set(arr[codes < 0].tolist()))[:5]
+        raise DdsError(f"unknown region value(s) {bad}; known: {', '.join(REGIONS)}")
+    return codes
+
+
+@dataclass(frozen=True)
+class SampleInfo:
+    """Static per-sample inputs; index i is the position in the train split (``samples.idx``).
+
+    Arrays are converted to the dtypes below and checked on construction (``DdsError`` if wrong).
+
+    Attributes:
+        labels: (N,) int64 training labels (possibly noisy), in [0, num_classes).
+        num_classes: number of classes C.
+        density: (N,) float32 in [0, 1], per-class normalised, 1 = densest; optional.
+        consistency: (N,) float32, higher = image agrees with its label; optional.
+        joint: (N,) float32 in [0, 1], priority: sparse AND consistent; optional.
+        region: (N,) int8 codes into ``REGIONS``; optional (see ``encode_regions``).
+    """
+
+    labels: np.ndarray
+    num_classes: int
+    density: np.ndarray | None = None
+    consistency: np.ndarray | None = None
+    joint: np.ndarray | None = None
+    region: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        labels = np.asarray(self.labels)
+        if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
+            raise DdsError(f"labels must be a non-empty 1-D integer array, got shape {labels.shape} "
+                           f"dtype {labels.dtype}")
+        if int(self.num_classes) < 1:
+            raise DdsError(f"num_classes must be a positive integer, got {self.num_classes}")
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise DdsError(f"labels must lie in [0, {self.num_classes}), got [{labels.min()}, {labels.max()}]")
+        object.__setattr__(self, "labels", labels.astype(np.int64, copy=False))
+        object.__setattr__(self, "num_classes", int(self.num_classes))
+        for name in ("density", "consistency", "joint"):
+            self._set_optional(name, np.float32)
+        self._set_optional("region", np.int8)
+        if self.joint is not None and ((self.joint < 0).any() or (self.joint > 1).any()):
+            raise DdsError("joint must lie in [0, 1]; recompute the scores with `dds index NAME`")
+        if self.region is not None and ((self.region < 0).any() or (self.region >= len(REGIONS)).any()):
+            raise DdsError(f"region codes must lie in [0, {len(REGIONS)}); use encode_regions() on region names")
+
+    def _set_optional(self, name: str, dtype: type) -> None:
+        value = getattr(self, name)
+        if value is None:
+            return
+        arr = np.asarray(value)
+        if arr.shape != self.labels.shape:
+            raise DdsError(f"{name} must have shape {self.labels.shape} like labels, got {arr.shape}")
+        if dtype is np.float32 and not np.isfinite(arr).all():
+            raise DdsError(f"{name} contains NaN or inf; recompute the scores with `dds index NAME`")
+        object.__setattr__(self, name, arr.astype(dtype, copy=False))
+
+    @property
+    def n(self) -> int:
+        """Number of samples N."""
+        return int(self.labels.shape[0])
+
+    @property
+    def has_scores(self) -> bool:
+        """True when joint, consistency and region are all present."""
+        return self.joint is not None and self.consistency is not None and self.region is not None
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What one epoch trains on, in order.
+
+    Attributes:
+        epoch: the epoch (0-based).
+        indices: (M,) int64 sample indices, in training order (already shuffled), unique.
+        weights: (M,) float32 per-sample loss weights.
+        aug: (M,) uint8, 0 = base augmentation, 1 = strong augmentation.
+    """
+
+    epoch: int
+    indices: np.ndarray
+    weights: np.ndarray
+    aug: np.ndarray
+
+    def __post_init__(self) -> None:
+        m = self.indices.shape
+        if self.weights.shape != m or self.aug.shape != m or len(m) != 1:
+            raise ValueError(f"plan arrays must share one 1-D shape, got indices {m}, weights "
+                             f"{self.weights.shape}, aug {self.aug.shape}")
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+
+def make_plan(epoch: int, indices: np.ndarray, weights: np.ndarray | float = 1.0,
+              aug: np.ndarray | None = None) -> EpochPlan:
+    """Build an ``EpochPlan`` with the contract dtypes (weights may be a scalar, aug defaults to 0)."""
+    idx = np.asarray(indices, dtype=np.int64)
+    w = np.broadcast_to(np.asarray(weights, dtype=np.float32), idx.shape).copy()
+    a = np.zeros(idx.shape, np.uint8) if aug is None else np.asarray(aug, dtype=np.uint8)
+    return EpochPlan(epoch=int(epoch), indices=idx, weights=w, aug=a)
+
+
+def anneal_start(epochs: int, delta: float) -> int:
+    """First annealing epoch: the smallest epoch e with e >= delta * epochs (``epochs`` if none)."""
+    return min(epochs, math.ceil(delta * epochs - 1e-9))
+
+
+class Policy:
+    """Base class of a selection policy; subclasses are registered with ``@register_policy``.
+
+    A policy owns its per-sample state (losses, scores) and turns it into one ``EpochPlan`` per
+    epoch. ``Selector`` validates every input before it reaches a policy.
+
+    Class attributes:
+        Config: the policy's options dataclass (one documented default per field).
+        needs_scores: whether ``SampleInfo`` must carry joint, consistency and region.
+        uses_budget: False for policies that always spend the full data (``full``).
+    """
+
+    Config: ClassVar[type] = type(None)
+    needs_scores: ClassVar[bool] = False
+    uses_budget: ClassVar[bool] = True
+
+    def __init__(self, info: SampleInfo, cfg: Any, *, epochs: int, total: int) -> None:
+        self.info = info
+        self.cfg = cfg
+        self.epochs = epochs
+        self.total = total
+
+    def epoch_sizes(self) -> np.ndarray:
+        """(epochs,) int64 planned sample counts per epoch (an estimate where sizes depend on losses)."""
+        raise NotImplementedError
+
+    def plan(self, epoch: int, rng: np.random.Generator, *, spent_before: int) -> EpochPlan:
+        """The plan of ``epoch``; ``spent_before`` = sample-steps planned for the epochs before it."""
+        raise NotImplementedError
+
+    def observe(self, indices: np.ndarray, losses: np.ndarray) -> None:
+        """Record validated per-sample losses: (K,) int64 indices, (K,) float32 losses."""
+
+    def state_dict(self) -> dict:
+        """Picklable state (numpy arrays / python scalars)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned."""
+
+
+_POLICIES: Registry[Policy] = Registry("policy")
+
+
+def register_policy(name: str) -> Callable[[type], type]:
+    """Class decorator registering a ``Policy`` subclass under ``name``; a taken name raises ValueError."""
+    return _POLICIES.register(name)
+
+
+def list_policies() -> list[str]:
+    """Registered policy names, sorted."""
+    return _POLICIES.names()
+
+
+def get_policy(name: str) -> type:
+    """The policy class for ``name``; ``DdsError`` listing the known names if absent."""
+    return _POLICIES.get(name)
+
+
+def make_config(policy: str, cls: type, options: dict[str, Any]) -> Any:
+    """Options dict -> the policy's config dataclass; unknown keys raise ``DdsError`` listing known ones."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        listed = ", ".join(known) if known else "(none)"
+        raise DdsError(f"unknown option(s) {', '.join(unknown)} for policy '{policy}'; known: {listed}")
+    return cls(**options)
+
+
+# ---- option checks used by the config dataclasses (one sentence each, no silent clamping) ----
+
+def check_real(name: str, value: Any, lo: float | None = None, hi: float | None = None, *,
+               lo_open: bool = False, hi_open: bool = False) -> float:
+    """``value`` must be a real number within the given bounds; returns it as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise DdsError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    bad = not math.isfinite(v)
+    bad |= lo is not None and (v <= lo if lo_open else v < lo)
+    bad |= hi is not None and (v >= hi if hi_open else v > hi)
+    if bad:
+        lo_s = "-inf" if lo is None else f"{lo:g}"
+        hi_s = "inf" if hi is None else f"{hi:g}"
+        rng = f"{'(' if lo_open or lo is None else '['}{lo_s}, {hi_s}{')' if hi_open or hi is None else ']'}"
+        raise DdsError(f"{name} must be in {rng}, got {value!r}")
+    return v
+
+
+def check_int(name: str, value: Any, lo: int = 0) -> int:
+    """``value`` must be an integer >= ``lo``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise DdsError(f"{name} must be an integer >= {lo}, got {value!r}")
+    return int(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` must be a bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise DdsError(f"{name} must be true or false, got {value!r}")
+    return bool(value)

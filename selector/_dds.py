@@ -1,0 +1,270 @@
+"""``dds``: dynamic selection joined with augmentation (Yang et al., ICML 2025, arXiv 2505.03809).
+
+The "recommended reconstruction" of shared/research/paper-notes.md, sections 2.5-2.9:
+
+* epochs ``e < warmup_epochs``: full data, base augmentation, weight 1 (losses for every sample);
+* epochs ``e >= delta * E`` (annealing): full data, base augmentation, weight 1; with
+  ``anneal_exclude_noisy`` (default) the ``noisy`` region is left out (the paper's annealing is the
+  full data; on noisy-label data re-admitting suspected mislabels at the end of training undoes the
+  suppression, so we leave them out by default; set it false for the paper's behaviour);
+* pruned epochs in between: a class-balanced sample without replacement of the epoch size
+  (class c gets ``size * N_c / N``, largest remainder), drawn with probability
+  ``pi_i ∝ eps + joint_i * lnorm_i ** loss_weight``, where ``lnorm`` is the per-sample training-loss
+  EMA min-max normalised over the observed non-noisy samples (unseen samples get the mean) and
+  ``eps`` is an exploration floor; ``pi`` of the ``noisy`` region is multiplied by
+  ``noisy_weight`` (0 = never selected while a class has enough other samples; a class short of
+  them is topped up by other classes first, and only if all classes together are short do noisy
+  samples fill the rest, at random);
+* strong augmentation (aug = 1) for the augmentation-suitable selected samples, never for noisy
+  ones: by default the top ``aug_fraction`` of the selection by ``joint`` (``strong_aug='top_q'``);
+  ``'region'`` = the selected samples of region ``augment``; ``'all'`` = every selected non-noisy
+  sample; ``'none'`` = selection only;
+* loss weights 1 by default; ``loss_rescale='const'`` gives ``N / size`` (the lab harness's 1/r),
+  ``'is'`` the class-wise importance weight ``sum_c(pi) / (N_c * pi_i)``, clipped to ``is_clip``.
+
+Budget: warm-up and annealing epochs are charged at their real size; the pruned epochs share the
+rest evenly, so the sizes sum to ``total_sample_steps`` exactly. If the budget cannot pay for the
+warm-up and annealing epochs plus one sample per pruned epoch, annealing epochs are turned into
+pruned ones first, then warm-up epochs (logged as a warning); if even that fails, ``DdsError``.
+Where the budget exceeds what the schedule can use (pruned epochs are capped at N samples; e.g.
+budget 1.0 with the noisy region left out of annealing) the run spends less, and ``spent()`` says so.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from dds.errors import DdsError
+from dds.selector._base import (AUGMENT, NOISY, EpochPlan, Policy, anneal_start, check_bool, check_int,
+                                check_real, make_plan, register_policy)
+from dds.selector._core import (ClassLayout, LossEma, capped_quotas, even_sizes, sampling_keys, shuffle_order,
+                                shuffle_values, shuffled, top_k_mask, uniform_keys)
+
+log = logging.getLogger(__name__)
+
+STRONG_AUG = ("top_q", "region", "all", "none")
+LOSS_RESCALE = ("none", "const", "is")
+
+
+@dataclass(frozen=True)
+class DdsConfig:
+    """Options of ``dds`` (defaults: paper-notes section 3, except ``loss_weight``, see below)."""
+
+    warmup_epochs: int = 1              # first epochs on the full data, base augmentation, weight 1
+    delta: float = 0.875                # annealing: epochs >= delta * epochs on the full data (1.0 = none)
+    anneal_exclude_noisy: bool = True   # leave the 'noisy' region out of the annealing epochs
+    eps: float = 0.05                   # exploration floor in pi = eps + joint * loss term
+    loss_weight: float = 0.5            # exponent c on the normalised loss EMA (0 = loss signal off; notes: 0 or 1)
+    loss_momentum: float = 0.5          # EMA momentum of each sample's training loss (weight of the old value)
+    noisy_weight: float = 0.0           # factor on pi of the 'noisy' region in pruned epochs (0 = suppressed)
+    strong_aug: str = "top_q"           # who gets strong augmentation: top_q | region | all | none
+    aug_fraction: float = 0.5           # q: share of each pruned selection augmented when strong_aug = top_q
+    loss_rescale: str = "none"          # pruned-epoch loss weights: none (1) | const (N/size) | is (importance)
+    is_clip: float = 5.0                # upper clip of the importance weights (loss_rescale = is)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "warmup_epochs", check_int("warmup_epochs", self.warmup_epochs, 0))
+        set_(self, "delta", check_real("delta", self.delta, 0.0, 1.0))
+        set_(self, "anneal_exclude_noisy", check_bool("anneal_exclude_noisy", self.anneal_exclude_noisy))
+        set_(self, "eps", check_real("eps", self.eps, 0.0))
+        set_(self, "loss_weight", check_real("loss_weight", self.loss_weight, 0.0))
+        set_(self, "loss_momentum", check_real("loss_momentum", self.loss_momentum, 0.0, 1.0, hi_open=True))
+        set_(self, "noisy_weight", check_real("noisy_weight", self.noisy_weight, 0.0))
+        set_(self, "aug_fraction", check_real("aug_fraction", self.aug_fraction, 0.0, 1.0))
+        set_(self, "is_clip", check_real("is_clip", self.is_clip, 1.0))
+        for name, choices in (("strong_aug", STRONG_AUG), ("loss_rescale", LOSS_RESCALE)):
+            if getattr(self, name) not in choices:
+                raise DdsError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+
+
+def loss_term(ema: np.ndarray, seen: np.ndarray, exclude: np.ndarray, exponent: float) -> np.ndarray | float:
+    """``lnorm ** exponent``: the loss EMA min-max normalised over the observed, not excluded samples.
+
+    Args:
+        ema: (N,) float32 loss EMA.
+        seen: (N,) bool, observed at least once; unseen samples get the mean of ``lnorm`` over the
+            reference samples (observed and not excluded).
+        exclude: (N,) float32, 0 for samples that may define min, max and mean, +inf for the others
+            (noisy ones, whose losses are high because their labels are wrong).
+        exponent: c >= 0; 0 returns 1.0 (signal off).
+
+    Returns:
+        (N,) float32 in [0, 1], or the scalar 1.0 when off, nothing usable is observed yet, or all equal.
+    """
+    if exponent == 0:
+        return 1.0
+    all_seen = bool(seen.all())
+    if all_seen:   # branch-free min/max: excluded samples are pushed to +-inf
+        lo, hi = float(np.min(ema + exclude)), float(np.max(ema - exclude))
+    else:
+        ref = seen & (exclude == 0)
+        if not ref.any():
+            return 1.0
+        lo = float(np.where(ref, ema, np.float32(np.inf)).min())
+        hi = float(np.where(ref, ema, np.float32(-np.inf)).max())
+    if not hi > lo:   # also catches "no reference sample" (lo = inf)
+        return 1.0
+    ln = ema - np.float32(lo)
+    ln *= np.float32(1.0 / (hi - lo))
+    np.clip(ln, 0.0, 1.0, out=ln)
+    if not all_seen:
+        mean = (float(np.dot(ref, ema)) / int(np.count_nonzero(ref)) - lo) / (hi - lo)
+        np.copyto(ln, np.float32(mean), where=~seen)
+    if exponent == 0.5:
+        np.sqrt(ln, out=ln)
+    elif exponent != 1:
+        np.power(ln, np.float32(exponent), out=ln)
+    return ln
+
+
+@register_policy("dds")
+class DdsPolicy(Policy):
+    """The paper's method (see the module docstring). Needs ``joint``, ``consistency`` and ``region``.
+
+    Per-sample arrays are kept in class layout (``ClassLayout``): class blocks are contiguous, so a
+    pruned epoch is planned with a few vector passes, one row-wise partition for the per-class
+    cut and one sort for the shuffle (about 1.3M samples in well under 50 ms on one core).
+    """
+
+    Config = DdsConfig
+    needs_scores = True
+
+    def __init__(self, info, cfg, *, epochs: int, total: int) -> None:
+        super().__init__(info, cfg, epochs=epochs, total=total)
+        lay = self._layout = ClassLayout(info.labels, info.num_classes)
+        noisy = info.region == NOISY
+        self._clean_idx = np.flatnonzero(~noisy)
+        self._noisy_l = noisy[lay.order]
+        self._exclude_l = np.where(self._noisy_l, np.float32(np.inf), np.float32(0))
+        self._joint_l = info.joint[lay.order]
+        self._region_l = info.region[lay.order]
+        # strong-augmentation ranking: joint's float32 bits (monotone for x >= 0) + 1; noisy = 0 (never)
+        self._jkey_l = np.where(self._noisy_l, 0, (self._joint_l + np.float32(0)).view(np.uint32) + 1)
+        mult_l = np.where(self._noisy_l, np.float32(cfg.noisy_weight), np.float32(1))
+        self._jm_l = self._joint_l * mult_l               # pi = jm * loss_term + em
+        self._em_l = np.float32(cfg.eps) * mult_l
+        eligible = ~self._noisy_l if cfg.noisy_weight == 0 else np.ones(info.n, bool)
+        self._cap = lay.class_counts(eligible)          # pi > 0 exactly on these when eps > 0
+        self._loss = LossEma(info.n, momentum=cfg.loss_momentum, slot=lay.slot)
+        self._phase, self._sizes = self._schedule()
+        self._id_bits = max(1, int(info.n - 1).bit_length())
+
+    # ---- budget -> phases and sizes ----
+
+    def _schedule(self) -> tuple[np.ndarray, np.ndarray]:
+        """(E,) phase codes (0 warm-up, 1 pruned, 2 annealing) and (E,) int64 sizes summing to the budget."""
+        e_all, n = self.epochs, self.info.n
+        n_anneal = int(self._clean_idx.size) if self.cfg.anneal_exclude_noisy else n
+        warm, a0 = min(self.cfg.warmup_epochs, e_all), anneal_start(e_all, self.cfg.delta)
+        reduced = False
+        while True:
+            a0 = max(a0, warm)
+            pruned, annealed = a0 - warm, e_all - a0
+            rest = self.total - warm * n - annealed * n_anneal
+            if rest >= pruned and (pruned > 0 or rest >= 0):
+                break
+            if annealed == 0 and warm == 0:
+                raise DdsError(f"budget {self.total} sample-steps is below one sample per epoch; "
+                               "raise --budget")
+            reduced = True
+            if annealed > 0:
+                a0 += 1
+            else:
+                warm -= 1
+        if reduced:
+            log.warning("dds: the budget cannot pay for the configured warm-up and annealing epochs; using "
+                        "%d warm-up and %d annealing epochs", warm, e_all - a0)
+        phase = np.ones(e_all, np.int8)
+        phase[:warm], phase[a0:] = 0, 2
+        sizes = np.empty(e_all, np.int64)
+        sizes[:warm], sizes[a0:] = n, n_anneal
+        sizes[warm:a0] = even_sizes(max(rest, 0), pruned, cap=n)
+        if pruned and sizes[warm:a0].mean() < 0.5 * self.total / e_all:
+            log.warning("dds: warm-up and annealing leave the pruned epochs %.1f%% of the data each; consider "
+                        "warmup_epochs=0 or delta=1.0", 100.0 * sizes[warm:a0].mean() / n)
+        return phase, sizes
+
+    def epoch_sizes(self) -> np.ndarray:
+        return self._sizes.copy()
+
+    # ---- planning ----
+
+    def plan(self, epoch: int, rng: np.random.Generator, *, spent_before: int) -> EpochPlan:
+        phase = self._phase[epoch]
+        if phase == 0:
+            return make_plan(epoch, shuffle_order(self.info.n, rng))
+        if phase == 2:
+            base = self._clean_idx if self.cfg.anneal_exclude_noisy else np.arange(self.info.n)
+            return make_plan(epoch, shuffled(base, rng))
+        lay, size = self._layout, int(self._sizes[epoch])
+        pi_l = self._pi_layout()
+        keys_l = sampling_keys(pi_l, rng)
+        cap = self._cap if self.cfg.eps > 0 else lay.class_counts(pi_l > 0)
+        if size <= int(cap.sum()):
+            quotas = capped_quotas(size, lay.counts, cap)
+        else:   # fewer positive-pi samples than the epoch size: all of them, then zero-pi ones at random
+            quotas = cap + capped_quotas(size - int(cap.sum()), lay.counts, lay.counts - cap)
+            zero = pi_l <= 0
+            keys_l[zero] = (uniform_keys(int(zero.sum()), rng) >> 9) | 1   # in [1, 2**23): below positive keys
+        pos = lay.select(keys_l, quotas)
+        aug = self._strong(pos)
+        weights = self._weights(pos, pi_l, size)
+        ids = lay.order[pos]
+        if isinstance(weights, np.ndarray):
+            order = shuffle_order(pos.shape[0], rng)
+            return make_plan(epoch, ids[order], weights[order], aug[order])
+        # one sort shuffles ids and flags together: value = id * 2 + aug
+        packed = shuffle_values((ids << 1) | aug, self._id_bits + 1, rng)
+        return make_plan(epoch, packed >> np.uint64(1), weights, packed & np.uint64(1))
+
+    def _pi_layout(self) -> np.ndarray:
+        """(N,) float32 unnormalised selection probabilities, in class layout:
+        ``(eps + joint * loss_term) * mult`` with mult = ``noisy_weight`` on noisy samples, else 1."""
+        loss = self._loss
+        lt = loss_term(loss.mean, loss.seen, self._exclude_l, self.cfg.loss_weight)
+        if isinstance(lt, np.ndarray):
+            lt *= self._jm_l           # lt is a fresh array: reuse it
+            lt += self._em_l
+            return lt
+        return self._jm_l * np.float32(lt) + self._em_l
+
+    def _strong(self, pos: np.ndarray) -> np.ndarray:
+        """(M,) uint8 strong-augmentation flags of the selected layout positions (never noisy ones)."""
+        mode = self.cfg.strong_aug
+        if mode == "none":
+            return np.zeros(pos.shape[0], np.uint8)
+        if mode == "region":
+            return (self._region_l[pos] == AUGMENT).view(np.uint8)
+        if mode == "all":
+            return (~self._noisy_l[pos]).view(np.uint8)
+        jkey = self._jkey_l[pos]
+        k = min(int(round(self.cfg.aug_fraction * pos.shape[0])), int(np.count_nonzero(jkey)))
+        return top_k_mask(jkey, k).view(np.uint8)
+
+    def _weights(self, pos: np.ndarray, pi_l: np.ndarray, size: int) -> np.ndarray | float:
+        """Loss weights of a pruned epoch's selection (``loss_rescale``), aligned with ``pos``."""
+        mode = self.cfg.loss_rescale
+        if mode == "none":
+            return 1.0
+        if mode == "const":
+            return self.info.n / max(size, 1)
+        lay = self._layout
+        row = lay.row[pos]
+        p = pi_l[pos].astype(np.float64) * lay.counts[row]
+        with np.errstate(divide="ignore"):
+            w = lay.class_sums(pi_l)[row] / p
+        return np.minimum(w, self.cfg.is_clip)
+
+    # ---- state ----
+
+    def observe(self, indices: np.ndarray, losses: np.ndarray) -> None:
+        self._loss.update(indices, losses)
+
+    def state_dict(self) -> dict:
+        return {"loss": self._loss.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._loss.load_state_dict(state["loss"])

@@ -1,0 +1,197 @@
+"""``Selector``: the object a training loop talks to (plan an epoch, observe its losses, resume)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from dds.errors import DdsError
+from dds.selector._base import EpochPlan, SampleInfo, check_int, get_policy, make_config
+
+log = logging.getLogger(__name__)
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    """numpy view of a numpy array, list or torch tensor (without importing torch)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        try:
+            x = x.numpy()
+        except TypeError:          # bfloat16 / float16 tensors numpy cannot hold as such
+            x = x.float().numpy()
+    return np.asarray(x)
+
+
+class Selector:
+    """Chooses, every epoch, which samples are trained on, in which order, with which weight and augmentation.
+
+    Args:
+        policy: a registered policy name (``list_policies()``: dds, full, infobatch, random, ucb).
+        info: the static per-sample inputs; ``dds`` needs joint, consistency and region.
+        epochs: training epochs E.
+        budget: fraction of full-data sample-steps (``epochs * N``) the whole run may spend, warm-up
+            and annealing included, in (0, 1]. ``full`` always spends the full data: its budget is set
+            to 1.0 (a warning is logged if a smaller one was given).
+        seed: non-negative seed; epoch e uses ``np.random.default_rng([seed, e])``, so the plan is
+            the same on every rank and after a resume.
+        **policy_options: the policy's options (fields of its config dataclass, e.g. ``DdsConfig``).
+
+    Attributes:
+        policy, info, epochs, budget, seed: as given (budget as used).
+        config: the policy's resolved config dataclass (save it with the run).
+        n: number of samples N.
+        total_sample_steps: ``round(budget * epochs * N)``, the run's budget in sample-steps.
+
+    Raises:
+        DdsError: budget outside (0, 1], bad epochs/seed, unknown policy or option, bad option value,
+            or ``dds`` without scores.
+    """
+
+    def __init__(self, policy: str, info: SampleInfo, *, epochs: int, budget: float = 1.0, seed: int = 0,
+                 **policy_options: Any) -> None:
+        if not isinstance(info, SampleInfo):
+            raise DdsError(f"info must be a SampleInfo, got {type(info).__name__}")
+        self.epochs = check_int("epochs", epochs, 1)
+        self.seed = check_int("seed", seed, 0)
+        if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)) \
+                or not 0 < float(budget) <= 1:
+            raise DdsError(f"budget must be in (0, 1], got {budget!r}")
+        cls = get_policy(policy)
+        self.config = make_config(policy, cls.Config, dict(policy_options))
+        if cls.needs_scores and not info.has_scores:
+            raise DdsError(f"policy {policy} needs scores (joint, consistency, region): run `dds index NAME` first")
+        self.policy, self.info, self.n = policy, info, info.n
+        self.budget = float(budget)
+        if not cls.uses_budget and self.budget < 1.0:
+            log.warning("policy %s ignores budget %g and spends the full data (budget 1.0)", policy, self.budget)
+            self.budget = 1.0
+        self.total_sample_steps = int(round(self.budget * self.epochs * self.n))
+        self._policy = cls(info, self.config, epochs=self.epochs, total=self.total_sample_steps)
+        self._sizes = np.full(self.epochs, -1, np.int64)      # planned size per epoch, -1 = not planned
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The plan of ``epoch`` (0-based); deterministic given seed, epoch, observed losses and earlier plans.
+
+        Calling it again for the same epoch replans it (what ``spent()`` counts is replaced).
+        """
+        epoch = self._check_epoch(epoch)
+        rng = np.random.default_rng([self.seed, epoch])
+        spent_before = int(self._sizes[:epoch][self._sizes[:epoch] >= 0].sum())
+        plan = self._policy.plan(epoch, rng, spent_before=spent_before)
+        self._sizes[epoch] = len(plan)
+        return plan
+
+    def observe(self, indices: Any, losses: Any) -> None:
+        """Record per-sample training losses (unweighted CE, ``reduction='none'``).
+
+        Args:
+            indices: (K,) integer sample indices (numpy, list or torch tensor on any device).
+            losses: (K,) float losses of those samples.
+
+        May be called several times per epoch with parts of the epoch.
+
+        Raises:
+            DdsError: shapes differ, an index is out of range, or a loss is NaN/inf.
+        """
+        idx, loss = _as_numpy(indices).reshape(-1), _as_numpy(losses).reshape(-1)
+        if idx.shape != loss.shape:
+            raise DdsError(f"observe got {idx.size} indices but {loss.size} losses; pass one loss per index")
+        if idx.size == 0:
+            return
+        if not np.issubdtype(idx.dtype, np.integer):
+            raise DdsError(f"indices must be integers, got dtype {idx.dtype}")
+        if idx.min() < 0 or idx.max() >= self.n:
+            raise DdsError(f"indices must lie in [0, {self.n}), got [{idx.min()}, {idx.max()}]")
+        loss = loss.astype(np.float32, copy=False)
+        if not np.isfinite(loss).all():
+            raise DdsError("losses contain NaN or inf: training diverged; lower the learning rate")
+        self._policy.observe(idx.astype(np.int64, copy=False), loss)
+
+    def spent(self) -> int:
+        """Sample-steps planned so far (sum of the planned epochs' sizes)."""
+        return int(self._sizes[self._sizes >= 0].sum())
+
+    def epoch_sizes(self) -> np.ndarray:
+        """(epochs,) int64 expected sizes of every epoch (exact for full, random, ucb and dds; an
+        estimate for infobatch, whose sizes depend on the losses). Planned epochs show their real size."""
+        sizes = self._policy.epoch_sizes()
+        return np.where(self._sizes >= 0, self._sizes, sizes)
+
+    def state_dict(self) -> dict:
+        """Picklable state: numpy arrays and python scalars only."""
+        return {"policy": self.policy, "n": self.n, "epochs": self.epochs, "seed": self.seed,
+                "budget": self.budget, "config": dataclasses.asdict(self.config),
+                "sizes": self._sizes.copy(), "policy_state": self._policy.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a ``state_dict``; later plans equal those of the uninterrupted selector.
+
+        Raises:
+            DdsError: the state belongs to another policy, dataset size, epoch count or seed.
+        """
+        mine = {"policy": self.policy, "n": self.n, "epochs": self.epochs, "seed": self.seed}
+        diff = [f"{k}={state.get(k)!r} (here {v!r})" for k, v in mine.items() if state.get(k) != v]
+        if diff:
+            raise DdsError(f"selector state does not match this selector: {', '.join(diff)}")
+        self._sizes = np.asarray(state["sizes"], dtype=np.int64).copy()
+        self._policy.load_state_dict(state["policy_state"])
+
+    def _check_epoch(self, epoch: Any) -> int:
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or not 0 <= epoch < self.epochs:
+            raise DdsError(f"epoch must be an integer in [0, {self.epochs}), got {epoch!r}")
+        return int(epoch)
+
+    def __repr__(self) -> str:
+        return (f"Selector(policy={self.policy!r}, n={self.n}, epochs={self.epochs}, budget={self.budget:g}, "
+                f"seed={self.seed})")
+
+
+def synthetic_info(n: int, classes: int, *, noisy_fraction: float = 0.1, seed: int = 0) -> SampleInfo:
+    """Random ``SampleInfo`` with scores, for benchmarks and tests (balanced labels, ``noisy_fraction`` noisy)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % classes)
+    density = rng.random(n, dtype=np.float32)
+    consistency = rng.random(n, dtype=np.float32)
+    joint = (1.0 - density) * consistency
+    region = np.where(consistency < noisy_fraction, 3, np.where(joint > 0.5, 0, np.where(density > 0.7, 2, 1)))
+    return SampleInfo(labels=labels, num_classes=classes, density=density, consistency=consistency,
+                      joint=joint, region=region.astype(np.int8))
+
+
+def bench_plan(n: int = 1_280_000, classes: int = 1000, policy: str = "dds", *, repeats: int = 5,
+               epochs: int = 10, budget: float = 0.5, **policy_options: Any) -> dict:
+    """Time planning one pruned epoch on synthetic scores, with losses observed for every sample.
+
+    Args:
+        n: samples (ImageNet-1k size by default).
+        classes: classes.
+        policy: policy to time.
+        repeats: timed plans (after one untimed warm-up plan); the median is reported.
+        epochs: epochs of the synthetic run (the timed epoch is epoch 1, a pruned one for dds).
+        budget: budget of the synthetic run.
+        **policy_options: options for the policy.
+
+    Returns:
+        {"policy", "n", "classes", "selected" (samples in the plan), "ms_median", "ms_min" (wall-clock
+        per plan), "cpu_ms_median" (process CPU time per plan: close to the wall-clock of an idle
+        machine when the CPU is shared), "setup_ms" (building the Selector)}.
+    """
+    info = synthetic_info(n, classes)
+    t0 = time.perf_counter()
+    sel = Selector(policy, info, epochs=epochs, budget=budget, seed=0, **policy_options)
+    setup_ms = (time.perf_counter() - t0) * 1e3
+    rng = np.random.default_rng(1)
+    sel.observe(np.arange(n), rng.gamma(2.0, 0.5, size=n).astype(np.float32))
+    sel.plan(1)
+    wall, cpu = [], []
+    for _ in range(max(1, repeats)):
+        t, c = time.perf_counter(), time.process_time()
+        plan = sel.plan(1)
+        wall.append((time.perf_counter() - t) * 1e3)
+        cpu.append((time.process_time() - c) * 1e3)
+    return {"policy": policy, "n": n, "classes": classes, "selected": len(plan),
+            "ms_median": round(float(np.median(wall)), 2), "ms_min": round(float(np.min(wall)), 2),
+            "cpu_ms_median": round(float(np.median(cpu)), 2), "setup_ms": round(setup_ms, 1)}

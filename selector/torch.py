@@ -1,0 +1,54 @@
+"""Torch helpers for ``EpochPlan``s: a sampler that replays a plan and the weighted loss mean.
+
+Importing this module imports torch; ``dds.selector`` itself does not.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from dds.selector._base import EpochPlan
+
+
+class PlanSampler(torch.utils.data.Sampler[int]):
+    """Yields ``plan.indices`` in the plan's order (the plan is already shuffled); ``len`` = M.
+
+    Hand it to a map-style ``DataLoader`` as ``sampler=``. Every rank holds the same plan; split it
+    across ranks outside (e.g. ``plan.indices[rank::world]``) if needed.
+    """
+
+    def __init__(self, plan: EpochPlan) -> None:
+        super().__init__()
+        self._indices = np.asarray(plan.indices, dtype=np.int64)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices.tolist())
+
+    def __len__(self) -> int:
+        return int(self._indices.shape[0])
+
+
+def weighted_mean(per_sample_loss: torch.Tensor, weights: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """``sum(loss * weights) / len(loss)``: the batch loss with the plan's per-sample weights.
+
+    Args:
+        per_sample_loss: (B,) float tensor (``reduction='none'``); not modified.
+        weights: (B,) weights (tensor or numpy), moved to the loss's device and dtype.
+
+    Returns:
+        A new 0-d tensor, differentiable w.r.t. ``per_sample_loss``.
+
+    Raises:
+        ValueError: shapes differ or the batch is empty.
+    """
+    if not torch.is_tensor(weights):
+        weights = torch.from_numpy(np.ascontiguousarray(weights))
+    weights = weights.to(device=per_sample_loss.device, dtype=per_sample_loss.dtype, non_blocking=True)
+    if per_sample_loss.shape != weights.shape or per_sample_loss.ndim != 1:
+        raise ValueError(f"per_sample_loss and weights must be 1-D of one length, got "
+                         f"{tuple(per_sample_loss.shape)} and {tuple(weights.shape)}")
+    if per_sample_loss.numel() == 0:
+        raise ValueError("weighted_mean of an empty batch")
+    return (per_sample_loss * weights).sum() / per_sample_loss.numel()

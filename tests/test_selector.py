@@ -1,0 +1,372 @@
+"""dds.selector: policies, budgets, determinism, resume, class balance, noise handling, torch helpers."""
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dds.errors import DdsError
+from dds.selector import (REGIONS, EpochPlan, SampleInfo, Selector, bench_plan, encode_regions, list_policies,
+                          register_policy)
+from dds.selector._core import (ClassLayout, capped_quotas, even_sizes, largest_remainder, sampling_keys,
+                                shuffle_values, top_k_mask)
+from dds.selector._infobatch import infobatch_prune
+
+REPO = Path(__file__).resolve().parents[1]
+NOISY, AUGMENT = REGIONS.index("noisy"), REGIONS.index("augment")
+CLASS_SIZES = (150, 120, 110, 90, 80, 50)          # unequal on purpose
+BUDGET = {"full": 1.0, "infobatch": 0.7}            # infobatch cannot drop high-loss samples: give it room
+
+
+def make_info(class_sizes=CLASS_SIZES, noisy_fraction=0.1, seed=0, scores=True) -> SampleInfo:
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.repeat(np.arange(len(class_sizes)), class_sizes))
+    n = labels.size
+    if not scores:
+        return SampleInfo(labels=labels, num_classes=len(class_sizes))
+    density = rng.random(n, dtype=np.float32)
+    consistency = rng.random(n, dtype=np.float32)
+    joint = (1 - density) * consistency
+    region = np.where(consistency < noisy_fraction, NOISY, np.where(joint > 0.4, AUGMENT, 1)).astype(np.int8)
+    return SampleInfo(labels=labels, num_classes=len(class_sizes), density=density, consistency=consistency,
+                      joint=joint, region=region)
+
+
+def fake_losses(idx: np.ndarray, epoch: int) -> np.ndarray:
+    """Deterministic, skewed per-sample losses (about 60% below the mean)."""
+    return (((idx * 7919 + epoch * 104729) % 1009) / 1009.0) ** 2 * 3
+
+
+def run(sel: Selector, epochs=None, start=0) -> list[EpochPlan]:
+    plans = []
+    for e in range(start, sel.epochs if epochs is None else epochs):
+        p = sel.plan(e)
+        plans.append(p)
+        sel.observe(p.indices, fake_losses(p.indices, e))
+    return plans
+
+
+def same(a: EpochPlan, b: EpochPlan) -> bool:
+    return (np.array_equal(a.indices, b.indices) and np.array_equal(a.weights, b.weights)
+            and np.array_equal(a.aug, b.aug))
+
+
+def test_import_does_not_import_torch():
+    code = "import dds.selector, sys; assert hasattr(dds.selector, 'Selector'); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_policies_are_registered():
+    assert list_policies() == ["dds", "full", "infobatch", "random", "ucb"]
+    with pytest.raises(ValueError, match="already registered"):
+        register_policy("dds")(object)
+
+
+# ---- generic properties, parametrized over the registry ----
+
+@pytest.mark.parametrize("policy", list_policies())
+def test_plans_are_valid_and_spend_the_budget(policy):
+    info = make_info()
+    budget = BUDGET.get(policy, 0.5)
+    sel = Selector(policy, info, epochs=8, budget=budget, seed=3)
+    assert sel.total_sample_steps == round(budget * 8 * info.n)
+    for p in run(sel):
+        assert p.indices.dtype == np.int64 and p.weights.dtype == np.float32 and p.aug.dtype == np.uint8
+        assert p.indices.shape == p.weights.shape == p.aug.shape and len(p) > 0
+        assert np.unique(p.indices).size == len(p), "indices repeat within an epoch"
+        assert p.indices.min() >= 0 and p.indices.max() < info.n
+        assert (p.weights > 0).all() and set(np.unique(p.aug).tolist()) <= {0, 1}
+    if policy == "infobatch":
+        assert abs(sel.spent() - sel.total_sample_steps) <= 128
+    else:
+        assert sel.spent() == sel.total_sample_steps
+    assert sel.epoch_sizes().sum() == sel.spent()
+
+
+@pytest.mark.parametrize("policy", list_policies())
+def test_same_seed_same_plans_other_seed_other_plans(policy):
+    info = make_info()
+    a, b, c = (Selector(policy, info, epochs=6, budget=BUDGET.get(policy, 0.5), seed=s) for s in (1, 1, 2))
+    pa, pb, pc = run(a), run(b), run(c)
+    assert all(same(x, y) for x, y in zip(pa, pb))
+    assert not any(np.array_equal(x.indices, z.indices) for x, z in zip(pa, pc))
+
+
+@pytest.mark.parametrize("policy", list_policies())
+def test_state_dict_round_trip_gives_identical_later_plans(policy):
+    info = make_info()
+    kw = dict(epochs=8, budget=BUDGET.get(policy, 0.5), seed=5)
+    a = Selector(policy, info, **kw)
+    run(a, epochs=3)
+    state = pickle.loads(pickle.dumps(a.state_dict()))
+    b = Selector(policy, info, **kw)
+    b.load_state_dict(state)
+    assert b.spent() == a.spent()
+    for x, y in zip(run(a, start=3), run(b, start=3)):
+        assert same(x, y)
+    assert a.spent() == b.spent()
+
+
+def test_load_state_dict_rejects_other_runs():
+    info = make_info()
+    state = Selector("random", info, epochs=4, budget=0.5).state_dict()
+    with pytest.raises(DdsError, match="does not match"):
+        Selector("ucb", info, epochs=4, budget=0.5).load_state_dict(state)
+    with pytest.raises(DdsError, match="seed"):
+        Selector("random", info, epochs=4, budget=0.5, seed=1).load_state_dict(state)
+
+
+# ---- class balance and noise handling ----
+
+@pytest.mark.parametrize("policy", ["random", "dds"])
+def test_selection_is_class_balanced(policy):
+    info = make_info(noisy_fraction=0.05)
+    sel = Selector(policy, info, epochs=8, budget=0.5, seed=0)
+    counts = np.bincount(info.labels)
+    for e, p in enumerate(run(sel)):
+        if policy == "dds" and (e == 0 or e >= 7):   # warm-up / annealing epochs
+            continue
+        got = np.bincount(info.labels[p.indices], minlength=counts.size)
+        assert np.abs(got - len(p) * counts / info.n).max() <= 1, (e, got)
+
+
+def test_dds_suppresses_noisy_samples_and_augments_only_selected_clean_ones():
+    info = make_info(noisy_fraction=0.2)
+    noisy = info.region == NOISY
+    sel = Selector("dds", info, epochs=8, budget=0.5, seed=0)
+    plans = run(sel)
+    assert len(plans[0]) == info.n and not plans[0].aug.any() and (plans[0].weights == 1).all()  # warm-up
+    for p in plans[1:7]:                                                  # pruned epochs
+        assert not noisy[p.indices].any(), "a noisy sample was selected"
+        aug = p.aug == 1
+        assert aug.sum() == round(0.5 * len(p))                           # top-q, q = 0.5
+        assert not noisy[p.indices[aug]].any()
+        assert info.joint[p.indices[aug]].min() >= info.joint[p.indices[~aug]].max()   # top by joint
+    last = plans[7]                                                       # annealing: clean data only
+    assert np.array_equal(np.sort(last.indices), np.flatnonzero(~noisy)) and not last.aug.any()
+
+
+def test_dds_region_mode_and_noisy_fill_when_clean_samples_run_short():
+    info = make_info(noisy_fraction=0.6)          # ~60% noisy: a 50% epoch needs some noisy ones
+    noisy = info.region == NOISY
+    sel = Selector("dds", info, epochs=4, budget=0.6, seed=0, warmup_epochs=0, delta=1.0, strong_aug="region")
+    for p in run(sel):
+        assert len(p) > (~noisy).sum()
+        assert (~noisy).sum() == (~noisy[p.indices]).sum(), "all clean samples come first"
+        assert np.array_equal(p.aug == 1, info.region[p.indices] == AUGMENT)
+    assert sel.spent() == sel.total_sample_steps
+
+
+def test_dds_prefers_high_joint_and_high_loss():
+    n = 2000
+    labels = np.zeros(n, np.int64)
+    joint = np.where(np.arange(n) % 2 == 0, 1.0, 0.0).astype(np.float32)
+    info = SampleInfo(labels=labels, num_classes=1, consistency=np.ones(n, np.float32), joint=joint,
+                      region=np.ones(n, np.int8))
+    sel = Selector("dds", info, epochs=4, budget=0.5, seed=0, loss_weight=0.0, warmup_epochs=0, delta=1.0)
+    p = sel.plan(0)
+    assert joint[p.indices].mean() > 0.85          # pi: 1.05 vs 0.05
+    info = SampleInfo(labels=labels, num_classes=1, consistency=np.ones(n, np.float32),
+                      joint=np.ones(n, np.float32), region=np.ones(n, np.int8))
+    high = np.arange(n) < n // 2
+    frac = {}
+    for c in (0.0, 1.0):   # pi = 0.05 + lnorm ** c: 1.05 for high-loss samples, 0.05 for low-loss ones
+        sel = Selector("dds", info, epochs=4, budget=0.5, seed=0, loss_weight=c, warmup_epochs=1, delta=1.0)
+        sel.plan(0)
+        sel.observe(np.arange(n), np.where(high, 2.0, 0.0))
+        frac[c] = high[sel.plan(1).indices].mean()
+    assert frac[1.0] > 0.85 and frac[0.0] < 0.6
+
+
+def test_dds_loss_rescale_weights():
+    info = make_info(noisy_fraction=0.0)
+    sel = Selector("dds", info, epochs=4, budget=0.5, seed=0, loss_rescale="const", warmup_epochs=0, delta=1.0)
+    p = sel.plan(0)
+    assert np.allclose(p.weights, info.n / len(p))
+    sel = Selector("dds", info, epochs=4, budget=0.5, seed=0, loss_rescale="is", is_clip=3.0)
+    p = sel.plan(1)
+    assert (p.weights > 0).all() and p.weights.max() <= 3.0 and p.weights.std() > 0
+
+
+def test_dds_budget_too_small_for_warmup_and_annealing_is_reduced_then_refused():
+    info = make_info()
+    sel = Selector("dds", info, epochs=8, budget=0.2, seed=0)   # warm-up + annealing alone cost 2/8
+    run(sel)
+    assert sel.spent() == sel.total_sample_steps
+    with pytest.raises(DdsError, match="below one sample per epoch"):
+        Selector("dds", SampleInfo(labels=np.arange(4) % 2, num_classes=2, consistency=np.ones(4),
+                                   joint=np.ones(4), region=np.ones(4, np.int8)), epochs=10, budget=0.01)
+
+
+# ---- infobatch, by hand ----
+
+def test_infobatch_rule_by_hand():
+    losses = np.array([0.1, 0.2, 0.3, 1.0, 2.0, 3.0], np.float32)  # mean 1.1: samples 0-3 are below it
+    idx, w = infobatch_prune(losses, np.ones(6, bool), None, prune_ratio=0.5, rng=np.random.default_rng(0))
+    assert sorted(idx.tolist())[-2:] == [4, 5] and idx.size == 4     # int(0.5 * 4) = 2 low-loss kept
+    assert set(idx.tolist()) - {4, 5} <= {0, 1, 2, 3}
+    assert np.array_equal(w[np.isin(idx, [4, 5])], [1.0, 1.0])
+    assert np.array_equal(w[~np.isin(idx, [4, 5])], [2.0, 2.0])      # 1 / (1 - r)
+
+    info = SampleInfo(labels=np.zeros(6, np.int64), num_classes=1)
+    sel = Selector("infobatch", info, epochs=8, budget=1.0, prune_ratio=0.5)
+    p0 = sel.plan(0)                               # nothing observed: every sample, weight 1
+    assert sorted(p0.indices.tolist()) == list(range(6)) and (p0.weights == 1).all()
+    sel.observe(np.arange(6), losses)
+    p1 = sel.plan(1)
+    assert len(p1) == 4 and {4, 5} <= set(p1.indices.tolist())
+    assert dict(zip(p1.indices.tolist(), p1.weights.tolist()))[5] == 1.0
+    assert sorted(p1.weights.tolist()) == [1.0, 1.0, 2.0, 2.0]
+    p7 = sel.plan(7)                               # epoch 7 >= 0.875 * 8: annealing, full data
+    assert sorted(p7.indices.tolist()) == list(range(6)) and (p7.weights == 1).all()
+
+
+def test_infobatch_sets_r_from_the_budget_and_reports_overspending():
+    info = make_info()
+    sel = Selector("infobatch", info, epochs=8, budget=0.3, seed=0)   # below what InfoBatch can reach
+    run(sel)
+    assert sel.spent() > sel.total_sample_steps
+
+
+def test_ucb_takes_unseen_first_then_the_highest_scores():
+    info = SampleInfo(labels=np.zeros(20, np.int64), num_classes=1)
+    sel = Selector("ucb", info, epochs=2, budget=0.5, epsilon=0.0, confidence=0.0, momentum=0.0)
+    p0 = sel.plan(0)
+    sel.observe(p0.indices, np.full(10, 0.1))      # the other 10 stay unseen
+    assert set(sel.plan(1).indices.tolist()) == set(range(20)) - set(p0.indices.tolist())
+    sel.observe(np.arange(20), np.arange(20, dtype=np.float32))
+    assert set(sel.plan(1).indices.tolist()) == set(range(10, 20))
+
+
+# ---- errors ----
+
+def test_dds_without_scores_is_refused():
+    with pytest.raises(DdsError, match=r"policy dds needs scores .*run `dds index NAME` first"):
+        Selector("dds", make_info(scores=False), epochs=4, budget=0.5)
+
+
+@pytest.mark.parametrize("budget", [0, 1.5, -0.1, "half"])
+def test_budget_outside_unit_interval_is_refused(budget):
+    with pytest.raises(DdsError, match=r"budget must be in \(0, 1\]"):
+        Selector("random", make_info(), epochs=4, budget=budget)
+
+
+def test_unknown_policy_and_options_list_known_names():
+    info = make_info()
+    with pytest.raises(DdsError, match="unknown policy 'dsd'.*known: dds, full, infobatch, random, ucb"):
+        Selector("dsd", info, epochs=4)
+    with pytest.raises(DdsError, match="unknown option.*lossweight.*known: warmup_epochs, delta"):
+        Selector("dds", info, epochs=4, lossweight=1)
+    with pytest.raises(DdsError, match="eps must be"):
+        Selector("dds", info, epochs=4, eps=-1)
+    with pytest.raises(DdsError, match="strong_aug must be one of"):
+        Selector("dds", info, epochs=4, strong_aug="mixup")
+    with pytest.raises(DdsError, match="epoch must be"):
+        Selector("random", info, epochs=4).plan(4)
+
+
+def test_full_ignores_the_budget():
+    sel = Selector("full", make_info(), epochs=3, budget=0.5)
+    assert sel.budget == 1.0 and sel.total_sample_steps == 3 * sel.n
+
+
+def test_observe_validates_and_accepts_torch_tensors():
+    import torch
+
+    sel = Selector("ucb", make_info(), epochs=2, budget=0.5)
+    with pytest.raises(DdsError, match="3 indices but 2 losses"):
+        sel.observe(np.arange(3), np.ones(2))
+    with pytest.raises(DdsError, match="indices must lie in"):
+        sel.observe([0, 600], [1.0, 1.0])
+    with pytest.raises(DdsError, match="NaN"):
+        sel.observe([0], [float("nan")])
+    loss = torch.tensor([0.5, 1.5], requires_grad=True) * 2
+    sel.observe(torch.tensor([3, 4]), loss)
+    sel.observe(torch.tensor([5]), torch.tensor([1.0], dtype=torch.bfloat16))
+    assert sel._policy._loss.seen[[3, 4]].all() and sel._policy._loss.mean[4] == pytest.approx(3.0)
+
+
+def test_sample_info_checks_inputs():
+    with pytest.raises(DdsError, match="labels must lie"):
+        SampleInfo(labels=np.array([0, 3]), num_classes=2)
+    with pytest.raises(DdsError, match="joint must have shape"):
+        SampleInfo(labels=np.array([0, 1]), num_classes=2, joint=np.ones(3))
+    assert encode_regions(["noisy", "augment"]).tolist() == [NOISY, AUGMENT]
+    with pytest.raises(DdsError, match="unknown region"):
+        encode_regions(["clean"])
+
+
+# ---- pure cores ----
+
+def test_quota_helpers():
+    assert even_sizes(10, 3).tolist() == [4, 3, 3]
+    counts = np.array([5, 3, 2])
+    q = largest_remainder(7, counts)
+    assert q.sum() == 7 and np.abs(q - 7 * counts / 10).max() < 1
+    q = capped_quotas(7, counts, cap=np.array([5, 1, 2]))     # class 1 capped at 1, the rest re-shared
+    assert q.tolist()[1] == 1 and q.sum() == 7 and (q <= [5, 1, 2]).all()
+    with pytest.raises(ValueError):
+        capped_quotas(9, counts, cap=np.array([5, 1, 2]))
+
+
+def test_class_layout_select_is_exact_even_with_ties():
+    labels = np.array([0, 1, 0, 2, 1, 0, 2, 0, 1, 1, 1])
+    lay = ClassLayout(labels, 3)
+    rng = np.random.default_rng(0)
+    for keys in (rng.integers(1, 50, labels.size).astype(np.uint32), np.full(labels.size, 7, np.uint32)):
+        quotas = np.array([2, 3, 0])
+        assert np.array_equal(lay.thresholds(keys, quotas), lay._thresholds_loop(keys, quotas))
+        pos = lay.select(keys, quotas)
+        got = np.bincount(labels[lay.order[pos]], minlength=3)
+        assert got.tolist() == [2, 3, 0]
+        for c in range(2):   # the chosen keys are the largest of their class
+            mine = keys[pos][lay.row[pos] == c]
+            rest = np.setdiff1d(np.flatnonzero(lay.row == c), pos)
+            assert rest.size == 0 or mine.min() >= keys[rest].max()
+
+
+def test_sampling_keys_draw_proportionally_to_pi():
+    pi = np.tile(np.array([1, 2, 7], np.float32), 20000)
+    keys = sampling_keys(pi, np.random.default_rng(0)).reshape(-1, 3)
+    freq = np.bincount(keys.argmax(1), minlength=3) / 20000
+    assert np.allclose(freq, [0.1, 0.2, 0.7], atol=0.015)
+    assert (sampling_keys(np.array([0, 1], np.float32), np.random.default_rng(0))[0] <
+            sampling_keys(np.array([0, 1], np.float32), np.random.default_rng(0))[1])
+
+
+def test_shuffle_and_top_k():
+    rng = np.random.default_rng(0)
+    vals = np.arange(60_000, dtype=np.uint64) * 3
+    out = shuffle_values(vals, 18, rng)
+    assert np.array_equal(np.sort(out), vals) and not np.array_equal(out, vals)
+    m = top_k_mask(np.array([3, 1, 3, 2, 3], np.uint32), 2)
+    assert m.tolist() == [True, False, True, False, False]
+
+
+def test_bench_plan_reports_timings():
+    out = bench_plan(n=20_000, classes=10, policy="dds", repeats=2)
+    assert out["n"] == 20_000 and out["selected"] > 0 and out["ms_median"] > 0
+
+
+# ---- torch helpers ----
+
+def test_plan_sampler_and_weighted_mean():
+    import torch
+    from dds.selector.torch import PlanSampler, weighted_mean
+
+    sel = Selector("random", make_info(), epochs=2, budget=0.5)
+    plan = sel.plan(0)
+    sampler = PlanSampler(plan)
+    assert len(sampler) == len(plan) and list(sampler) == plan.indices.tolist()
+    loss = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    before = loss.detach().clone()
+    out = weighted_mean(loss, np.array([2.0, 1.0, 0.5], np.float32))
+    assert out.item() == pytest.approx((2 + 2 + 1.5) / 3)
+    assert torch.equal(loss.detach(), before)
+    out.backward()
+    assert torch.allclose(loss.grad, torch.tensor([2.0, 1.0, 0.5]) / 3)
+    assert weighted_mean(loss, torch.ones(3)).item() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="one length"):
+        weighted_mean(loss, torch.ones(2))
