@@ -1,1 +1,26 @@
-"""dds.train"""
+"""dds.train: the trainer, its model and augmentation registries, and the shard loader.
+
+Importing this package imports torch; ``dds.train.config`` alone does not.
+"""
+from dds.train.augment import create_augment, list_augments, register_augment
+from dds.train.bench import format_bench_table, run_bench
+from dds.train.config import TrainConfig
+from dds.train.data import load_sample_info, open_split
+from dds.train.loop import lr_at, run_train
+from dds.train.models import create_model, list_models, register_model
+
+__all__ = [
+    "TrainConfig",
+    "create_augment",
+    "create_model",
+    "format_bench_table",
+    "list_augments",
+    "list_models",
+    "load_sample_info",
+    "lr_at",
+    "open_split",
+    "register_augment",
+    "register_model",
+    "run_bench",
+    "run_train",
+]

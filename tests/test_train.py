@@ -1,0 +1,289 @@
+"""Tests of dds.train on a tiny synthetic sharded dataset (8x8 grey PNGs), CPU only."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from dds.catalog import query
+from dds.errors import DdsError
+from dds.train import (TrainConfig, create_augment, create_model, format_bench_table, list_augments, list_models,
+                       load_sample_info, lr_at, open_split, run_bench, run_train)
+from dds.train.augment import Augmenter, epoch_aug_seeds
+from dds.train.loop import history_columns
+from dds.workspace import Workspace
+
+N_TRAIN, N_TEST, SIZE, CLASSES = 64, 32, 8, 4
+
+
+def _write_dataset(ws: Workspace, name: str, splits: dict[str, int], shard_size: int = 24) -> None:
+    """A dataset following the shard contract: tars of KEY.png + KEY.cls, samples/shards parquet, dataset.json."""
+    d = ws.dataset_dir(name)
+    (d / "shards").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    samples, shards = [], []
+    for split, n in splits.items():
+        labels = np.arange(n) % CLASSES
+        for s in range(0, n, shard_size):
+            stem = f"{split}-{s // shard_size:06d}"
+            with tarfile.open(d / "shards" / f"{stem}.tar", "w") as tar:
+                for i in range(s, min(n, s + shard_size)):
+                    key, y = f"{split}-{i:07d}", int(labels[i])
+                    pixels = np.clip(rng.normal(40 + 50 * y, 30, (SIZE, SIZE)), 0, 255).astype(np.uint8)
+                    buf = io.BytesIO()
+                    Image.fromarray(pixels, "L").save(buf, "PNG")
+                    for ext, data in (("png", buf.getvalue()), ("cls", str(y).encode())):
+                        ti = tarfile.TarInfo(f"{key}.{ext}")
+                        ti.size = len(data)
+                        tar.addfile(ti, io.BytesIO(data))
+                    samples.append({"dataset": name, "key": key, "split": split, "label": y, "label_orig": y,
+                                    "shard": stem, "idx": i})
+            shards.append({"dataset": name, "split": split, "shard": stem, "path": f"shards/{stem}.tar",
+                           "count": min(n, s + shard_size) - s, "sha256": ""})
+    pq.write_table(pa.Table.from_pylist(samples), d / "samples.parquet")
+    pq.write_table(pa.Table.from_pylist(shards), d / "shards.parquet")
+    (d / "dataset.json").write_text(json.dumps({
+        "name": name, "source": "synthetic", "manifest": None, "classes": [f"c{i}" for i in range(CLASSES)],
+        "prompt_names": [f"c{i}" for i in range(CLASSES)], "templates": ["a photo of a {}."], "mean": [0.5],
+        "std": [0.25], "image_size": SIZE, "channels": 1, "splits": splits,
+        "label_noise": {"fraction": 0.0, "kind": "symmetric", "seed": 0}}))
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Workspace:
+    ws = Workspace(tmp_path_factory.mktemp("ws"))
+    _write_dataset(ws, "tiny", {"train": N_TRAIN, "test": N_TEST})
+    _write_scores(ws, "tiny", "lite0-minilm", [f"train-{i:07d}" for i in range(N_TRAIN)])
+    return ws
+
+
+def _write_scores(ws: Workspace, name: str, encoder: str, keys: list[str]) -> None:
+    """A scores.parquet with random density/consistency/joint and every region represented."""
+    from dds.selector import REGIONS
+
+    n, rng = len(keys), np.random.default_rng(1)
+    path = ws.index_dir(name, encoder) / "scores.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"dataset": [name] * n, "encoder": [encoder] * n, "key": keys,
+                             "density": rng.random(n).astype(np.float32),
+                             "consistency": np.arange(n, dtype=np.float32),
+                             "joint": rng.random(n).astype(np.float32),
+                             "region": [REGIONS[i % len(REGIONS)] for i in range(n)]}), path)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(dataset="tiny", policy="random", budget=0.5, epochs=2, model="cnn3", batch_size=16, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def _table(ws: Workspace, sql: str):
+    return query(ws, sql).to_pandas()
+
+
+def test_smoke_run_writes_runs_epochs_history(ws):
+    result = run_train(ws, _cfg(), progress=False)
+    run_id = result["run_id"]
+    assert result["status"] == "done" and result["epochs_done"] == 2
+    assert 0 <= result["test_acc"] <= 1
+    runs = _table(ws, f"SELECT * FROM runs WHERE run_id = '{run_id}'")
+    assert {"run_id", "dataset", "policy", "budget", "epochs", "seed", "status", "config", "budget_spent",
+            "test_acc", "wall_s"} <= set(runs.columns)
+    assert runs.loc[0, "status"] == "done"
+    assert TrainConfig.from_json(runs.loc[0, "config"]) == _cfg()
+    epochs = _table(ws, f"SELECT * FROM epochs WHERE run_id = '{run_id}' ORDER BY epoch")
+    assert {"run_id", "epoch", "selected", "sample_steps", "train_loss", "test_acc", "wall_s", "data_s", "compute_s",
+            "select_s", "eval_s"} <= set(epochs.columns)
+    assert epochs["epoch"].tolist() == [0, 1]
+    hist = _table(ws, f"SELECT * FROM history WHERE run_id = '{run_id}'")
+    assert {"run_id", "epoch", "key", "selected", "weight", "aug", "loss"} <= set(hist.columns)
+    assert len(hist) == 2 * N_TRAIN  # one row per train sample per epoch
+    assert hist.groupby("epoch")["key"].nunique().tolist() == [N_TRAIN, N_TRAIN]
+    sel = hist[hist["selected"]]
+    assert sel["loss"].notna().all() and sel["aug"].isin(["base", "strong"]).all()
+    assert hist.loc[~hist["selected"], ["loss", "weight", "aug"]].isna().all().all()
+    assert hist.groupby("epoch")["selected"].sum().tolist() == epochs["selected"].tolist()
+    # budget: random at 0.5 spends half the full-data sample-steps, and says so
+    assert epochs["sample_steps"].sum() == round(0.5 * 2 * N_TRAIN)
+    assert result["budget_spent"] == pytest.approx(0.5)
+    assert runs.loc[0, "budget_spent"] == pytest.approx(0.5)
+    # "never selected" is answerable in SQL
+    never = _table(ws, f"SELECT key FROM history WHERE run_id = '{run_id}' GROUP BY key HAVING NOT bool_or(selected)")
+    assert len(never) == N_TRAIN - hist[hist["selected"]]["key"].nunique()
+
+
+def test_lr_schedule_is_monotone_cosine_and_ignores_epoch_sizes():
+    total = 1000
+    lrs = [lr_at(s, total, lr=0.1) for s in range(0, total + 1, 10)]
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lr_at(total // 2, total, lr=0.1) == pytest.approx(0.05)
+    assert lr_at(2 * total, total, lr=0.1) == pytest.approx(0.0, abs=1e-12)  # past the budget: held at the end
+
+    def step_lrs(epoch_sizes, batch=32):  # the LR of every optimiser step of a run with these epoch sizes
+        done, out = 0, []
+        for m in epoch_sizes:
+            for start in range(0, m, batch):
+                out.append((done, lr_at(done, total, lr=0.1)))
+                done += min(batch, m - start)
+        return dict(out)
+
+    even, uneven = step_lrs([250] * 4), step_lrs([400, 100, 300, 200])
+    for s in set(even) & set(uneven):
+        assert even[s] == uneven[s]  # a pure function of samples consumed, whatever the epoch sizes
+    for lrs in (even, uneven):
+        values = [lrs[s] for s in sorted(lrs)]
+        assert all(a >= b for a, b in zip(values, values[1:])) and values[-1] < 0.1 * 0.01
+    warm = [lr_at(s, total, lr=0.1, warmup=0.1) for s in (0, 50, 100, 1000)]
+    assert warm[0] == 0 and warm[1] == pytest.approx(0.05) and warm[2] == pytest.approx(0.1) and warm[3] < 1e-12
+
+
+def test_resume_repeats_an_uninterrupted_run(ws):
+    cfg = _cfg(policy="dds", epochs=3)  # the policy with the most state: loss EMAs, strong augmentation
+    full = run_train(ws, cfg, progress=False)
+    part = run_train(ws, cfg, progress=False, stop_after=2)
+    assert part["status"] == "stopped" and part["epochs_done"] == 2
+    resumed = run_train(ws, None, resume=part["run_id"], progress=False)
+    assert resumed["run_id"] == part["run_id"] and resumed["status"] == "done"
+
+    def rows(run_id):
+        h = _table(ws, f"SELECT epoch, key, selected, weight, aug, loss FROM history WHERE run_id = '{run_id}' "
+                       "ORDER BY epoch, key")
+        e = _table(ws, f"SELECT epoch, selected, sample_steps, train_loss, test_acc FROM epochs "
+                       f"WHERE run_id = '{run_id}' ORDER BY epoch")
+        return h, e
+
+    (h1, e1), (h2, e2) = rows(full["run_id"]), rows(part["run_id"])
+    assert len(h2) == 3 * N_TRAIN and not h2.duplicated(["epoch", "key"]).any()
+    assert h1.equals(h2)  # identical selections, weights, augmentations and losses
+    assert (h1["aug"] == "strong").any()
+    assert e1.equals(e2)  # identical test accuracies
+    assert resumed["test_acc"] == full["test_acc"]
+    status = _table(ws, f"SELECT status FROM runs WHERE run_id = '{part['run_id']}'")
+    assert status["status"].tolist() == ["done"]
+
+
+def test_streaming_and_cache_yield_the_same_batches(ws):
+    from dds.selector import EpochPlan
+
+    rng = np.random.default_rng(1)
+    indices = rng.permutation(N_TRAIN)[:40].astype(np.int64)
+    plan = EpochPlan(epoch=5, indices=indices, weights=rng.random(40).astype(np.float32),
+                     aug=(rng.random(40) < 0.5).astype(np.uint8))
+    cached, streamed = open_split(ws, "tiny", "train", cache=True), open_split(ws, "tiny", "train", cache=False)
+    aug = Augmenter(SIZE)
+    a = list(cached.plan_batches(plan, seed=7, augmenter=aug, batch_size=16))
+    b = list(streamed.plan_batches(plan, seed=7, augmenter=aug, batch_size=16))
+    assert [len(x["label"]) for x in a] == [16, 16, 8]
+    for x, y in zip(a, b, strict=True):
+        assert x["__key__"] == y["__key__"]
+        for field in ("image", "label", "index", "weight", "aug"):
+            assert torch.equal(x[field], y[field]), field
+    assert torch.equal(torch.cat([x["index"] for x in a]), torch.from_numpy(indices))
+    # other seed -> other augmentation
+    c = next(iter(cached.plan_batches(plan, seed=8, augmenter=aug, batch_size=16)))
+    assert not torch.equal(a[0]["image"], c["image"])
+    ea = list(open_split(ws, "tiny", "test", cache=True).eval_batches(10))
+    eb = list(open_split(ws, "tiny", "test", cache=False).eval_batches(10))
+    for x, y in zip(ea, eb, strict=True):
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
+
+
+def test_no_test_split_is_an_error(tmp_path):
+    ws = Workspace(tmp_path)
+    _write_dataset(ws, "trainonly", {"train": 16})
+    with pytest.raises(DdsError, match="dataset trainonly has no test split; run dds shard .* --split test"):
+        run_train(ws, TrainConfig(dataset="trainonly", policy="full", budget=1.0, epochs=1, model="cnn3"),
+                  progress=False)
+
+
+def test_unknown_names_and_bad_config_are_errors(ws):
+    with pytest.raises(DdsError, match="unknown model 'resnet21'.*known: .*resnet20"):
+        create_model("resnet21", 10, 1, 28)
+    with pytest.raises(DdsError, match="unknown model"):
+        run_train(ws, _cfg(model="nope"), progress=False)
+    with pytest.raises(DdsError, match="unknown policy"):
+        run_train(ws, _cfg(policy="nope"), progress=False)
+    with pytest.raises(DdsError, match="budget must be in"):
+        run_train(ws, _cfg(budget=1.5), progress=False)
+    with pytest.raises(DdsError, match="epochs must be a positive integer"):
+        run_train(ws, _cfg(epochs=0), progress=False)
+    with pytest.raises(DdsError, match="unknown train config key"):
+        TrainConfig.from_dict({"dataset": "tiny", "learning_rate": 0.1})
+    with pytest.raises(DdsError, match="has no checkpoint"):
+        run_train(ws, None, resume="no-such-run", progress=False)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_models_build_for_grey_and_rgb(name):
+    small = name in ("resnet20", "cnn3")
+    size = 8 if small else 32
+    for channels in (1, 3) if small else (1,):  # torchvision nets: only the grey stem is ours
+        model = create_model(name, 5, channels, size).eval()
+        with torch.no_grad():
+            assert model(torch.randn(2, channels, size, size)).shape == (2, 5)
+    if name == "resnet20":
+        assert 0.26e6 < sum(p.numel() for p in model.parameters()) < 0.28e6
+
+
+@pytest.mark.parametrize("name", list_augments())
+def test_augments_keep_shape_dtype_and_follow_the_seed(name):
+    image = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8)
+    aug = Augmenter(28, names=(name,))
+    before = torch.get_rng_state()
+    outs = [aug(image, 0, s) for s in (1, 1, 2, 3, 4)]
+    assert torch.equal(torch.get_rng_state(), before)  # the global generator is left as it was
+    assert all(o.shape == image.shape and o.dtype == torch.uint8 for o in outs)
+    assert torch.equal(outs[0], outs[1])
+    assert any(not torch.equal(outs[0], o) for o in outs[2:])
+    assert create_augment(name, 64)(torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)).shape == (3, 64, 64)
+    seeds = epoch_aug_seeds(0, 2, 10)
+    assert np.array_equal(seeds[:4], epoch_aug_seeds(0, 2, 4)) and not np.array_equal(seeds, epoch_aug_seeds(0, 3, 10))
+
+
+def test_history_columns_one_row_per_sample():
+    cols = history_columns(5, np.array([3, 1, 3]), np.array([1.0, 2.0, 3.0], np.float32),
+                           np.array([0, 1, 0], np.uint8), np.array([0.5, 1.0, 1.5], np.float32))
+    assert cols["selected"].to_pylist() == [False, True, False, True, False]
+    assert cols["count"].to_pylist() == [0, 1, 0, 2, 0]
+    assert cols["weight"].to_pylist() == [None, 2.0, None, 2.0, None]
+    assert cols["loss"].to_pylist() == [None, 1.0, None, 1.0, None]
+    assert cols["aug"].to_pylist() == [None, "strong", None, "base", None]
+
+
+def test_load_sample_info_joins_scores_in_idx_order(tmp_path):
+    from dds.selector import REGIONS
+
+    ws = Workspace(tmp_path)
+    _write_dataset(ws, "scored", {"train": 12, "test": 4})
+    info = load_sample_info(ws, "scored", "enc")
+    assert info.density is None and info.labels.tolist() == [i % CLASSES for i in range(12)]
+    keys = [f"train-{i:07d}" for i in range(12)][::-1]  # scores in another order than samples.idx
+    _write_scores(ws, "scored", "enc", keys)
+    regions = [REGIONS[i % len(REGIONS)] for i in range(12)]
+    info = load_sample_info(ws, "scored", "enc")
+    assert info.consistency.tolist() == list(range(11, -1, -1))  # key train-0000000 had consistency 11
+    assert [REGIONS[c] for c in info.region] == regions[::-1]
+
+
+def test_bench_rows_and_table(ws):
+    rows = run_bench(ws, "tiny", policies=["full", "random"], budget=0.5, epochs=1, seeds=2, model="cnn3",
+                     base_config={"batch_size": 32}, progress=False)
+    assert [r["policy"] for r in rows] == ["full", "random"]
+    full, rand = rows
+    assert full["wall_ratio"] == pytest.approx(1.0) and full["budget_spent"] == pytest.approx(1.0)
+    assert rand["budget_spent"] == pytest.approx(0.5) and len(rand["run_ids"]) == 2
+    assert all(0 <= r["acc_mean"] <= 1 and r["acc_std"] >= 0 and math.isfinite(r["wall_ratio"]) for r in rows)
+    bench = _table(ws, "SELECT * FROM bench")
+    assert {"bench_id", "dataset", "policy", "budget", "seeds", "acc_mean", "acc_std", "budget_spent", "wall_ratio",
+            "select_s"} <= set(bench.columns)
+    assert sorted(bench["policy"]) == ["full", "random"]
+    assert "random" in format_bench_table(rows)

@@ -1,0 +1,278 @@
+"""Reading a split of a sharded dataset: streamed from the WebDataset tars, or decoded once into RAM.
+
+Streaming is a list of generator stages, each a plain function over an iterator of sample dicts
+with the sample ``__key__`` kept in every dict (STYLE rule 7)::
+
+    shard_list -> open_tar -> filter_keys -> reorder -> decode -> augment -> batched
+
+The in-memory cache (:class:`CachedSplit`) decodes every sample of the split once into a uint8
+tensor ``(N, C, H, W)`` ordered by ``samples.idx`` and feeds the same ``augment -> batched`` tail,
+so both paths yield identical batches for a plan.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from dds.errors import DdsError
+from dds.train.augment import Augmenter, epoch_aug_seeds
+from dds.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+Sample = dict[str, Any]
+
+
+# ---------------------------------------------------------------- stages (plain generators)
+
+def shard_list(ws: Workspace, name: str, split: str) -> Iterator[Sample]:
+    """Yields ``dict(url=Path, shard=stem)`` for each shard of ``split``, in shard order."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(ws.dataset_dir(name) / "shards.parquet").to_pylist()
+    for row in sorted((r for r in table if r["split"] == split), key=lambda r: r["shard"]):
+        yield {"url": ws.dataset_dir(name) / row["path"], "shard": row["shard"]}
+
+
+def open_tar(src: Iterable[Sample]) -> Iterator[Sample]:
+    """Yields ``dict(__key__, shard, png=bytes, cls=bytes)``: the members of one sample, undecoded."""
+    for shard in src:
+        with tarfile.open(shard["url"], "r|") as tar:  # sequential read: members in tar order
+            current: Sample | None = None
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = Path(member.name).name.partition(".")
+                data = tar.extractfile(member).read()
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "shard": shard["shard"]}
+                current[ext] = data
+            if current is not None:
+                yield current
+
+
+def filter_keys(src: Iterable[Sample], keys: set[str]) -> Iterator[Sample]:
+    """Yields only the samples whose key is in ``keys`` (before decoding, so the rest costs no decode)."""
+    for sample in src:
+        if sample["__key__"] in keys:
+            yield sample
+
+
+def reorder(src: Iterable[Sample], keys: np.ndarray, indices: np.ndarray) -> Iterator[Sample]:
+    """Yields the samples in plan order, adding ``pos`` (plan position) and ``index`` (split position).
+
+    Buffers the encoded samples of one epoch's plan (PNG bytes, a few hundred bytes each for
+    28 px images): shards are read sequentially, the plan order is a random permutation.
+    A key planned twice is yielded twice.
+    """
+    buffer = {s["__key__"]: s for s in src}
+    for pos, (key, index) in enumerate(zip(keys, indices)):
+        if key not in buffer:
+            raise DdsError(f"planned sample '{key}' is not in the shards; re-run `dds shard` for this dataset")
+        yield {**buffer[key], "pos": pos, "index": int(index)}
+
+
+def decode(src: Iterable[Sample], channels: int, image_size: int) -> Iterator[Sample]:
+    """Yields the sample with ``image`` (uint8 ``(C, H, W)``) and ``label`` (int) instead of png/cls bytes."""
+    for sample in src:
+        png, cls = sample.pop("png", None), sample.pop("cls", None)
+        if png is None or cls is None:
+            raise DdsError(f"sample '{sample['__key__']}' in shard {sample.get('shard')} lacks .png or .cls; "
+                           "re-run `dds shard` for this dataset")
+        yield {**sample, "image": decode_png(png, channels, image_size), "label": int(cls.decode().strip())}
+
+
+def augment(src: Iterable[Sample], augmenter: Augmenter, codes: np.ndarray, weights: np.ndarray,
+            seeds: np.ndarray) -> Iterator[Sample]:
+    """Yields the sample with ``image`` augmented per its plan position ``pos`` and ``weight``/``aug`` added."""
+    for sample in src:
+        pos = sample["pos"]
+        image = augmenter(sample["image"], codes[pos], seeds[pos])
+        yield {**sample, "image": image, "weight": float(weights[pos]), "aug": int(codes[pos])}
+
+
+def batched(src: Iterable[Sample], batch_size: int) -> Iterator[Sample]:
+    """Yields batch dicts: ``__key__`` (list), ``image`` uint8 ``(B, C, H, W)``, ``label`` int64 ``(B,)``
+    and, when the samples carry them, ``index`` int64, ``weight`` float32, ``aug`` uint8 ``(B,)``."""
+    buf: list[Sample] = []
+    for sample in src:
+        buf.append(sample)
+        if len(buf) == batch_size:
+            yield _collate(buf)
+            buf = []
+    if buf:
+        yield _collate(buf)
+
+
+def _collate(samples: list[Sample]) -> Sample:
+    out: Sample = {"__key__": [s["__key__"] for s in samples],
+                   "image": torch.stack([s["image"] for s in samples]),
+                   "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64)}
+    for name, dtype in (("index", torch.int64), ("weight", torch.float32), ("aug", torch.uint8)):
+        if name in samples[0]:
+            out[name] = torch.tensor([s[name] for s in samples], dtype=dtype)
+    return out
+
+
+def decode_png(data: bytes, channels: int, image_size: int) -> torch.Tensor:
+    """PNG bytes -> uint8 ``(channels, image_size, image_size)``; other sizes are resized + centre-cropped."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    with Image.open(io.BytesIO(data)) as im:
+        array = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    image = torch.from_numpy(array.reshape(array.shape[0], array.shape[1], -1).copy()).permute(2, 0, 1)
+    if image.shape[-2:] != (image_size, image_size):
+        image = F.center_crop(F.resize(image, image_size, antialias=True), [image_size, image_size])
+    return image.contiguous()
+
+
+# ---------------------------------------------------------------- split sources
+
+class _Split:
+    """Keys and labels of one split, in ``samples.idx`` order, and the dataset's image geometry."""
+
+    def __init__(self, ws: Workspace, name: str, split: str) -> None:
+        import pyarrow.parquet as pq
+
+        info = ws.dataset_info(name)
+        self.ws, self.name, self.split = ws, name, split
+        self.channels, self.image_size = int(info["channels"]), int(info["image_size"])
+        self.mean, self.std = list(info["mean"]), list(info["std"])
+        table = pq.read_table(ws.dataset_dir(name) / "samples.parquet",
+                              columns=["key", "split", "label", "idx"]).to_pandas()
+        table = table[table["split"] == split].sort_values("idx")
+        if len(table) == 0:
+            source = info.get("source") or "SOURCE"
+            raise DdsError(f"dataset {name} has no {split} split; run dds shard {source} --split {split} --name {name}")
+        if not np.array_equal(table["idx"].to_numpy(), np.arange(len(table))):
+            raise DdsError(f"samples.parquet of {name}: idx of the {split} split is not 0..n-1; re-run `dds shard`")
+        self.keys = table["key"].to_numpy().astype(str)  # (N,) keys in idx order
+        self.labels = table["label"].to_numpy().astype(np.int64)  # (N,) training labels
+        self.n = len(self.keys)
+
+    def plan_batches(self, plan, *, seed: int, augmenter: Augmenter, batch_size: int) -> Iterator[Sample]:
+        """Augmented batches of ``plan`` (an EpochPlan), in plan order; see :func:`batched` for the fields."""
+        seeds = epoch_aug_seeds(seed, plan.epoch, len(plan.indices))
+        samples = self._plan_samples(np.asarray(plan.indices, dtype=np.int64))
+        return batched(augment(samples, augmenter, np.asarray(plan.aug), np.asarray(plan.weights), seeds), batch_size)
+
+    def _plan_samples(self, indices: np.ndarray) -> Iterator[Sample]:
+        raise NotImplementedError
+
+    def eval_batches(self, batch_size: int) -> Iterator[Sample]:
+        """Unaugmented batches of the whole split in idx order (``image`` uint8, ``label``)."""
+        raise NotImplementedError
+
+
+class StreamingSplit(_Split):
+    """Reads the shards every epoch, decoding only the planned samples."""
+
+    def _plan_samples(self, indices: np.ndarray) -> Iterator[Sample]:
+        keys = self.keys[indices]
+        stages = shard_list(self.ws, self.name, self.split)  # dict(url, shard) per shard
+        stages = open_tar(stages)  # dict(__key__, shard, png, cls) per sample, undecoded
+        stages = filter_keys(stages, set(keys.tolist()))  # only this epoch's planned keys
+        stages = reorder(stages, keys, indices)  # the same, in plan order, with pos and index
+        return decode(stages, self.channels, self.image_size)  # with image (C,H,W) uint8 and label
+
+    def eval_batches(self, batch_size: int) -> Iterator[Sample]:
+        stages = open_tar(shard_list(self.ws, self.name, self.split))  # undecoded samples, idx order
+        return batched(decode(stages, self.channels, self.image_size), batch_size)  # decoded batches
+
+
+class CachedSplit(_Split):
+    """Decodes the whole split once into ``images`` uint8 ``(N, C, H, W)`` (``idx`` order) in RAM."""
+
+    def __init__(self, ws: Workspace, name: str, split: str) -> None:
+        super().__init__(ws, name, split)
+        position = {k: i for i, k in enumerate(self.keys)}
+        size_gb = self.n * self.channels * self.image_size ** 2 / 1e9
+        if size_gb > 8:
+            log.warning("caching %s/%s takes %.1f GB of RAM; set cache=False to stream the shards", name, split, size_gb)
+        self.images = torch.zeros((self.n, self.channels, self.image_size, self.image_size), dtype=torch.uint8)
+        seen = np.zeros(self.n, dtype=bool)
+        for sample in decode(open_tar(shard_list(ws, name, split)), self.channels, self.image_size):
+            i = position.get(sample["__key__"])
+            if i is None:
+                continue  # in a tar but not in samples.parquet: not part of the dataset
+            if sample["label"] != self.labels[i]:
+                raise DdsError(f"label of '{sample['__key__']}' differs between its shard and samples.parquet; "
+                               "re-run `dds shard`")
+            self.images[i], seen[i] = sample["image"], True
+        if not seen.all():
+            missing = self.keys[~seen][:3].tolist()
+            raise DdsError(f"{(~seen).sum()} samples of {name}/{split} are listed in samples.parquet but not in its "
+                           f"shards (e.g. {missing}); re-run `dds shard`")
+        log.info("cached %s/%s: %d samples, %.1f MB", name, split, self.n, self.images.numel() / 1e6)
+
+    def _plan_samples(self, indices: np.ndarray) -> Iterator[Sample]:
+        for pos, i in enumerate(indices.tolist()):
+            yield {"__key__": self.keys[i], "image": self.images[i], "label": int(self.labels[i]),
+                   "pos": pos, "index": i}
+
+    def eval_batches(self, batch_size: int) -> Iterator[Sample]:
+        for start in range(0, self.n, batch_size):
+            sl = slice(start, start + batch_size)
+            yield {"__key__": self.keys[sl].tolist(), "image": self.images[sl],
+                   "label": torch.from_numpy(self.labels[sl])}
+
+
+def open_split(ws: Workspace, name: str, split: str, *, cache: bool = True) -> _Split:
+    """The split as a :class:`CachedSplit` (``cache=True``) or a :class:`StreamingSplit`.
+
+    Raises:
+        DdsError: the dataset is not sharded, or has no such split (the message says how to add it).
+    """
+    return CachedSplit(ws, name, split) if cache else StreamingSplit(ws, name, split)
+
+
+# ---------------------------------------------------------------- selector inputs
+
+def load_sample_info(ws: Workspace, name: str, encoder: str):
+    """The selector's static inputs for the train split of ``name``, in ``samples.idx`` order.
+
+    Scores come from ``index/{slug(encoder)}/scores.parquet``; without that file the result has no
+    scores (the selector then refuses the dds policy with its own message).
+
+    Returns:
+        ``dds.selector.SampleInfo``: labels int64 ``(N,)``, num_classes, and density, consistency,
+        joint (float32 ``(N,)``) and region (int8 codes into ``REGIONS``) when scores exist.
+
+    Raises:
+        DdsError: scores exist but do not cover every train sample, or hold an unknown region.
+    """
+    import pyarrow.parquet as pq
+    from dds.selector import REGIONS, SampleInfo
+
+    info = ws.dataset_info(name)
+    samples = pq.read_table(ws.dataset_dir(name) / "samples.parquet", columns=["key", "split", "label", "idx"])
+    samples = samples.to_pandas()
+    samples = samples[samples["split"] == "train"].sort_values("idx").reset_index(drop=True)
+    labels = samples["label"].to_numpy().astype(np.int64)
+    num_classes = len(info["classes"])
+    path = ws.index_dir(name, encoder) / "scores.parquet"
+    if not path.exists():
+        return SampleInfo(labels=labels, num_classes=num_classes)
+    scores = pq.read_table(path, columns=["key", "density", "consistency", "joint", "region"]).to_pandas()
+    joined = samples[["key"]].merge(scores, on="key", how="left", validate="one_to_one")
+    if joined["density"].isna().any():
+        raise DdsError(f"scores of {name} ({encoder}) miss {int(joined['density'].isna().sum())} train samples; "
+                       f"re-run `dds index {name} --encoder {encoder}`")
+    unknown = sorted(set(joined["region"]) - set(REGIONS))
+    if unknown:
+        raise DdsError(f"scores of {name} hold unknown regions {unknown}; known: {', '.join(REGIONS)}")
+    region = joined["region"].map({r: i for i, r in enumerate(REGIONS)}).to_numpy().astype(np.int8)
+    return SampleInfo(labels=labels, num_classes=num_classes,
+                      density=joined["density"].to_numpy(np.float32),
+                      consistency=joined["consistency"].to_numpy(np.float32),
+                      joint=joined["joint"].to_numpy(np.float32), region=region)
