@@ -29,8 +29,8 @@ TABLES: dict[str, tuple[str, str]] = {
     "knn": ("datasets/*/index/*/knn.parquet",
             "dataset VARCHAR, encoder VARCHAR, key VARCHAR, neighbor VARCHAR, rank INTEGER, similarity FLOAT, scope VARCHAR"),
     "scores": ("datasets/*/index/*/scores.parquet",
-               "dataset VARCHAR, encoder VARCHAR, key VARCHAR, density FLOAT, consistency FLOAT, margin FLOAT, "
-               "knn_agreement FLOAT, joint FLOAT, region VARCHAR"),
+               "dataset VARCHAR, encoder VARCHAR, key VARCHAR, label INTEGER, density FLOAT, consistency FLOAT, margin FLOAT, "
+               "knn_agreement FLOAT, joint FLOAT, region VARCHAR, pred_label INTEGER, prob_label FLOAT, probs FLOAT[]"),
     "runs": ("runs/*/run.parquet",
              "run_id VARCHAR, dataset VARCHAR, policy VARCHAR, budget DOUBLE, epochs INTEGER, seed INTEGER, "
              "status VARCHAR, config VARCHAR"),

@@ -1,0 +1,240 @@
+"""Dataset adapters on frozen image/text features, trained cross-fitted (paper-notes §2.2).
+
+Design. Each tower maps its frozen feature linearly into one shared space of ``S`` dimensions and
+adds a CLIP-Adapter style residual MLP there::
+
+    h_i = P_I f_i,  u_i = normalize(h_i + alpha * MLP_I(h_i))      f_i: (D,)  frozen image feature
+    h_c = P_T g_c,  t_c = normalize(h_c + alpha * MLP_T(h_c))      g_c: (Dt,) frozen class-prompt feature
+
+``MLP(h) = W2 relu(W1 h)`` with hidden width ``S // 4``, ``alpha = 0.2`` and ``W2`` starting at
+zero. For aligned towers of equal width (CLIP) ``S = D`` and the projections start at the identity,
+so the adapter is exactly ``u = f + alpha * MLP(f)`` and training starts from zero-shot CLIP. For
+unaligned towers (``lite0-minilm``: 1280-d image, 384-d text) the projections (orthogonal init)
+are what makes the towers comparable at all; ``S = min(SHARED_DIM, D)`` (256 for lite0). Putting
+the MLP after the projection keeps it small: a residual MLP on the 1280-d feature took twice the
+time on Fashion-MNIST for the same out-of-fold accuracy and noise-detection AUROC.
+Loss: cross-entropy over all ``C`` class prompts with logits ``cos(u_i, t_c) / tau`` and a learned
+temperature ``tau`` (initialised at CLIP's 0.07), AdamW (lr 1e-3, weight decay 0.01), minibatches
+of 512, :data:`EPOCHS` epochs.
+
+Cross-fitting. Samples are split into ``folds`` label-stratified folds (seeded). For each fold an
+adapter pair is trained on the other folds only and then applied to that fold, so every sample's
+adapted embedding, class cosines and class probabilities come from adapters that never saw it (or
+its label). Adapters trained on noisy labels partly learn the noise; cross-fitting keeps that noise
+out of a sample's own score, and the small size, weight decay and few epochs keep it small.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from dds.errors import DdsError
+
+log = logging.getLogger(__name__)
+
+ALPHA = 0.2  # residual weight of the adapter MLP (CLIP-Adapter)
+SHARED_DIM = 256  # width of the shared space for towers of different widths
+TAU_INIT = 0.07  # initial softmax temperature (CLIP's)
+EPOCHS = 4  # per fold; on Fashion-MNIST with 40% noise, 10+ epochs fit the noise (out-of-fold accuracy fell)
+ZERO_SHOT_TAU = 0.01  # temperature for zero-shot probabilities (CLIP's logit scale 100)
+
+
+@dataclass
+class CrossFit:
+    """Cross-fitted adapter outputs; row ``i`` is produced by the adapter of fold ``fold[i]``.
+
+    Attributes:
+        u: ``(N, S)`` float32 adapted, L2-normalised image embeddings.
+        text: ``(K, C, S)`` float32 adapted, L2-normalised class embeddings of each fold's adapter.
+        fold: ``(N,)`` int64 fold of each sample (its adapter was trained without that fold).
+        cos: ``(N, C)`` float32 cosine of ``u[i]`` to each class embedding of its own fold's adapter.
+        probs: ``(N, C)`` float32 softmax of ``cos / tau`` (tau of that fold's adapter).
+    """
+
+    u: np.ndarray
+    text: np.ndarray
+    fold: np.ndarray
+    cos: np.ndarray
+    probs: np.ndarray
+
+
+def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Assign each sample to one of ``folds`` folds, balanced within every label.
+
+    Args:
+        labels: ``(N,)`` ints.
+        folds: number of folds (>= 2).
+        seed: seed of the shuffle within each label.
+
+    Returns:
+        ``(N,)`` int64 fold ids in ``0..folds-1``; each label's samples are spread round-robin
+        over the folds after a seeded shuffle, so fold sizes differ by at most one per label.
+    """
+    if folds < 2:
+        raise DdsError(f"folds must be at least 2 for cross-fitting, got {folds}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), dtype=np.int64)
+    offset = 0
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        fold[rows] = (np.arange(len(rows)) + offset) % folds
+        offset += len(rows)  # continue the round-robin, so small classes do not all start at fold 0
+    return fold
+
+
+def _build(d_img: int, d_txt: int, shared_dim: int):
+    """The image and text adapter towers and the log-temperature, as torch modules."""
+    import torch
+    from torch import nn
+
+    class Tower(nn.Module):
+        """``normalize(h + alpha * MLP(h))`` with ``h = P z``; the MLP's last layer starts at zero."""
+
+        def __init__(self, d: int, out: int) -> None:
+            super().__init__()
+            self.proj = nn.Linear(d, out, bias=False)
+            if d == out:
+                nn.init.eye_(self.proj.weight)
+            else:
+                nn.init.orthogonal_(self.proj.weight)
+            hidden = max(1, out // 4)
+            self.mlp = nn.Sequential(nn.Linear(out, hidden), nn.ReLU(), nn.Linear(hidden, out))
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
+
+        def forward(self, z: "torch.Tensor") -> "torch.Tensor":
+            h = self.proj(z)
+            return nn.functional.normalize(h + ALPHA * self.mlp(h), dim=-1)
+
+    out = d_img if d_img == d_txt else min(shared_dim, d_img)
+    log_tau = nn.Parameter(torch.tensor(float(np.log(TAU_INIT))))
+    return Tower(d_img, out), Tower(d_txt, out), log_tau
+
+
+def train_adapter(img: np.ndarray, labels: np.ndarray, text: np.ndarray, *, epochs: int = EPOCHS,
+                  batch_size: int = 512, lr: float = 1e-3, weight_decay: float = 1e-2,
+                  shared_dim: int = SHARED_DIM, seed: int = 0, device: str = "cpu"):
+    """Train one adapter pair on ``(img, labels)`` against the ``C`` class prompts.
+
+    Args:
+        img: ``(n, D)`` float32 frozen image features.
+        labels: ``(n,)`` ints in ``0..C-1`` (the training labels, noisy or not).
+        text: ``(C, Dt)`` float32 frozen class-prompt features.
+        epochs, batch_size, lr, weight_decay: AdamW minibatch training settings.
+        shared_dim: width of the shared space when ``D != Dt`` (at most ``D``).
+        seed: seed for the initialisation and the minibatch order.
+        device: ``cpu`` or ``cuda``.
+
+    Returns:
+        ``apply(x) -> (u (m, S), t (C, S), tau)``: numpy function of the trained adapters.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
+        torch.manual_seed(seed)
+        img_tower, txt_tower, log_tau = _build(img.shape[1], text.shape[1], shared_dim)
+    dev = torch.device(device)
+    img_tower, txt_tower = img_tower.to(dev), txt_tower.to(dev)
+    log_tau = torch.nn.Parameter(log_tau.data.to(dev))
+    params = [*img_tower.parameters(), *txt_tower.parameters(), log_tau]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).to(dev)
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(dev)
+    g = torch.from_numpy(np.ascontiguousarray(text, dtype=np.float32)).to(dev)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(x), generator=gen).to(dev).split(batch_size):
+            logits = img_tower(x[batch]) @ txt_tower(g).T / log_tau.exp()
+            loss = torch.nn.functional.cross_entropy(logits, y[batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                log_tau.clamp_(np.log(0.01), np.log(1.0))  # keep the temperature in a sane range
+
+    def apply(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        with torch.inference_mode():
+            zt = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)).to(dev)
+            u = torch.cat([img_tower(b) for b in zt.split(8192)]) if len(zt) else img_tower(zt)
+            return u.cpu().numpy(), txt_tower(g).cpu().numpy(), float(log_tau.exp())
+
+    return apply
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def crossfit_adapters(img: np.ndarray, labels: np.ndarray, text: np.ndarray, *, folds: int = 5,
+                      seed: int = 0, epochs: int = EPOCHS, progress: bool = False, device: str = "cpu",
+                      fold: np.ndarray | None = None, **train_kw) -> CrossFit:
+    """Cross-fitted adapters: each fold is embedded and scored by adapters trained on the others.
+
+    Args:
+        img: ``(N, D)`` float32 frozen image features (L2-normalised).
+        labels: ``(N,)`` ints in ``0..C-1``.
+        text: ``(C, Dt)`` float32 frozen class-prompt features.
+        folds: number of folds (>= 2).
+        seed: seed of the folds and of each fold's training (``seed + fold``).
+        epochs: training epochs per fold.
+        progress: show a tqdm bar over the folds.
+        device: ``cpu`` or ``cuda``.
+        fold: ``(N,)`` ints in ``0..folds-1`` to use instead of :func:`stratified_folds` (labels, seed).
+        **train_kw: passed to :func:`train_adapter` (``batch_size``, ``lr``, ``weight_decay``, ``shared_dim``).
+
+    Returns:
+        A :class:`CrossFit` with out-of-fold outputs for every sample.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(img) != len(labels):
+        raise DdsError(f"got {len(img)} image features but {len(labels)} labels")
+    if fold is None:
+        fold = stratified_folds(labels, folds, seed)
+    elif fold.shape != labels.shape or fold.min() < 0 or fold.max() >= folds:
+        raise DdsError(f"fold must be ({len(labels)},) ints in 0..{folds - 1}")
+    u = cos = probs = None
+    texts = []
+    bar = range(folds)
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(bar, desc="adapters", unit="fold")
+    for f in bar:
+        held = fold == f
+        apply = train_adapter(img[~held], labels[~held], text, epochs=epochs, seed=seed + f, device=device,
+                              **train_kw)
+        u_f, t_f, tau = apply(img[held])
+        if u is None:
+            u = np.zeros((len(img), u_f.shape[1]), np.float32)
+            cos = np.zeros((len(img), len(text)), np.float32)
+            probs = np.zeros_like(cos)
+        u[held] = u_f
+        cos[held] = u_f @ t_f.T
+        probs[held] = _softmax(cos[held] / tau)
+        texts.append(t_f)
+    return CrossFit(u=u, text=np.stack(texts), fold=fold, cos=cos, probs=probs)
+
+
+def zero_shot(img: np.ndarray, text: np.ndarray, *, tau: float = ZERO_SHOT_TAU) -> tuple[np.ndarray, np.ndarray]:
+    """Class cosines and probabilities of an aligned encoder without adapters.
+
+    Args:
+        img: ``(N, D)`` float32 L2-normalised image embeddings.
+        text: ``(C, D)`` float32 L2-normalised class embeddings in the same space.
+        tau: softmax temperature.
+
+    Returns:
+        ``(cos, probs)``: both ``(N, C)`` float32.
+    """
+    if img.shape[1] != text.shape[1]:
+        raise DdsError(
+            f"image ({img.shape[1]}-d) and text ({text.shape[1]}-d) embeddings live in different spaces; "
+            "zero-shot scores need an aligned encoder: use --adapters on"
+        )
+    cos = (img @ text.T).astype(np.float32)
+    return cos, _softmax(cos / tau)
