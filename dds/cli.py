@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -57,7 +58,7 @@ def shard(
     shard_size: int = typer.Option(5000, "--shard-size", help="Samples per WebDataset tar."),
     label_noise: float = typer.Option(0.0, "--label-noise", help="Fraction of train labels to flip (true label kept in label_orig)."),
     noise_kind: str = typer.Option("symmetric", "--noise-kind", help="symmetric: flip uniformly to another class."),
-    seed: int = typer.Option(0, "--seed", help="Seed for --limit and --label-noise."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed for --limit and --label-noise."),
     workspace: Optional[str] = WorkspaceOpt,
     progress: bool = ProgressOpt,
 ) -> None:
@@ -107,7 +108,7 @@ def index(
     k: int = typer.Option(10, "--k", help="Neighbours per sample in the kNN graph."),
     adapters: str = typer.Option("auto", "--adapters", help="auto (on for unaligned towers, off for CLIP), on, off."),
     folds: int = typer.Option(5, "--folds", help="Cross-fitting folds for the adapters."),
-    seed: int = typer.Option(0, "--seed", help="Seed for folds and adapter training."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed for folds and adapter training."),
     device: str = DeviceOpt,
     workspace: Optional[str] = WorkspaceOpt,
     progress: bool = ProgressOpt,
@@ -127,8 +128,14 @@ def index(
     _print_summary(f"dds index {name}", summary)
     _print_rows(ws, "SELECT region, count(*) AS n, round(avg(density), 3) AS density, "
                     "round(avg(consistency), 3) AS consistency, round(avg(joint), 3) AS joint "
-                    f"FROM scores WHERE dataset = '{name}' AND encoder = '{encoder}' GROUP BY region ORDER BY n DESC",
+                    f"FROM scores WHERE dataset = '{_quote(name)}' AND encoder = '{_quote(encoder)}' "
+                    "GROUP BY region ORDER BY n DESC",
                 "scores by region")
+
+
+def _quote(text: str) -> str:
+    """``text`` safe inside a single-quoted SQL literal."""
+    return text.replace("'", "''")
 
 
 def _print_rows(ws: Workspace, sql: str, title: str | None = None, fmt: str = "table") -> None:
@@ -251,22 +258,11 @@ def bench(
     ws = _ws(workspace)
     rows = run_bench(ws, name, policies=names, budget=budget, epochs=epochs, seeds=seeds, model=model,
                      base_config={"encoder": encoder, "device": device}, progress=progress)
-    _print_table("dds bench", rows)
+    from dds.train.bench import format_bench_table
+
+    typer.echo(format_bench_table(rows))
     typer.echo(f"per-sample history: dds sql \"SELECT * FROM history WHERE run_id = '{rows[0]['run_ids'][0]}' LIMIT 10\""
                f" -w {ws.root}")
-
-
-def _print_table(title: str, rows: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    out = Table(title=title)
-    cols = [c for c in rows[0] if c != "run_ids"] if rows else []
-    for c in cols:
-        out.add_column(c)
-    for r in rows:
-        out.add_row(*(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
-    Console().print(out)
 
 
 @app.command("bench-embed")
@@ -297,6 +293,86 @@ def bench_plan(
     _print_summary("dds bench-plan", _bench(n=n, classes=classes, policy=policy))
 
 
+@app.command()
+def report(
+    run_ids: list[str] = typer.Argument(..., metavar="RUN_ID...", help="Runs to show: the curves show all, the "
+                                        "joint, per-class and example figures the first."),
+    out: str = typer.Option("dds-report", "--out", "-o", help="Folder for the PNGs and index.html."),
+    epoch: Optional[int] = typer.Option(None, "--epoch", help="Epoch (1-based) whose selection the joint figure "
+                                        "marks (default: the most selective one)."),
+    per_region: int = typer.Option(8, "--per-region", help="Example images per region."),
+    workspace: Optional[str] = WorkspaceOpt,
+) -> None:
+    """Write PNG figures and one self-contained HTML page (figures inlined) for one or more runs."""
+    from dds._validate import check_positive_int
+    from dds.train.report import write_report
+
+    check_positive_int("--per-region", per_region)
+    check_positive_int("--epoch", epoch)
+    result = write_report(_ws(workspace), run_ids, out, epoch=None if epoch is None else epoch - 1,
+                          per_region=per_region)
+    for note in result["notes"]:
+        typer.echo(f"note: {note}")
+    typer.echo(f"report: {result['html']} ({len(result['figures'])} figures)")
+
+
+@app.command()
+def audit(
+    name: str = typer.Argument(..., help="Dataset name (as given to dds shard), indexed with ENCODER."),
+    encoder: str = EncoderOpt,
+    top: int = typer.Option(20, "--top", help="Most suspicious samples to print."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Write the whole ranking to this parquet file."),
+    cleanlab: bool = typer.Option(True, "--cleanlab/--no-cleanlab", help="Compare with cleanlab's find_label_issues "
+                                  "(optional dependency: pip install 'dds[audit]')."),
+    workspace: Optional[str] = WorkspaceOpt,
+) -> None:
+    """Rank the samples most likely mislabelled; with injected noise, score the ranking (and cleanlab's)."""
+    from dds._validate import check_positive_int
+    from dds.pipeline.audit import run_audit
+
+    check_positive_int("--top", top)
+    result = run_audit(_ws(workspace), name, encoder=encoder, use_cleanlab=cleanlab)
+    _print_audit(result, top)
+    if out:
+        import pyarrow as pa
+
+        from dds.workspace import write_parquet
+
+        write_parquet(Path(out), pa.Table.from_pandas(result["ranking"], preserve_index=False))
+        typer.echo(f"ranking written to {out}")
+
+
+def _print_audit(result: dict, top: int) -> None:
+    ranking = result["ranking"].head(top)
+    cols = ["rank", "key", "label", "pred_label", "suspicion", "region"] + \
+        [c for c in ("noisy_truth", "cleanlab_flag") if ranking[c].notna().any()]
+    typer.echo("most likely mislabelled (suspicion = 1 - prob_label):")
+    typer.echo(ranking[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for what, m in result["metrics"].items():
+        typer.echo(f"{what}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
+    for note in result["notes"]:
+        typer.echo(f"note: {note}")
+
+
+@app.command()
+def export(
+    run_id: str = typer.Argument(..., help="Run whose history and scores choose the subset."),
+    budget: float = typer.Option(..., "--budget", help="Fraction F of the train samples to export, in (0, 1]: "
+                                 "exactly round(F*N) samples."),
+    out: str = typer.Option(..., "--out", "-o", help="Parquet file: key, label, weight, region, times_selected, mean_loss."),
+    weights: str = typer.Option("uniform", "--weights", help="uniform (1) or class (N_c / n_c)."),
+    shards: Optional[str] = typer.Option(None, "--shards", help="Also write the subset as WebDataset shards "
+                                         "(plus the test tars) into this folder, for dds shard \"tar:DIR/*.tar\"."),
+    shard_size: int = typer.Option(5000, "--shard-size", help="Samples per new tar."),
+    workspace: Optional[str] = WorkspaceOpt,
+) -> None:
+    """Export a static, class-balanced coreset of a run's dataset (noisy region excluded) with weights."""
+    from dds.train.export import run_export
+
+    result = run_export(_ws(workspace), run_id, budget, out, weighting=weights, shards=shards, shard_size=shard_size)
+    _print_summary(f"dds export {run_id}", result)
+
+
 def main() -> None:
     """Console entry point: DdsError becomes one line on stderr and exit status 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -306,7 +382,8 @@ def main() -> None:
         typer.echo(f"dds: error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo("dds: interrupted; rerun the same command to resume", err=True)
+        typer.echo("dds: interrupted; rerun the same command to resume (dds train: --resume RUN_ID, "
+                   "see dds sql \"SELECT run_id, status FROM runs\")", err=True)
         sys.exit(130)
     except Exception as e:  # an unexpected failure: one line, the traceback only on request
         if os.environ.get("DDS_DEBUG"):

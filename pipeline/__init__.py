@@ -1,1 +1,8 @@
-"""dds.pipeline"""
+"""dds.pipeline: the offline stages, one module each.
+
+* :mod:`dds.pipeline.shard` (``run_shard``): sources -> WebDataset tars + samples/shards/rejects tables;
+* :mod:`dds.pipeline.embed` (``run_embed``) with the encoder registry :mod:`dds.pipeline.encoders`;
+* :mod:`dds.pipeline.index` (``run_index``) with :mod:`dds.pipeline.knn` and :mod:`dds.pipeline.adapters`.
+
+Submodules are imported on use, so importing this package stays cheap (no torch).
+"""

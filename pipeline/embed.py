@@ -7,7 +7,7 @@ atomically, so a file that exists is complete and a killed run, rerun, embeds on
 
 The decode stream is a list of generator stages, each yielding what its comment says::
 
-    iter_tar_samples(tar)          -> (key, {ext: bytes}) per sample, in tar order
+    iter_tar_samples(tar)          -> (key, {ext: bytes}) per sample, in tar order (dds.pipeline.shard)
     _shard_batches(task, ...)      -> {"shard", "batch", "keys", "labels", "images", "bad"} per batch,
                                       then {"shard", "end", "seen"} once per worker and shard
     DataLoader(workers)            -> the same dicts, decoded in worker processes
@@ -28,13 +28,14 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from dds.errors import DdsError
+from dds.manifests import DEFAULT_TEMPLATES
+from dds.pipeline.shard import iter_tar_samples
 from dds.workspace import Workspace, atomic_write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 SHA_META = b"dds.shard_sha256"  # parquet schema metadata: the tar a shard parquet was embedded from
-DEFAULT_TEMPLATES = ["a photo of a {}."]
 
 
 @dataclass(frozen=True)
@@ -48,27 +49,6 @@ class ShardTask:
 
 
 # ------------------------------------------------------------------------------------ decode stages
-
-
-def iter_tar_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield ``(key, {extension: bytes})`` for each sample of a WebDataset tar, in tar order.
-
-    The key is the member name up to the first dot (``train-0000042.png`` -> ``train-0000042``).
-    """
-    key, members = None, {}
-    with tarfile.open(path, "r|*") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            k, _, ext = os.path.basename(m.name).partition(".")
-            data = tf.extractfile(m).read()
-            if k != key:
-                if key is not None:
-                    yield key, members
-                key, members = k, {}
-            members[ext.lower()] = data
-    if key is not None:
-        yield key, members
 
 
 def decode_sample(members: dict[str, bytes], preprocess: Callable[[Any], Any]) -> tuple[Any, int]:

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from dds.device import resolve_device
 from dds.errors import DdsError
 from dds.registry import Registry
 
@@ -70,17 +71,6 @@ class Preprocess:
             np.multiply(a if a.ndim == 2 else a[:, :, c], 1.0 / (255.0 * self.std[c]), out=out[c])
             out[c] -= self.mean[c] / self.std[c]
         return torch.from_numpy(out)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when present else cpu; ``cuda`` without a GPU is a user error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise DdsError(f"device must be one of auto, cpu, cuda, got '{device}'")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DdsError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device(device)
 
 
 def _autocast(device: torch.device):

@@ -49,7 +49,9 @@ from typing import Any
 
 import numpy as np
 
+from dds.device import resolve_device
 from dds.errors import DdsError
+from dds.selector import REGIONS
 from dds.workspace import Workspace, atomic_write_json, write_parquet
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,6 @@ NOISY_MAX_AGREEMENT = 0.5  # ... and fewer than half of the global neighbours sh
 AUGMENT_FRACTION = 0.30  # augment: top 30% of a label's non-noisy samples by joint score ...
 AUGMENT_MIN_PROB = 0.5  # ... whose label the held-out adapter finds at least this probable
 REDUNDANT_FRACTION = 0.30  # redundant: the densest 30% of a label's non-noisy samples (if not augment)
-REGIONS = ("augment", "keep", "redundant", "noisy")
 THRESHOLDS = {"noisy_max_prob": NOISY_MAX_PROB, "noisy_max_agreement": NOISY_MAX_AGREEMENT,
               "augment_fraction": AUGMENT_FRACTION, "augment_min_prob": AUGMENT_MIN_PROB,
               "redundant_fraction": REDUNDANT_FRACTION}
@@ -217,16 +218,6 @@ def compute_scores(class_sims: np.ndarray, global_idx: np.ndarray, labels: np.nd
 # ------------------------------------------------------------------------------------------- I/O
 
 
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device not in ("auto", "cpu", "cuda"):
-        raise DdsError(f"device must be one of auto, cpu, cuda, got '{device}'")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DdsError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    return "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-
-
 def _vectors(table) -> np.ndarray:
     """The ``vector`` list column of an arrow table as an ``(n, D)`` float32 array, rows re-normalised."""
     col = table.column("vector").combine_chunks()
@@ -368,7 +359,7 @@ def run_index(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", k: int
         raise DdsError(f"k must be a positive integer, got {k}")
     if folds < 2:
         raise DdsError(f"folds must be at least 2 (cross-fitting), got {folds}")
-    dev = _resolve_device(device)
+    dev = str(resolve_device(device))
     data = load_inputs(ws, name, encoder)
     keys, labels, img, text = data["keys"], data["labels"], data["img"], data["text"]
     if len(labels) < folds:

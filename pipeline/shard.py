@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
 import tarfile
 import tempfile
@@ -504,3 +505,24 @@ def _invalidate_derived(ds_dir: Path, changed: set[str], *, classes_changed: boo
     if removed:
         log.warning("removed %d embedding/index file(s) made from the previous shards; run dds embed / dds index again",
                     len(removed))
+
+
+def iter_tar_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {extension: bytes})`` for each sample of a WebDataset tar, in tar order.
+
+    The key is the member name up to the first dot (``train-0000042.png`` -> ``train-0000042``).
+    """
+    key, members = None, {}
+    with tarfile.open(path, "r|*") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            k, _, ext = os.path.basename(m.name).partition(".")
+            data = tf.extractfile(m).read()
+            if k != key:
+                if key is not None:
+                    yield key, members
+                key, members = k, {}
+            members[ext.lower()] = data
+    if key is not None:
+        yield key, members

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: Fashion-MNIST with the offline encoder pair (lite0-minilm).
-# shard -> embed -> index, then a summary of the scores table. Runs in minutes on 2 CPU cores.
+# shard -> embed -> index -> a summary of the scores table -> a short bench of `full` against `dds`.
+# Runs in a few minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -16,4 +17,5 @@ $DDS sql "SELECT region, count(*) AS samples, round(avg(density), 3) AS density,
                  round(avg(consistency), 3) AS consistency, round(avg(joint), 3) AS joint,
                  round(avg(knn_agreement), 3) AS knn_agreement
           FROM scores GROUP BY region ORDER BY samples DESC"
-echo "workspace: $DDS_WORKSPACE  (query it: .venv/bin/dds sql \"SELECT * FROM scores LIMIT 5\")"
+$DDS bench fashion-mnist --policies full,dds --budget 0.5 --epochs "${DDS_EPOCHS:-4}" --seeds 1
+echo "workspace: $DDS_WORKSPACE  (query it: .venv/bin/dds sql \"SELECT * FROM epochs\")"

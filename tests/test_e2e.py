@@ -73,3 +73,38 @@ def test_sql_json_over_scores(ws):
 def test_stage_order_errors_are_one_line(tmp_path):
     res = CliRunner().invoke(app, ["index", "nothing", "-w", str(tmp_path)])
     assert res.exit_code != 0 and "dds shard" in str(res.exception)
+
+
+def test_train_dds_and_query_history(ws):
+    out = _dds("train", NAME, "--policy", "dds", "--budget", "0.5", "--epochs", "4", "--model", "cnn3",
+               "--device", "cpu", "-w", str(ws.root))
+    run = q(ws, "SELECT run_id, status, budget_spent FROM runs WHERE policy = 'dds'")
+    assert len(run) == 1 and run[0]["status"] == "done", out
+    assert abs(run[0]["budget_spent"] - 0.5) <= 128 / (4 * 600)
+    rid = run[0]["run_id"]
+    per_epoch = q(ws, f"SELECT epoch, count(*) AS n, sum(selected::INT) AS sel FROM history WHERE run_id = '{rid}' "
+                      "GROUP BY epoch ORDER BY epoch")
+    assert [r["n"] for r in per_epoch] == [600] * 4
+    assert q(ws, f"SELECT sum(sample_steps) AS s FROM epochs WHERE run_id = '{rid}'")[0]["s"] == sum(
+        r["sel"] for r in per_epoch)
+    # noisy-flagged samples are never strongly augmented
+    strong_noisy = q(ws, f"""SELECT count(*) AS n FROM history h JOIN scores c ON c.dataset = '{NAME}' AND c.key = h.key
+                             WHERE h.run_id = '{rid}' AND c.region = 'noisy' AND h.aug = 'strong'""")
+    assert strong_noisy[0]["n"] == 0
+    assert q(ws, f"SELECT count(*) AS n FROM history WHERE run_id = '{rid}' AND aug = 'strong'")[0]["n"] > 0
+    never = q(ws, f"SELECT count(*) AS n FROM (SELECT key FROM history WHERE run_id = '{rid}' "
+                  "GROUP BY key HAVING NOT bool_or(selected))")
+    assert never[0]["n"] == 0  # warm-up epoch trains on every sample
+
+
+def test_option_collision_and_resharding_are_clear_errors(ws, tmp_path):
+    res = CliRunner().invoke(app, ["train", NAME, "-o", "seed=3", "--epochs", "1", "-w", str(ws.root)])
+    assert res.exit_code != 0 and "run settings, not policy options" in str(res.exception)
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(ws.root, root)
+    _dds("shard", "fashion-mnist", "--name", NAME, "--limit", "600", "--label-noise", "0.3", "--seed", "2",
+         "--split", "train", "-w", str(root))
+    res = CliRunner().invoke(app, ["train", NAME, "--policy", "dds", "--epochs", "1", "-w", str(root)])
+    assert res.exit_code != 0 and f"dds index {NAME}" in str(res.exception)

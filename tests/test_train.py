@@ -70,9 +70,12 @@ def _write_scores(ws: Workspace, name: str, encoder: str, keys: list[str]) -> No
     from dds.selector import REGIONS
 
     n, rng = len(keys), np.random.default_rng(1)
+    samples = pq.read_table(ws.dataset_dir(name) / "samples.parquet").to_pylist()
+    label_of = {r["key"]: r["label"] for r in samples}
     path = ws.index_dir(name, encoder) / "scores.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"dataset": [name] * n, "encoder": [encoder] * n, "key": keys,
+                             "label": pa.array([label_of[k] for k in keys], pa.int32()),
                              "density": rng.random(n).astype(np.float32),
                              "consistency": np.arange(n, dtype=np.float32),
                              "joint": rng.random(n).astype(np.float32),

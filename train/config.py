@@ -9,7 +9,7 @@ from dds._validate import check_choice, check_fraction, check_positive_int
 from dds.errors import DdsError
 
 SCHEDULES = ("cosine", "constant")
-DEVICES = ("auto", "cpu", "cuda")
+from dds.device import DEVICES  # noqa: E402
 
 
 @dataclass
@@ -61,6 +61,10 @@ class TrainConfig:
         check_fraction("warmup", self.warmup, allow_zero=True, allow_one=False)
         if not isinstance(self.policy_options, dict):
             raise DdsError(f"policy_options must be a dict, got {type(self.policy_options).__name__}")
+        taken = sorted(set(self.policy_options) & {"policy", "info", "epochs", "budget", "seed"})
+        if taken:
+            raise DdsError(f"policy option(s) {', '.join(taken)} are run settings, not policy options; "
+                           "use --policy/--epochs/--budget/--seed instead")
         return self
 
     def to_json(self) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import logging
-import tarfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -42,22 +41,11 @@ def shard_list(ws: Workspace, name: str, split: str) -> Iterator[Sample]:
 
 def open_tar(src: Iterable[Sample]) -> Iterator[Sample]:
     """Yields ``dict(__key__, shard, png=bytes, cls=bytes)``: the members of one sample, undecoded."""
+    from dds.pipeline.shard import iter_tar_samples
+
     for shard in src:
-        with tarfile.open(shard["url"], "r|") as tar:  # sequential read: members in tar order
-            current: Sample | None = None
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = Path(member.name).name.partition(".")
-                data = tar.extractfile(member).read()
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "shard": shard["shard"]}
-                current[ext] = data
-            if current is not None:
-                yield current
+        for key, members in iter_tar_samples(shard["url"]):  # sequential read: members in tar order
+            yield {"__key__": key, "shard": shard["shard"], **members}
 
 
 def filter_keys(src: Iterable[Sample], keys: set[str]) -> Iterator[Sample]:
@@ -238,7 +226,7 @@ def open_split(ws: Workspace, name: str, split: str, *, cache: bool = True) -> _
 
 # ---------------------------------------------------------------- selector inputs
 
-def load_sample_info(ws: Workspace, name: str, encoder: str):
+def load_sample_info(ws: Workspace, name: str, encoder: str, *, need_scores: bool = True):
     """The selector's static inputs for the train split of ``name``, in ``samples.idx`` order.
 
     Scores come from ``index/{slug(encoder)}/scores.parquet``; without that file the result has no
@@ -248,8 +236,12 @@ def load_sample_info(ws: Workspace, name: str, encoder: str):
         ``dds.selector.SampleInfo``: labels int64 ``(N,)``, num_classes, and density, consistency,
         joint (float32 ``(N,)``) and region (int8 codes into ``REGIONS``) when scores exist.
 
+    Args:
+        need_scores: whether the policy reads scores; if not, scores that miss samples are ignored.
+
     Raises:
-        DdsError: scores exist but do not cover every train sample, or hold an unknown region.
+        DdsError: scores exist but do not cover every train sample (when ``need_scores``), were
+            computed for other labels (the dataset was re-sharded), or hold an unknown region.
     """
     import pyarrow.parquet as pq
     from dds.selector import REGIONS, SampleInfo
@@ -263,11 +255,20 @@ def load_sample_info(ws: Workspace, name: str, encoder: str):
     path = ws.index_dir(name, encoder) / "scores.parquet"
     if not path.exists():
         return SampleInfo(labels=labels, num_classes=num_classes)
-    scores = pq.read_table(path, columns=["key", "density", "consistency", "joint", "region"]).to_pandas()
-    joined = samples[["key"]].merge(scores, on="key", how="left", validate="one_to_one")
-    if joined["density"].isna().any():
-        raise DdsError(f"scores of {name} ({encoder}) miss {int(joined['density'].isna().sum())} train samples; "
-                       f"re-run `dds index {name} --encoder {encoder}`")
+    scores = pq.read_table(path, columns=["key", "label", "density", "consistency", "joint", "region"]).to_pandas()
+    joined = samples[["key", "label"]].merge(scores, on="key", how="left", suffixes=("", "_scored"),
+                                             validate="one_to_one")
+    fix = f"re-run `dds index {name} --encoder {encoder}`"
+    missing = joined["density"].isna()
+    if missing.any():
+        if not need_scores:  # policies that do not read scores train on a dataset with partial scores
+            return SampleInfo(labels=labels, num_classes=num_classes)
+        raise DdsError(f"scores of {name} ({encoder}) miss {int(missing.sum())} of {len(joined)} train samples; "
+                       f"{fix} (samples whose images could not be embedded stay unscored: see `dds embed` output)")
+    stale = int((joined["label"] != joined["label_scored"]).sum())
+    if stale:
+        raise DdsError(f"scores of {name} ({encoder}) were computed for other labels ({stale} samples differ, "
+                       f"the dataset was re-sharded); {fix}")
     unknown = sorted(set(joined["region"]) - set(REGIONS))
     if unknown:
         raise DdsError(f"scores of {name} hold unknown regions {unknown}; known: {', '.join(REGIONS)}")

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from dds import catalog
+from dds.device import resolve_device
 from dds.errors import DdsError
 from dds.train.augment import AUG_NAMES, Augmenter, channel_stats, normalize
 from dds.train.config import TrainConfig
@@ -64,13 +65,6 @@ def lr_at(samples_done: int, total_sample_steps: int, *, lr: float, schedule: st
 def new_run_id(dataset: str, policy: str) -> str:
     """``{dataset}-{policy}-{YYYYmmdd-HHMMSS}-{4 hex}``."""
     return f"{dataset}-{policy}-{datetime.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU raises DdsError."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DdsError("device cuda requested but no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
 
 
 def history_columns(n: int, indices: np.ndarray, weights: np.ndarray, aug: np.ndarray,
@@ -248,6 +242,7 @@ def run_train(ws: Workspace, cfg: TrainConfig | None = None, *, resume: str | No
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     sel, model, opt, train, test = _setup(ws, cfg, device, data)
+    cfg.budget = sel.budget  # a policy that ignores the budget (full) records the one it spends
     total = sel.total_sample_steps
     if total < 1:
         raise DdsError(f"budget {cfg.budget} of {cfg.epochs} epochs x {train.n} samples rounds to 0 sample-steps; "
@@ -287,10 +282,17 @@ def _setup(ws: Workspace, cfg: TrainConfig, device: torch.device, data: tuple | 
     The selector and the model come first: they are cheap and reject unknown names before any
     decoding; then the test split (its absence is an error), then the train split.
     """
-    from dds.selector import Selector
+    from dds.selector import Selector, get_policy
 
     info = ws.dataset_info(cfg.dataset)
-    sel = Selector(cfg.policy, load_sample_info(ws, cfg.dataset, cfg.encoder), epochs=cfg.epochs,
+    need_scores = get_policy(cfg.policy).needs_scores
+    sample_info = load_sample_info(ws, cfg.dataset, cfg.encoder, need_scores=need_scores)
+    if need_scores and not sample_info.has_scores:
+        raise DdsError(f"policy {cfg.policy} needs the scores of {cfg.dataset} under encoder {cfg.encoder}: run "
+                       f"`dds embed {cfg.dataset} --encoder {cfg.encoder}` and `dds index {cfg.dataset} "
+                       f"--encoder {cfg.encoder}` first")
+    sel = Selector(cfg.policy, sample_info,
+                   epochs=cfg.epochs,
                    budget=cfg.budget, seed=cfg.seed, **cfg.policy_options)
     with torch.random.fork_rng(devices=[]):  # model init from the run's seed, global RNG left untouched
         torch.manual_seed(cfg.seed)

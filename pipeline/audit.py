@@ -1,0 +1,185 @@
+"""``dds audit NAME``: the samples most likely mislabelled, and how well that ranking finds injected noise.
+
+The ranking is ``suspicion = 1 - prob_label``, from the scores table: the cross-fitted probability
+of the given label, computed by adapters that never saw the sample (see :mod:`dds.pipeline.index`).
+Each row carries the given label, the label the encoder prefers (``pred_label``) and the score.
+
+When the dataset has injected noise (``label != label_orig`` somewhere in ``samples``) the audit
+measures, against that truth:
+
+* the ranking: AUROC, and precision / recall among the top K, K = the number of flipped labels
+  (so precision@K = recall@K = R-precision);
+* the ``noisy`` region used as a flag: precision and recall;
+* cleanlab's ``find_label_issues`` fed with the same cross-fitted probabilities (the ``probs``
+  column), when cleanlab is installed (``pip install 'dds[audit]'``): precision and recall of its flags.
+
+The metric functions are pure (numpy in, floats out) and tested on hand-computed cases.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from dds.errors import DdsError
+from dds.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+CLEANLAB_MISSING = "cleanlab is not installed: the cleanlab comparison is skipped (pip install 'dds[audit]')"
+
+
+# ---------------------------------------------------------------- pure metrics
+
+def auroc(score: np.ndarray, truth: np.ndarray) -> float:
+    """Area under the ROC curve of ``score`` for the positives in ``truth`` (ties count one half).
+
+    Args:
+        score: (N,) float, higher = more likely positive.
+        truth: (N,) bool.
+
+    Returns:
+        The probability that a random positive scores above a random negative; NaN when
+        ``truth`` holds only positives or only negatives.
+    """
+    score, truth = np.asarray(score, np.float64), np.asarray(truth, bool)
+    pos, neg = int(truth.sum()), int((~truth).sum())
+    if pos == 0 or neg == 0:
+        return float("nan")
+    order = np.argsort(score, kind="mergesort")
+    ranks = np.empty(len(score), np.float64)
+    sorted_scores = score[order]
+    # average rank (1-based) over each run of tied scores
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
+    ends = np.r_[starts[1:], len(score)]
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return float((ranks[truth].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
+
+
+def precision_recall_at_k(score: np.ndarray, truth: np.ndarray, k: int) -> tuple[float, float]:
+    """Precision and recall of the ``k`` highest scores (ties broken by position, earlier first).
+
+    Args:
+        score: (N,) float; truth: (N,) bool; k: how many top samples are flagged (>= 1).
+
+    Returns:
+        ``(hits / k, hits / positives)``; recall is NaN without positives.
+    """
+    if k < 1:
+        raise ValueError(f"k must be a positive integer, got {k}")
+    truth = np.asarray(truth, bool)
+    top = np.argsort(-np.asarray(score, np.float64), kind="stable")[:k]
+    hits = int(truth[top].sum())
+    pos = int(truth.sum())
+    return hits / min(k, len(truth)), (hits / pos if pos else float("nan"))
+
+
+def flag_metrics(flag: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Precision, recall and count of a boolean flag against the truth.
+
+    Args:
+        flag: (N,) bool, flagged as mislabelled; truth: (N,) bool, really mislabelled.
+
+    Returns:
+        {"flagged": int, "precision": float (NaN if none flagged), "recall": float (NaN without positives)}.
+    """
+    flag, truth = np.asarray(flag, bool), np.asarray(truth, bool)
+    hits, flagged, pos = int((flag & truth).sum()), int(flag.sum()), int(truth.sum())
+    return {"flagged": flagged, "precision": hits / flagged if flagged else float("nan"),
+            "recall": hits / pos if pos else float("nan")}
+
+
+def suspicion(prob_label: np.ndarray) -> np.ndarray:
+    """``1 - prob_label``: (N,) float64, higher = more likely mislabelled."""
+    return 1.0 - np.asarray(prob_label, np.float64)
+
+
+def cleanlab_flags(labels: np.ndarray, probs: np.ndarray) -> np.ndarray | None:
+    """cleanlab's ``find_label_issues`` on out-of-sample probabilities; None when cleanlab is missing.
+
+    Args:
+        labels: (N,) int given labels; probs: (N, C) float cross-fitted class probabilities.
+
+    Returns:
+        (N,) bool mask of the samples cleanlab flags, or None without cleanlab.
+    """
+    try:
+        from cleanlab.filter import find_label_issues
+    except ImportError:
+        return None
+    p = np.clip(np.asarray(probs, np.float64), 1e-12, None)
+    p /= p.sum(axis=1, keepdims=True)
+    return np.asarray(find_label_issues(np.asarray(labels, np.int64), p), bool)
+
+
+# ---------------------------------------------------------------- I/O edge
+
+def load_audit_inputs(ws: Workspace, name: str, encoder: str):
+    """Scores joined with ``label_orig`` from samples (pandas), one row per scored train sample.
+
+    Raises:
+        DdsError: the dataset is unknown or has no scores under ``encoder``.
+    """
+    import pyarrow.parquet as pq
+
+    ws.dataset_info(name)
+    path = ws.index_dir(name, encoder) / "scores.parquet"
+    if not path.exists():
+        raise DdsError(f"dataset {name} has no scores under encoder {encoder}; run `dds embed {name} --encoder "
+                       f"{encoder}` and `dds index {name} --encoder {encoder}` first")
+    scores = pq.read_table(path, columns=["key", "label", "pred_label", "prob_label", "region", "probs"]).to_pandas()
+    samples = pq.read_table(ws.dataset_dir(name) / "samples.parquet", columns=["key", "label_orig"]).to_pandas()
+    return scores.merge(samples, on="key", how="left")
+
+
+def run_audit(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", use_cleanlab: bool = True) -> dict[str, Any]:
+    """Rank the train samples of ``name`` by suspicion and, with injected noise, measure the ranking.
+
+    Args:
+        ws: the workspace.
+        name: the dataset.
+        encoder: whose scores to use.
+        use_cleanlab: also run cleanlab's ``find_label_issues`` (skipped, with a note, when not installed).
+
+    Returns:
+        {"ranking": pandas DataFrame (rank, key, label, pred_label, suspicion, prob_label, region,
+        noisy_truth (bool or None), cleanlab_flag (bool or None)) most suspicious first,
+        "has_noise": bool, "metrics": {"ranking": {...}, "noisy_region": {...}, "cleanlab": {...}}
+        (empty without injected noise), "notes": [str]}.
+
+    Raises:
+        DdsError: no such dataset or no scores.
+    """
+    df = load_audit_inputs(ws, name, encoder)
+    notes: list[str] = []
+    susp = suspicion(df["prob_label"].to_numpy())
+    flags = None
+    if use_cleanlab:
+        try:
+            flags = cleanlab_flags(df["label"].to_numpy(), np.stack(df["probs"].to_numpy()))
+        except Exception as e:  # cleanlab refusing these inputs is a note, not a failure of the audit
+            notes.append(f"cleanlab find_label_issues failed: {type(e).__name__}: {str(e).splitlines()[0]}")
+        else:
+            if flags is None:
+                notes.append(CLEANLAB_MISSING)
+    truth = None
+    has_noise = bool(df["label_orig"].notna().all() and (df["label"] != df["label_orig"]).any())
+    metrics: dict[str, Any] = {}
+    if has_noise:
+        truth = (df["label"] != df["label_orig"]).to_numpy()
+        k = int(truth.sum())
+        p, r = precision_recall_at_k(susp, truth, k)
+        metrics["ranking"] = {"auroc": auroc(susp, truth), "k": k, "precision_at_k": p, "recall_at_k": r}
+        metrics["noisy_region"] = flag_metrics(df["region"].to_numpy() == "noisy", truth)
+        if flags is not None:
+            metrics["cleanlab"] = flag_metrics(flags, truth)
+    else:
+        notes.append(f"{name} has no injected label noise (label_orig = label): no precision/recall to report")
+    ranking = df[["key", "label", "pred_label", "prob_label", "region"]].copy()
+    ranking.insert(3, "suspicion", susp)
+    ranking["noisy_truth"] = truth if truth is not None else None
+    ranking["cleanlab_flag"] = flags if flags is not None else None
+    ranking = ranking.iloc[np.argsort(-susp, kind="stable")].reset_index(drop=True)
+    ranking.insert(0, "rank", np.arange(1, len(ranking) + 1))
+    return {"ranking": ranking, "has_noise": has_noise, "metrics": metrics, "notes": notes}

@@ -1,0 +1,313 @@
+"""Tests of dds report, dds audit, dds export and examples/plain_loop.py on a tiny synthetic workspace."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from dds.cli import app
+from dds.errors import DdsError
+from dds.pipeline.audit import auroc, cleanlab_flags, flag_metrics, precision_recall_at_k, run_audit
+from dds.train import TrainConfig, run_train
+from dds.train.export import class_quotas, coreset_weights, run_export, select_coreset, selection_stats
+from dds.train.report import budget_curve, class_rates, default_epoch, pick_examples, write_report
+from dds.workspace import Workspace
+
+REPO = Path(__file__).resolve().parents[1]
+N_TRAIN, N_TEST, SIZE, CLASSES, ENC = 64, 16, 8, 4, "tiny-clip"
+FLIPPED = set(range(0, N_TRAIN, 5))  # 13 injected label flips
+
+
+def _tar(path: Path, rows: list[tuple[str, int]], rng) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, y in rows:
+            pixels = np.clip(rng.normal(40 + 50 * y, 30, (SIZE, SIZE)), 0, 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(pixels, "L").save(buf, "PNG")
+            for ext, data in (("png", buf.getvalue()), ("cls", str(y).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _write_dataset(ws: Workspace, name: str) -> None:
+    """Shards, samples (with injected flips in label vs label_orig), dataset.json and full scores."""
+    d = ws.dataset_dir(name)
+    (d / "shards").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    orig = np.arange(N_TRAIN) % CLASSES
+    label = np.array([(y + 1) % CLASSES if i in FLIPPED else y for i, y in enumerate(orig)])
+    samples, shards = [], []
+    for split, n, labels in (("train", N_TRAIN, label), ("test", N_TEST, np.arange(N_TEST) % CLASSES)):
+        for s in range(0, n, 40):
+            stem, idx = f"{split}-{s // 40:06d}", range(s, min(n, s + 40))
+            _tar(d / "shards" / f"{stem}.tar", [(f"{split}-{i:07d}", int(labels[i])) for i in idx], rng)
+            samples += [{"dataset": name, "key": f"{split}-{i:07d}", "split": split, "label": int(labels[i]),
+                         "label_orig": int(orig[i]) if split == "train" else int(labels[i]), "shard": stem, "idx": i}
+                        for i in idx]
+            shards.append({"dataset": name, "split": split, "shard": stem, "path": f"shards/{stem}.tar",
+                           "count": len(idx), "sha256": ""})
+    pq.write_table(pa.Table.from_pylist(samples), d / "samples.parquet")
+    pq.write_table(pa.Table.from_pylist(shards), d / "shards.parquet")
+    (d / "dataset.json").write_text(json.dumps({
+        "name": name, "source": "synthetic", "manifest": None, "classes": [f"c{i}" for i in range(CLASSES)],
+        "prompt_names": [f"c{i}" for i in range(CLASSES)], "templates": ["a photo of a {}."], "mean": [0.5],
+        "std": [0.25], "image_size": SIZE, "channels": 1, "splits": {"train": N_TRAIN, "test": N_TEST},
+        "label_noise": {"fraction": len(FLIPPED) / N_TRAIN, "kind": "symmetric", "seed": 0}}))
+    # scores: flipped samples get a low probability of their (wrong) label, most are flagged noisy
+    prob_label = np.where(np.isin(np.arange(N_TRAIN), list(FLIPPED)), rng.uniform(0.0, 0.3, N_TRAIN),
+                          rng.uniform(0.2, 1.0, N_TRAIN)).astype(np.float32)
+    probs = np.full((N_TRAIN, CLASSES), 0.0, np.float32)
+    probs[np.arange(N_TRAIN), label] = prob_label
+    probs[np.arange(N_TRAIN), orig] += 1.0 - prob_label  # the rest on the true class (or on the label itself)
+    density = rng.random(N_TRAIN).astype(np.float32)
+    region = np.where(prob_label < 0.1, "noisy", np.where(density > 0.7, "redundant",
+                                                          np.where(prob_label > 0.7, "augment", "keep")))
+    path = ws.index_dir(name, ENC) / "scores.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.table({
+        "dataset": [name] * N_TRAIN, "encoder": [ENC] * N_TRAIN, "key": [f"train-{i:07d}" for i in range(N_TRAIN)],
+        "label": label.astype(np.int32), "density": density, "consistency": prob_label - 0.5,
+        "margin": np.zeros(N_TRAIN, np.float32), "knn_agreement": np.full(N_TRAIN, 0.5, np.float32),
+        "joint": ((1 - density) * prob_label).astype(np.float32), "region": region.tolist(),
+        "pred_label": probs.argmax(1).astype(np.int32), "prob_label": prob_label,
+        "probs": pa.array(list(probs), pa.list_(pa.float32()))}), path)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Workspace:
+    ws = Workspace(tmp_path_factory.mktemp("ws"))
+    _write_dataset(ws, "tiny")
+    return ws
+
+
+@pytest.fixture(scope="module")
+def runs(ws) -> list[str]:
+    """A dds run and a random run of 3 epochs each (seconds on CPU)."""
+    base = dict(dataset="tiny", budget=0.5, epochs=3, model="cnn3", batch_size=16, encoder=ENC, num_threads=1)
+    return [run_train(ws, TrainConfig(policy=p, **base), progress=False)["run_id"] for p in ("dds", "random")]
+
+
+# ---------------------------------------------------------------- report
+
+def test_report_writes_non_empty_figures_and_a_self_contained_page(ws, runs, tmp_path):
+    result = write_report(ws, runs, tmp_path / "rep")
+    names = sorted(Path(p).name for p in result["figures"])
+    assert names == ["class_rates.png", "curves.png", "examples.png", "joint.png"]
+    for p in result["figures"]:
+        data = Path(p).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        with Image.open(p) as im:
+            arr = np.asarray(im.convert("L"))
+        assert arr.shape[0] > 200 and arr.shape[1] > 200 and arr.std() > 5  # something drawn
+    page = Path(result["html"]).read_text()
+    refs = re.findall(r"""(?:src|href)\s*=\s*['"]([^'"]+)['"]""", page)
+    assert len(refs) == 4
+    for ref in refs:  # every reference is a data URI (or a file next to the page)
+        assert ref.startswith("data:image/png;base64,") or (Path(result["html"]).parent / ref).exists()
+    for ref in refs:
+        import base64
+
+        assert base64.b64decode(ref.split(",", 1)[1])[:4] == b"\x89PNG"
+    assert all(r in page for r in runs)
+
+
+def test_report_errors_are_one_line(ws, runs, tmp_path):
+    with pytest.raises(DdsError, match="unknown run id 'nope'"):
+        write_report(ws, ["nope"], tmp_path)
+    with pytest.raises(DdsError, match="--epoch must be in"):
+        write_report(ws, runs[:1], tmp_path, epoch=7)
+    res = CliRunner().invoke(app, ["report", "nope", "-w", str(ws.root), "--out", str(tmp_path)])
+    assert isinstance(res.exception, DdsError) and "\n" not in str(res.exception)
+
+
+def test_report_pure_cores():
+    spent, wall = budget_curve(np.array([10, 5, 5]), np.array([1.0, 0.5, 0.5]), epochs=4, n=10)
+    assert spent.tolist() == [0.25, 0.375, 0.5] and wall.tolist() == [1.0, 1.5, 2.0]
+    # epoch 0: class 0 rows (sel, strong) = (T,T),(F,F); class 1 = (T,F); epoch 1: class 0 (T,F),(T,F)
+    sel, strong = class_rates(np.array([0, 0, 0, 1, 1]), np.array([0, 0, 1, 0, 0]),
+                              np.array([1, 0, 1, 1, 1], bool), np.array([1, 0, 0, 0, 0], bool), 2, 2)
+    assert sel[0].tolist() == [0.5, 1.0] and strong[0].tolist() == [0.5, 0.0]
+    assert sel[1, 0] == 1.0 and np.isnan(sel[1, 1])
+    picks = pick_examples(np.array(["noisy", "keep", "noisy", "redundant"]),
+                          {"joint": np.zeros(4), "prob_label": np.array([0.3, 0.9, 0.1, 0.5]),
+                           "density": np.array([0, 0, 0, 0.9])}, per_region=5)
+    assert list(picks) == ["keep", "redundant", "noisy"]
+    assert picks["noisy"].tolist() == [2, 0]  # most suspicious (lowest prob_label) first
+    assert default_epoch(np.array([64, 32, 32])) == 1
+
+
+# ---------------------------------------------------------------- audit
+
+def test_audit_metrics_match_a_hand_computed_case():
+    score = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    truth = np.array([1, 0, 1, 0, 0], bool)
+    # positive 0.9 beats 3 negatives, 0.7 beats 2 of 3: 5 of 6 pairs
+    assert auroc(score, truth) == pytest.approx(5 / 6)
+    assert auroc(np.array([0.5, 0.5, 0.1]), np.array([1, 0, 0], bool)) == pytest.approx(0.75)  # tie counts 1/2
+    assert np.isnan(auroc(score, np.ones(5, bool)))
+    assert precision_recall_at_k(score, truth, 2) == (0.5, 0.5)
+    assert precision_recall_at_k(score, truth, 3) == (pytest.approx(2 / 3), 1.0)
+    m = flag_metrics(np.array([1, 1, 0, 0, 1], bool), truth)
+    assert m["flagged"] == 3 and m["precision"] == pytest.approx(1 / 3) and m["recall"] == 0.5
+    with pytest.raises(ValueError, match="k must be"):
+        precision_recall_at_k(score, truth, 0)
+
+
+def test_auroc_agrees_with_sklearn_on_tied_random_scores():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    score, truth = rng.integers(0, 5, 200).astype(float), rng.random(200) < 0.3
+    assert auroc(score, truth) == pytest.approx(roc_auc_score(truth, score))
+
+
+def test_audit_ranks_injected_noise_and_compares_with_cleanlab(ws):
+    result = run_audit(ws, "tiny", encoder=ENC)
+    ranking = result["ranking"]
+    assert len(ranking) == N_TRAIN and ranking["suspicion"].is_monotonic_decreasing
+    assert ranking["rank"].tolist() == list(range(1, N_TRAIN + 1))
+    assert {"key", "label", "pred_label", "suspicion", "prob_label", "region"} <= set(ranking.columns)
+    assert result["has_noise"] and result["metrics"]["ranking"]["k"] == len(FLIPPED)
+    assert result["metrics"]["ranking"]["auroc"] > 0.9  # flipped samples got low prob_label
+    assert set(result["metrics"]) == {"ranking", "noisy_region", "cleanlab"}
+    assert result["metrics"]["cleanlab"]["flagged"] == int(ranking["cleanlab_flag"].sum())
+    assert result["notes"] == []
+
+
+def test_audit_without_cleanlab_is_a_note(ws, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cleanlab", None)  # import cleanlab raises ImportError
+    monkeypatch.setitem(sys.modules, "cleanlab.filter", None)
+    assert cleanlab_flags(np.array([0, 1]), np.eye(2)) is None
+    result = run_audit(ws, "tiny", encoder=ENC)
+    assert "cleanlab" not in result["metrics"] and "ranking" in result["metrics"]
+    assert any("pip install 'dds[audit]'" in n for n in result["notes"])
+    res = CliRunner().invoke(app, ["audit", "tiny", "-e", ENC, "--top", "3", "-w", str(ws.root)])
+    assert res.exit_code == 0, res.output
+    assert "pip install 'dds[audit]'" in res.output and "auroc" in res.output
+
+
+def test_audit_without_scores_is_an_error(ws):
+    with pytest.raises(DdsError, match="no scores under encoder lite0-minilm"):
+        run_audit(ws, "tiny", encoder="lite0-minilm")
+
+
+# ---------------------------------------------------------------- export
+
+def test_class_quotas_are_proportional_capped_and_exact():
+    assert class_quotas(np.array([10, 10, 10]), np.array([10, 10, 10]), 6).tolist() == [2, 2, 2]
+    assert class_quotas(np.array([10, 10, 10]), np.array([1, 10, 10]), 9).tolist() == [1, 4, 4]
+    assert class_quotas(np.array([20, 10]), np.array([20, 10]), 3).tolist() == [2, 1]
+    assert class_quotas(np.array([5, 5]), np.array([2, 1]), 10).tolist() == [2, 1]  # capacity bounds the total
+
+
+@pytest.mark.parametrize("budget", [0.01, 0.1, 0.37, 0.5, 0.8, 0.95, 1.0])
+def test_select_coreset_respects_the_budget_exactly(budget):
+    rng = np.random.default_rng(1)
+    n = 203
+    labels = rng.integers(0, 5, n)
+    noisy = rng.random(n) < 0.15
+    chosen = select_coreset(labels, 5, noisy, rng.integers(0, 4, n), rng.random(n), budget)
+    assert len(chosen) == round(budget * n) and len(np.unique(chosen)) == len(chosen)
+    if len(chosen) <= (~noisy).sum():
+        assert not noisy[chosen].any()  # noisy samples only fill what the clean ones cannot
+    else:
+        assert (~noisy).sum() == (~noisy[chosen]).sum()
+
+
+def test_select_coreset_ranks_by_times_selected_then_joint_per_class():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    times = np.array([3, 1, 3, 0, 0, 2, 2, 1])
+    joint = np.array([0.1, 0.9, 0.5, 0.9, 0.9, 0.2, 0.3, 0.0])
+    noisy = np.array([0, 0, 0, 0, 0, 0, 1, 0], bool)
+    # class 0: times 3,3 -> joint 0.5 (2) before 0.1 (0); class 1: 6 is noisy, so 5 then 7
+    assert select_coreset(labels, 2, noisy, times, joint, 0.5).tolist() == [0, 2, 5, 7]
+    w = coreset_weights(labels, np.array([0, 2, 4]), 2, "class")
+    assert w.tolist() == [2.0, 2.0, 4.0]  # N_c / n_c
+    assert coreset_weights(labels, np.array([0, 2, 4]), 2, "uniform").tolist() == [1, 1, 1]
+
+
+def test_selection_stats():
+    times, mean = selection_stats(np.array([1, 0, 1, 1], bool), np.array([2.0, np.nan, 4.0, 1.0]),
+                                  np.array([0, 1, 0, 2]), 4)
+    assert times.tolist() == [2, 0, 1, 0] and mean[0] == 3.0 and mean[2] == 1.0
+    assert np.isnan(mean[1]) and np.isnan(mean[3])
+
+
+@pytest.mark.parametrize("budget", [0.0, -0.1, 1.5])
+def test_export_budget_outside_0_1_is_an_error(ws, runs, tmp_path, budget):
+    with pytest.raises(DdsError, match=r"--budget must be in \(0, 1\]"):
+        run_export(ws, runs[0], budget, tmp_path / "x.parquet")
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_export_errors(ws, runs, tmp_path):
+    with pytest.raises(DdsError, match="rounds to 0 samples"):
+        run_export(ws, runs[0], 0.001, tmp_path / "x.parquet")
+    with pytest.raises(DdsError, match="unknown run id"):
+        run_export(ws, "tiny-dds-0", 0.5, tmp_path / "x.parquet")
+    res = CliRunner().invoke(app, ["export", runs[0], "--budget", "2", "--out", str(tmp_path / "x.parquet"),
+                                   "-w", str(ws.root)])
+    assert isinstance(res.exception, DdsError)
+
+
+def test_export_writes_the_budget_and_shards_that_dds_shard_reads_back(ws, runs, tmp_path):
+    out, shards = tmp_path / "core.parquet", tmp_path / "shards"
+    result = run_export(ws, runs[0], 0.3, out, weighting="class", shards=shards, shard_size=8)
+    table = pq.read_table(out).to_pandas()
+    assert list(table.columns) == ["key", "label", "weight", "region", "times_selected", "mean_loss"]
+    assert len(table) == round(0.3 * N_TRAIN) == result["samples"]
+    assert (table["region"] != "noisy").all() and table["key"].is_unique
+    assert (table["mean_loss"].isna() == (table["times_selected"] == 0)).all()
+    train_labels = [(y + 1) % CLASSES if i in FLIPPED else y for i, y in enumerate(np.arange(N_TRAIN) % CLASSES)]
+    n_c = np.bincount(train_labels, minlength=CLASSES)  # class weights N_c / n_c sum to the class size N_c
+    assert table.groupby("label")["weight"].sum().to_numpy() == pytest.approx(n_c[sorted(set(table["label"]))])
+    in_tars = []
+    for tar in sorted(shards.glob("train-*.tar")):
+        with tarfile.open(tar) as t:
+            in_tars += [m.name.split(".")[0] for m in t.getmembers() if m.name.endswith(".png")]
+    assert sorted(in_tars) == sorted(table["key"]) and len(list(shards.glob("train-*.tar"))) == 3
+    assert (shards / "test-000000.tar").exists()
+    res = CliRunner().invoke(app, ["shard", f"tar:{shards}/*.tar", "--name", "core", "-w", str(ws.root),
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    back = pq.read_table(ws.dataset_dir("core") / "samples.parquet").to_pandas()
+    assert (back["split"] == "train").sum() == len(table) and (back["split"] == "test").sum() == N_TEST
+    assert json.loads((ws.dataset_dir("core") / "dataset.json").read_text())["classes"] == \
+        [f"c{i}" for i in range(CLASSES)]
+
+
+# ---------------------------------------------------------------- drop-in example
+
+def _example(*args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, str(REPO / "examples" / "plain_loop.py"), *args], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert time.perf_counter() - t0 < 30
+    return res.stdout
+
+
+def test_example_plain_loop_runs_without_scores():
+    out = _example("--limit", "200", "--epochs", "2", "--policy", "random", "--budget", "0.5")
+    assert "epoch 2/2" in out and "budget spent 0.500" in out
+
+
+def test_example_plain_loop_reads_dds_scores(ws):
+    out = _example("--limit", "64", "--epochs", "3", "--policy", "dds", "--workspace", str(ws.root),
+                   "--dataset", "tiny", "--encoder", ENC, "--batch-size", "16")
+    assert "epoch 3/3" in out and "strong" in out

@@ -1,0 +1,262 @@
+"""``dds export RUN_ID --budget F``: a run's history and scores as a static subset (a coreset).
+
+Which samples (``select_coreset``), exactly ``round(F * N)`` of the N train samples:
+
+1. class quotas proportional to the class sizes ``N_c`` (largest remainder), so the subset keeps
+   the class balance of the dataset; a class with too few eligible samples passes its shortfall
+   on to the other classes in the same proportions;
+2. samples in the ``noisy`` region are not eligible; only when F exceeds the share of non-noisy
+   samples are the remaining places filled with noisy ones (class-balanced in the same way);
+3. within a class, samples are ranked by how often the run selected them (``times_selected``,
+   descending), then by ``joint`` (descending: sparse and consistent first), then by
+   ``samples.idx``. For a ``full`` run every sample was selected every epoch and ``joint`` decides.
+
+Weights: ``uniform`` gives every sample weight 1; ``class`` gives ``N_c / n_c`` (class size over
+samples exported from the class), so a class's weights sum to its full size and a weighted loss
+sees the dataset's class proportions even where the quotas had to deviate from them.
+
+Output: a parquet file with key, label, weight, region, times_selected, mean_loss (mean
+history loss over the epochs the sample was selected; null if never), and optionally new
+WebDataset shards (``{key}.png``, ``{key}.cls``, ``{key}.txt`` class name) of the subset as
+``train-*.tar`` plus a copy of the dataset's ``test-*.tar``, which ``dds shard "tar:DIR/*.tar"``
+reads back as a new dataset for training another architecture.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dds._validate import check_choice, check_fraction
+from dds.errors import DdsError
+from dds.workspace import Workspace, write_parquet
+
+log = logging.getLogger(__name__)
+
+WEIGHTINGS = ("uniform", "class")
+
+
+# ---------------------------------------------------------------- pure cores
+
+def class_quotas(sizes: np.ndarray, capacity: np.ndarray, n: int) -> np.ndarray:
+    """Integer quotas proportional to ``sizes``, capped by ``capacity``, summing to ``min(n, capacity.sum())``.
+
+    Args:
+        sizes: (C,) class sizes N_c (the proportions to keep).
+        capacity: (C,) int, how many samples each class can give.
+        n: samples wanted.
+
+    Returns:
+        (C,) int64 quotas; the shortfall of a capped class goes to the others in proportion.
+    """
+    sizes = np.asarray(sizes, np.float64)
+    capacity = np.asarray(capacity, np.int64)
+    quota = np.zeros(len(sizes), np.int64)
+    remaining = min(int(n), int(capacity.sum()))
+    active = (capacity > 0) & (sizes > 0)
+    while remaining > 0 and active.any():
+        share = np.zeros(len(sizes))
+        share[active] = sizes[active] / sizes[active].sum() * remaining
+        base = np.floor(share).astype(np.int64)
+        order = np.argsort(-(share - base), kind="stable")
+        base[order[:remaining - int(base.sum())]] += 1  # largest remainders get the leftover units
+        add = np.minimum(base, capacity - quota)
+        quota += add
+        remaining -= int(add.sum())
+        active = (quota < capacity) & (sizes > 0)
+    return quota
+
+
+def rank_within_class(times_selected: np.ndarray, joint: np.ndarray) -> np.ndarray:
+    """Order of the samples, best first: times_selected desc, then joint desc, then position.
+
+    Args:
+        times_selected: (N,) int; joint: (N,) float (zeros when there are no scores).
+
+    Returns:
+        (N,) int64 permutation.
+    """
+    return np.lexsort((np.arange(len(joint)), -np.asarray(joint, np.float64),
+                       -np.asarray(times_selected, np.int64)))
+
+
+def select_coreset(labels: np.ndarray, num_classes: int, noisy: np.ndarray, times_selected: np.ndarray,
+                   joint: np.ndarray, budget: float) -> np.ndarray:
+    """Positions of exactly ``round(budget * N)`` samples (see the module docstring for the rule).
+
+    Args:
+        labels: (N,) int training labels; num_classes: C.
+        noisy: (N,) bool, in the ``noisy`` region; times_selected: (N,) int; joint: (N,) float.
+        budget: fraction F in (0, 1].
+
+    Returns:
+        (round(F * N),) int64 positions, sorted.
+
+    Raises:
+        DdsError: F outside (0, 1] or round(F * N) == 0.
+    """
+    check_fraction("--budget", budget)
+    labels = np.asarray(labels, np.int64)
+    n_total = len(labels)
+    n = int(round(budget * n_total))
+    if n < 1:
+        raise DdsError(f"--budget {budget} of {n_total} samples rounds to 0 samples; raise --budget")
+    order = rank_within_class(times_selected, joint)
+    sizes = np.bincount(labels, minlength=num_classes)
+    chosen: list[np.ndarray] = []
+    for pool in (~np.asarray(noisy, bool), np.asarray(noisy, bool)):  # non-noisy first, noisy only to fill
+        ranked = order[pool[order]]
+        capacity = np.bincount(labels[ranked], minlength=num_classes)
+        quota = class_quotas(sizes, capacity, n - sum(len(c) for c in chosen))
+        for c in range(num_classes):
+            chosen.append(ranked[labels[ranked] == c][:quota[c]])
+    out = np.sort(np.concatenate(chosen))
+    if len(out) != n:  # cannot happen: the two pools hold all N >= n samples
+        raise RuntimeError(f"coreset has {len(out)} samples, expected {n}")
+    return out
+
+
+def coreset_weights(labels: np.ndarray, chosen: np.ndarray, num_classes: int, weighting: str) -> np.ndarray:
+    """(len(chosen),) float32 weights: 1, or N_c / n_c for ``weighting="class"``."""
+    if weighting == "uniform":
+        return np.ones(len(chosen), np.float32)
+    sizes = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    taken = np.bincount(labels[chosen], minlength=num_classes).astype(np.float64)
+    return (sizes / np.maximum(taken, 1))[labels[chosen]].astype(np.float32)
+
+
+def selection_stats(selected: np.ndarray, loss: np.ndarray, positions: np.ndarray,
+                    n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Times selected and mean loss over the selected epochs, per sample.
+
+    Args:
+        selected: (R,) bool, one history row each (any epochs);
+        loss: (R,) float (NaN when not selected); positions: (R,) int sample position of each row;
+        n: number of samples N.
+
+    Returns:
+        ``(times_selected (N,) int64, mean_loss (N,) float64, NaN if never selected)``.
+    """
+    selected = np.asarray(selected, bool)
+    pos = np.asarray(positions, np.int64)[selected]
+    times = np.bincount(pos, minlength=n)
+    total = np.bincount(pos, weights=np.asarray(loss, np.float64)[selected], minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(times > 0, total / times, np.nan)
+    return times.astype(np.int64), mean
+
+
+# ---------------------------------------------------------------- I/O edge
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o444, 0, 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_subset_shards(ws: Workspace, dataset: str, samples, keys: list[str], out: Path, *,
+                        shard_size: int = 5000) -> list[str]:
+    """Write the train samples ``keys`` as ``out/train-{i:06d}.tar`` and copy the dataset's test tars.
+
+    Each sample keeps its key and PNG bytes; ``.cls`` is its training label and ``.txt`` its class name.
+    Returns the paths written.
+    """
+    from dds.pipeline.shard import iter_tar_samples
+
+    out.mkdir(parents=True, exist_ok=True)
+    classes = ws.dataset_info(dataset)["classes"]
+    wanted = dict(zip(samples["key"], samples["label"]))
+    wanted = {k: int(wanted[k]) for k in keys}
+    stems = sorted(set(samples.loc[samples["key"].isin(wanted), "shard"]))
+    written, tar, count = [], None, 0
+    for stem in stems:
+        for key, members in iter_tar_samples(ws.shards_dir(dataset) / f"{stem}.tar"):
+            if key not in wanted or "png" not in members:
+                continue
+            if tar is None:
+                written.append(str(out / f"train-{len(written):06d}.tar"))
+                tar = tarfile.open(written[-1], "w", format=tarfile.USTAR_FORMAT)
+            label = wanted[key]
+            for ext, data in (("png", members["png"]), ("cls", str(label).encode()),
+                              ("txt", str(classes[label]).encode())):
+                _tar_add(tar, f"{key}.{ext}", data)
+            count += 1
+            if count % shard_size == 0:
+                tar.close()
+                tar = None
+    if tar is not None:
+        tar.close()
+    for test in sorted(ws.shards_dir(dataset).glob("test-*.tar")):
+        shutil.copyfile(test, out / test.name)
+        written.append(str(out / test.name))
+    return written
+
+
+def run_export(ws: Workspace, run_id: str, budget: float, out: str | Path, *, weighting: str = "uniform",
+               shards: str | Path | None = None, shard_size: int = 5000) -> dict[str, Any]:
+    """Export ``round(budget * N)`` samples of ``run_id``'s dataset as a static weighted subset.
+
+    Args:
+        ws: the workspace.
+        run_id: the run whose history (times selected, losses) ranks the samples.
+        budget: fraction F of the N train samples, in (0, 1].
+        out: parquet file to write (key, label, weight, region, times_selected, mean_loss).
+        weighting: "uniform" (weight 1) or "class" (N_c / n_c).
+        shards: folder for new WebDataset shards of the subset (plus the test tars), or None.
+        shard_size: samples per new tar.
+
+    Returns:
+        {"out", "samples", "of", "budget", "per_class", "noisy_included", "weighting", "shards"}.
+
+    Raises:
+        DdsError: unknown run, budget outside (0, 1], unknown weighting, or a run without history.
+    """
+    from dds.train.report import load_history, load_run, load_scores, load_train_samples
+
+    check_fraction("--budget", budget)
+    check_choice("--weights", weighting, WEIGHTINGS)
+    if shard_size < 1:
+        raise DdsError(f"--shard-size must be a positive integer, got {shard_size}")
+    run = load_run(ws, run_id)
+    dataset, encoder = run["dataset"], run["config"].get("encoder", "lite0-minilm")
+    samples = load_train_samples(ws, dataset)
+    hist = load_history(ws, run_id)
+    if not len(hist):
+        raise DdsError(f"run {run_id} has no epochs in its history yet; export it after its first epoch")
+    n, num_classes = len(samples), len(ws.dataset_info(dataset)["classes"])
+    position = hist["key"].map(dict(zip(samples["key"], range(n))))
+    hist = hist[position.notna()]
+    times, mean_loss = selection_stats(hist["selected"].to_numpy(bool), hist["loss"].to_numpy(np.float64, na_value=np.nan),
+                                       position.dropna().to_numpy(np.int64), n)
+    scores = load_scores(ws, dataset, encoder)
+    if scores is None:
+        log.warning("no scores of %s under %s: ranking by times selected only, no noisy region excluded",
+                    dataset, encoder)
+        joint, region = np.zeros(n), np.full(n, None, dtype=object)
+    else:
+        s = samples[["key"]].merge(scores[["key", "joint", "region"]], on="key", how="left")
+        joint, region = s["joint"].fillna(0.0).to_numpy(np.float64), s["region"].to_numpy(object)
+    labels = samples["label"].to_numpy(np.int64)
+    noisy = region == "noisy"
+    chosen = select_coreset(labels, num_classes, noisy, times, joint, budget)
+    import pyarrow as pa
+
+    table = pa.table({"key": pa.array(samples["key"].to_numpy()[chosen].astype(str)),
+                      "label": pa.array(labels[chosen].astype(np.int32)),
+                      "weight": pa.array(coreset_weights(labels, chosen, num_classes, weighting)),
+                      "region": pa.array(region[chosen].tolist(), pa.string()),
+                      "times_selected": pa.array(times[chosen].astype(np.int32)),
+                      "mean_loss": pa.array(mean_loss[chosen].astype(np.float32), mask=np.isnan(mean_loss[chosen]))})
+    out = Path(out)
+    write_parquet(out, table)
+    written = write_subset_shards(ws, dataset, samples, table["key"].to_pylist(), Path(shards),
+                                  shard_size=shard_size) if shards else []
+    return {"out": str(out), "samples": len(chosen), "of": n, "budget": float(budget),
+            "per_class": np.bincount(labels[chosen], minlength=num_classes).tolist(),
+            "noisy_included": int(noisy[chosen].sum()), "weighting": weighting,
+            "shards": written}
