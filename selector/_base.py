@@ -244,3 +244,16 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise DdsError(f"{name} must be true or false, got {value!r}")
     return bool(value)
+
+
+class LossPolicy(Policy):
+    """A policy whose whole state is a per-sample training-loss tracker ``self._loss`` (``LossEma``)."""
+
+    def observe(self, indices: np.ndarray, losses: np.ndarray) -> None:
+        self._loss.update(indices, losses)
+
+    def state_dict(self) -> dict:
+        return {"loss": self._loss.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._loss.load_state_dict(state["loss"])

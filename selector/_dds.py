@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dds.errors import DdsError
-from dds.selector._base import (AUGMENT, NOISY, EpochPlan, Policy, anneal_start, check_bool, check_int,
+from dds.selector._base import (LossPolicy, AUGMENT, NOISY, EpochPlan, Policy, anneal_start, check_bool, check_int,
                                 check_real, make_plan, register_policy)
 from dds.selector._core import (ClassLayout, LossEma, capped_quotas, even_sizes, sampling_keys, shuffle_order,
                                 shuffle_values, shuffled, top_k_mask, uniform_keys)
@@ -121,7 +121,7 @@ def loss_term(ema: np.ndarray, seen: np.ndarray, exclude: np.ndarray, exponent: 
 
 
 @register_policy("dds")
-class DdsPolicy(Policy):
+class DdsPolicy(LossPolicy):
     """The paper's method (see the module docstring). Needs ``joint``, ``consistency`` and ``region``.
 
     Per-sample arrays are kept in class layout (``ClassLayout``): class blocks are contiguous, so a
@@ -257,14 +257,3 @@ class DdsPolicy(Policy):
         with np.errstate(divide="ignore"):
             w = lay.class_sums(pi_l)[row] / p
         return np.minimum(w, self.cfg.is_clip)
-
-    # ---- state ----
-
-    def observe(self, indices: np.ndarray, losses: np.ndarray) -> None:
-        self._loss.update(indices, losses)
-
-    def state_dict(self) -> dict:
-        return {"loss": self._loss.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._loss.load_state_dict(state["loss"])

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dds.selector._base import EpochPlan, Policy, anneal_start, check_real, make_plan, register_policy
+from dds.selector._base import LossPolicy, EpochPlan, Policy, anneal_start, check_real, make_plan, register_policy
 from dds.selector._core import LossEma, even_sizes, shuffle_order, shuffled
 
 
@@ -82,7 +82,7 @@ def infobatch_prune(scores: np.ndarray, seen: np.ndarray, n_keep_low: int | None
 
 
 @register_policy("infobatch")
-class InfoBatchPolicy(Policy):
+class InfoBatchPolicy(LossPolicy):
     """InfoBatch with r set per pruned epoch from the budget (see the module docstring)."""
 
     Config = InfoBatchConfig
@@ -128,12 +128,3 @@ class InfoBatchPolicy(Policy):
         need_drop = min(max(n - target, 0), n_below)
         max_drop = int(np.floor(self.cfg.max_prune_ratio * n_below + 1e-9))
         return n_below - min(need_drop, max_drop)
-
-    def observe(self, indices: np.ndarray, losses: np.ndarray) -> None:
-        self._loss.update(indices, losses)
-
-    def state_dict(self) -> dict:
-        return {"loss": self._loss.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._loss.load_state_dict(state["loss"])

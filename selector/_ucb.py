@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dds.selector._base import EpochPlan, Policy, check_real, make_plan, register_policy
+from dds.selector._base import LossPolicy, EpochPlan, Policy, check_real, make_plan, register_policy
 from dds.selector._core import LossEma, even_sizes, shuffled
 
 
@@ -65,7 +65,7 @@ def ucb_select(score: np.ndarray, seen: np.ndarray, size: int, epsilon: float,
 
 
 @register_policy("ucb")
-class UcbPolicy(Policy):
+class UcbPolicy(LossPolicy):
     """Loss-EMA + variance bandit selection (see the module docstring)."""
 
     Config = UcbConfig
@@ -82,12 +82,3 @@ class UcbPolicy(Policy):
         score = self._loss.mean + self.cfg.confidence * np.sqrt(self._loss.var)
         chosen = ucb_select(score, self._loss.seen, int(self._sizes[epoch]), self.cfg.epsilon, rng)
         return make_plan(epoch, shuffled(chosen, rng))
-
-    def observe(self, indices: np.ndarray, losses: np.ndarray) -> None:
-        self._loss.update(indices, losses)
-
-    def state_dict(self) -> dict:
-        return {"loss": self._loss.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._loss.load_state_dict(state["loss"])
