@@ -127,7 +127,8 @@ def index(
                         device=device, progress=progress)
     _print_summary(f"dds index {name}", summary)
     _print_rows(ws, "SELECT region, count(*) AS n, round(avg(density), 3) AS density, "
-                    "round(avg(consistency), 3) AS consistency, round(avg(joint), 3) AS joint "
+                    "round(avg(consistency), 3) AS consistency, round(avg(joint), 3) AS joint, "
+                    "round(avg(knn_agreement), 3) AS knn_agreement "
                     f"FROM scores WHERE dataset = '{_quote(name)}' AND encoder = '{_quote(encoder)}' "
                     "GROUP BY region ORDER BY n DESC",
                 "scores by region")

@@ -12,10 +12,6 @@ DDS=.venv/bin/dds
 
 $DDS shard fashion-mnist --limit "$LIMIT"
 $DDS embed fashion-mnist --encoder lite0-minilm
-$DDS index fashion-mnist --encoder lite0-minilm
-$DDS sql "SELECT region, count(*) AS samples, round(avg(density), 3) AS density,
-                 round(avg(consistency), 3) AS consistency, round(avg(joint), 3) AS joint,
-                 round(avg(knn_agreement), 3) AS knn_agreement
-          FROM scores GROUP BY region ORDER BY samples DESC"
-$DDS bench fashion-mnist --policies full,dds --budget 0.5 --epochs "${DDS_EPOCHS:-4}" --seeds 1
+$DDS index fashion-mnist --encoder lite0-minilm    # prints the scores table by region
+$DDS bench fashion-mnist --policies full,dds --budget 0.5 --epochs "${DDS_EPOCHS:-8}" --seeds 1
 echo "workspace: $DDS_WORKSPACE  (query it: .venv/bin/dds sql \"SELECT * FROM epochs\")"
