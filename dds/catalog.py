@@ -6,7 +6,6 @@ writer. ``dds sql`` builds the same views in an in-memory connection, which need
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from dds.errors import DdsError
 from dds.workspace import Workspace

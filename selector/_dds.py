@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dds.errors import DdsError
-from dds.selector._base import (LossPolicy, AUGMENT, NOISY, EpochPlan, Policy, anneal_start, check_bool, check_int,
+from dds.selector._base import (LossPolicy, AUGMENT, NOISY, EpochPlan, anneal_start, check_bool, check_int,
                                 check_real, make_plan, register_policy)
 from dds.selector._core import (ClassLayout, LossEma, capped_quotas, even_sizes, sampling_keys, shuffle_order,
                                 shuffle_values, shuffled, top_k_mask, uniform_keys)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dds.selector._base import LossPolicy, EpochPlan, Policy, anneal_start, check_real, make_plan, register_policy
+from dds.selector._base import LossPolicy, EpochPlan, anneal_start, check_real, make_plan, register_policy
 from dds.selector._core import LossEma, even_sizes, shuffle_order, shuffled
 
 

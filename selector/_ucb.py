@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dds.selector._base import LossPolicy, EpochPlan, Policy, check_real, make_plan, register_policy
+from dds.selector._base import LossPolicy, EpochPlan, check_real, make_plan, register_policy
 from dds.selector._core import LossEma, even_sizes, shuffled
 
 

@@ -3,7 +3,6 @@ import json
 import subprocess
 import sys
 
-import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 

@@ -5,7 +5,6 @@ train -> sql. Needs the Debian package dataset-fashion-mnist (scripts/setup.sh i
 """
 import json
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 

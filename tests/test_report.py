@@ -1,7 +1,6 @@
 """Tests of dds report, dds audit, dds export and examples/plain_loop.py on a tiny synthetic workspace."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -15,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from synth import write_tar
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -32,15 +32,7 @@ FLIPPED = set(range(0, N_TRAIN, 5))  # 13 injected label flips
 
 
 def _tar(path: Path, rows: list[tuple[str, int]], rng) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, y in rows:
-            pixels = np.clip(rng.normal(40 + 50 * y, 30, (SIZE, SIZE)), 0, 255).astype(np.uint8)
-            buf = io.BytesIO()
-            Image.fromarray(pixels, "L").save(buf, "PNG")
-            for ext, data in (("png", buf.getvalue()), ("cls", str(y).encode())):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    write_tar(path, rows, rng, SIZE)
 
 
 def _write_dataset(ws: Workspace, name: str) -> None:

@@ -1,17 +1,15 @@
 """Tests of dds.train on a tiny synthetic sharded dataset (8x8 grey PNGs), CPU only."""
 from __future__ import annotations
 
-import io
 import json
 import math
-import tarfile
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from synth import write_tar
 import torch
-from PIL import Image
 
 from dds.catalog import query
 from dds.errors import DdsError
@@ -34,18 +32,10 @@ def _write_dataset(ws: Workspace, name: str, splits: dict[str, int], shard_size:
         labels = np.arange(n) % CLASSES
         for s in range(0, n, shard_size):
             stem = f"{split}-{s // shard_size:06d}"
-            with tarfile.open(d / "shards" / f"{stem}.tar", "w") as tar:
-                for i in range(s, min(n, s + shard_size)):
-                    key, y = f"{split}-{i:07d}", int(labels[i])
-                    pixels = np.clip(rng.normal(40 + 50 * y, 30, (SIZE, SIZE)), 0, 255).astype(np.uint8)
-                    buf = io.BytesIO()
-                    Image.fromarray(pixels, "L").save(buf, "PNG")
-                    for ext, data in (("png", buf.getvalue()), ("cls", str(y).encode())):
-                        ti = tarfile.TarInfo(f"{key}.{ext}")
-                        ti.size = len(data)
-                        tar.addfile(ti, io.BytesIO(data))
-                    samples.append({"dataset": name, "key": key, "split": split, "label": y, "label_orig": y,
-                                    "shard": stem, "idx": i})
+            rows = [(f"{split}-{i:07d}", int(labels[i])) for i in range(s, min(n, s + shard_size))]
+            write_tar(d / "shards" / f"{stem}.tar", rows, rng, SIZE)
+            samples += [{"dataset": name, "key": key, "split": split, "label": y, "label_orig": y,
+                         "shard": stem, "idx": i} for i, (key, y) in zip(range(s, s + len(rows)), rows)]
             shards.append({"dataset": name, "split": split, "shard": stem, "path": f"shards/{stem}.tar",
                            "count": min(n, s + shard_size) - s, "sha256": ""})
     pq.write_table(pa.Table.from_pylist(samples), d / "samples.parquet")

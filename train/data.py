@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import logging
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
