@@ -82,6 +82,18 @@ class Workspace:
             )
         return json.loads(path.read_text())
 
+    def split_samples(self, name: str, split: str, columns: list[str]):
+        """Rows of ``samples.parquet`` for one split, in ``idx`` order, as a pandas DataFrame.
+
+        Args:
+            columns: columns to read besides ``split`` and ``idx`` (always read).
+        """
+        import pyarrow.parquet as pq
+
+        cols = list(dict.fromkeys([*columns, "split", "idx"]))
+        df = pq.read_table(self.dataset_dir(name) / "samples.parquet", columns=cols).to_pandas()
+        return df[df["split"] == split].sort_values("idx").reset_index(drop=True)
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through ``path.tmp`` + ``os.replace`` so readers never see half a file."""

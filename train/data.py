@@ -129,15 +129,12 @@ class _Split:
     """Keys and labels of one split, in ``samples.idx`` order, and the dataset's image geometry."""
 
     def __init__(self, ws: Workspace, name: str, split: str) -> None:
-        import pyarrow.parquet as pq
 
         info = ws.dataset_info(name)
         self.ws, self.name, self.split = ws, name, split
         self.channels, self.image_size = int(info["channels"]), int(info["image_size"])
         self.mean, self.std = list(info["mean"]), list(info["std"])
-        table = pq.read_table(ws.dataset_dir(name) / "samples.parquet",
-                              columns=["key", "split", "label", "idx"]).to_pandas()
-        table = table[table["split"] == split].sort_values("idx")
+        table = ws.split_samples(name, split, ["key", "label"])
         if len(table) == 0:
             source = info.get("source") or "SOURCE"
             raise DdsError(f"dataset {name} has no {split} split; run dds shard {source} --split {split} --name {name}")
@@ -246,9 +243,7 @@ def load_sample_info(ws: Workspace, name: str, encoder: str, *, need_scores: boo
     from dds.selector import REGIONS, SampleInfo
 
     info = ws.dataset_info(name)
-    samples = pq.read_table(ws.dataset_dir(name) / "samples.parquet", columns=["key", "split", "label", "idx"])
-    samples = samples.to_pandas()
-    samples = samples[samples["split"] == "train"].sort_values("idx").reset_index(drop=True)
+    samples = ws.split_samples(name, "train", ["key", "label"])
     labels = samples["label"].to_numpy().astype(np.int64)
     num_classes = len(info["classes"])
     path = ws.index_dir(name, encoder) / "scores.parquet"

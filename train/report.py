@@ -85,12 +85,8 @@ def load_history(ws: Workspace, run_id: str):
 
 def load_train_samples(ws: Workspace, dataset: str):
     """Train rows of ``samples.parquet`` (key, label, label_orig, shard, idx) in idx order."""
-    import pyarrow.parquet as pq
-
     ws.dataset_info(dataset)  # a clear error when the dataset is gone
-    df = pq.read_table(ws.dataset_dir(dataset) / "samples.parquet",
-                       columns=["key", "split", "label", "label_orig", "shard", "idx"]).to_pandas()
-    return df[df["split"] == "train"].sort_values("idx").reset_index(drop=True)
+    return ws.split_samples(dataset, "train", ["key", "label", "label_orig", "shard"])
 
 
 def load_scores(ws: Workspace, dataset: str, encoder: str):
