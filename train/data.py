@@ -129,7 +129,6 @@ class _Split:
     """Keys and labels of one split, in ``samples.idx`` order, and the dataset's image geometry."""
 
     def __init__(self, ws: Workspace, name: str, split: str) -> None:
-
         info = ws.dataset_info(name)
         self.ws, self.name, self.split = ws, name, split
         self.channels, self.image_size = int(info["channels"]), int(info["image_size"])
