@@ -40,7 +40,7 @@ TABLES: dict[str, tuple[str, str]] = {
                 "run_id VARCHAR, epoch INTEGER, key VARCHAR, selected BOOLEAN, weight FLOAT, aug VARCHAR, loss FLOAT"),
     "bench": ("bench/*.parquet",
               "bench_id VARCHAR, dataset VARCHAR, policy VARCHAR, budget DOUBLE, seeds INTEGER, acc_mean DOUBLE, "
-              "acc_std DOUBLE, budget_spent DOUBLE, wall_ratio DOUBLE, select_s DOUBLE"),
+              "acc_std DOUBLE, budget_spent DOUBLE, wall_ratio DOUBLE, select_s DOUBLE, eval_split VARCHAR"),
 }
 
 

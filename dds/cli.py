@@ -31,13 +31,37 @@ EncoderOpt = typer.Option("lite0-minilm", "--encoder", "-e",
                                "(open_clip tag or local checkpoint), tiny-clip (random, for tests).")
 DeviceOpt = typer.Option("auto", "--device", help="auto (cuda when present), cpu or cuda.")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+NprocOpt = typer.Option(1, "--nproc", min=1, help="Processes on this machine: N > 1 runs this same command under "
+                                                  "torchrun (one process per GPU with --device cuda, gloo on CPU).")
 
 
 def _ws(path: Optional[str]) -> Workspace:
     return Workspace.resolve(path)
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 outside it); read from the environment, no torch import."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _relaunch(nproc: int) -> None:
+    """With ``--nproc N > 1`` outside torchrun: run this same command under torchrun and exit with its code."""
+    if nproc <= 1 or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return
+    argv, args = [], iter(sys.argv[1:])
+    for a in args:
+        if a == "--nproc":
+            next(args, None)
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    from dds.distributed import launch
+
+    raise typer.Exit(launch(nproc, argv))
+
+
 def _print_summary(title: str, summary: dict) -> None:
+    if _rank() != 0:  # under torchrun the ranks' results are the same: rank 0 prints
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -45,6 +69,10 @@ def _print_summary(title: str, summary: dict) -> None:
     for k, v in summary.items():
         table.add_row(str(k), v if isinstance(v, str) else json.dumps(v, default=str))
     Console().print(table)
+
+
+EvalSplitOpt = typer.Option("test", "--eval-split", help="Split to evaluate every epoch: test, or val (made by "
+                                                      "dds shard --val) to pick constants without touching test.")
 
 
 @app.command()
@@ -55,6 +83,8 @@ def shard(
     name: Optional[str] = typer.Option(None, "--name", "-n", help="Dataset name in the workspace [default: derived from SOURCE]."),
     split: Optional[str] = typer.Option(None, "--split", help="train or test [default: every split the source has]."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Keep a class-stratified subset of N samples per split."),
+    val: Optional[int] = typer.Option(None, "--val", help="Carve a class-stratified 'val' split of N train samples "
+                                                      "(outside --limit, true labels) to pick constants on instead of test."),
     shard_size: int = typer.Option(5000, "--shard-size", help="Samples per WebDataset tar."),
     label_noise: float = typer.Option(0.0, "--label-noise", help="Fraction of train labels to flip (true label kept in label_orig)."),
     noise_kind: str = typer.Option("symmetric", "--noise-kind", help="symmetric: flip uniformly to another class."),
@@ -67,12 +97,13 @@ def shard(
     from dds.pipeline.shard import run_shard
 
     check_positive_int("--limit", limit)
+    check_positive_int("--val", val)
     check_positive_int("--shard-size", shard_size)
     check_fraction("--label-noise", label_noise, allow_zero=True, allow_one=False)
     check_choice("--noise-kind", noise_kind, ("symmetric",))
     if split is not None:
         check_choice("--split", split, ("train", "test"))
-    summary = run_shard(_ws(workspace), source, name=name, split=split, limit=limit, shard_size=shard_size,
+    summary = run_shard(_ws(workspace), source, name=name, split=split, limit=limit, val=val, shard_size=shard_size,
                         label_noise=label_noise, noise_kind=noise_kind, seed=seed, progress=progress)
     _print_summary(f"dds shard {source}", summary)
 
@@ -84,6 +115,7 @@ def embed(
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass."),
     split: str = typer.Option("train", "--split", help="train, test or all."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader decode workers [default: 1 on CPU, 4 on CUDA]."),
+    nproc: int = NprocOpt,
     device: str = DeviceOpt,
     workspace: Optional[str] = WorkspaceOpt,
     progress: bool = ProgressOpt,
@@ -96,6 +128,7 @@ def embed(
     check_choice("--device", device, ("auto", "cpu", "cuda"))
     check_choice("--split", split, ("train", "test", "all"))
     splits = ("train", "test") if split == "all" else (split,)
+    _relaunch(nproc)
     summary = run_embed(_ws(workspace), name, encoder=encoder, batch_size=batch_size, splits=splits,
                         num_workers=workers, device=device, progress=progress)
     _print_summary(f"dds embed {name}", summary)
@@ -190,7 +223,9 @@ def train(
     batch_size: int = typer.Option(128, "--batch-size", "-b", help="Training batch size."),
     lr: float = typer.Option(0.1, "--lr", help="Peak learning rate (cosine schedule over the run's steps)."),
     option: list[str] = typer.Option([], "--option", "-o", help="Policy option KEY=VALUE (repeatable), e.g. -o loss_weight=0.5."),
+    eval_split: str = EvalSplitOpt,
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run RUN_ID from its last checkpoint."),
+    nproc: int = NprocOpt,
     device: str = DeviceOpt,
     workspace: Optional[str] = WorkspaceOpt,
     progress: bool = ProgressOpt,
@@ -204,6 +239,7 @@ def train(
         check_positive_int("--epochs", epochs)
         check_positive_int("--batch-size", batch_size)
         check_choice("--device", device, ("auto", "cpu", "cuda"))
+    _relaunch(nproc)
     from dds.train.config import TrainConfig
     from dds.train.loop import run_train
 
@@ -211,7 +247,7 @@ def train(
         result = run_train(ws, None, resume=resume, progress=progress)
     else:
         cfg = TrainConfig(dataset=name, policy=policy, budget=budget, epochs=epochs, model=model, seed=seed,
-                          encoder=encoder, batch_size=batch_size, lr=lr, device=device,
+                          encoder=encoder, batch_size=batch_size, lr=lr, device=device, eval_split=eval_split,
                           policy_options=_parse_options(option))
         result = run_train(ws, cfg, progress=progress)
     _print_summary("dds train", result)
@@ -238,8 +274,12 @@ def bench(
                                  "'full' is the reference for wall-clock ratios."),
     budget: float = typer.Option(0.5, "--budget", help="Budget of every non-full policy (fraction of sample-steps)."),
     epochs: int = typer.Option(12, "--epochs", help="Training epochs per run."),
-    seeds: int = typer.Option(3, "--seeds", help="Seeds per policy (0..N-1)."),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds per policy (FIRST..FIRST+N-1)."),
+    first_seed: int = typer.Option(0, "--first-seed", min=0, help="First seed."),
     model: str = typer.Option("resnet20", "--model", "-m", help="Model name."),
+    option: list[str] = typer.Option([], "--option", "-o", help="Option of one policy, POLICY.KEY=VALUE (repeatable), "
+                                                                "e.g. -o dds.warmup_epochs=0."),
+    eval_split: str = EvalSplitOpt,
     encoder: str = EncoderOpt,
     device: str = DeviceOpt,
     workspace: Optional[str] = WorkspaceOpt,
@@ -257,11 +297,19 @@ def bench(
     if not names:
         raise DdsError("--policies is empty; give e.g. --policies full,dds")
     ws = _ws(workspace)
+    per_policy: dict[str, dict] = {}
+    for key, value in _parse_options(option).items():
+        policy, dot, opt = key.partition(".")
+        if not dot or not policy or not opt:
+            raise DdsError(f"bench --option takes POLICY.KEY=VALUE, got '{key}'; e.g. -o dds.warmup_epochs=0")
+        per_policy.setdefault(policy, {})[opt] = value
     rows = run_bench(ws, name, policies=names, budget=budget, epochs=epochs, seeds=seeds, model=model,
-                     base_config={"encoder": encoder, "device": device}, progress=progress)
+                     base_config={"encoder": encoder, "device": device, "seed": first_seed, "eval_split": eval_split},
+                     policy_options=per_policy, progress=progress)
     from dds.train.bench import format_bench_table
 
     typer.echo(format_bench_table(rows))
+    typer.echo(f"accuracy: last epoch, on the {eval_split} split")
     typer.echo(f"per-sample history: dds sql \"SELECT * FROM history WHERE run_id = '{rows[0]['run_ids'][0]}' LIMIT 10\""
                f" -w {ws.root}")
 
@@ -292,6 +340,21 @@ def bench_plan(
     from dds.selector import bench_plan as _bench
 
     _print_summary("dds bench-plan", _bench(n=n, classes=classes, policy=policy))
+
+
+@app.command("bench-dist")
+def bench_dist(
+    nproc: int = typer.Option(2, "--nproc", min=1, help="Processes (torchrun, gloo on CPU)."),
+    n: int = typer.Option(1_280_000, "--n", help="Samples (ImageNet-1k size by default)."),
+    classes: int = typer.Option(1000, "--classes", help="Classes."),
+    policy: str = typer.Option("dds", "--policy", help="Policy to time."),
+    repeats: int = typer.Option(5, "--repeats", min=1, help="Timed epochs (after one warm-up)."),
+) -> None:
+    """Time the distributed part of selection per epoch: plan check, per-rank split, loss gather (target: well under 1 s for 1.28M samples)."""
+    _relaunch(nproc)
+    from dds.distributed import bench_distributed
+
+    _print_summary("dds bench-dist", bench_distributed(n=n, classes=classes, policy=policy, repeats=repeats))
 
 
 @app.command()

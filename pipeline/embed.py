@@ -334,10 +334,23 @@ def default_workers(device_type: str) -> int:
     return 4 if device_type == "cuda" else 1
 
 
+def merge_stats(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """One ``embed_shards`` summary from the ranks' summaries (seconds: the slowest rank's)."""
+    return {"images": sum(s["images"] for s in per_rank), "corrupt": sum(s["corrupt"] for s in per_rank),
+            "corrupt_keys": [k for s in per_rank for k in s.get("corrupt_keys", [])][:20],
+            "failed": [f for s in per_rank for f in s["failed"]],
+            "seconds": max(s["seconds"] for s in per_rank)}
+
+
 def run_embed(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", batch_size: int = 256,
               splits: tuple[str, ...] = ("train",), num_workers: int | None = None, device: str = "auto",
               progress: bool = True, image_size: int | None = None) -> dict[str, Any]:
     """Embed the images of ``splits`` (each shard whose parquet is missing) and the class prompts.
+
+    Under ``torchrun`` (or ``dds embed --nproc N``) the shards still to embed are dealt out to the
+    ranks (``todo[rank::world]``); each rank writes its own shard parquet files, rank 0 writes
+    ``encoder.json``, the text embeddings and the catalog, and the counts are summed over the ranks.
+    Shards are batched the same way in any process, so the vectors equal a single-process run's.
 
     Args:
         ws: the workspace.
@@ -351,7 +364,7 @@ def run_embed(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", batch_
         image_size: input side for encoders that allow it; None = the encoder's default.
 
     Returns:
-        Summary: encoder, weights, dim, aligned, image_size, device, shards_embedded, shards_skipped, images,
+        Summary: encoder, weights, dim, aligned, image_size, device, processes, shards_embedded, shards_skipped, images,
         corrupt (undecodable samples skipped, also logged), corrupt_keys (first 20), images_per_s (embedding loop only), seconds (whole call).
 
     Raises:
@@ -359,9 +372,11 @@ def run_embed(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", batch_
             weights, or shards whose tar does not match ``shards.parquet``.
     """
     from dds.catalog import refresh
+    from dds.distributed import barrier, gather_objects, init as dist_init
     from dds.pipeline.encoders import create_encoder
 
     t0 = time.perf_counter()
+    d = dist_init(device)  # under torchrun: this process's rank (and its GPU); else a single process
     info = ws.dataset_info(name)
     if batch_size < 1:
         raise DdsError(f"batch_size must be a positive integer, got {batch_size}")
@@ -370,22 +385,32 @@ def run_embed(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", batch_
     tasks = shard_tasks(ws, name, tuple(splits))
     enc = create_encoder(encoder, device, image_size=image_size)
     out_dir = ws.embed_dir(name, enc.name)
-    check_encoder_json(out_dir, enc.describe())
+    if d.is_main:  # rank 0 writes encoder.json; the others then only compare with it
+        check_encoder_json(out_dir, enc.describe())
+    barrier(d)
+    if not d.is_main:
+        check_encoder_json(out_dir, enc.describe())
     todo = [t for t in tasks if not _is_done(out_dir / "shards" / f"{t.stem}.parquet", t)]
+    mine = todo[d.rank::d.world]  # whole shards per rank: each writes its own shard files
     workers = default_workers(enc.device.type) if num_workers is None else num_workers
-    stats = {"images": 0, "corrupt": 0, "failed": [], "seconds": 0.0}
-    if todo:
-        log.info("embedding %d of %d shards with %s on %s", len(todo), len(tasks), enc.name, enc.device)
-        stats = embed_shards(ws, name, enc, todo, batch_size=batch_size, num_workers=workers, progress=progress)
+    stats = {"images": 0, "corrupt": 0, "corrupt_keys": [], "failed": [], "seconds": 0.0}
+    if mine:
+        log.info("embedding %d of %d shards with %s on %s", len(mine), len(tasks), enc.name, enc.device)
+        stats = embed_shards(ws, name, enc, mine, batch_size=batch_size, num_workers=workers,
+                             progress=progress and d.is_main)
+    stats = merge_stats(gather_objects(d, stats))
     text_path = out_dir / "text.parquet"
-    if not text_path.exists():
-        write_text_embeddings(text_path, info, enc)
-    refresh(ws)
+    if d.is_main:
+        if not text_path.exists():
+            write_text_embeddings(text_path, info, enc)
+        refresh(ws)
+    barrier(d)  # every rank returns once the whole dataset is embedded
     if stats["failed"]:
         raise DdsError(f"shard(s) {', '.join(stats['failed'])} do not match shards.parquet (sample count); "
                        f"run `dds shard` for '{name}' again, then dds embed resumes")
     return {"encoder": enc.name, "weights": enc.weights, "dim": enc.dim, "aligned": enc.aligned,
             "image_size": enc.image_size, "device": str(enc.device),
+            "processes": d.world,
             "shards_embedded": len(todo), "shards_skipped": len(tasks) - len(todo), "images": stats["images"],
             "corrupt": stats["corrupt"], "corrupt_keys": stats.get("corrupt_keys", []),
             "images_per_s": round(stats["images"] / stats["seconds"], 1) if stats["seconds"] else None,

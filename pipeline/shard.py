@@ -86,6 +86,33 @@ def stratified_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
+def carve_val(labels: np.ndarray, order: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split a validation set off the train split: ``(train_order, val_order)``, disjoint, both sorted.
+
+    With ``order`` a strict subset (``--limit``), the ``n_val`` validation samples are drawn,
+    class-stratified, from the samples *not* in it, so the train subset is the same with or without
+    a validation split; with ``order`` the whole split, they are drawn from it and removed from train.
+
+    Args:
+        labels: (N,) labels of the whole split (true labels: the draw must not depend on injected noise).
+        order: (M,) sorted indices of the chosen train samples.
+        n_val: validation samples, >= 1.
+        seed: seed of the draw (``stratified_subset(.., seed + 1)``, independent of ``--limit``'s).
+
+    Raises:
+        DdsError: fewer than ``n_val`` samples left to draw from (or none left for train).
+    """
+    n = len(labels)
+    whole = len(order) == n
+    pool = order if whole else np.setdiff1d(np.arange(n, dtype=np.int64), order, assume_unique=True)
+    if n_val > len(pool) - whole:   # a whole split must keep at least one train sample
+        left = "the train split" if whole else "the train samples outside --limit"
+        raise DdsError(f"--val {n_val} needs more samples than {left} has ({len(pool)}); lower --val or --limit")
+    val = pool[stratified_subset(labels[pool], n_val, seed + 1)]
+    train = np.setdiff1d(order, val, assume_unique=True) if whole else order
+    return train, val
+
+
 def symmetric_noise(labels: np.ndarray, num_classes: int, fraction: float, seed: int) -> np.ndarray:
     """Flip exactly ``round(fraction * N)`` labels, each to a uniformly drawn *different* class.
 
@@ -254,10 +281,14 @@ def _add_stats(res: SplitResult, img: Image.Image) -> None:
 # ---------------------------------------------------------------- the stage
 
 
-def _check_options(split: str | None, limit: int | None, shard_size: int, label_noise: float, noise_kind: str) -> None:
+def _check_options(split: str | None, limit: int | None, val: int | None, shard_size: int, label_noise: float,
+                   noise_kind: str) -> None:
     if split is not None:
         check_choice("--split", split, SPLITS)
     check_positive_int("--limit", limit)
+    check_positive_int("--val", val)
+    if val and split == "test":
+        raise DdsError("--val is carved from the train split; drop --split test or --val")
     check_positive_int("--shard-size", shard_size)
     check_fraction("--label-noise", label_noise, allow_zero=True, allow_one=False)
     check_choice("--noise-kind", noise_kind, NOISE_KINDS)
@@ -275,7 +306,7 @@ def _choose(sd: SplitData, split: str, limit: int | None, seed: int) -> np.ndarr
 
 
 def run_shard(ws: Workspace, source: str, *, name: str | None = None, split: str | None = None,
-              limit: int | None = None, shard_size: int = 5000, label_noise: float = 0.0,
+              limit: int | None = None, val: int | None = None, shard_size: int = 5000, label_noise: float = 0.0,
               noise_kind: str = "symmetric", seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Shard ``source`` into dataset ``name`` of workspace ``ws`` (see the module docstring).
 
@@ -284,6 +315,9 @@ def run_shard(ws: Workspace, source: str, *, name: str | None = None, split: str
         name: dataset name; default the manifest name, else the folder / glob stem.
         split: ``train`` or ``test``; None shards every split the source has.
         limit: keep a class-stratified subset of this many samples per split (all when larger).
+        val: carve a class-stratified ``val`` split of this many train samples (true labels), for
+            picking constants without touching test; drawn outside the ``limit`` subset when there
+            is one. Re-sharding train without ``val`` removes an old ``val`` split.
         shard_size: samples per tar.
         label_noise: fraction of train labels to flip (``label_orig`` keeps the truth); never on test.
         noise_kind: ``symmetric`` (flip to a uniformly drawn other class).
@@ -298,14 +332,14 @@ def run_shard(ws: Workspace, source: str, *, name: str | None = None, split: str
         DdsError: bad options, a missing/empty source, or a split that does not fit the dataset's other splits.
     """
     t0 = time.perf_counter()
-    _check_options(split, limit, shard_size, label_noise, noise_kind)
-    src = _open_checked(source, split, name, label_noise)
+    _check_options(split, limit, val, shard_size, label_noise, noise_kind)
+    src = _open_checked(source, split, name, label_noise, val)
     name = name or src.default_name
     ds_dir = ws.dataset_dir(name)
     old = _read_json(ds_dir / "dataset.json")
     mode = _dataset_mode(src)
     _check_compatible(old, src, mode, name)
-    results, changed = _write_all_splits(src, ds_dir, name, mode=mode, limit=limit, shard_size=shard_size,
+    results, changed = _write_all_splits(src, ds_dir, name, mode=mode, limit=limit, val=val, shard_size=shard_size,
                                          label_noise=label_noise, seed=seed, progress=progress)
     _write_tables(ds_dir, name, results)
     info = _dataset_info(old, src, name, source, mode, results, label_noise, noise_kind, seed,
@@ -330,7 +364,7 @@ def run_shard(ws: Workspace, source: str, *, name: str | None = None, split: str
     }
 
 
-def _open_checked(source: str, split: str | None, name: str | None, label_noise: float) -> SourceData:
+def _open_checked(source: str, split: str | None, name: str | None, label_noise: float, val: int | None) -> SourceData:
     """List the source; every split asked for must hold readable samples."""
     src = open_source(source, split=split, name=name)
     for s, sd in src.splits.items():
@@ -339,12 +373,16 @@ def _open_checked(source: str, split: str | None, name: str | None, label_noise:
             raise DdsError(f"split '{s}' of {source} has no readable samples ({len(sd.rejects)} rejected{first})")
     if label_noise > 0 and "train" not in src.splits:
         raise DdsError(f"--label-noise applies to the train split, and {source} has none; drop --label-noise")
+    if val and "train" not in src.splits:
+        raise DdsError(f"--val is carved from the train split, and {source} has none; drop --val")
     return src
 
 
-def _write_all_splits(src: SourceData, ds_dir: Path, name: str, *, mode: str, limit: int | None, shard_size: int,
-                      label_noise: float, seed: int, progress: bool) -> tuple[dict[str, SplitResult], set[str]]:
+def _write_all_splits(src: SourceData, ds_dir: Path, name: str, *, mode: str, limit: int | None, val: int | None,
+                      shard_size: int, label_noise: float, seed: int, progress: bool) -> tuple[dict[str, SplitResult], set[str]]:
     """Write every split's tars into a temporary folder, then move them into ``shards/`` together.
+
+    ``val`` carves a ``val`` split off train (:func:`carve_val`); it keeps the true labels, like test.
 
     Returns:
         The result per split, and the stems of the tars whose content changed (or that were removed).
@@ -356,14 +394,18 @@ def _write_all_splits(src: SourceData, ds_dir: Path, name: str, *, mode: str, li
     try:
         results = {}
         for s, sd in src.splits.items():
-            order = _choose(sd, s, limit, seed)
-            orig = sd.labels[order]
-            labels = symmetric_noise(orig, len(src.classes), label_noise, seed) if s == "train" else orig
-            res = write_split(s, sd, order, labels, mode=mode, out_dir=tmp, shard_size=shard_size,
-                              stats=src.manifest is None, progress=progress, desc=f"shard {name}/{s}")
-            res.rejects[:0] = sd.rejects  # found while listing, before those found while decoding
-            results[s] = res
-        return results, _swap_in(ds_dir, tmp, results)
+            parts = {s: _choose(sd, s, limit, seed)}
+            if s == "train" and val:
+                parts["train"], parts["val"] = carve_val(sd.labels, parts["train"], val, seed)
+            for part, order in parts.items():
+                orig = sd.labels[order]
+                labels = symmetric_noise(orig, len(src.classes), label_noise, seed) if part == "train" else orig
+                res = write_split(part, sd, order, labels, mode=mode, out_dir=tmp, shard_size=shard_size,
+                                  stats=src.manifest is None, progress=progress, desc=f"shard {name}/{part}")
+                if part == s:
+                    res.rejects[:0] = sd.rejects  # found while listing, before those found while decoding
+                results[part] = res
+        return results, _swap_in(ds_dir, tmp, results, _dropped(results))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -392,8 +434,14 @@ def _check_compatible(old: dict[str, Any], src: SourceData, mode: str, name: str
                        f"images give {channels}; shard every split again (omit --split) or use another --name")
 
 
-def _swap_in(ds_dir: Path, tmp: Path, results: dict[str, SplitResult]) -> set[str]:
-    """Move the new tars into ``shards/`` and drop the old tars of those splits; returns changed shard stems."""
+def _dropped(results: dict[str, SplitResult]) -> list[str]:
+    """Old splits that go with this write: ``val`` is carved from train, so a new train without it drops it."""
+    return ["val"] if "train" in results and "val" not in results else []
+
+
+def _swap_in(ds_dir: Path, tmp: Path, results: dict[str, SplitResult], dropped: list[str]) -> set[str]:
+    """Move the new tars into ``shards/``, drop the old tars of those splits and of ``dropped`` ones;
+    returns changed shard stems."""
     shards_dir = ds_dir / "shards"
     shards_dir.mkdir(exist_ok=True)
     old_rows = _read_table(ds_dir / "shards.parquet")
@@ -409,6 +457,10 @@ def _swap_in(ds_dir: Path, tmp: Path, results: dict[str, SplitResult]) -> set[st
             if p.stem not in new:
                 p.unlink()
                 changed.add(p.stem)
+    for s in dropped:
+        for p in shards_dir.glob(f"{s}-*.tar"):
+            p.unlink()
+            changed.add(p.stem)
     return changed
 
 
@@ -430,7 +482,7 @@ def _merge(path: Path, new: pa.Table, splits: list[str], sort: list[tuple[str, s
 
 
 def _write_tables(ds_dir: Path, name: str, results: dict[str, SplitResult]) -> None:
-    splits = list(results)
+    splits = list(results) + _dropped(results)
     samples = {k: [] for k in SAMPLES_SCHEMA.names}
     shards = {k: [] for k in SHARDS_SCHEMA.names}
     rejects = {k: [] for k in REJECTS_SCHEMA.names}
@@ -471,7 +523,7 @@ def _dataset_info(old: dict[str, Any], src: SourceData, name: str, source: str, 
                   options: dict[str, Any]) -> dict[str, Any]:
     """The new ``dataset.json``: this run's splits merged over the old file's other splits."""
     m = src.manifest
-    splits = {s: n for s, n in old.get("splits", {}).items() if s not in results}
+    splits = {s: n for s, n in old.get("splits", {}).items() if s not in results and s not in _dropped(results)}
     splits.update({s: len(r.samples["key"]) for s, r in results.items()})
     info: dict[str, Any] = {
         "name": name, "source": source, "manifest": m.name if m else None, "classes": list(src.classes),

@@ -15,7 +15,7 @@ from PIL import Image
 
 from dds.errors import DdsError
 from dds.manifests import add_manifest
-from dds.pipeline.shard import encode_png, run_shard, stratified_subset, symmetric_noise
+from dds.pipeline.shard import carve_val, encode_png, run_shard, stratified_subset, symmetric_noise
 from dds.pipeline.sources import target_mode, typical_size
 from dds.workspace import Workspace, write_parquet
 
@@ -304,6 +304,36 @@ def test_fashion_mnist_limit_200(tmp_path):
     tars = _read_tars(ws, "fashion-mnist", "train")
     assert len(tars) == 200 and all(img.mode == "L" and img.size == (28, 28) for img, _ in tars.values())
     assert {r["key"]: r["label"] for r in samples if r["split"] == "train"} == {k: v[1] for k, v in tars.items()}
+
+
+def test_carve_val_is_disjoint_stratified_and_keeps_the_limit_subset():
+    labels = np.repeat(np.arange(4), 25)
+    subset = stratified_subset(labels, 40, seed=0)
+    train, val = carve_val(labels, subset, 20, seed=0)
+    assert train.tolist() == subset.tolist()  # --limit picks the same train samples with or without --val
+    assert not set(train) & set(val) and np.bincount(labels[val]).tolist() == [5] * 4
+    train, val = carve_val(labels, np.arange(100), 20, seed=0)  # no --limit: val leaves train
+    assert len(train) == 80 and not set(train) & set(val) and len(val) == 20
+    with pytest.raises(DdsError, match="--val 61"):
+        carve_val(labels, subset, 61, seed=0)
+
+
+def test_fashion_mnist_val_split_true_labels_and_dropped_on_reshard(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    out = run_shard(ws, "fashion-mnist", split="train", limit=100, val=50, label_noise=0.4, progress=False)
+    assert out["splits"] == {"train": 100, "val": 50} and out["noise_flipped"] == 40
+    samples = _tables(ws, "fashion-mnist")["samples"]
+    val = [r for r in samples if r["split"] == "val"]
+    train_src = {r["source"] for r in samples if r["split"] == "train"}
+    assert len(val) == 50 and all(r["label"] == r["label_orig"] for r in val)  # val keeps the true labels
+    assert not train_src & {r["source"] for r in val}
+    assert len(_read_tars(ws, "fashion-mnist", "val")) == 50
+    run_shard(ws, "fashion-mnist", split="train", limit=100, progress=False)  # train again, no --val
+    assert not list(ws.shards_dir("fashion-mnist").glob("val-*.tar"))
+    assert {r["split"] for r in _tables(ws, "fashion-mnist")["samples"]} == {"train"}
+    assert "val" not in ws.dataset_info("fashion-mnist")["splits"]
+    with pytest.raises(DdsError, match="--val is carved from the train split"):
+        run_shard(ws, "fashion-mnist", split="test", val=10, progress=False)
 
 
 def test_unreadable_or_broken_tars_are_recorded(tmp_path):

@@ -5,10 +5,8 @@ import json
 import math
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from synth import write_tar
+from synth import write_dataset, write_scores
 import torch
 
 from dds.catalog import query
@@ -22,54 +20,12 @@ from dds.workspace import Workspace
 N_TRAIN, N_TEST, SIZE, CLASSES = 64, 32, 8, 4
 
 
-def _write_dataset(ws: Workspace, name: str, splits: dict[str, int], shard_size: int = 24) -> None:
-    """A dataset following the shard contract: tars of KEY.png + KEY.cls, samples/shards parquet, dataset.json."""
-    d = ws.dataset_dir(name)
-    (d / "shards").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    samples, shards = [], []
-    for split, n in splits.items():
-        labels = np.arange(n) % CLASSES
-        for s in range(0, n, shard_size):
-            stem = f"{split}-{s // shard_size:06d}"
-            rows = [(f"{split}-{i:07d}", int(labels[i])) for i in range(s, min(n, s + shard_size))]
-            write_tar(d / "shards" / f"{stem}.tar", rows, rng, SIZE)
-            samples += [{"dataset": name, "key": key, "split": split, "label": y, "label_orig": y,
-                         "shard": stem, "idx": i} for i, (key, y) in zip(range(s, s + len(rows)), rows)]
-            shards.append({"dataset": name, "split": split, "shard": stem, "path": f"shards/{stem}.tar",
-                           "count": min(n, s + shard_size) - s, "sha256": ""})
-    pq.write_table(pa.Table.from_pylist(samples), d / "samples.parquet")
-    pq.write_table(pa.Table.from_pylist(shards), d / "shards.parquet")
-    (d / "dataset.json").write_text(json.dumps({
-        "name": name, "source": "synthetic", "manifest": None, "classes": [f"c{i}" for i in range(CLASSES)],
-        "prompt_names": [f"c{i}" for i in range(CLASSES)], "templates": ["a photo of a {}."], "mean": [0.5],
-        "std": [0.25], "image_size": SIZE, "channels": 1, "splits": splits,
-        "label_noise": {"fraction": 0.0, "kind": "symmetric", "seed": 0}}))
-
-
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Workspace:
     ws = Workspace(tmp_path_factory.mktemp("ws"))
-    _write_dataset(ws, "tiny", {"train": N_TRAIN, "test": N_TEST})
-    _write_scores(ws, "tiny", "lite0-minilm", [f"train-{i:07d}" for i in range(N_TRAIN)])
+    write_dataset(ws, "tiny", {"train": N_TRAIN, "test": N_TEST})
+    write_scores(ws, "tiny", "lite0-minilm", [f"train-{i:07d}" for i in range(N_TRAIN)])
     return ws
-
-
-def _write_scores(ws: Workspace, name: str, encoder: str, keys: list[str]) -> None:
-    """A scores.parquet with random density/consistency/joint and every region represented."""
-    from dds.selector import REGIONS
-
-    n, rng = len(keys), np.random.default_rng(1)
-    samples = pq.read_table(ws.dataset_dir(name) / "samples.parquet").to_pylist()
-    label_of = {r["key"]: r["label"] for r in samples}
-    path = ws.index_dir(name, encoder) / "scores.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"dataset": [name] * n, "encoder": [encoder] * n, "key": keys,
-                             "label": pa.array([label_of[k] for k in keys], pa.int32()),
-                             "density": rng.random(n).astype(np.float32),
-                             "consistency": np.arange(n, dtype=np.float32),
-                             "joint": rng.random(n).astype(np.float32),
-                             "region": [REGIONS[i % len(REGIONS)] for i in range(n)]}), path)
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -192,10 +148,29 @@ def test_streaming_and_cache_yield_the_same_batches(ws):
 
 def test_no_test_split_is_an_error(tmp_path):
     ws = Workspace(tmp_path)
-    _write_dataset(ws, "trainonly", {"train": 16})
+    write_dataset(ws, "trainonly", {"train": 16})
     with pytest.raises(DdsError, match="dataset trainonly has no test split; run dds shard .* --split test"):
         run_train(ws, TrainConfig(dataset="trainonly", policy="full", budget=1.0, epochs=1, model="cnn3"),
                   progress=False)
+
+
+def test_eval_split_val_and_per_policy_bench_options(tmp_path, ws):
+    tiny, ws = ws, Workspace(tmp_path)
+    write_dataset(ws, "withval", {"train": 32, "val": 12, "test": 4})
+    write_scores(ws, "withval", "lite0-minilm", [f"train-{i:07d}" for i in range(32)])
+    result = run_train(ws, _cfg(dataset="withval", eval_split="val", epochs=1), progress=False)
+    assert result["test_acc"] * 12 == pytest.approx(round(result["test_acc"] * 12))  # a count out of the 12 val
+    rows = run_bench(ws, "withval", policies=["random", "dds"], budget=0.5, epochs=2, seeds=1, model="cnn3",
+                     base_config={"seed": 4, "eval_split": "val"}, policy_options={"dds": {"warmup_epochs": 0}},
+                     progress=False)
+    runs = _table(ws, "SELECT run_id, seed, config FROM runs")
+    dds_cfg = json.loads(runs.set_index("run_id").loc[rows[1]["run_ids"][0], "config"])
+    assert dds_cfg["policy_options"] == {"warmup_epochs": 0} and dds_cfg["seed"] == 4
+    assert dds_cfg["eval_split"] == "val"
+    with pytest.raises(DdsError, match="options given for ucb"):
+        run_bench(ws, "withval", policies=["random"], budget=0.5, epochs=1, seeds=1, policy_options={"ucb": {}})
+    with pytest.raises(DdsError, match="no val split; run dds shard .* --split train --val N"):
+        run_train(tiny, _cfg(eval_split="val"), progress=False)
 
 
 def test_unknown_names_and_bad_config_are_errors(ws):
@@ -256,11 +231,11 @@ def test_load_sample_info_joins_scores_in_idx_order(tmp_path):
     from dds.selector import REGIONS
 
     ws = Workspace(tmp_path)
-    _write_dataset(ws, "scored", {"train": 12, "test": 4})
+    write_dataset(ws, "scored", {"train": 12, "test": 4})
     info = load_sample_info(ws, "scored", "enc")
     assert info.density is None and info.labels.tolist() == [i % CLASSES for i in range(12)]
     keys = [f"train-{i:07d}" for i in range(12)][::-1]  # scores in another order than samples.idx
-    _write_scores(ws, "scored", "enc", keys)
+    write_scores(ws, "scored", "enc", keys)
     regions = [REGIONS[i % len(REGIONS)] for i in range(12)]
     info = load_sample_info(ws, "scored", "enc")
     assert info.consistency.tolist() == list(range(11, -1, -1))  # key train-0000000 had consistency 11

@@ -30,6 +30,7 @@ ROW_KEYS = ("policy", "acc_mean", "acc_std", "budget_spent", "wall_ratio", "wall
 
 def run_bench(ws: Workspace, name: str, *, policies: list[str], budget: float, epochs: int, seeds: int,
               model: str = "resnet20", base_config: dict[str, Any] | None = None,
+              policy_options: dict[str, dict[str, Any]] | None = None,
               progress: bool = True) -> list[dict[str, Any]]:
     """Train every policy with seeds 0..seeds-1 and summarise per policy.
 
@@ -41,7 +42,10 @@ def run_bench(ws: Workspace, name: str, *, policies: list[str], budget: float, e
         epochs: epochs per run.
         seeds: runs per policy (seeds ``0..seeds-1``, or ``base_config["seed"] + i``).
         model: model name for every run.
-        base_config: further :class:`TrainConfig` fields shared by all runs (e.g. ``{"batch_size": 256}``).
+        base_config: further :class:`TrainConfig` fields shared by all runs (e.g. ``{"batch_size": 256}``,
+            ``{"seed": 3}`` for seeds 3.., ``{"eval_split": "val"}``).
+        policy_options: policy name -> its options (``{"dds": {"warmup_epochs": 0}}``); every key must be
+            one of ``policies``.
         progress: tqdm bars while training.
 
     Returns:
@@ -64,20 +68,26 @@ def run_bench(ws: Workspace, name: str, *, policies: list[str], budget: float, e
     check_positive_int("seeds", seeds)
     from dds.selector import get_policy
 
+    options = dict(policy_options or {})
+    stray = sorted(set(options) - set(policies))
+    if stray:
+        raise DdsError(f"options given for {', '.join(stray)}, which is not among the policies {','.join(policies)}")
     base = dict(base_config or {})
     seed0 = int(base.pop("seed", 0))
     # policies that ignore the budget (full) are run, and recorded, at budget 1; unknown names fail here
     budgets = {p: budget if getattr(get_policy(p), "uses_budget", True) else 1.0 for p in policies}
     configs = {p: [TrainConfig.from_dict({**base, "dataset": name, "policy": p, "budget": budgets[p],
-                                          "epochs": epochs, "model": model, "seed": seed0 + s}).validate()
+                                          "epochs": epochs, "model": model, "seed": seed0 + s,
+                                          "policy_options": options.get(p, {})}).validate()
                    for s in range(seeds)] for p in policies}
-    cache = configs[policies[0]][0].cache
-    test = open_split(ws, name, "test", cache=cache)  # first: a missing test split fails before decoding train
-    data = (open_split(ws, name, "train", cache=cache), test)
+    first = configs[policies[0]][0]
+    evaluated = open_split(ws, name, first.eval_split, cache=first.cache)  # a missing split fails before train decodes
+    data = (open_split(ws, name, "train", cache=first.cache), evaluated)
     bench_id = f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
     results = {p: [run_train(ws, cfg, progress=progress, data=data) for cfg in configs[p]] for p in policies}
     rows = summarise(results)
-    extra = {"bench_id": bench_id, "dataset": name, "budget": float(budget), "seeds": int(seeds), "model": model}
+    extra = {"bench_id": bench_id, "dataset": name, "budget": float(budget), "seeds": int(seeds), "model": model,
+             "eval_split": first.eval_split}
     table = pa.Table.from_pylist([{**extra, **row} for row in rows])
     write_parquet(ws.root / "bench" / f"{bench_id}.parquet", table.cast(table.schema.set(
         table.schema.get_field_index("seeds"), pa.field("seeds", pa.int32()))))

@@ -9,6 +9,7 @@ from dds._validate import check_choice, check_fraction, check_positive_int
 from dds.errors import DdsError
 
 SCHEDULES = ("cosine", "constant")
+EVAL_SPLITS = ("test", "val")
 from dds.device import DEVICES  # noqa: E402
 
 
@@ -35,7 +36,8 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda when present, else cpu), cpu or cuda
     amp: bool = True  # bfloat16 autocast on cuda (ignored on cpu)
     cache: bool = True  # decode every sample once into RAM; False streams the shards every epoch
-    eval_every: int = 1  # evaluate on the test split every this many epochs (and always after the last)
+    eval_split: str = "test"  # split evaluated every epoch (column test_acc): test, or val to pick constants on
+    eval_every: int = 1  # evaluate on eval_split every this many epochs (and always after the last)
     eval_batch_size: int = 512  # samples per evaluation batch
     num_threads: int | None = None  # torch CPU threads (None = torch's default)
 
@@ -50,6 +52,7 @@ class TrainConfig:
         check_positive_int("eval_batch_size", self.eval_batch_size)
         check_positive_int("num_threads", self.num_threads)
         check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("eval_split", self.eval_split, EVAL_SPLITS)
         check_choice("device", self.device, DEVICES)
         if not self.lr > 0:
             raise DdsError(f"lr must be positive, got {self.lr}")

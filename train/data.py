@@ -136,18 +136,32 @@ class _Split:
         table = ws.split_samples(name, split, ["key", "label"])
         if len(table) == 0:
             source = info.get("source") or "SOURCE"
-            raise DdsError(f"dataset {name} has no {split} split; run dds shard {source} --split {split} --name {name}")
+            how = "--split train --val N" if split == "val" else f"--split {split}"
+            raise DdsError(f"dataset {name} has no {split} split; run dds shard {source} {how} --name {name}")
         if not np.array_equal(table["idx"].to_numpy(), np.arange(len(table))):
             raise DdsError(f"samples.parquet of {name}: idx of the {split} split is not 0..n-1; re-run `dds shard`")
         self.keys = table["key"].to_numpy().astype(str)  # (N,) keys in idx order
         self.labels = table["label"].to_numpy().astype(np.int64)  # (N,) training labels
         self.n = len(self.keys)
 
-    def plan_batches(self, plan, *, seed: int, augmenter: Augmenter, batch_size: int) -> Iterator[Sample]:
-        """Augmented batches of ``plan`` (an EpochPlan), in plan order; see :func:`batched` for the fields."""
-        seeds = epoch_aug_seeds(seed, plan.epoch, len(plan.indices))
-        samples = self._plan_samples(np.asarray(plan.indices, dtype=np.int64))
-        return batched(augment(samples, augmenter, np.asarray(plan.aug), np.asarray(plan.weights), seeds), batch_size)
+    def plan_batches(self, plan, *, seed: int, augmenter: Augmenter, batch_size: int,
+                     positions: np.ndarray | None = None) -> Iterator[Sample]:
+        """Augmented batches of ``plan`` (an EpochPlan), in plan order; see :func:`batched` for the fields.
+
+        ``positions`` (a distributed rank's part, :func:`dds.distributed.part_positions`) trains only
+        plan entries ``positions % M``, in that order, each augmented under the seed of its position,
+        so a sample gets the same augmentation as in a single-process run.
+        """
+        m = len(plan.indices)
+        if positions is None:
+            seeds, take = epoch_aug_seeds(seed, plan.epoch, m), slice(None)
+        else:
+            positions = np.asarray(positions, dtype=np.int64)
+            end = int(positions.max()) + 1 if positions.size else 0
+            seeds, take = epoch_aug_seeds(seed, plan.epoch, end)[positions], positions % max(m, 1)
+        samples = self._plan_samples(np.asarray(plan.indices, dtype=np.int64)[take])
+        return batched(augment(samples, augmenter, np.asarray(plan.aug)[take], np.asarray(plan.weights)[take], seeds),
+                       batch_size)
 
     def _plan_samples(self, indices: np.ndarray) -> Iterator[Sample]:
         raise NotImplementedError

@@ -31,6 +31,9 @@ import torch.nn.functional as F
 
 from dds import catalog
 from dds.device import resolve_device
+from dds.distributed import (Dist, all_sum, broadcast_object, check_same, device_for, gather_part, part_positions,
+                             sync_buffers)
+from dds.distributed import init as dist_init
 from dds.errors import DdsError
 from dds.train.augment import AUG_NAMES, Augmenter, channel_stats, normalize
 from dds.train.config import TrainConfig
@@ -95,17 +98,23 @@ def history_columns(n: int, indices: np.ndarray, weights: np.ndarray, aug: np.nd
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, split, *, device: torch.device, batch_size: int, amp: bool) -> float:
-    """Top-1 accuracy of ``model`` on every sample of ``split`` (no augmentation)."""
+def evaluate(model: torch.nn.Module, split, *, device: torch.device, batch_size: int, amp: bool,
+             dist_: Dist = Dist()) -> float:
+    """Top-1 accuracy of ``model`` on every sample of ``split`` (no augmentation).
+
+    In a distributed job each rank scores every ``world``-th batch and the counts are summed.
+    """
     model.eval()
     mean, std = channel_stats(split.mean, split.std, device)
     correct = torch.zeros((), dtype=torch.int64, device=device)  # summed on device: one sync at the end
-    for batch in split.eval_batches(batch_size):
+    for i, batch in enumerate(split.eval_batches(batch_size)):
+        if i % dist_.world != dist_.rank:
+            continue
         x = normalize(batch["image"].to(device, non_blocking=True), mean, std)
         with _autocast(device, amp):
             logits = model(x)
         correct += (logits.argmax(1) == batch["label"].to(device, non_blocking=True)).sum()
-    return correct.item() / split.n
+    return all_sum(dist_, correct).item() / split.n
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -115,19 +124,24 @@ def _autocast(device: torch.device, amp: bool):
 
 
 def _train_epoch(model, opt, train, plan, *, cfg: TrainConfig, device: torch.device, augmenter: Augmenter,
-                 samples_done: int, total: int, progress: bool) -> tuple[torch.Tensor, dict[str, float]]:
-    """Train one epoch on ``plan``; returns its (M,) per-sample losses (on device) and its timings."""
+                 samples_done: int, total: int, progress: bool,
+                 dist_: Dist = Dist()) -> tuple[torch.Tensor, dict[str, float]]:
+    """Train one epoch on ``plan``; returns the (P,) per-sample losses of this rank's part (on device;
+    P = M in a single process) and its timings. A distributed rank trains its part
+    (:func:`dds.distributed.part_positions`) in batches of ``batch_size / world``."""
     from tqdm import tqdm
 
     from dds.selector.torch import weighted_mean
 
     model.train()
-    m = len(plan.indices)
+    positions = part_positions(len(plan.indices), dist_.rank, dist_.world) if dist_.enabled else None
+    m = len(plan.indices) if positions is None else len(positions)
     losses = torch.empty(m, dtype=torch.float32, device=device)  # kept on device: copied once per epoch
     mean, std = channel_stats(train.mean, train.std, device)  # once per epoch, not per batch
     timing = {"data_s": 0.0, "compute_s": 0.0}
     bar = tqdm(total=m, desc=f"epoch {plan.epoch + 1}/{cfg.epochs}", unit="img", disable=not progress)
-    batches = iter(train.plan_batches(plan, seed=cfg.seed, augmenter=augmenter, batch_size=cfg.batch_size))
+    batches = iter(train.plan_batches(plan, seed=cfg.seed, augmenter=augmenter,
+                                      batch_size=cfg.batch_size // dist_.world, positions=positions))
     done = 0
     while True:
         t0 = time.perf_counter()
@@ -140,7 +154,8 @@ def _train_epoch(model, opt, train, plan, *, cfg: TrainConfig, device: torch.dev
         w = batch["weight"].to(device, non_blocking=True)
         t1 = time.perf_counter()
         for group in opt.param_groups:
-            group["lr"] = lr_at(samples_done + done, total, lr=cfg.lr, schedule=cfg.schedule, warmup=cfg.warmup)
+            group["lr"] = lr_at(samples_done + done * dist_.world, total, lr=cfg.lr, schedule=cfg.schedule,
+                                warmup=cfg.warmup)
         with _autocast(device, cfg.amp):
             logits = model(normalize(x, mean, std))
         per_sample = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=cfg.label_smoothing)
@@ -218,7 +233,7 @@ def run_train(ws: Workspace, cfg: TrainConfig | None = None, *, resume: str | No
         resume: run id to continue from its last checkpoint.
         progress: show a tqdm bar per epoch.
         stop_after: stop after this many epochs in total (status "stopped", resumable); for tests.
-        data: ``(train, test)`` splits from :func:`dds.train.data.open_split` to reuse (``dds bench``).
+        data: ``(train, eval)`` splits from :func:`dds.train.data.open_split` to reuse (``dds bench``).
 
     Returns:
         run_id, status, test_acc (last evaluation), budget_spent (fraction of epochs * N),
@@ -238,9 +253,13 @@ def run_train(ws: Workspace, cfg: TrainConfig | None = None, *, resume: str | No
     if cfg is None:
         raise DdsError("run_train needs a TrainConfig or a run id to resume")
     cfg.validate()
+    d = dist_init(cfg.device)
+    if cfg.batch_size % d.world:
+        raise DdsError(f"batch_size {cfg.batch_size} is the global batch and must split evenly over the {d.world} "
+                       f"processes; use a multiple of {d.world}")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
+    device = device_for(d, resolve_device(cfg.device))
     sel, model, opt, train, test = _setup(ws, cfg, device, data)
     cfg.budget = sel.budget  # a policy that ignores the budget (full) records the one it spends
     total = sel.total_sample_steps
@@ -250,7 +269,7 @@ def run_train(ws: Workspace, cfg: TrainConfig | None = None, *, resume: str | No
     totals: dict[str, Any] = {"budget_spent": 0.0, "sample_steps": 0, "total_sample_steps": int(total),
                               "total_steps": math.ceil(total / cfg.batch_size), "epochs_done": 0,
                               "test_acc": None, **{t: 0.0 for t in TIMERS}}
-    start_epoch, run_id = 0, resume or new_run_id(cfg.dataset, cfg.policy)
+    start_epoch, run_id = 0, broadcast_object(d, resume or new_run_id(cfg.dataset, cfg.policy))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])  # moves the momentum buffers to the parameters' device
@@ -258,29 +277,32 @@ def run_train(ws: Workspace, cfg: TrainConfig | None = None, *, resume: str | No
         torch.set_rng_state(ckpt["torch_rng"])
         totals.update(ckpt["totals"])
         start_epoch = ckpt["epoch"] + 1
-        _drop_later_epochs(ws, run_id, ckpt["epoch"])
+        if d.is_main:
+            _drop_later_epochs(ws, run_id, ckpt["epoch"])
         log.info("resuming %s at epoch %d", run_id, start_epoch)
-    log.info("run %s: %s on %s, %d train / %d test samples, budget %d sample-steps, device %s",
-             run_id, cfg.policy, cfg.dataset, train.n, test.n, total, device)
-    _write_run(ws, run_id, cfg, "running", totals)
+    log.info("run %s: %s on %s, %d train / %d %s samples, budget %d sample-steps, device %s",
+             run_id, cfg.policy, cfg.dataset, train.n, test.n, cfg.eval_split, total, device)
+    net = model
+    if d.enabled:  # gradients averaged over the ranks; the checkpoint keeps the bare model's state
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    out = _Writer(ws, run_id, cfg, main=d.is_main)
+    out.run("running", totals)
     try:
-        status = _epochs(ws, run_id, cfg, sel, model, opt, train, test, device, totals,
-                         start_epoch=start_epoch, stop_after=stop_after, progress=progress)
+        status = _epochs(out, cfg, sel, model, net, opt, train, test, device, totals, d,
+                         start_epoch=start_epoch, stop_after=stop_after, progress=progress and d.is_main)
     except BaseException:
-        _write_run(ws, run_id, cfg, "failed", totals)
-        catalog.refresh(ws)
+        out.run("failed", totals)
         raise
-    _write_run(ws, run_id, cfg, status, totals)
-    catalog.refresh(ws)
+    out.run(status, totals)
     return {"run_id": run_id, "status": status, **totals,
             "train_s": totals["data_s"] + totals["compute_s"] + totals["select_s"]}
 
 
 def _setup(ws: Workspace, cfg: TrainConfig, device: torch.device, data: tuple | None) -> tuple:
-    """Selector, model (on ``device``), SGD optimiser, train and test splits of a run.
+    """Selector, model (on ``device``), SGD optimiser, train and evaluation splits of a run.
 
     The selector and the model come first: they are cheap and reject unknown names before any
-    decoding; then the test split (its absence is an error), then the train split.
+    decoding; then the evaluation split (``cfg.eval_split``; its absence is an error), then train.
     """
     from dds.selector import Selector, get_policy
 
@@ -301,32 +323,56 @@ def _setup(ws: Workspace, cfg: TrainConfig, device: torch.device, data: tuple | 
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                           weight_decay=cfg.weight_decay)
     if data is None:
-        test = open_split(ws, cfg.dataset, "test", cache=cfg.cache)
+        test = open_split(ws, cfg.dataset, cfg.eval_split, cache=cfg.cache)
         train = open_split(ws, cfg.dataset, "train", cache=cfg.cache)
     else:
         train, test = data
     return sel, model, opt, train, test
 
 
-def _epochs(ws, run_id, cfg, sel, model, opt, train, test, device, totals, *,
+class _Writer:
+    """The run's files; in a distributed job only rank 0 writes (the others' calls do nothing)."""
+
+    def __init__(self, ws: Workspace, run_id: str, cfg: TrainConfig, *, main: bool) -> None:
+        self.ws, self.run_id, self.cfg, self.main = ws, run_id, cfg, main
+
+    def run(self, status: str, totals: dict[str, Any]) -> None:
+        if self.main:
+            _write_run(self.ws, self.run_id, self.cfg, status, totals)
+            catalog.refresh(self.ws)
+
+    def epoch(self, epoch: int, row: dict[str, Any], keys: np.ndarray, hist: dict[str, pa.Array],
+              checkpoint: dict[str, Any], totals: dict[str, Any]) -> None:
+        if self.main:
+            _write_epoch(self.ws, self.run_id, epoch, row, keys, hist)
+            atomic_write_bytes(self.ws.run_dir(self.run_id) / "checkpoint.pt", _checkpoint_bytes(**checkpoint))
+        self.run("running", totals)
+
+
+def _epochs(out: _Writer, cfg, sel, model, net, opt, train, test, device, totals, d: Dist, *,
             start_epoch: int, stop_after: int | None, progress: bool) -> str:
-    """The epoch loop of :func:`run_train`; updates ``totals`` in place and returns the final status."""
+    """The epoch loop of :func:`run_train`; updates ``totals`` in place and returns the final status.
+
+    ``net`` is ``model`` or its DistributedDataParallel wrapper (trained through; ``model`` is saved).
+    """
     augmenter = Augmenter(train.image_size)
     for epoch in range(start_epoch, cfg.epochs):
         t_start = time.perf_counter()
         plan = sel.plan(epoch)
+        check_same(d, epoch, plan.indices, device)
         select_s = time.perf_counter() - t_start
-        losses, timing = _train_epoch(model, opt, train, plan, cfg=cfg, device=device, augmenter=augmenter,
+        losses, timing = _train_epoch(net, opt, train, plan, cfg=cfg, device=device, augmenter=augmenter,
                                       samples_done=totals["sample_steps"], total=totals["total_sample_steps"],
-                                      progress=progress)
-        losses_np = losses.cpu().numpy()  # the epoch's one device -> host copy of the losses
+                                      progress=progress, dist_=d)
         t0 = time.perf_counter()
+        losses_np = gather_part(d, losses, len(plan.indices)).cpu().numpy()  # one device -> host copy per epoch
         sel.observe(plan.indices, losses_np)
         select_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         test_acc = None
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            test_acc = evaluate(model, test, device=device, batch_size=cfg.eval_batch_size, amp=cfg.amp)
+            sync_buffers(d, model)  # then the bare model, the same on every rank, is evaluated
+            test_acc = evaluate(model, test, device=device, batch_size=cfg.eval_batch_size, amp=cfg.amp, dist_=d)
         eval_s = time.perf_counter() - t0
         hist = history_columns(train.n, plan.indices, plan.weights, plan.aug, losses_np)
         m = len(plan.indices)
@@ -346,13 +392,10 @@ def _epochs(ws, run_id, cfg, sel, model, opt, train, test, device, totals, *,
         totals["epochs_done"] = epoch + 1
         if test_acc is not None:
             totals["test_acc"] = test_acc
-        _write_epoch(ws, run_id, epoch, row, train.keys, hist)
-        atomic_write_bytes(ws.run_dir(run_id) / "checkpoint.pt", _checkpoint_bytes(
-            config=cfg.to_json(), run_id=run_id, epoch=epoch, model=model.state_dict(),
+        out.epoch(epoch, row, train.keys, hist, dict(
+            config=cfg.to_json(), run_id=out.run_id, epoch=epoch, model=model.state_dict(),
             optimizer=opt.state_dict(), selector=sel.state_dict(), torch_rng=torch.get_rng_state(),
-            totals=dict(totals)))
-        _write_run(ws, run_id, cfg, "running", totals)
-        catalog.refresh(ws)
+            totals=dict(totals)), totals)
         log.info("epoch %d/%d: %d sample-steps, loss %.4f, test_acc %s, %.1f s", epoch + 1, cfg.epochs, m,
                  row["train_loss"], "-" if test_acc is None else f"{test_acc:.4f}", row["wall_s"])
         if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.epochs:

@@ -1,0 +1,259 @@
+"""torch.distributed for ``dds embed`` and ``dds train`` under ``torchrun``.
+
+A process started by ``torchrun`` finds ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous
+address in its environment; :func:`init` joins the process group (NCCL for CUDA, gloo on CPU) and
+returns a :class:`Dist`. Without those variables (a plain ``dds`` call) it returns the
+single-process ``Dist`` and nothing here talks to other processes.
+
+How an epoch plan is shared (:func:`part_positions`, :func:`gather_part`): every rank computes the
+same plan from the same seed (no broadcast), pads it cyclically to a multiple of the world size
+and takes every ``world``-th position starting at its rank. The parts are disjoint, equal in size
+(so every rank runs the same number of optimiser steps and none waits at the end of an epoch) and
+together cover the plan; with a per-rank batch of ``batch_size / world`` the ranks' ``k``-th
+batches together are the ``k``-th batch of a single-process run. The per-sample losses of all
+ranks are gathered back into plan order before ``observe``, so every rank's selector state stays
+the same; :func:`check_same` compares a checksum of each rank's plan to catch any divergence.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dds.errors import DdsError
+
+log = logging.getLogger(__name__)
+
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job: ``world == 1`` is a plain single-process run."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes the files that exist once per job (history, checkpoints, summaries)."""
+        return self.rank == 0
+
+
+def from_env() -> Dist:
+    """The ``Dist`` described by torchrun's environment variables (single-process when absent)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return Dist()
+    return Dist(rank=int(os.environ["RANK"]), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init(device: str = "auto") -> Dist:
+    """Join torchrun's process group (once per process) and return this process's ``Dist``.
+
+    Args:
+        device: the run's ``--device`` (auto, cpu, cuda): NCCL when CUDA is used, else gloo.
+            With CUDA each process uses GPU ``LOCAL_RANK``.
+    """
+    d = from_env()
+    if not d.enabled or dist.is_initialized():
+        return d
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        if d.local_rank >= torch.cuda.device_count():
+            raise DdsError(f"local rank {d.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                           "lower --nproc-per-node or use --device cpu")
+        torch.cuda.set_device(d.local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    log.info("rank %d of %d joined the process group (%s)", d.rank, d.world, dist.get_backend())
+    return d
+
+
+def device_for(d: Dist, device: torch.device) -> torch.device:
+    """``cuda:LOCAL_RANK`` for a CUDA device in a distributed job, else ``device`` unchanged."""
+    if d.enabled and device.type == "cuda":
+        return torch.device("cuda", d.local_rank)
+    return device
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def broadcast_object(d: Dist, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (picklable objects, e.g. a run id)."""
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(d: Dist, obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not d.enabled:
+        return [obj]
+    out: list[Any] = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_sum(d: Dist, value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed over the ranks (in place; returned for convenience)."""
+    if d.enabled:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def sync_buffers(d: Dist, model: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts them at the start of each forward pass, so after the last training step each
+    rank holds its own update; this makes the ranks' models equal before evaluation.
+    """
+    if d.enabled:
+        for buf in model.buffers():
+            dist.broadcast(buf, src=0)
+
+
+# ---------------------------------------------------------------- plan parts (pure)
+
+def part_size(m: int, world: int) -> int:
+    """Samples per rank for a plan of ``m``: ``ceil(m / world)`` (the plan is padded cyclically)."""
+    return -(-m // world)
+
+
+def part_positions(m: int, rank: int, world: int) -> np.ndarray:
+    """Positions of rank ``rank``'s part in the padded plan: ``rank, rank + world, ...``.
+
+    Args:
+        m: samples in the epoch's plan.
+        rank, world: this rank and the number of ranks.
+
+    Returns:
+        ``(ceil(m / world),)`` int64 positions in ``[0, world * ceil(m / world))``; position ``p``
+        trains plan entry ``p % m`` (positions ``>= m`` are the padding, at most ``world - 1``).
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in 0..{world - 1}, got {rank}")
+    return np.arange(rank, part_size(m, world) * world, world, dtype=np.int64)
+
+
+def interleave(parts: np.ndarray | torch.Tensor, m: int):
+    """``(world, P)`` per-rank values (rank-major, from :func:`part_positions`) -> the ``(m,)`` plan order."""
+    return parts.T.reshape(-1)[:m]
+
+
+def gather_part(d: Dist, part: torch.Tensor, m: int) -> torch.Tensor:
+    """Every rank's per-sample values of its part, gathered back into the plan's order: ``(m,)``."""
+    if not d.enabled:
+        return part[:m]
+    out = [torch.empty_like(part) for _ in range(d.world)]
+    dist.all_gather(out, part.contiguous())
+    return interleave(torch.stack(out), m)
+
+
+def plan_checksum(indices: np.ndarray) -> int:
+    """A 63-bit checksum of a plan's indices that depends on their order (a few vector passes)."""
+    idx = np.asarray(indices, dtype=np.uint64)
+    x = (idx + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+    x ^= np.arange(idx.shape[0], dtype=np.uint64)  # mixes the position in before the second multiply
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(31)
+    return (int(x.sum(dtype=np.uint64)) ^ idx.shape[0]) & (2**63 - 1)
+
+
+def check_same(d: Dist, epoch: int, indices: np.ndarray, device: torch.device) -> None:
+    """Raise DdsError when the ranks planned different epochs (they must be identical)."""
+    if not d.enabled:
+        return
+    mine = torch.tensor([plan_checksum(indices)], dtype=torch.int64, device=device)
+    out = [torch.empty_like(mine) for _ in range(d.world)]
+    dist.all_gather(out, mine)
+    if len({int(t.item()) for t in out}) != 1:
+        raise DdsError(f"the ranks planned different samples for epoch {epoch}; every rank must see the same "
+                       "dataset, scores and config (same workspace, same --seed)")
+
+
+# ---------------------------------------------------------------- launching
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run ``python -m dds ARGV`` in ``nproc`` processes on this machine; 0, or 1 when a process failed.
+
+    ``dds embed/train --nproc N`` call this. It uses torchrun's own launcher API with torchrun's
+    ``--standalone`` settings, so it is ``torchrun --standalone --nproc-per-node N -m dds ARGV``
+    without torchrun parsing ARGV (whose options could clash with its own).
+    """
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    log.info("launching %d processes: python -m dds %s", nproc, " ".join(argv))
+    try:
+        elastic_launch(config, sys.executable)("-m", "dds", *argv)
+    except ChildFailedError as e:
+        log.debug("%s", e)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------- benchmark
+
+def bench_distributed(n: int = 1_280_000, classes: int = 1000, policy: str = "dds", *, repeats: int = 5) -> dict:
+    """Per-epoch cost of the distributed parts of selection, on synthetic scores (run under torchrun).
+
+    Every rank plans the same pruned epoch, checks the plans agree (:func:`check_same`), takes its
+    part and gathers every rank's per-sample losses back into plan order (:func:`gather_part`),
+    then observes them. ``overhead_ms`` is what a single process does not do: check + part + gather.
+
+    Returns:
+        ``{"processes", "backend", "n", "classes", "selected", "plan_ms", "check_ms", "part_ms",
+        "gather_ms", "observe_ms", "overhead_ms"}``: medians over ``repeats`` epochs, rank 0's clock.
+    """
+    from dds.selector import Selector
+    from dds.selector._selector import synthetic_info
+
+    d = init("cpu")
+    sel = Selector(policy, synthetic_info(n, classes), epochs=10, budget=0.5, seed=0)
+    losses = np.random.default_rng(1).gamma(2.0, 0.5, size=n).astype(np.float32)
+    sel.observe(np.arange(n), losses)
+    cpu = torch.device("cpu")
+    times: dict[str, list[float]] = {k: [] for k in ("plan", "check", "part", "gather", "observe")}
+    m = 0
+    for _ in range(max(1, repeats) + 1):  # the first round is a warm-up
+        barrier(d)
+        t = [time.perf_counter()]
+        plan = sel.plan(1)
+        t.append(time.perf_counter())
+        check_same(d, 1, plan.indices, cpu)
+        t.append(time.perf_counter())
+        m = len(plan.indices)
+        mine = torch.from_numpy(losses[plan.indices[part_positions(m, d.rank, d.world) % max(m, 1)]])
+        t.append(time.perf_counter())
+        gathered = gather_part(d, mine, m)
+        t.append(time.perf_counter())
+        sel.observe(plan.indices, gathered.numpy())
+        t.append(time.perf_counter())
+        for key, a, b in zip(times, t, t[1:]):
+            times[key].append((b - a) * 1e3)
+    med = {f"{k}_ms": round(float(np.median(v[1:])), 2) for k, v in times.items()}
+    overhead = float(np.median(np.add(np.add(times["check"][1:], times["part"][1:]), times["gather"][1:])))
+    return {"processes": d.world, "backend": dist.get_backend() if d.enabled else "none", "n": n,
+            "classes": classes, "selected": m, **med, "overhead_ms": round(overhead, 2)}

@@ -1,0 +1,52 @@
+"""Run under torchrun by test_distributed.py: ``torchrun --nproc-per-node 2 dist_worker.py MODE OUT [ARGS]``.
+
+Modes:
+    selector OUT: two epochs of a dds selector with losses gathered from the ranks' parts; each rank
+        saves its selector state and its part positions to OUT/rank{R}.pkl.
+    train OUT WORKSPACE: ``run_train`` of the tiny dataset stopped after one epoch; rank 0 writes the
+        run id to OUT/run_id.
+"""
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dds.distributed import check_same, gather_part, init, part_positions
+from dds.selector import Selector
+from dds.selector._selector import synthetic_info
+
+
+def fake_losses(indices: np.ndarray) -> np.ndarray:
+    """A loss per sample that depends only on the sample: gathered losses can be checked exactly."""
+    return (np.sin(indices.astype(np.float64)) + 1.5).astype(np.float32)
+
+
+def selector(out: Path) -> None:
+    d = init("cpu")
+    sel = Selector("dds", synthetic_info(1001, 7), epochs=4, budget=0.5, seed=5, warmup_epochs=1)
+    parts = []
+    for epoch in range(2):
+        plan = sel.plan(epoch)
+        check_same(d, epoch, plan.indices, torch.device("cpu"))
+        pos = part_positions(len(plan.indices), d.rank, d.world)
+        parts.append(plan.indices[pos % len(plan.indices)])
+        mine = torch.from_numpy(fake_losses(parts[-1]))
+        sel.observe(plan.indices, gather_part(d, mine, len(plan.indices)).numpy())
+    (out / f"rank{d.rank}.pkl").write_bytes(pickle.dumps({"state": sel.state_dict(), "parts": parts}))
+
+
+def train(out: Path, workspace: str) -> None:
+    from dds.train import TrainConfig, run_train
+    from dds.workspace import Workspace
+
+    cfg = TrainConfig(dataset="tiny", policy="dds", budget=0.5, epochs=3, model="cnn3", batch_size=16, seed=3)
+    result = run_train(Workspace(Path(workspace)), cfg, progress=False, stop_after=1)
+    if init("cpu").is_main:
+        (out / "run_id").write_text(result["run_id"])
+
+
+if __name__ == "__main__":
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    selector(out) if mode == "selector" else train(out, sys.argv[3])
