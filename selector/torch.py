@@ -15,13 +15,20 @@ from dds.selector._base import EpochPlan
 class PlanSampler(torch.utils.data.Sampler[int]):
     """Yields ``plan.indices`` in the plan's order (the plan is already shuffled); ``len`` = M.
 
-    Hand it to a map-style ``DataLoader`` as ``sampler=``. Every rank holds the same plan; split it
-    across ranks outside (e.g. ``plan.indices[rank::world]``) if needed.
+    Hand it to a map-style ``DataLoader`` as ``sampler=``. In a distributed job every rank holds the
+    same plan; ``rank``/``world`` make it yield that rank's part (:func:`dds.distributed.part_positions`:
+    equal sizes on every rank), and :func:`dds.distributed.gather_part` puts the ranks' losses back
+    in plan order for ``observe``.
     """
 
-    def __init__(self, plan: EpochPlan) -> None:
+    def __init__(self, plan: EpochPlan, *, rank: int = 0, world: int = 1) -> None:
         super().__init__()
-        self._indices = np.asarray(plan.indices, dtype=np.int64)
+        indices = np.asarray(plan.indices, dtype=np.int64)
+        if world > 1:
+            from dds.distributed import part_positions
+
+            indices = indices[part_positions(len(indices), rank, world) % max(len(indices), 1)]
+        self._indices = indices
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._indices.tolist())

@@ -62,6 +62,16 @@ def test_interleave_puts_gathered_parts_back_in_plan_order():
     assert torch.equal(gather_part(Dist(), single, 5), single)  # one process: nothing to gather
 
 
+def test_plan_sampler_yields_the_rank_part():
+    from dds.selector._base import make_plan
+    from dds.selector.torch import PlanSampler
+
+    plan = make_plan(0, np.array([5, 3, 9, 1, 7]))
+    parts = [list(PlanSampler(plan, rank=r, world=2)) for r in range(2)]
+    assert parts == [[5, 9, 7], [3, 1, 5]] and len(PlanSampler(plan, rank=1, world=2)) == 3
+    assert list(PlanSampler(plan)) == [5, 3, 9, 1, 7]
+
+
 def test_plan_checksum_sees_order_and_content():
     a = np.arange(1000)
     assert plan_checksum(a) == plan_checksum(a.copy())
