@@ -239,6 +239,8 @@ def train(
         check_positive_int("--epochs", epochs)
         check_positive_int("--batch-size", batch_size)
         check_choice("--device", device, ("auto", "cpu", "cuda"))
+        if batch_size % nproc:
+            raise DdsError(f"--batch-size {batch_size} is the global batch and must split evenly over --nproc {nproc}")
     _relaunch(nproc)
     from dds.train.config import TrainConfig
     from dds.train.loop import run_train
@@ -439,7 +441,9 @@ def export(
 
 def main() -> None:
     """Console entry point: DdsError becomes one line on stderr and exit status 2."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # under torchrun the ranks log the same warnings: rank 0 shows them, the others only errors
+    logging.basicConfig(level=logging.WARNING if _rank() == 0 else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
         app()
     except DdsError as e:

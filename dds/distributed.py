@@ -16,6 +16,7 @@ the same; :func:`check_same` compares a checksum of each rank's plan to catch an
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -78,6 +79,7 @@ def init(device: str = "auto") -> Dist:
                            "lower --nproc-per-node or use --device cpu")
         torch.cuda.set_device(d.local_rank)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    atexit.register(dist.destroy_process_group)
     log.info("rank %d of %d joined the process group (%s)", d.rank, d.world, dist.get_backend())
     return d
 
@@ -192,7 +194,7 @@ def check_same(d: Dist, epoch: int, indices: np.ndarray, device: torch.device) -
 # ---------------------------------------------------------------- launching
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """Run ``python -m dds ARGV`` in ``nproc`` processes on this machine; 0, or 1 when a process failed.
+    """Run ``python -m dds ARGV`` in ``nproc`` processes on this machine; the exit code of a failed one, or 0.
 
     ``dds embed/train --nproc N`` call this. It uses torchrun's own launcher API with torchrun's
     ``--standalone`` settings, so it is ``torchrun --standalone --nproc-per-node N -m dds ARGV``
@@ -206,11 +208,12 @@ def launch(nproc: int, argv: list[str]) -> int:
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
     log.info("launching %d processes: python -m dds %s", nproc, " ".join(argv))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the ranks print their own errors
     try:
         elastic_launch(config, sys.executable)("-m", "dds", *argv)
     except ChildFailedError as e:
-        log.debug("%s", e)
-        return 1
+        codes = [f.exitcode for f in e.failures.values()]
+        return next((c for c in codes if c and c > 0), 1)
     return 0
 
 

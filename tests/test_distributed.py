@@ -176,3 +176,15 @@ def test_two_process_embed_equals_single_process_and_resumes(tmp_path):
          "--no-progress", "-w", str(two.root))
     after = {p.name: p.stat().st_mtime_ns for p in shards.glob("*.parquet")}
     assert sorted(after) == files and all(after[k] == v for k, v in before.items())
+
+
+def test_two_process_errors_are_one_line_and_keep_the_exit_status(tiny):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    bad = subprocess.run([sys.executable, "-m", "dds", "train", "tiny", "--batch-size", "15", "--nproc", "2",
+                          "-w", str(tiny.root)], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == ("dds: error: --batch-size 15 is the global batch and "
+                                                          "must split evenly over --nproc 2")
+    missing = subprocess.run([sys.executable, "-m", "dds", "train", "nosuch", "--nproc", "2", "-w", str(tiny.root)],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert all(line.startswith("dds: error: dataset 'nosuch'") for line in missing.stderr.strip().splitlines())
