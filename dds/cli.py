@@ -212,7 +212,8 @@ def sql(
 
 @app.command()
 def train(
-    name: str = typer.Argument(..., help="Dataset name (as given to dds shard); needs a train and a test split."),
+    name: str = typer.Argument(..., help="Dataset name (as given to dds shard); needs a train split and the "
+                                         "--eval-split (test by default)."),
     policy: str = typer.Option("dds", "--policy", "-p", help="Selection policy: dds, full, random, infobatch, ucb."),
     budget: float = typer.Option(0.5, "--budget", help="Fraction of full-data sample-steps the whole run may spend, "
                                                        "warm-up and annealing included."),

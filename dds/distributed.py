@@ -74,20 +74,33 @@ def init(device: str = "auto") -> Dist:
         return d
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if cuda:
-        if d.local_rank >= torch.cuda.device_count():
-            raise DdsError(f"local rank {d.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                           "lower --nproc-per-node or use --device cpu")
-        torch.cuda.set_device(d.local_rank)
+        torch.cuda.set_device(_gpu_index(d))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
-    atexit.register(dist.destroy_process_group)
+    atexit.register(_shutdown)
     log.info("rank %d of %d joined the process group (%s)", d.rank, d.world, dist.get_backend())
     return d
 
 
+def _gpu_index(d: Dist) -> int:
+    """GPU ``LOCAL_RANK``; 0 where the launcher shows each process a single GPU."""
+    count = torch.cuda.device_count()
+    if d.local_rank < count:
+        return d.local_rank
+    if count == 1:
+        return 0
+    raise DdsError(f"local rank {d.local_rank} has no GPU ({count} visible); start fewer processes per machine "
+                   "(--nproc / --nproc-per-node) or use --device cpu")
+
+
+def _shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def device_for(d: Dist, device: torch.device) -> torch.device:
-    """``cuda:LOCAL_RANK`` for a CUDA device in a distributed job, else ``device`` unchanged."""
+    """This rank's GPU for a CUDA device in a distributed job, else ``device`` unchanged."""
     if d.enabled and device.type == "cuda":
-        return torch.device("cuda", d.local_rank)
+        return torch.device("cuda", _gpu_index(d))
     return device
 
 
@@ -169,25 +182,29 @@ def gather_part(d: Dist, part: torch.Tensor, m: int) -> torch.Tensor:
     return interleave(torch.stack(out), m)
 
 
-def plan_checksum(indices: np.ndarray) -> int:
-    """A 63-bit checksum of a plan's indices that depends on their order (a few vector passes)."""
+def plan_checksum(indices: np.ndarray, aug: np.ndarray | None = None, weights: np.ndarray | None = None) -> int:
+    """A 63-bit checksum of a plan that depends on the order of its indices, and on aug and weights."""
     idx = np.asarray(indices, dtype=np.uint64)
     x = (idx + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
     x ^= np.arange(idx.shape[0], dtype=np.uint64)  # mixes the position in before the second multiply
+    if aug is not None:
+        x ^= np.asarray(aug, dtype=np.uint64) << np.uint64(40)
+    if weights is not None:
+        x ^= np.asarray(weights, dtype=np.float32).view(np.uint32).astype(np.uint64) << np.uint64(8)
     x *= np.uint64(0xBF58476D1CE4E5B9)
     x ^= x >> np.uint64(31)
     return (int(x.sum(dtype=np.uint64)) ^ idx.shape[0]) & (2**63 - 1)
 
 
-def check_same(d: Dist, epoch: int, indices: np.ndarray, device: torch.device) -> None:
-    """Raise DdsError when the ranks planned different epochs (they must be identical)."""
+def check_same(d: Dist, plan, device: torch.device) -> None:
+    """Raise DdsError when the ranks planned different epochs (an EpochPlan: they must be identical)."""
     if not d.enabled:
         return
-    mine = torch.tensor([plan_checksum(indices)], dtype=torch.int64, device=device)
+    mine = torch.tensor([plan_checksum(plan.indices, plan.aug, plan.weights)], dtype=torch.int64, device=device)
     out = [torch.empty_like(mine) for _ in range(d.world)]
     dist.all_gather(out, mine)
     if len({int(t.item()) for t in out}) != 1:
-        raise DdsError(f"the ranks planned different samples for epoch {epoch}; every rank must see the same "
+        raise DdsError(f"the ranks planned different samples for epoch {plan.epoch}; every rank must see the same "
                        "dataset, scores and config (same workspace, same --seed)")
 
 
@@ -209,6 +226,7 @@ def launch(nproc: int, argv: list[str]) -> int:
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
     log.info("launching %d processes: python -m dds %s", nproc, " ".join(argv))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the ranks print their own errors
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does for several processes per machine
     try:
         elastic_launch(config, sys.executable)("-m", "dds", *argv)
     except ChildFailedError as e:
@@ -245,7 +263,7 @@ def bench_distributed(n: int = 1_280_000, classes: int = 1000, policy: str = "dd
         t = [time.perf_counter()]
         plan = sel.plan(1)
         t.append(time.perf_counter())
-        check_same(d, 1, plan.indices, cpu)
+        check_same(d, plan, cpu)
         t.append(time.perf_counter())
         m = len(plan.indices)
         mine = torch.from_numpy(losses[plan.indices[part_positions(m, d.rank, d.world) % max(m, 1)]])

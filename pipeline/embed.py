@@ -372,7 +372,7 @@ def run_embed(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", batch_
             weights, or shards whose tar does not match ``shards.parquet``.
     """
     from dds.catalog import refresh
-    from dds.distributed import barrier, gather_objects, init as dist_init
+    from dds.distributed import barrier, broadcast_object, gather_objects, init as dist_init
     from dds.pipeline.encoders import create_encoder
 
     t0 = time.perf_counter()
@@ -387,10 +387,11 @@ def run_embed(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", batch_
     out_dir = ws.embed_dir(name, enc.name)
     if d.is_main:  # rank 0 writes encoder.json; the others then only compare with it
         check_encoder_json(out_dir, enc.describe())
-    barrier(d)
+    # rank 0's list of missing shards, so that no rank sees a shard another rank has just written
+    todo = broadcast_object(d, [t for t in tasks if not _is_done(out_dir / "shards" / f"{t.stem}.parquet", t)]
+                            if d.is_main else None)
     if not d.is_main:
         check_encoder_json(out_dir, enc.describe())
-    todo = [t for t in tasks if not _is_done(out_dir / "shards" / f"{t.stem}.parquet", t)]
     mine = todo[d.rank::d.world]  # whole shards per rank: each writes its own shard files
     workers = default_workers(enc.device.type) if num_workers is None else num_workers
     stats = {"images": 0, "corrupt": 0, "corrupt_keys": [], "failed": [], "seconds": 0.0}

@@ -105,9 +105,11 @@ def carve_val(labels: np.ndarray, order: np.ndarray, n_val: int, seed: int) -> t
     n = len(labels)
     whole = len(order) == n
     pool = order if whole else np.setdiff1d(np.arange(n, dtype=np.int64), order, assume_unique=True)
-    if n_val > len(pool) - whole:   # a whole split must keep at least one train sample
-        left = "the train split" if whole else "the train samples outside --limit"
-        raise DdsError(f"--val {n_val} needs more samples than {left} has ({len(pool)}); lower --val or --limit")
+    if whole and n_val >= len(pool):
+        raise DdsError(f"--val {n_val} would leave no train samples: the train split has {len(pool)}; lower --val")
+    if n_val > len(pool):
+        raise DdsError(f"--val {n_val} needs more samples than the {len(pool)} train samples outside --limit; "
+                       "lower --val or --limit")
     val = pool[stratified_subset(labels[pool], n_val, seed + 1)]
     train = np.setdiff1d(order, val, assume_unique=True) if whole else order
     return train, val

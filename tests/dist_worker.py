@@ -29,7 +29,7 @@ def selector(out: Path) -> None:
     parts = []
     for epoch in range(2):
         plan = sel.plan(epoch)
-        check_same(d, epoch, plan.indices, torch.device("cpu"))
+        check_same(d, plan, torch.device("cpu"))
         pos = part_positions(len(plan.indices), d.rank, d.world)
         parts.append(plan.indices[pos % len(plan.indices)])
         mine = torch.from_numpy(fake_losses(parts[-1]))

@@ -72,6 +72,15 @@ def test_plan_sampler_yields_the_rank_part():
     assert list(PlanSampler(plan)) == [5, 3, 9, 1, 7]
 
 
+def test_rank_batches_together_are_the_single_process_batch():
+    m, world, batch = 1000, 4, 64
+    parts = [part_positions(m, r, world) for r in range(world)]
+    for k in range(part_size(m, world) // (batch // world)):
+        sl = slice(k * (batch // world), (k + 1) * (batch // world))
+        together = np.sort(np.concatenate([p[sl] for p in parts]))
+        assert together.tolist() == list(range(k * batch, (k + 1) * batch))
+
+
 def test_plan_checksum_sees_order_and_content():
     a = np.arange(1000)
     assert plan_checksum(a) == plan_checksum(a.copy())
@@ -80,6 +89,9 @@ def test_plan_checksum_sees_order_and_content():
     b = a.copy()
     b[500] = 1000
     assert plan_checksum(a) != plan_checksum(b)
+    aug, w = np.zeros(1000, np.uint8), np.ones(1000, np.float32)
+    assert plan_checksum(a, aug, w) != plan_checksum(a, aug + (a == 7), w)
+    assert plan_checksum(a, aug, w) != plan_checksum(a, aug, w * 2)
 
 
 # ---------------------------------------------------------------- 2 processes, gloo
@@ -187,4 +199,4 @@ def test_two_process_errors_are_one_line_and_keep_the_exit_status(tiny):
     missing = subprocess.run([sys.executable, "-m", "dds", "train", "nosuch", "--nproc", "2", "-w", str(tiny.root)],
                              capture_output=True, text=True, env=env, timeout=120)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
-    assert all(line.startswith("dds: error: dataset 'nosuch'") for line in missing.stderr.strip().splitlines())
+    assert "dds: error: dataset 'nosuch' is not in workspace" in missing.stderr

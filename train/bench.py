@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import os
 import secrets
 from typing import Any
 
@@ -66,6 +67,8 @@ def run_bench(ws: Workspace, name: str, *, policies: list[str], budget: float, e
     check_fraction("budget", budget)
     check_positive_int("epochs", epochs)
     check_positive_int("seeds", seeds)
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise DdsError("dds bench runs every policy in one process; start it without torchrun (dds train takes --nproc)")
     from dds.selector import get_policy
 
     options = dict(policy_options or {})

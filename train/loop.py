@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from dds import catalog
 from dds.device import resolve_device
 from dds.distributed import (Dist, all_sum, broadcast_object, check_same, device_for, gather_part, part_positions,
-                             sync_buffers)
+                             part_size, sync_buffers)
 from dds.distributed import init as dist_init
 from dds.errors import DdsError
 from dds.train.augment import AUG_NAMES, Augmenter, channel_stats, normalize
@@ -342,11 +342,10 @@ class _Writer:
             catalog.refresh(self.ws)
 
     def epoch(self, epoch: int, row: dict[str, Any], keys: np.ndarray, hist: dict[str, pa.Array],
-              checkpoint: dict[str, Any], totals: dict[str, Any]) -> None:
+              checkpoint: dict[str, Any]) -> None:
         if self.main:
             _write_epoch(self.ws, self.run_id, epoch, row, keys, hist)
             atomic_write_bytes(self.ws.run_dir(self.run_id) / "checkpoint.pt", _checkpoint_bytes(**checkpoint))
-        self.run("running", totals)
 
 
 def _epochs(out: _Writer, cfg, sel, model, net, opt, train, test, device, totals, d: Dist, *,
@@ -359,7 +358,7 @@ def _epochs(out: _Writer, cfg, sel, model, net, opt, train, test, device, totals
     for epoch in range(start_epoch, cfg.epochs):
         t_start = time.perf_counter()
         plan = sel.plan(epoch)
-        check_same(d, epoch, plan.indices, device)
+        check_same(d, plan, device)
         select_s = time.perf_counter() - t_start
         losses, timing = _train_epoch(net, opt, train, plan, cfg=cfg, device=device, augmenter=augmenter,
                                       samples_done=totals["sample_steps"], total=totals["total_sample_steps"],
@@ -374,15 +373,13 @@ def _epochs(out: _Writer, cfg, sel, model, net, opt, train, test, device, totals
             sync_buffers(d, model)  # then the bare model, the same on every rank, is evaluated
             test_acc = evaluate(model, test, device=device, batch_size=cfg.eval_batch_size, amp=cfg.amp, dist_=d)
         eval_s = time.perf_counter() - t0
-        hist = history_columns(train.n, plan.indices, plan.weights, plan.aug, losses_np)
-        m = len(plan.indices)
+        m = part_size(len(plan.indices), d.world) * d.world  # trained: the plan plus the ranks' padding (< world)
         if totals["sample_steps"] + m > totals["total_sample_steps"] >= totals["sample_steps"]:
             log.warning("policy %s planned more than its budget of %d sample-steps; the LR stays at its final "
                         "value for the rest of the run", cfg.policy, totals["total_sample_steps"])
         totals["sample_steps"] += m
         totals["budget_spent"] = totals["sample_steps"] / (cfg.epochs * train.n)
-        row = {"selected": int(np.count_nonzero(hist["selected"])), "sample_steps": m,
-               "train_loss": float(losses_np.mean()) if m else float("nan"), "test_acc": test_acc,
+        row = {"sample_steps": m, "train_loss": float(losses_np.mean()) if m else float("nan"), "test_acc": test_acc,
                "wall_s": time.perf_counter() - t_start, **timing, "select_s": select_s, "eval_s": eval_s,
                "lr_end": lr_at(totals["sample_steps"], totals["total_sample_steps"], lr=cfg.lr,
                            schedule=cfg.schedule, warmup=cfg.warmup),
@@ -392,10 +389,13 @@ def _epochs(out: _Writer, cfg, sel, model, net, opt, train, test, device, totals
         totals["epochs_done"] = epoch + 1
         if test_acc is not None:
             totals["test_acc"] = test_acc
-        out.epoch(epoch, row, train.keys, hist, dict(
-            config=cfg.to_json(), run_id=out.run_id, epoch=epoch, model=model.state_dict(),
-            optimizer=opt.state_dict(), selector=sel.state_dict(), torch_rng=torch.get_rng_state(),
-            totals=dict(totals)), totals)
+        if out.main:  # history and checkpoint are built only where they are written
+            hist = history_columns(train.n, plan.indices, plan.weights, plan.aug, losses_np)
+            out.epoch(epoch, {"selected": int(np.count_nonzero(hist["selected"])), **row}, train.keys, hist, dict(
+                config=cfg.to_json(), run_id=out.run_id, epoch=epoch, model=model.state_dict(),
+                optimizer=opt.state_dict(), selector=sel.state_dict(), torch_rng=torch.get_rng_state(),
+                totals=dict(totals)))
+        out.run("running", totals)
         log.info("epoch %d/%d: %d sample-steps, loss %.4f, test_acc %s, %.1f s", epoch + 1, cfg.epochs, m,
                  row["train_loss"], "-" if test_acc is None else f"{test_acc:.4f}", row["wall_s"])
         if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.epochs:
