@@ -180,8 +180,13 @@ def _print_rows(ws: Workspace, sql: str, title: str | None = None, fmt: str = "t
         typer.echo(json.dumps(table.to_pylist(), default=str, indent=1))
         return
     if fmt == "csv":
+        import pyarrow as pa
         import pyarrow.csv as pacsv
 
+        for i, field in enumerate(table.schema):  # CSV has no nested types: lists and structs as JSON text
+            if pa.types.is_nested(field.type):
+                text = [None if v is None else json.dumps(v, default=str) for v in table.column(i).to_pylist()]
+                table = table.set_column(i, field.name, pa.array(text, pa.string()))
         pacsv.write_csv(table, sys.stdout.buffer)
         return
     from rich.console import Console

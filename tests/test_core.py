@@ -92,6 +92,8 @@ def test_cli_sql_formats_and_one_line_errors(tmp_path):
     assert json.loads(res.output) == [{"a": 1, "b": "x"}]
     res = runner.invoke(app, ["sql", "SELECT 2 AS n", "--format", "csv", "-w", str(tmp_path)])
     assert res.exit_code == 0 and res.output.split() == ['"n"', "2"]
+    res = runner.invoke(app, ["sql", "SELECT [1, 2] AS l, {'k': 'v'} AS s", "--format", "csv", "-w", str(tmp_path)])
+    assert res.exit_code == 0 and res.output.splitlines() == ['"l","s"', '"[1, 2]","{""k"": ""v""}"'], res.output
 
 
 def test_cli_main_prints_one_line_and_exits_2(tmp_path):
