@@ -33,9 +33,6 @@ from dds.errors import DdsError
 
 log = logging.getLogger(__name__)
 
-ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-
-
 @dataclass(frozen=True)
 class Dist:
     """This process's place in the job: ``world == 1`` is a plain single-process run."""
@@ -168,6 +165,11 @@ def part_positions(m: int, rank: int, world: int) -> np.ndarray:
     return np.arange(rank, part_size(m, world) * world, world, dtype=np.int64)
 
 
+def part_entries(m: int, rank: int, world: int) -> np.ndarray:
+    """The plan entries rank ``rank`` trains, in order: its :func:`part_positions` modulo ``m``."""
+    return part_positions(m, rank, world) % max(m, 1)
+
+
 def interleave(parts: np.ndarray | torch.Tensor, m: int):
     """``(world, P)`` per-rank values (rank-major, from :func:`part_positions`) -> the ``(m,)`` plan order."""
     return parts.T.reshape(-1)[:m]
@@ -266,7 +268,7 @@ def bench_distributed(n: int = 1_280_000, classes: int = 1000, policy: str = "dd
         check_same(d, plan, cpu)
         t.append(time.perf_counter())
         m = len(plan.indices)
-        mine = torch.from_numpy(losses[plan.indices[part_positions(m, d.rank, d.world) % max(m, 1)]])
+        mine = torch.from_numpy(losses[plan.indices[part_entries(m, d.rank, d.world)]])
         t.append(time.perf_counter())
         gathered = gather_part(d, mine, m)
         t.append(time.perf_counter())

@@ -337,7 +337,7 @@ def default_workers(device_type: str) -> int:
 def merge_stats(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     """One ``embed_shards`` summary from the ranks' summaries (seconds: the slowest rank's)."""
     return {"images": sum(s["images"] for s in per_rank), "corrupt": sum(s["corrupt"] for s in per_rank),
-            "corrupt_keys": [k for s in per_rank for k in s.get("corrupt_keys", [])][:20],
+            "corrupt_keys": [k for s in per_rank for k in s["corrupt_keys"]][:20],
             "failed": [f for s in per_rank for f in s["failed"]],
             "seconds": max(s["seconds"] for s in per_rank)}
 
@@ -413,7 +413,7 @@ def run_embed(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", batch_
             "image_size": enc.image_size, "device": str(enc.device),
             "processes": d.world,
             "shards_embedded": len(todo), "shards_skipped": len(tasks) - len(todo), "images": stats["images"],
-            "corrupt": stats["corrupt"], "corrupt_keys": stats.get("corrupt_keys", []),
+            "corrupt": stats["corrupt"], "corrupt_keys": stats["corrupt_keys"],
             "images_per_s": round(stats["images"] / stats["seconds"], 1) if stats["seconds"] else None,
             "seconds": round(time.perf_counter() - t0, 2)}
 

@@ -25,9 +25,9 @@ class PlanSampler(torch.utils.data.Sampler[int]):
         super().__init__()
         indices = np.asarray(plan.indices, dtype=np.int64)
         if world > 1:
-            from dds.distributed import part_positions
+            from dds.distributed import part_entries
 
-            indices = indices[part_positions(len(indices), rank, world) % max(len(indices), 1)]
+            indices = indices[part_entries(len(indices), rank, world)]
         self._indices = indices
 
     def __iter__(self) -> Iterator[int]:

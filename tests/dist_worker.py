@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dds.distributed import check_same, gather_part, init, part_positions
+from dds.distributed import check_same, gather_part, init, part_entries
 from dds.selector import Selector
 from dds.selector._selector import synthetic_info
 
@@ -30,8 +30,7 @@ def selector(out: Path) -> None:
     for epoch in range(2):
         plan = sel.plan(epoch)
         check_same(d, plan, torch.device("cpu"))
-        pos = part_positions(len(plan.indices), d.rank, d.world)
-        parts.append(plan.indices[pos % len(plan.indices)])
+        parts.append(plan.indices[part_entries(len(plan.indices), d.rank, d.world)])
         mine = torch.from_numpy(fake_losses(parts[-1]))
         sel.observe(plan.indices, gather_part(d, mine, len(plan.indices)).numpy())
     (out / f"rank{d.rank}.pkl").write_bytes(pickle.dumps({"state": sel.state_dict(), "parts": parts}))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import logging
 import math
-import os
 import secrets
 from typing import Any
 
@@ -17,6 +16,7 @@ import pyarrow as pa
 
 from dds import catalog
 from dds._validate import check_fraction, check_positive_int
+from dds.distributed import from_env
 from dds.errors import DdsError
 from dds.train.config import TrainConfig
 from dds.train.data import open_split
@@ -67,7 +67,7 @@ def run_bench(ws: Workspace, name: str, *, policies: list[str], budget: float, e
     check_fraction("budget", budget)
     check_positive_int("epochs", epochs)
     check_positive_int("seeds", seeds)
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if from_env().enabled:
         raise DdsError("dds bench runs every policy in one process; start it without torchrun (dds train takes --nproc)")
     from dds.selector import get_policy
 

@@ -331,7 +331,7 @@ def _setup(ws: Workspace, cfg: TrainConfig, device: torch.device, data: tuple | 
 
 
 class _Writer:
-    """The run's files; in a distributed job only rank 0 writes (the others' calls do nothing)."""
+    """The run's row in ``runs``; in a distributed job only rank 0 writes (the others' calls do nothing)."""
 
     def __init__(self, ws: Workspace, run_id: str, cfg: TrainConfig, *, main: bool) -> None:
         self.ws, self.run_id, self.cfg, self.main = ws, run_id, cfg, main
@@ -340,12 +340,6 @@ class _Writer:
         if self.main:
             _write_run(self.ws, self.run_id, self.cfg, status, totals)
             catalog.refresh(self.ws)
-
-    def epoch(self, epoch: int, row: dict[str, Any], keys: np.ndarray, hist: dict[str, pa.Array],
-              checkpoint: dict[str, Any]) -> None:
-        if self.main:
-            _write_epoch(self.ws, self.run_id, epoch, row, keys, hist)
-            atomic_write_bytes(self.ws.run_dir(self.run_id) / "checkpoint.pt", _checkpoint_bytes(**checkpoint))
 
 
 def _epochs(out: _Writer, cfg, sel, model, net, opt, train, test, device, totals, d: Dist, *,
@@ -391,7 +385,9 @@ def _epochs(out: _Writer, cfg, sel, model, net, opt, train, test, device, totals
             totals["test_acc"] = test_acc
         if out.main:  # history and checkpoint are built only where they are written
             hist = history_columns(train.n, plan.indices, plan.weights, plan.aug, losses_np)
-            out.epoch(epoch, {"selected": int(np.count_nonzero(hist["selected"])), **row}, train.keys, hist, dict(
+            _write_epoch(out.ws, out.run_id, epoch, {"selected": int(np.count_nonzero(hist["selected"])), **row},
+                         train.keys, hist)
+            atomic_write_bytes(out.ws.run_dir(out.run_id) / "checkpoint.pt", _checkpoint_bytes(
                 config=cfg.to_json(), run_id=out.run_id, epoch=epoch, model=model.state_dict(),
                 optimizer=opt.state_dict(), selector=sel.state_dict(), torch_rng=torch.get_rng_state(),
                 totals=dict(totals)))
