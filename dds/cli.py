@@ -219,7 +219,7 @@ def sql(
 def train(
     name: str = typer.Argument(..., help="Dataset name (as given to dds shard); needs a train split and the "
                                          "--eval-split (test by default)."),
-    policy: str = typer.Option("dds", "--policy", "-p", help="Selection policy: dds, full, random, infobatch, ucb."),
+    policy: str = typer.Option("dds", "--policy", "-p", help="Selection policy: dds, full, budgeted, random, infobatch, ucb."),
     budget: float = typer.Option(0.5, "--budget", help="Fraction of full-data sample-steps the whole run may spend, "
                                                        "warm-up and annealing included."),
     epochs: int = typer.Option(12, "--epochs", help="Training epochs."),
@@ -240,7 +240,15 @@ def train(
     from dds._validate import check_choice, check_fraction, check_positive_int
 
     ws = _ws(workspace)
-    if not resume:
+    if resume:
+        given = {"--policy": (policy, "dds"), "--budget": (budget, 0.5), "--epochs": (epochs, 12),
+                 "--model": (model, "resnet20"), "--seed": (seed, 0), "--encoder": (encoder, "lite0-minilm"),
+                 "--batch-size": (batch_size, 128), "--lr": (lr, 0.1), "--option": (option, []),
+                 "--eval-split": (eval_split, "test"), "--device": (device, "auto")}
+        changed = [flag for flag, (value, default) in given.items() if value != default]
+        if changed:
+            raise DdsError(f"--resume continues a run with its saved options; drop {', '.join(changed)}")
+    else:
         check_fraction("--budget", budget)
         check_positive_int("--epochs", epochs)
         check_positive_int("--batch-size", batch_size)
@@ -249,10 +257,10 @@ def train(
             raise DdsError(f"--batch-size {batch_size} is the global batch and must split evenly over --nproc {nproc}")
     _relaunch(nproc)
     from dds.train.config import TrainConfig
-    from dds.train.loop import run_train
+    from dds.train.loop import resume_train, run_train
 
     if resume:
-        result = run_train(ws, None, resume=resume, progress=progress)
+        result = resume_train(ws, resume, progress=progress, dataset=name)
     else:
         cfg = TrainConfig(dataset=name, policy=policy, budget=budget, epochs=epochs, model=model, seed=seed,
                           encoder=encoder, batch_size=batch_size, lr=lr, device=device, eval_split=eval_split,
@@ -278,32 +286,39 @@ def _parse_options(pairs: list[str]) -> dict:
 @app.command()
 def bench(
     name: str = typer.Argument(..., help="Dataset name (as given to dds shard)."),
-    policies: str = typer.Option("full,random,infobatch,ucb,dds", "--policies", help="Comma-separated policies; "
-                                 "'full' is the reference for wall-clock ratios."),
-    budget: float = typer.Option(0.5, "--budget", help="Budget of every non-full policy (fraction of sample-steps)."),
+    policies: str = typer.Option("full,budgeted,random,infobatch,ucb,dds", "--policies",
+                                 help="Comma-separated entries NAME[:KEY=VALUE...], e.g. "
+                                      "full,budgeted,infobatch:prune_ratio=0.8,dds; 'full' is the reference."),
+    budgets: str = typer.Option("0.5", "--budgets", "--budget", help="Comma-separated budgets (fractions of full-data "
+                                "sample-steps) for the entries that follow one; full and fixed-ratio infobatch run once."),
     epochs: int = typer.Option(12, "--epochs", help="Training epochs per run."),
-    seeds: int = typer.Option(3, "--seeds", help="Seeds per policy (FIRST..FIRST+N-1)."),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds per entry and budget (FIRST..FIRST+N-1)."),
     first_seed: int = typer.Option(0, "--first-seed", min=0, help="First seed."),
     model: str = typer.Option("resnet20", "--model", "-m", help="Model name."),
-    option: list[str] = typer.Option([], "--option", "-o", help="Option of one policy, POLICY.KEY=VALUE (repeatable), "
-                                                                "e.g. -o dds.warmup_epochs=0."),
+    option: list[str] = typer.Option([], "--option", "-o", help="Option of every entry of one policy, POLICY.KEY=VALUE "
+                                                                "(repeatable), e.g. -o dds.warmup_epochs=0."),
+    results: Optional[str] = typer.Option(None, "--results", help="Append one JSON line per run to this file "
+                                                                  "(e.g. benchmarks/results/b1.jsonl)."),
     eval_split: str = EvalSplitOpt,
     encoder: str = EncoderOpt,
     device: str = DeviceOpt,
     workspace: Optional[str] = WorkspaceOpt,
     progress: bool = ProgressOpt,
 ) -> None:
-    """Run several policies on the same data, model, epochs and seeds; print and store one comparison table."""
-    from dds._validate import check_choice, check_fraction, check_positive_int
-    from dds.train.bench import run_bench
+    """Run several policies x budgets x seeds on the same data and model; print and store one comparison table."""
+    from dds._validate import check_choice, check_positive_int
+    from dds.train.bench import format_bench_table, run_bench
 
-    check_fraction("--budget", budget)
     check_positive_int("--epochs", epochs)
     check_positive_int("--seeds", seeds)
     check_choice("--device", device, ("auto", "cpu", "cuda"))
     names = [p.strip() for p in policies.split(",") if p.strip()]
     if not names:
         raise DdsError("--policies is empty; give e.g. --policies full,dds")
+    try:
+        budget_list = [float(b) for b in budgets.split(",") if b.strip()]
+    except ValueError:
+        raise DdsError(f"--budgets takes comma-separated numbers, got '{budgets}'") from None
     ws = _ws(workspace)
     per_policy: dict[str, dict] = {}
     for key, value in _parse_options(option).items():
@@ -311,13 +326,12 @@ def bench(
         if not dot or not policy or not opt:
             raise DdsError(f"bench --option takes POLICY.KEY=VALUE, got '{key}'; e.g. -o dds.warmup_epochs=0")
         per_policy.setdefault(policy, {})[opt] = value
-    rows = run_bench(ws, name, policies=names, budget=budget, epochs=epochs, seeds=seeds, model=model,
+    rows = run_bench(ws, name, policies=names, budgets=budget_list, epochs=epochs, seeds=seeds, model=model,
                      base_config={"encoder": encoder, "device": device, "seed": first_seed, "eval_split": eval_split},
-                     policy_options=per_policy, progress=progress)
-    from dds.train.bench import format_bench_table
-
+                     policy_options=per_policy, progress=progress, results=results)
     typer.echo(format_bench_table(rows))
-    typer.echo(f"accuracy: last epoch, on the {eval_split} split")
+    typer.echo(f"accuracy: last epoch, on the {eval_split} split; lossless at = smallest spend with mean accuracy "
+               "within 0.1 points of full")
     typer.echo(f"per-sample history: dds sql \"SELECT * FROM history WHERE run_id = '{rows[0]['run_ids'][0]}' LIMIT 10\""
                f" -w {ws.root}")
 

@@ -10,7 +10,7 @@ Usage in a training loop (torch helpers live in ``dds.selector.torch``)::
            loss = weighted_mean(per_sample_loss, weights)...
         sel.observe(indices, per_sample_losses)    # unweighted per-sample losses
 
-Policies (``list_policies()``): ``full``, ``random``, ``infobatch``, ``ucb``, ``dds``; new ones are
+Policies (``list_policies()``): ``full``, ``budgeted``, ``random``, ``infobatch``, ``ucb``, ``dds``; new ones are
 added with ``@register_policy(name)`` on a ``Policy`` subclass. This package imports no torch.
 """
 from dds.selector._base import (REGIONS, EpochPlan, Policy, SampleInfo, encode_regions, get_policy,
@@ -18,7 +18,7 @@ from dds.selector._base import (REGIONS, EpochPlan, Policy, SampleInfo, encode_r
 from dds.selector._selector import Selector, bench_plan, synthetic_info
 
 # built-in policies: importing registers them
-from dds.selector._simple import FullConfig, RandomConfig  # noqa: E402
+from dds.selector._simple import BudgetedConfig, FullConfig, RandomConfig  # noqa: E402
 from dds.selector._infobatch import InfoBatchConfig  # noqa: E402
 from dds.selector._ucb import UcbConfig  # noqa: E402
 from dds.selector._dds import DdsConfig  # noqa: E402
@@ -26,5 +26,5 @@ from dds.selector._dds import DdsConfig  # noqa: E402
 __all__ = [
     "REGIONS", "SampleInfo", "EpochPlan", "Selector", "Policy", "register_policy", "list_policies", "get_policy",
     "encode_regions", "bench_plan", "synthetic_info",
-    "FullConfig", "RandomConfig", "InfoBatchConfig", "UcbConfig", "DdsConfig",
+    "BudgetedConfig", "FullConfig", "RandomConfig", "InfoBatchConfig", "UcbConfig", "DdsConfig",
 ]

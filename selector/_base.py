@@ -139,8 +139,13 @@ def make_plan(epoch: int, indices: np.ndarray, weights: np.ndarray | float = 1.0
     return EpochPlan(epoch=int(epoch), indices=idx, weights=w, aug=a)
 
 
-def anneal_start(epochs: int, delta: float) -> int:
-    """First annealing epoch: the smallest epoch e with e >= delta * epochs (``epochs`` if none)."""
+def anneal_start(epochs: int, delta: float, *, strict: bool = False) -> int:
+    """First annealing epoch: the smallest epoch e with e >= delta * epochs (``epochs`` if none).
+
+    ``strict``: the smallest e with e > delta * epochs instead (the official InfoBatch sampler).
+    """
+    if strict:
+        return min(epochs, math.floor(delta * epochs + 1e-9) + 1)
     return min(epochs, math.ceil(delta * epochs - 1e-9))
 
 
@@ -153,7 +158,8 @@ class Policy:
     Class attributes:
         Config: the policy's options dataclass (one documented default per field).
         needs_scores: whether ``SampleInfo`` must carry joint, consistency and region.
-        uses_budget: False for policies that always spend the full data (``full``).
+        uses_budget: False for policies whose spend does not follow the budget (``full``; see
+            :meth:`spends_budget` for policies where it depends on the options).
     """
 
     Config: ClassVar[type] = type(None)
@@ -165,6 +171,11 @@ class Policy:
         self.cfg = cfg
         self.epochs = epochs
         self.total = total
+
+    @classmethod
+    def spends_budget(cls, cfg: Any) -> bool:
+        """Whether a run with options ``cfg`` follows ``--budget`` (else it spends what it spends)."""
+        return cls.uses_budget
 
     def epoch_sizes(self) -> np.ndarray:
         """(epochs,) int64 planned sample counts per epoch (an estimate where sizes depend on losses)."""

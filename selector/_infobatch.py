@@ -1,25 +1,31 @@
-"""``infobatch``: InfoBatch (Qin et al., ICLR 2024, arXiv 2303.04947), at a matched budget.
+"""``infobatch``: InfoBatch (Qin et al., ICLR 2024, arXiv 2303.04947), as published.
 
-The rule, as in the official code (``NUS-HPC-AI-Lab/InfoBatch:infobatch/infobatch.py``):
+The rule of the official code (``NUS-HPC-AI-Lab/InfoBatch:infobatch/infobatch.py``), which is the
+default here:
 
 * score of a sample = its most recently observed training loss;
 * in a pruned epoch, the samples whose score is below the mean score ("well learned") are pruned
-  at ratio r: ``int((1 - r) * n_below)`` of them are kept, uniformly at random, with loss weight
-  ``1 / (1 - r)``; every sample at or above the mean is kept with weight 1;
-* annealing: epochs ``e >= delta * E`` (delta = 0.875) train on the full data with weight 1.
+  at ratio r: with the keep ratio ``k = clip(1 - r, 0.1, 1)`` (the official clamp), ``int(k * n_below)``
+  of them are kept, uniformly at random, with loss weight ``1 / k``; every sample at or above the
+  mean is kept with weight 1;
+* epochs ``e <= delta * E`` are pruned (delta = 0.875), epochs ``e > delta * E`` train on the full
+  data with weight 1 (annealing);
+* r is fixed (``prune_ratio``, official default 0.5): the run spends what the losses make it spend
+  (about 0.71 of the full data at r = 0.5 on B1), and ``Selector.spent()`` reports it. It does not
+  follow ``--budget``.
 
-Differences from the official code, on purpose:
+``match_budget=True`` is our budget-matched variant (not InfoBatch as published): r is set per
+pruned epoch so that the run spends the budget, ``r = min(needed_drop / n_below, max_prune_ratio)``;
+InfoBatch can never drop high-loss samples, so below what it can reach it overspends.
 
-* r is chosen per pruned epoch from the remaining budget, so that the run spends the same
-  sample-steps as the other policies: ``r = clip(needed_drop / n_below, 0, max_prune_ratio)`` with
-  ``needed_drop = N - remaining / pruned_epochs_left``. A fixed r is available (``prune_ratio``).
-  InfoBatch can never drop high-loss samples, so when the budget is below what it can reach it
-  spends more; ``Selector.spent()`` reports what it really spent.
+Where we differ from the official code, on purpose:
+
 * Unseen samples (no loss observed yet) are always kept and left out of the mean; the official code
-  gives them the constant score 3 instead. In the first epoch nothing has been observed, so it is a
-  full epoch in both.
-* Annealing starts at ``e >= delta * E`` (as described in the paper and seen in the lab's logs); the
-  official sampler starts one epoch later (``e > delta * E``). r is not clamped to 0.9 silently.
+  gives them the constant score 3 instead. Both make epoch 0 a full epoch, and after it every
+  sample has been seen, so the plans agree.
+* The official sampler resets the weights to 1 only when ``e == delta * E + 1``, which for a
+  non-integer ``delta * E`` never happens, so its annealing epochs reuse the last pruned epoch's
+  weights; here annealing epochs have weight 1, as the paper describes.
 * Randomness comes from the epoch's generator, not the global numpy seed.
 """
 from __future__ import annotations
@@ -28,41 +34,50 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dds.selector._base import LossPolicy, EpochPlan, anneal_start, check_real, make_plan, register_policy
+from dds.selector._base import LossPolicy, EpochPlan, anneal_start, check_bool, check_real, make_plan, register_policy
 from dds.selector._core import LossEma, even_sizes, shuffle_order, shuffled
+
+MIN_KEEP = 0.1  # the official keep-ratio clamp: at most 90 % of the well-learned samples are pruned
 
 
 @dataclass(frozen=True)
 class InfoBatchConfig:
     """Options of ``infobatch``."""
 
-    prune_ratio: float | None = None  # fixed r in [0, 1) (the official `prune_ratio`); None = set per epoch from the budget
-    delta: float = 0.875              # annealing: epochs >= delta * epochs use the full data with weight 1 (1.0 = none)
-    max_prune_ratio: float = 1.0      # upper bound on the budget-derived r (the official code clamps r to 0.9)
+    prune_ratio: float = 0.5          # r in [0, 1): share of the below-mean samples pruned (keep ratio clipped to >= 0.1)
+    delta: float = 0.875              # epochs e <= delta * epochs are pruned, later ones use the full data (1.0 = never)
+    match_budget: bool = False        # set r per epoch so the run spends --budget (our variant, not the published rule)
+    max_prune_ratio: float = 0.9      # with match_budget: upper bound on r (the official clamp)
 
     def __post_init__(self) -> None:
-        if self.prune_ratio is not None:
-            object.__setattr__(self, "prune_ratio", check_real("prune_ratio", self.prune_ratio, 0.0, 1.0,
-                                                               hi_open=True))
-        object.__setattr__(self, "delta", check_real("delta", self.delta, 0.0, 1.0))
-        object.__setattr__(self, "max_prune_ratio", check_real("max_prune_ratio", self.max_prune_ratio, 0.0, 1.0))
+        set_ = object.__setattr__
+        set_(self, "prune_ratio", check_real("prune_ratio", self.prune_ratio, 0.0, 1.0, hi_open=True))
+        set_(self, "delta", check_real("delta", self.delta, 0.0, 1.0))
+        set_(self, "match_budget", check_bool("match_budget", self.match_budget))
+        set_(self, "max_prune_ratio", check_real("max_prune_ratio", self.max_prune_ratio, 0.0, 1.0))
+
+
+def keep_ratio(prune_ratio: float) -> float:
+    """The official keep ratio of the below-mean samples: ``clip(1 - r, 0.1, 1)``."""
+    return min(1.0, max(MIN_KEEP, 1.0 - float(prune_ratio)))
 
 
 def infobatch_prune(scores: np.ndarray, seen: np.ndarray, n_keep_low: int | None, *,
-                    prune_ratio: float | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                    prune_ratio: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One InfoBatch pruning step (the pure core).
 
     Args:
         scores: (N,) float last observed losses.
         seen: (N,) bool, a loss was observed; unseen samples are always kept with weight 1.
-        n_keep_low: how many below-mean samples to keep (budget mode), or None to use ``prune_ratio``.
-        prune_ratio: fixed r in [0, 1) when ``n_keep_low`` is None: keep ``int((1 - r) * n_below)``.
+        n_keep_low: how many below-mean samples to keep (budget mode), or None for the published
+            rule: keep ``int(keep_ratio(prune_ratio) * n_below)`` with weight ``1 / keep_ratio``.
+        prune_ratio: r in [0, 1), used when ``n_keep_low`` is None.
         rng: the epoch's generator.
 
     Returns:
         ``(indices, weights)``: (M,) int64 kept samples (high/unseen first, then kept low-loss, not
-        shuffled) and (M,) float32 weights: 1 for high-loss/unseen, ``n_below / n_keep`` (= 1/(1-r))
-        for kept low-loss samples.
+        shuffled) and (M,) float32 weights: 1 for high-loss/unseen, ``1 / keep ratio`` for kept
+        low-loss samples (``n_below / n_keep`` in budget mode).
     """
     below = np.zeros(scores.shape[0], bool)
     if seen.any():
@@ -70,8 +85,8 @@ def infobatch_prune(scores: np.ndarray, seen: np.ndarray, n_keep_low: int | None
     low = np.flatnonzero(below)
     high = np.flatnonzero(~below)
     if n_keep_low is None:
-        n_keep_low = int((1.0 - float(prune_ratio)) * low.size)
-        w_low = 1.0 / (1.0 - float(prune_ratio))
+        k = keep_ratio(prune_ratio)
+        n_keep_low, w_low = int(k * low.size), 1.0 / k
     else:
         n_keep_low = max(0, min(int(n_keep_low), low.size))
         w_low = low.size / n_keep_low if n_keep_low else 1.0
@@ -83,35 +98,43 @@ def infobatch_prune(scores: np.ndarray, seen: np.ndarray, n_keep_low: int | None
 
 @register_policy("infobatch")
 class InfoBatchPolicy(LossPolicy):
-    """InfoBatch with r set per pruned epoch from the budget (see the module docstring)."""
+    """InfoBatch with the published fixed-ratio rule, or budget-matched (see the module docstring)."""
 
     Config = InfoBatchConfig
 
+    @classmethod
+    def spends_budget(cls, cfg: InfoBatchConfig) -> bool:
+        return cfg.match_budget
+
     def __init__(self, info, cfg, *, epochs: int, total: int) -> None:
         super().__init__(info, cfg, epochs=epochs, total=total)
-        self._anneal = anneal_start(epochs, cfg.delta)
+        self._anneal = anneal_start(epochs, cfg.delta, strict=True)
         self._loss = LossEma(info.n, momentum=0.0)   # momentum 0: `last` = `mean` = the last loss
+        self._last_pruned = -1                        # size of the latest pruned epoch with a loss-based cut
 
     def epoch_sizes(self) -> np.ndarray:
-        """Estimate: epoch 0 and annealing epochs full, the pruned epochs share the rest evenly."""
+        """Estimate: epoch 0 and annealing epochs full; pruned epochs share the rest of the budget
+        evenly (match_budget), or take the latest pruned epoch's size (before one: half the samples
+        below the mean)."""
         n, sizes = self.info.n, np.full(self.epochs, self.info.n, np.int64)
         pruned = max(0, self._anneal - 1)
-        if pruned and self.cfg.prune_ratio is None:
+        if pruned and self.cfg.match_budget:
             rest = self.total - n * (self.epochs - pruned)
             sizes[1:self._anneal] = even_sizes(max(rest, 0), pruned, cap=n)
-        elif pruned:  # fixed r: about half the samples are below the mean
-            sizes[1:self._anneal] = round(n * (1.0 - 0.5 * self.cfg.prune_ratio))
+        elif pruned:
+            guess = round(n * (1.0 - 0.5 * (1.0 - keep_ratio(self.cfg.prune_ratio))))
+            sizes[1:self._anneal] = self._last_pruned if self._last_pruned >= 0 else guess
         return sizes
 
     def plan(self, epoch: int, rng: np.random.Generator, *, spent_before: int) -> EpochPlan:
         n = self.info.n
         if epoch >= self._anneal:
             return make_plan(epoch, shuffle_order(n, rng))
-        n_keep_low = None
-        if self.cfg.prune_ratio is None:
-            n_keep_low = self._keep_low_for_budget(epoch, spent_before)
+        n_keep_low = self._keep_low_for_budget(epoch, spent_before) if self.cfg.match_budget else None
         idx, w = infobatch_prune(self._loss.last, self._loss.seen, n_keep_low,
                                  prune_ratio=self.cfg.prune_ratio, rng=rng)
+        if self._loss.seen.any():
+            self._last_pruned = int(idx.size)
         perm = shuffle_order(idx.size, rng)
         return make_plan(epoch, idx[perm], w[perm])
 
@@ -128,3 +151,10 @@ class InfoBatchPolicy(LossPolicy):
         need_drop = min(max(n - target, 0), n_below)
         max_drop = int(np.floor(self.cfg.max_prune_ratio * n_below + 1e-9))
         return n_below - min(need_drop, max_drop)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "last_pruned": self._last_pruned}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._last_pruned = int(state.get("last_pruned", -1))

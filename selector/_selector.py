@@ -33,8 +33,9 @@ class Selector:
         info: the static per-sample inputs; ``dds`` needs joint, consistency and region.
         epochs: training epochs E.
         budget: fraction of full-data sample-steps (``epochs * N``) the whole run may spend, warm-up
-            and annealing included, in (0, 1]. ``full`` always spends the full data: its budget is set
-            to 1.0 (a warning is logged if a smaller one was given).
+            and annealing included, in (0, 1]. Policies that do not follow the budget (``full``;
+            ``infobatch`` with a fixed ``prune_ratio``, its default) get budget 1.0 as their cap and
+            spend what they spend (``spent()``); a warning is logged if a smaller one was given.
         seed: non-negative seed; epoch e uses ``np.random.default_rng([seed, e])``, so the plan is
             the same on every rank and after a resume.
         **policy_options: the policy's options (fields of its config dataclass, e.g. ``DdsConfig``).
@@ -44,6 +45,8 @@ class Selector:
         config: the policy's resolved config dataclass (save it with the run).
         n: number of samples N.
         total_sample_steps: ``round(budget * epochs * N)``, the run's budget in sample-steps.
+        follows_budget: whether the policy's spend follows ``budget`` (False for ``full`` and
+            fixed-ratio ``infobatch``).
 
     Raises:
         DdsError: budget outside (0, 1], bad epochs/seed, unknown policy or option, bad option value,
@@ -65,9 +68,11 @@ class Selector:
             raise DdsError(f"policy {policy} needs scores (joint, consistency, region): run `dds index NAME` first")
         self.policy, self.info, self.n = policy, info, info.n
         self.budget = float(budget)
-        if not cls.uses_budget and self.budget < 1.0:
-            log.warning("policy %s ignores budget %g and spends the full data (budget 1.0)", policy, self.budget)
+        if not cls.spends_budget(self.config) and self.budget < 1.0:
+            log.warning("policy %s with these options ignores budget %g and spends what it spends (cap 1.0)",
+                        policy, self.budget)
             self.budget = 1.0
+        self.follows_budget = cls.spends_budget(self.config)
         self.total_sample_steps = int(round(self.budget * self.epochs * self.n))
         self._policy = cls(info, self.config, epochs=self.epochs, total=self.total_sample_steps)
         self._sizes = np.full(self.epochs, -1, np.int64)      # planned size per epoch, -1 = not planned
@@ -115,8 +120,8 @@ class Selector:
         return int(self._sizes[self._sizes >= 0].sum())
 
     def epoch_sizes(self) -> np.ndarray:
-        """(epochs,) int64 expected sizes of every epoch (exact for full, random, ucb and dds; an
-        estimate for infobatch, whose sizes depend on the losses). Planned epochs show their real size."""
+        """(epochs,) int64 expected sizes of every epoch (exact for full, budgeted, random, ucb and dds;
+        an estimate for infobatch, whose sizes depend on the losses). Planned epochs show their real size."""
         sizes = self._policy.epoch_sizes()
         return np.where(self._sizes >= 0, self._sizes, sizes)
 

@@ -1,4 +1,5 @@
-"""Reference policies: ``full`` (every sample, every epoch) and ``random`` (uniform dynamic selection)."""
+"""Reference policies: ``full`` (every sample, every epoch), ``budgeted`` (full data, trained shorter)
+and ``random`` (uniform dynamic selection)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,6 +32,42 @@ class FullPolicy(Policy):
 
     def plan(self, epoch: int, rng: np.random.Generator, *, spent_before: int) -> EpochPlan:
         return make_plan(epoch, shuffle_order(self.info.n, rng))
+
+
+@dataclass(frozen=True)
+class BudgetedConfig:
+    """``budgeted`` has no options."""
+
+
+@register_policy("budgeted")
+class BudgetedPolicy(Policy):
+    """"Just train shorter": full shuffled passes until the budget is spent, the last one partial.
+
+    The control of budgeted training (Li, Yumer & Ramanan, ICLR 2020, "Budgeted training: rethinking
+    deep neural network training under resource constraints"): with budget B the run trains
+    ``round(B * E * N)`` sample-steps on the full data, epoch by epoch (every epoch a fresh shuffle
+    of all N samples; the last trained epoch takes the first part of its shuffle), and the epochs
+    after that are empty. The trainer's LR schedule runs over the steps actually planned, so it
+    anneals to its end at the budget: the schedule-aware baseline that any selection method must
+    beat to be worth its bookkeeping.
+    """
+
+    Config = BudgetedConfig
+
+    def __init__(self, info, cfg, *, epochs: int, total: int) -> None:
+        super().__init__(info, cfg, epochs=epochs, total=total)
+        n = info.n
+        full, part = divmod(int(total), n)
+        self._sizes = np.zeros(epochs, np.int64)
+        self._sizes[:full] = n
+        if full < epochs:
+            self._sizes[full] = part
+
+    def epoch_sizes(self) -> np.ndarray:
+        return self._sizes.copy()
+
+    def plan(self, epoch: int, rng: np.random.Generator, *, spent_before: int) -> EpochPlan:
+        return make_plan(epoch, shuffle_order(self.info.n, rng)[:int(self._sizes[epoch])])
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dds.selector._infobatch import infobatch_prune
 REPO = Path(__file__).resolve().parents[1]
 NOISY, AUGMENT = REGIONS.index("noisy"), REGIONS.index("augment")
 CLASS_SIZES = (150, 120, 110, 90, 80, 50)          # unequal on purpose
-BUDGET = {"full": 1.0, "infobatch": 0.7}            # infobatch cannot drop high-loss samples: give it room
+BUDGET = {"full": 1.0, "infobatch": 1.0}            # policies that spend what they spend
 
 
 def make_info(class_sizes=CLASS_SIZES, noisy_fraction=0.1, seed=0, scores=True) -> SampleInfo:
@@ -59,7 +59,7 @@ def test_import_does_not_import_torch():
 
 
 def test_policies_are_registered():
-    assert list_policies() == ["dds", "full", "infobatch", "random", "ucb"]
+    assert list_policies() == ["budgeted", "dds", "full", "infobatch", "random", "ucb"]
     with pytest.raises(ValueError, match="already registered"):
         register_policy("dds")(object)
 
@@ -74,12 +74,12 @@ def test_plans_are_valid_and_spend_the_budget(policy):
     assert sel.total_sample_steps == round(budget * 8 * info.n)
     for p in run(sel):
         assert p.indices.dtype == np.int64 and p.weights.dtype == np.float32 and p.aug.dtype == np.uint8
-        assert p.indices.shape == p.weights.shape == p.aug.shape and len(p) > 0
+        assert p.indices.shape == p.weights.shape == p.aug.shape and (len(p) > 0 or policy == "budgeted")
         assert np.unique(p.indices).size == len(p), "indices repeat within an epoch"
-        assert p.indices.min() >= 0 and p.indices.max() < info.n
+        assert len(p) == 0 or (p.indices.min() >= 0 and p.indices.max() < info.n)
         assert (p.weights > 0).all() and set(np.unique(p.aug).tolist()) <= {0, 1}
-    if policy == "infobatch":
-        assert abs(sel.spent() - sel.total_sample_steps) <= 128
+    if policy == "infobatch":   # the published rule spends what it spends: here it pruned, so less than full
+        assert not sel.follows_budget and 0.5 * sel.total_sample_steps < sel.spent() < sel.total_sample_steps
     else:
         assert sel.spent() == sel.total_sample_steps
     assert sel.epoch_sizes().sum() == sel.spent()
@@ -91,7 +91,7 @@ def test_same_seed_same_plans_other_seed_other_plans(policy):
     a, b, c = (Selector(policy, info, epochs=6, budget=BUDGET.get(policy, 0.5), seed=s) for s in (1, 1, 2))
     pa, pb, pc = run(a), run(b), run(c)
     assert all(same(x, y) for x, y in zip(pa, pb))
-    assert not any(np.array_equal(x.indices, z.indices) for x, z in zip(pa, pc))
+    assert not any(np.array_equal(x.indices, z.indices) for x, z in zip(pa, pc) if len(x))
 
 
 @pytest.mark.parametrize("policy", list_policies())
@@ -185,9 +185,16 @@ def test_dds_loss_rescale_weights():
     sel = Selector("dds", info, epochs=4, budget=0.5, seed=0, loss_rescale="const", warmup_epochs=0, delta=1.0)
     p = sel.plan(0)
     assert np.allclose(p.weights, info.n / len(p))
-    sel = Selector("dds", info, epochs=4, budget=0.5, seed=0, loss_rescale="is", is_clip=3.0)
+    sel = Selector("dds", info, epochs=4, budget=0.5, seed=0, loss_rescale="is", is_clip=1e9)
     p = sel.plan(1)
-    assert (p.weights > 0).all() and p.weights.max() <= 3.0 and p.weights.std() > 0
+    assert (p.weights > 0).all() and p.weights.std() > 0
+    # importance weights undo the sampling bias: low-pi (low-joint) samples get the larger weights
+    pi = 0.05 + info.joint[p.indices]   # loss term is 1 before any loss is observed
+    assert np.corrcoef(pi, p.weights)[0, 1] < -0.5
+    row = info.labels[p.indices] == info.labels[p.indices][0]
+    assert np.allclose(p.weights[row] * pi[row], (p.weights[row] * pi[row])[0], rtol=1e-4)   # w ∝ 1 / pi within a class
+    clipped = Selector("dds", info, epochs=4, budget=0.5, seed=0, loss_rescale="is", is_clip=3.0).plan(1)
+    assert clipped.weights.max() <= 3.0
 
 
 def test_dds_budget_too_small_for_warmup_and_annealing_is_reduced_then_refused():
@@ -211,7 +218,8 @@ def test_infobatch_rule_by_hand():
     assert np.array_equal(w[~np.isin(idx, [4, 5])], [2.0, 2.0])      # 1 / (1 - r)
 
     info = SampleInfo(labels=np.zeros(6, np.int64), num_classes=1)
-    sel = Selector("infobatch", info, epochs=8, budget=1.0, prune_ratio=0.5)
+    sel = Selector("infobatch", info, epochs=9, budget=0.5, prune_ratio=0.5)
+    assert sel.budget == 1.0 and not sel.follows_budget   # the published rule does not follow --budget
     p0 = sel.plan(0)                               # nothing observed: every sample, weight 1
     assert sorted(p0.indices.tolist()) == list(range(6)) and (p0.weights == 1).all()
     sel.observe(np.arange(6), losses)
@@ -219,15 +227,53 @@ def test_infobatch_rule_by_hand():
     assert len(p1) == 4 and {4, 5} <= set(p1.indices.tolist())
     assert dict(zip(p1.indices.tolist(), p1.weights.tolist()))[5] == 1.0
     assert sorted(p1.weights.tolist()) == [1.0, 1.0, 2.0, 2.0]
-    p7 = sel.plan(7)                               # epoch 7 >= 0.875 * 8: annealing, full data
-    assert sorted(p7.indices.tolist()) == list(range(6)) and (p7.weights == 1).all()
+    assert len(sel.plan(7)) == 4                   # 7 <= 0.875 * 9 = 7.875: still pruned (official: e > delta * E anneals)
+    p8 = sel.plan(8)                               # 8 > 7.875: annealing, full data, weight 1
+    assert sorted(p8.indices.tolist()) == list(range(6)) and (p8.weights == 1).all()
+    assert len(Selector("infobatch", info, epochs=8).plan(7)) == 6 - 0   # unobserved: full either way
+    sel8 = Selector("infobatch", info, epochs=8)
+    sel8.observe(np.arange(6), losses)
+    assert len(sel8.plan(7)) == 4                  # 8 epochs: 7 <= 7.0, so the last epoch is pruned too
 
 
-def test_infobatch_sets_r_from_the_budget_and_reports_overspending():
+def test_infobatch_keep_ratio_is_clamped_like_the_official_code():
+    losses = np.concatenate([np.full(40, 0.1), np.full(10, 5.0)]).astype(np.float32)  # 40 below the mean
+    idx, w = infobatch_prune(losses, np.ones(50, bool), None, prune_ratio=0.95, rng=np.random.default_rng(0))
+    low = idx < 40
+    assert low.sum() == 4 and (idx >= 40).sum() == 10   # keep ratio clip(1 - 0.95, 0.1, 1) = 0.1: int(0.1 * 40)
+    assert np.allclose(w[low], 10.0) and np.allclose(w[~low], 1.0)   # weight 1 / 0.1, not 1 / 0.05
+    idx, w = infobatch_prune(losses, np.ones(50, bool), None, prune_ratio=0.0, rng=np.random.default_rng(0))
+    assert idx.size == 50 and np.allclose(w, 1.0)
+    # the whole sampler at the clamp: 40 * 0.1 = 4 kept low-loss samples in every pruned epoch
+    sel = Selector("infobatch", SampleInfo(labels=np.zeros(50, np.int64), num_classes=1), epochs=4, prune_ratio=0.95)
+    sel.observe(np.arange(50), losses)
+    assert len(sel.plan(1)) == 14
+
+
+def test_infobatch_match_budget_sets_r_and_reports_overspending():
     info = make_info()
-    sel = Selector("infobatch", info, epochs=8, budget=0.3, seed=0)   # below what InfoBatch can reach
+    sel = Selector("infobatch", info, epochs=8, budget=0.5, seed=0, match_budget=True)
+    assert sel.follows_budget
     run(sel)
+    assert abs(sel.spent() - sel.total_sample_steps) <= 128
+    sel = Selector("infobatch", info, epochs=8, budget=0.3, seed=0, match_budget=True)  # below what it can reach
+    plans = run(sel)
     assert sel.spent() > sel.total_sample_steps
+    assert max(p.weights.max() for p in plans) == pytest.approx(10.0, rel=0.05)   # r clamped at 0.9
+
+
+def test_budgeted_trains_full_shuffled_passes_then_a_partial_one():
+    info = make_info()
+    sel = Selector("budgeted", info, epochs=8, budget=0.3, seed=1)
+    plans = run(sel)
+    total = round(0.3 * 8 * info.n)
+    assert sel.spent() == total and sel.total_sample_steps == total
+    full, part = divmod(total, info.n)
+    for p in plans[:full]:
+        assert sorted(p.indices.tolist()) == list(range(info.n)) and (p.weights == 1).all() and (p.aug == 0).all()
+    assert len(plans[full]) == part and np.unique(plans[full].indices).size == part
+    assert all(len(p) == 0 for p in plans[full + 1:])
+    assert not np.array_equal(plans[0].indices, plans[1].indices)   # a fresh shuffle every epoch
 
 
 def test_ucb_takes_unseen_first_then_the_highest_scores():
@@ -255,7 +301,7 @@ def test_budget_outside_unit_interval_is_refused(budget):
 
 def test_unknown_policy_and_options_list_known_names():
     info = make_info()
-    with pytest.raises(DdsError, match="unknown policy 'dsd'.*known: dds, full, infobatch, random, ucb"):
+    with pytest.raises(DdsError, match="unknown policy 'dsd'.*known: budgeted, dds, full, infobatch, random, ucb"):
         Selector("dsd", info, epochs=4)
     with pytest.raises(DdsError, match="unknown option.*lossweight.*known: warmup_epochs, delta"):
         Selector("dds", info, epochs=4, lossweight=1)

@@ -11,8 +11,10 @@ import torch
 
 from dds.catalog import query
 from dds.errors import DdsError
+from dds.selector import list_policies
 from dds.train import (TrainConfig, create_augment, create_model, format_bench_table, list_augments, list_models,
-                       load_sample_info, lr_at, open_split, run_bench, run_train)
+                       load_sample_info, lr_at, open_split, resume_train, run_bench, run_train)
+from dds.train.bench import lossless_budget, parse_entry, summarise
 from dds.train.augment import Augmenter, epoch_aug_seeds
 from dds.train.loop import history_columns
 from dds.workspace import Workspace
@@ -68,31 +70,38 @@ def test_smoke_run_writes_runs_epochs_history(ws):
     assert len(never) == N_TRAIN - hist[hist["selected"]]["key"].nunique()
 
 
-def test_lr_schedule_is_monotone_cosine_and_ignores_epoch_sizes():
+def test_lr_at_is_cosine_with_warmup():
     total = 1000
     lrs = [lr_at(s, total, lr=0.1) for s in range(0, total + 1, 10)]
-    assert lrs[0] == pytest.approx(0.1)
-    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert lrs[0] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
     assert lr_at(total // 2, total, lr=0.1) == pytest.approx(0.05)
-    assert lr_at(2 * total, total, lr=0.1) == pytest.approx(0.0, abs=1e-12)  # past the budget: held at the end
-
-    def step_lrs(epoch_sizes, batch=32):  # the LR of every optimiser step of a run with these epoch sizes
-        done, out = 0, []
-        for m in epoch_sizes:
-            for start in range(0, m, batch):
-                out.append((done, lr_at(done, total, lr=0.1)))
-                done += min(batch, m - start)
-        return dict(out)
-
-    even, uneven = step_lrs([250] * 4), step_lrs([400, 100, 300, 200])
-    for s in set(even) & set(uneven):
-        assert even[s] == uneven[s]  # a pure function of samples consumed, whatever the epoch sizes
-    for lrs in (even, uneven):
-        values = [lrs[s] for s in sorted(lrs)]
-        assert all(a >= b for a, b in zip(values, values[1:])) and values[-1] < 0.1 * 0.01
+    assert lr_at(2 * total, total, lr=0.1) == pytest.approx(0.0, abs=1e-12)  # past the end: held at the end
     warm = [lr_at(s, total, lr=0.1, warmup=0.1) for s in (0, 50, 100, 1000)]
     assert warm[0] == 0 and warm[1] == pytest.approx(0.05) and warm[2] == pytest.approx(0.1) and warm[3] < 1e-12
+
+
+@pytest.mark.parametrize("policy", list_policies())
+def test_lr_reaches_its_final_value_at_the_last_step(ws, policy):
+    """The loop counts its steps from the plan: whatever a policy spends, its last step runs at the
+    schedule's final value (0 for cosine) and its first near the peak."""
+    result = run_train(ws, _cfg(policy=policy, epochs=4, budget=0.4), progress=False)
+    e = _table(ws, f"SELECT epoch, steps, total_steps, lr_first, lr_last, sample_steps FROM epochs "
+                   f"WHERE run_id = '{result['run_id']}' ORDER BY epoch")
+    trained = e[e["steps"] > 0]
+    assert e["steps"].sum() == result["steps"] == result["total_steps"] == trained["total_steps"].iloc[-1]
+    assert (e["steps"] == np.ceil(e["sample_steps"] / 16)).all()
+    assert trained["lr_last"].iloc[-1] == pytest.approx(0.0, abs=1e-12)
+    # the first step at the first count of the run's steps (exact from the start unless sizes follow losses)
+    assert trained["lr_first"].iloc[0] == pytest.approx(lr_at(1, trained["total_steps"].iloc[0], lr=0.1))
+    if policy != "infobatch":
+        assert (trained["total_steps"] == result["steps"]).all()
+    lrs = trained[["lr_first", "lr_last"]].to_numpy().ravel()
+    assert (np.diff(lrs) <= 1e-12).all() and lrs[0] > 0.09
+    if policy == "budgeted":   # 0.4 of 4 epochs x 64 = 102 sample-steps: one full pass, then 38, then nothing
+        assert e["sample_steps"].tolist() == [64, 38, 0, 0] and result["budget_spent"] == pytest.approx(102 / 256)
+    if policy in ("full", "infobatch"):   # they do not follow the budget
+        assert result["budget"] == 1.0
 
 
 def test_resume_repeats_an_uninterrupted_run(ws):
@@ -100,7 +109,7 @@ def test_resume_repeats_an_uninterrupted_run(ws):
     full = run_train(ws, cfg, progress=False)
     part = run_train(ws, cfg, progress=False, stop_after=2)
     assert part["status"] == "stopped" and part["epochs_done"] == 2
-    resumed = run_train(ws, None, resume=part["run_id"], progress=False)
+    resumed = resume_train(ws, part["run_id"], progress=False)
     assert resumed["run_id"] == part["run_id"] and resumed["status"] == "done"
 
     def rows(run_id):
@@ -161,7 +170,7 @@ def test_eval_split_val_and_per_policy_bench_options(tmp_path, ws):
     result = run_train(ws, _cfg(dataset="withval", eval_split="val", epochs=1), progress=False)
     assert result["test_acc"] * 12 == pytest.approx(round(result["test_acc"] * 12))  # a count out of the 12 val
     assert result["test_acc"] * 5 != pytest.approx(round(result["test_acc"] * 5)) or result["test_acc"] in (0, 1)
-    rows = run_bench(ws, "withval", policies=["random", "dds"], budget=0.5, epochs=2, seeds=1, model="cnn3",
+    rows = run_bench(ws, "withval", policies=["random", "dds"], budgets=[0.5], epochs=2, seeds=1, model="cnn3",
                      base_config={"seed": 4, "eval_split": "val"}, policy_options={"dds": {"warmup_epochs": 0}},
                      progress=False)
     runs = _table(ws, "SELECT run_id, seed, config FROM runs")
@@ -169,7 +178,7 @@ def test_eval_split_val_and_per_policy_bench_options(tmp_path, ws):
     assert dds_cfg["policy_options"] == {"warmup_epochs": 0} and dds_cfg["seed"] == 4
     assert dds_cfg["eval_split"] == "val"
     with pytest.raises(DdsError, match="options given for ucb"):
-        run_bench(ws, "withval", policies=["random"], budget=0.5, epochs=1, seeds=1, policy_options={"ucb": {}})
+        run_bench(ws, "withval", policies=["random"], budgets=[0.5], epochs=1, seeds=1, policy_options={"ucb": {}})
     with pytest.raises(DdsError, match="no val split; run dds shard .* --split train --val N"):
         run_train(tiny, _cfg(eval_split="val"), progress=False)
 
@@ -187,8 +196,29 @@ def test_unknown_names_and_bad_config_are_errors(ws):
         run_train(ws, _cfg(epochs=0), progress=False)
     with pytest.raises(DdsError, match="unknown train config key"):
         TrainConfig.from_dict({"dataset": "tiny", "learning_rate": 0.1})
-    with pytest.raises(DdsError, match="has no checkpoint"):
-        run_train(ws, None, resume="no-such-run", progress=False)
+    with pytest.raises(DdsError, match="is not a run of workspace"):
+        resume_train(ws, "no-such-run", progress=False)
+
+
+def test_resume_loads_only_tensors_and_only_runs_of_the_workspace(ws, tmp_path):
+    import pickle
+
+    run_id = run_train(ws, _cfg(epochs=1), progress=False)["run_id"]
+    for bad in ("../../x", f"../{run_id}", "/etc/passwd", f"{run_id}/../{run_id}"):
+        with pytest.raises(DdsError, match="is not a run of workspace"):
+            resume_train(ws, bad, progress=False)
+    marker = tmp_path / "pwned"
+
+    class Evil:   # unpickling this would run os.system
+        def __reduce__(self):
+            import os
+            return os.system, (f"touch {marker}",)
+
+    ckpt = ws.run_dir(run_id) / "checkpoint.pt"
+    torch.save({"config": Evil()}, ckpt, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    with pytest.raises(DdsError, match="not a dds checkpoint"):
+        resume_train(ws, run_id, progress=False)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -243,16 +273,59 @@ def test_load_sample_info_joins_scores_in_idx_order(tmp_path):
     assert [REGIONS[c] for c in info.region] == regions[::-1]
 
 
-def test_bench_rows_and_table(ws):
-    rows = run_bench(ws, "tiny", policies=["full", "random"], budget=0.5, epochs=1, seeds=2, model="cnn3",
-                     base_config={"batch_size": 32}, progress=False)
-    assert [r["policy"] for r in rows] == ["full", "random"]
-    full, rand = rows
-    assert full["wall_ratio"] == pytest.approx(1.0) and full["budget_spent"] == pytest.approx(1.0)
-    assert rand["budget_spent"] == pytest.approx(0.5) and len(rand["run_ids"]) == 2
-    assert all(0 <= r["acc_mean"] <= 1 and r["acc_std"] >= 0 and math.isfinite(r["wall_ratio"]) for r in rows)
+def test_bench_rows_budgets_entries_and_table(ws):
+    rows = run_bench(ws, "tiny", policies=["full", "random", "infobatch:prune_ratio=0.8"], budgets=[0.6, 0.3],
+                     epochs=2, seeds=2, model="cnn3", base_config={"batch_size": 32}, progress=False)
+    assert [(r["policy"], r["budget"]) for r in rows] == [("full", None), ("random", 0.3), ("random", 0.6),
+                                                          ("infobatch:prune_ratio=0.8", None)]
+    full, r3, r6, ib = rows
+    assert full["budget_spent"] == pytest.approx(1.0) and r3["budget_spent"] == pytest.approx(round(0.3 * 128) / 128)
+    assert r6["budget_spent"] == pytest.approx(round(0.6 * 128) / 128) and len(r6["run_ids"]) == 2
+    assert ib["budget_spent"] <= 1.0
+    runs = _table(ws, "SELECT run_id, config FROM runs")
+    cfg = json.loads(runs.set_index("run_id").loc[ib["run_ids"][0], "config"])
+    assert cfg["policy"] == "infobatch" and cfg["policy_options"] == {"prune_ratio": 0.8}
+
+    def train_s(run_ids):   # recomputed from the epochs table, independently of the bench's own sums
+        ids = ", ".join(f"'{r}'" for r in run_ids)
+        e = _table(ws, f"SELECT run_id, sum(data_s + compute_s + select_s) AS s FROM epochs WHERE run_id IN ({ids}) "
+                       "GROUP BY run_id")
+        return e["s"].mean()
+
+    assert r3["wall_ratio"] == pytest.approx(train_s(r3["run_ids"]) / train_s(full["run_ids"]), rel=1e-6)
+    assert all(0 <= r["acc_mean"] <= 1 and r["acc_std"] >= 0 and len(r["accs"]) == 2 for r in rows)
     bench = _table(ws, "SELECT * FROM bench")
     assert {"bench_id", "dataset", "policy", "budget", "seeds", "acc_mean", "acc_std", "budget_spent", "wall_ratio",
-            "select_s"} <= set(bench.columns)
-    assert sorted(bench["policy"]) == ["full", "random"]
-    assert "random" in format_bench_table(rows)
+            "select_s", "lossless_budget"} <= set(bench.columns)
+    table = format_bench_table(rows)
+    assert "infobatch:prune_ratio=0.8" in table and "lossless at" in table
+
+
+def test_bench_writes_one_result_line_per_run(ws, tmp_path):
+    out = tmp_path / "results" / "b.jsonl"
+    run_bench(ws, "tiny", policies=["full", "budgeted"], budgets=[0.5], epochs=1, seeds=2, model="cnn3",
+              progress=False, results=out, command="dds bench tiny")
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(x["policy"], x["seed"]) for x in lines] == [("full", 0), ("full", 1), ("budgeted", 0), ("budgeted", 1)]
+    assert {"command", "commit", "budget", "budget_spent", "acc", "train_s", "run_id"} <= set(lines[0])
+    assert lines[2]["budget"] == 0.5 and lines[2]["budget_spent"] == pytest.approx(0.5, abs=1 / 64)
+
+
+def test_lossless_budget_on_a_constructed_table():
+    def res(acc, spent):
+        return {"test_acc": acc, "budget_spent": spent, "data_s": 1.0, "compute_s": spent, "select_s": 0.0,
+                "eval_s": 0.1, "run_id": "r"}
+
+    runs = [("full", None, [res(0.900, 1.0), res(0.904, 1.0)]),          # mean 0.902: lossless = >= 0.901
+            ("random", 0.3, [res(0.880, 0.3)]), ("random", 0.5, [res(0.9012, 0.5)]), ("random", 0.7, [res(0.91, 0.7)]),
+            ("budgeted", 0.5, [res(0.8999, 0.5)]),
+            ("infobatch", None, [res(0.903, 0.71)])]
+    rows = summarise(runs)
+    got = {(r["policy"], r["budget"]): r["lossless_budget"] for r in rows}
+    assert got[("random", 0.3)] == got[("random", 0.7)] == pytest.approx(0.5)   # the smallest lossless spend
+    assert got[("budgeted", 0.5)] is None and got[("infobatch", None)] == pytest.approx(0.71)
+    assert lossless_budget([(0.5, 0.95)], 0.9, tol=0.001) == 0.5 and lossless_budget([], 0.9) is None
+    assert "> 1.00" in format_bench_table(rows)
+    assert parse_entry("infobatch:prune_ratio=0.8:delta=0.9") == ("infobatch", {"prune_ratio": 0.8, "delta": 0.9})
+    with pytest.raises(DdsError, match="NAME:KEY=VALUE"):
+        parse_entry("infobatch:0.8")

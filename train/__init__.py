@@ -6,7 +6,7 @@ from dds.train.augment import create_augment, list_augments, register_augment
 from dds.train.bench import format_bench_table, run_bench
 from dds.train.config import TrainConfig
 from dds.train.data import load_sample_info, open_split
-from dds.train.loop import lr_at, run_train
+from dds.train.loop import lr_at, resume_train, run_train
 from dds.train.models import create_model, list_models, register_model
 
 __all__ = [
@@ -22,5 +22,6 @@ __all__ = [
     "register_augment",
     "register_model",
     "run_bench",
+    "resume_train",
     "run_train",
 ]

@@ -1,14 +1,26 @@
-"""``dds bench``: every policy x seed in one process on the same decoded data, summarised per policy.
+"""``dds bench``: every policy x budget x seed in one process on the same decoded data.
 
-Rows go to ``bench/{bench_id}.parquet`` (catalog view ``bench``). Wall-clock ratios are relative
-to the ``full`` policy of the same bench (NaN when ``full`` is not among the policies).
+A bench entry is a policy name with optional options, ``NAME[:KEY=VALUE[:KEY=VALUE...]]`` (e.g.
+``infobatch:prune_ratio=0.8``), so one policy can appear with several settings. Entries whose spend
+follows ``--budget`` run once per budget; the others (``full``, fixed-ratio ``infobatch``) run once
+and spend what they spend. ``full`` is the reference: wall-clock ratios are relative to it (NaN
+without it) and each entry's *lossless budget* is the smallest spend whose mean accuracy is at
+least full's mean minus 0.1 points.
+
+Rows go to ``bench/{bench_id}.parquet`` (catalog view ``bench``) and, with ``results=FILE``, one
+JSON line per run is appended to FILE (command, git commit, entry, budget, seed, spend, accuracy,
+seconds), the form in which benchmark results are committed to the repository.
 """
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import math
 import secrets
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,114 +37,201 @@ from dds.workspace import Workspace, write_parquet
 
 log = logging.getLogger(__name__)
 
-# what run_bench returns per policy (the bench parquet adds bench_id, dataset, budget, seeds, model, train_s, eval_s)
-ROW_KEYS = ("policy", "acc_mean", "acc_std", "budget_spent", "wall_ratio", "wall_ratio_eval", "select_s", "run_ids")
+LOSSLESS_TOL = 0.001  # lossless = mean accuracy >= full's mean - 0.1 points
+
+# what run_bench returns per row (the bench parquet adds bench_id, dataset, seeds, model, eval_split, train_s, eval_s)
+ROW_KEYS = ("policy", "budget", "acc_mean", "acc_std", "accs", "budget_spent", "wall_ratio", "wall_ratio_eval",
+            "select_s", "lossless_budget", "run_ids")
 
 
-def run_bench(ws: Workspace, name: str, *, policies: list[str], budget: float, epochs: int, seeds: int,
+def parse_entry(entry: str) -> tuple[str, dict[str, Any]]:
+    """``"infobatch:prune_ratio=0.8"`` -> ``("infobatch", {"prune_ratio": 0.8})``; values parsed as JSON
+    where they parse (numbers, booleans), else kept as strings."""
+    name, *pairs = entry.strip().split(":")
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise DdsError(f"bench entry '{entry}': options are written NAME:KEY=VALUE, got '{pair}'")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    if not name:
+        raise DdsError(f"bench entry '{entry}' has no policy name")
+    return name, options
+
+
+def lossless_budget(points: list[tuple[float, float]], full_mean: float, tol: float = LOSSLESS_TOL) -> float | None:
+    """The smallest spend whose mean accuracy is >= ``full_mean - tol``, or None if no point is lossless.
+
+    Args:
+        points: ``(budget_spent, acc_mean)`` of one entry at each budget it ran.
+        full_mean: the ``full`` policy's mean accuracy.
+    """
+    ok = [spent for spent, acc in points if acc >= full_mean - tol - 1e-12]
+    return min(ok) if ok else None
+
+
+def run_bench(ws: Workspace, name: str, *, policies: list[str], budgets: list[float], epochs: int, seeds: int,
               model: str = "resnet20", base_config: dict[str, Any] | None = None,
-              policy_options: dict[str, dict[str, Any]] | None = None,
-              progress: bool = True) -> list[dict[str, Any]]:
-    """Train every policy with seeds 0..seeds-1 and summarise per policy.
+              policy_options: dict[str, dict[str, Any]] | None = None, progress: bool = True,
+              results: str | Path | None = None, command: str | None = None) -> list[dict[str, Any]]:
+    """Train every entry x budget x seed and summarise per (entry, budget).
 
     Args:
         ws: the workspace.
         name: the dataset.
-        policies: policy names, e.g. ``["full", "random", "infobatch", "dds"]``.
-        budget: fraction of full-data sample-steps for every policy (``full`` always spends 1).
+        policies: bench entries, e.g. ``["full", "budgeted", "random", "infobatch:prune_ratio=0.8", "dds"]``.
+        budgets: budgets (fractions of full-data sample-steps) for the entries that follow a budget.
         epochs: epochs per run.
-        seeds: runs per policy (seeds ``0..seeds-1``, or ``base_config["seed"] + i``).
+        seeds: runs per (entry, budget) (seeds ``0..seeds-1``, or ``base_config["seed"] + i``).
         model: model name for every run.
-        base_config: further :class:`TrainConfig` fields shared by all runs (e.g. ``{"batch_size": 256}``,
-            ``{"seed": 3}`` for seeds 3.., ``{"eval_split": "val"}``).
-        policy_options: policy name -> its options (``{"dds": {"warmup_epochs": 0}}``); every key must be
-            one of ``policies``.
+        base_config: further :class:`TrainConfig` fields shared by all runs (e.g. ``{"eval_split": "val"}``).
+        policy_options: policy name -> options applied to every entry of that policy (entry options win).
         progress: tqdm bars while training.
+        results: a JSON-lines file to append one row per run to.
+        command: the command line recorded in ``results`` (default: ``sys.argv``).
 
     Returns:
-        One dict per policy, in the given order: policy, acc_mean, acc_std (over seeds, ddof 0),
-        budget_spent (mean fraction of full-data sample-steps used), wall_ratio (training
-        wall-clock data+compute+select / full's), wall_ratio_eval (the same with evaluation
-        included), select_s (mean selection seconds per run), run_ids. The bench parquet holds
-        these (run_ids as a list) plus bench_id, dataset, budget, seeds, model, train_s and eval_s
-        (mean seconds per run).
+        One dict per (entry, budget), entries in the given order, budgets ascending: policy (the
+        entry), budget (None for entries that do not follow it), acc_mean, acc_std (ddof 0), accs
+        (per seed), budget_spent (mean), wall_ratio (data+compute+select seconds / full's),
+        wall_ratio_eval (the same with evaluation), select_s, lossless_budget (per entry, the same
+        on each of its rows; None when no budget is lossless or there is no ``full``), run_ids.
 
     Raises:
-        DdsError: empty or duplicate policies, bad budget/epochs/seeds, or any error of run_train.
+        DdsError: empty or duplicate entries, bad budgets/epochs/seeds, or any error of run_train.
     """
+    from dds.selector import get_policy
+    from dds.selector._base import make_config
+
     if not policies:
-        raise DdsError("no policies given; try --policies full,random,infobatch,dds")
+        raise DdsError("no policies given; try --policies full,budgeted,random,infobatch,dds")
     if len(set(policies)) != len(policies):
         raise DdsError(f"policies listed twice in {','.join(policies)}; give each once")
-    check_fraction("budget", budget)
+    if not budgets:
+        raise DdsError("no budgets given; try --budgets 0.5")
+    for b in budgets:
+        check_fraction("budget", b)
     check_positive_int("epochs", epochs)
     check_positive_int("seeds", seeds)
     if from_env().enabled:
         raise DdsError("dds bench runs every policy in one process; start it without torchrun (dds train takes --nproc)")
-    from dds.selector import get_policy
-
-    options = dict(policy_options or {})
-    stray = sorted(set(options) - set(policies))
+    shared = dict(policy_options or {})
+    parsed = {entry: parse_entry(entry) for entry in policies}
+    stray = sorted(set(shared) - {p for p, _ in parsed.values()})
     if stray:
         raise DdsError(f"options given for {', '.join(stray)}, which is not among the policies {','.join(policies)}")
     base = dict(base_config or {})
     seed0 = int(base.pop("seed", 0))
-    # policies that ignore the budget (full) are run, and recorded, at budget 1; unknown names fail here
-    budgets = {p: budget if getattr(get_policy(p), "uses_budget", True) else 1.0 for p in policies}
-    configs = {p: [TrainConfig.from_dict({**base, "dataset": name, "policy": p, "budget": budgets[p],
-                                          "epochs": epochs, "model": model, "seed": seed0 + s,
-                                          "policy_options": options.get(p, {})}).validate()
-                   for s in range(seeds)] for p in policies}
-    first = configs[policies[0]][0]
+    plan: list[tuple[str, float | None, list[TrainConfig]]] = []
+    for entry, (policy, opts) in parsed.items():
+        options = {**shared.get(policy, {}), **opts}
+        cls = get_policy(policy)  # unknown names fail here, before any decoding
+        follows = cls.spends_budget(make_config(policy, cls.Config, options))
+        for b in (sorted(set(budgets)) if follows else [None]):
+            cfgs = [TrainConfig.from_dict({**base, "dataset": name, "policy": policy, "budget": 1.0 if b is None else b,
+                                           "epochs": epochs, "model": model, "seed": seed0 + s,
+                                           "policy_options": options}).validate() for s in range(seeds)]
+            plan.append((entry, b, cfgs))
+    first = plan[0][2][0]
     evaluated = open_split(ws, name, first.eval_split, cache=first.cache)  # a missing split fails before train decodes
     data = (open_split(ws, name, "train", cache=first.cache), evaluated)
     bench_id = f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
-    results = {p: [run_train(ws, cfg, progress=progress, data=data) for cfg in configs[p]] for p in policies}
-    rows = summarise(results)
-    extra = {"bench_id": bench_id, "dataset": name, "budget": float(budget), "seeds": int(seeds), "model": model,
-             "eval_split": first.eval_split}
-    table = pa.Table.from_pylist([{**extra, **row} for row in rows])
-    write_parquet(ws.root / "bench" / f"{bench_id}.parquet", table.cast(table.schema.set(
-        table.schema.get_field_index("seeds"), pa.field("seeds", pa.int32()))))
+    commit = _git_commit()
+    command = command or " ".join(["dds", *sys.argv[1:]])
+    runs: list[tuple[str, float | None, list[dict[str, Any]]]] = []
+    for entry, b, cfgs in plan:
+        out = []
+        for cfg in cfgs:
+            r = run_train(ws, cfg, progress=progress, data=data)
+            out.append(r)
+            if results is not None:
+                _append_jsonl(results, {"bench_id": bench_id, "command": command, "commit": commit, "dataset": name,
+                                        "policy": entry, "budget": b, "epochs": epochs, "seed": cfg.seed,
+                                        "model": model, "eval_split": cfg.eval_split, "budget_spent": r["budget_spent"],
+                                        "acc": r["test_acc"], "train_s": r["train_s"], "eval_s": r["eval_s"],
+                                        "wall_s": r["wall_s"], "select_s": r["select_s"], "steps": r["steps"],
+                                        "run_id": r["run_id"]})
+        runs.append((entry, b, out))
+    rows = summarise(runs)
+    extra = {"bench_id": bench_id, "dataset": name, "seeds": int(seeds), "model": model, "eval_split": first.eval_split}
+    table = pa.Table.from_pylist([{**extra, **row} for row in rows], schema=_bench_schema(rows[0]))
+    write_parquet(ws.root / "bench" / f"{bench_id}.parquet", table)
     catalog.refresh(ws)
     log.info("bench %s written to %s", bench_id, ws.root / "bench" / f"{bench_id}.parquet")
     return [{k: row[k] for k in ROW_KEYS} for row in rows]
 
 
-def summarise(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per-policy summary of run_train results (pure); ratios are relative to the ``full`` policy.
+def _bench_schema(row: dict[str, Any]) -> pa.Schema:
+    types = {"bench_id": pa.string(), "dataset": pa.string(), "seeds": pa.int32(), "model": pa.string(),
+             "eval_split": pa.string(), "policy": pa.string(), "budget": pa.float64(), "accs": pa.list_(pa.float64()),
+             "lossless_budget": pa.float64(), "run_ids": pa.list_(pa.string())}
+    names = ["bench_id", "dataset", "seeds", "model", "eval_split", *row]
+    return pa.schema([(k, types.get(k, pa.float64())) for k in dict.fromkeys(names)])
+
+
+def summarise(runs: list[tuple[str, float | None, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """Per-(entry, budget) summary of run_train results (pure); ratios and lossless budgets are
+    relative to the entry named ``full``.
 
     Args:
-        results: policy -> list of run_train result dicts (keys test_acc, budget_spent, data_s,
-            compute_s, select_s, eval_s, run_id).
+        runs: ``(entry, budget or None, run_train results)`` per group; results carry test_acc,
+            budget_spent, data_s, compute_s, select_s, eval_s, run_id.
     """
-    def mean(runs: list[dict[str, Any]], key: str) -> float:
-        return float(np.mean([r[key] for r in runs]))
-
-    train_s = {p: float(np.mean([r["data_s"] + r["compute_s"] + r["select_s"] for r in runs]))
-               for p, runs in results.items()}
-    eval_s = {p: mean(runs, "eval_s") for p, runs in results.items()}
-    ref = results.get("full")
-    if ref is None:
-        log.warning("no 'full' policy in this bench: wall_ratio is NaN")
     rows = []
-    for p, runs in results.items():
-        accs = np.array([r["test_acc"] for r in runs], dtype=np.float64)
-        ratio = train_s[p] / train_s["full"] if ref is not None and train_s["full"] > 0 else math.nan
-        ratio_eval = ((train_s[p] + eval_s[p]) / (train_s["full"] + eval_s["full"])
-                      if ref is not None and train_s["full"] + eval_s["full"] > 0 else math.nan)
-        rows.append({"policy": p, "acc_mean": float(accs.mean()), "acc_std": float(accs.std()),
-                     "budget_spent": mean(runs, "budget_spent"), "wall_ratio": ratio, "wall_ratio_eval": ratio_eval,
-                     "select_s": mean(runs, "select_s"), "train_s": train_s[p], "eval_s": eval_s[p],
-                     "run_ids": [r["run_id"] for r in runs]})
+    for entry, b, results in runs:
+        accs = [float(r["test_acc"]) for r in results]
+        rows.append({"policy": entry, "budget": b, "acc_mean": float(np.mean(accs)), "acc_std": float(np.std(accs)),
+                     "accs": accs, "budget_spent": float(np.mean([r["budget_spent"] for r in results])),
+                     "train_s": float(np.mean([r["data_s"] + r["compute_s"] + r["select_s"] for r in results])),
+                     "eval_s": float(np.mean([r["eval_s"] for r in results])),
+                     "select_s": float(np.mean([r["select_s"] for r in results])),
+                     "run_ids": [r["run_id"] for r in results]})
+    ref = next((r for r in rows if r["policy"] == "full"), None)
+    if ref is None:
+        log.warning("no 'full' policy in this bench: wall ratios and lossless budgets are not computed")
+    for row in rows:
+        row["wall_ratio"] = row["train_s"] / ref["train_s"] if ref and ref["train_s"] > 0 else math.nan
+        both = ref["train_s"] + ref["eval_s"] if ref else 0.0
+        row["wall_ratio_eval"] = (row["train_s"] + row["eval_s"]) / both if both > 0 else math.nan
+        points = [(r["budget_spent"], r["acc_mean"]) for r in rows if r["policy"] == row["policy"]]
+        row["lossless_budget"] = lossless_budget(points, ref["acc_mean"]) if ref else None
     return rows
 
 
 def format_bench_table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table of bench rows (accuracy in %, mean ± std; ratios to full)."""
-    header = ("policy", "accuracy %", "budget spent", "wall/full", "wall+eval/full", "select s")
-    lines = [(r["policy"], f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f}", f"{r['budget_spent']:.3f}",
-              f"{r['wall_ratio']:.3f}", f"{r['wall_ratio_eval']:.3f}", f"{r['select_s']:.2f}") for r in rows]
+    """A plain-text table of bench rows (accuracy in %, mean ± std; ratios to full; lossless budget per entry)."""
+    max_spent = max(r["budget_spent"] for r in rows)
+    header = ("policy", "budget", "accuracy %", "spent", "wall/full", "wall+eval/full", "select s", "lossless at")
+
+    def lossless(r: dict[str, Any]) -> str:
+        if r["policy"] == "full":
+            return "-"
+        return f"{r['lossless_budget']:.3f}" if r["lossless_budget"] is not None else f"> {max_spent:.2f}"
+
+    lines = [(r["policy"], "-" if r["budget"] is None else f"{r['budget']:g}",
+              f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f}", f"{r['budget_spent']:.3f}",
+              f"{r['wall_ratio']:.3f}", f"{r['wall_ratio_eval']:.3f}", f"{r['select_s']:.2f}", lossless(r))
+             for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*ln) for ln in lines])
+
+
+def _git_commit() -> str | None:
+    """The commit of the dds source tree, when it is a git checkout (else None)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")

@@ -9,19 +9,28 @@ Reads top to bottom like nanoGPT's train.py, but as functions. Per epoch::
     selector.observe(plan.indices, per_sample losses of the epoch)
     evaluate on the test split; write epochs/ and history/ parquet; checkpoint
 
-The LR is a pure function of the samples consumed so far over the run's budget in sample-steps
-(fixed before epoch 1), so changing epoch sizes never disturb the schedule. Files are written
-atomically; ``resume=RUN_ID`` continues from the last checkpoint and repeats an uninterrupted run.
+The LR schedule runs over the optimiser steps the run actually takes: before each epoch the
+total is re-counted from the plan (steps taken so far + this epoch's plan + the selector's sizes of
+the epochs still to come), so every policy reaches the schedule's final value at its last step,
+whatever it spends (exactly from the start for policies whose sizes are fixed in advance; for
+``infobatch``, whose sizes follow the losses, the estimate is corrected every epoch and exact in the
+last). Files are written atomically; :func:`resume_train` continues a run from its last checkpoint
+and repeats an uninterrupted run.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import io
 import logging
 import math
+import os
+import re
 import secrets
+import socket
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,18 +55,20 @@ log = logging.getLogger(__name__)
 TIMERS = ("data_s", "compute_s", "select_s", "eval_s", "wall_s")
 
 
-def lr_at(samples_done: int, total_sample_steps: int, *, lr: float, schedule: str = "cosine",
-          warmup: float = 0.0) -> float:
-    """The learning rate after ``samples_done`` of the run's ``total_sample_steps`` samples.
+def lr_at(done: int, total: int, *, lr: float, schedule: str = "cosine", warmup: float = 0.0) -> float:
+    """The learning rate at progress ``done / total`` of a run.
+
+    The trainer calls it with ``done`` = the 1-based index of the optimiser step and ``total`` = the
+    run's steps, so the last step runs at the schedule's final value.
 
     Args:
-        samples_done: samples consumed by optimiser steps so far (>= 0).
-        total_sample_steps: the run's budget in sample-steps (> 0); progress past it is held at 1.
+        done: progress so far (>= 0).
+        total: progress at the end of the run (> 0); progress past it is held at 1.
         lr: the peak learning rate.
         schedule: "cosine" (from ``lr`` down to 0 at the end) or "constant".
         warmup: fraction of the run with a linear warm-up from 0 to ``lr``, in [0, 1).
     """
-    progress = min(samples_done / total_sample_steps, 1.0)
+    progress = min(done / total, 1.0)
     if progress < warmup:
         return lr * progress / warmup
     if schedule == "constant":
@@ -106,11 +117,15 @@ def evaluate(model: torch.nn.Module, split, *, device: torch.device, batch_size:
     """
     model.eval()
     mean, std = channel_stats(split.mean, split.std, device)
+    fmt = next((p for p in model.parameters() if p.dim() == 4), torch.empty(0)).is_contiguous(
+        memory_format=torch.channels_last) and device.type == "cpu"
     correct = torch.zeros((), dtype=torch.int64, device=device)  # summed on device: one sync at the end
     for i, batch in enumerate(split.eval_batches(batch_size)):
         if i % dist_.world != dist_.rank:
             continue
         x = normalize(batch["image"].to(device, non_blocking=True), mean, std)
+        if fmt:
+            x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp):
             logits = model(x)
         correct += (logits.argmax(1) == batch["label"].to(device, non_blocking=True)).sum()
@@ -120,15 +135,53 @@ def evaluate(model: torch.nn.Module, split, *, device: torch.device, batch_size:
 def _autocast(device: torch.device, amp: bool):
     if device.type == "cuda" and amp:
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return contextlib.nullcontext()  # CPU: bf16 autocast measured 5-8x slower than fp32 for resnet20 (README)
+
+
+def _memory_format(device: torch.device, channels_last: bool) -> torch.memory_format:
+    """channels_last on CPU when asked (about 2x faster for the conv nets here, README), else contiguous."""
+    return torch.channels_last if channels_last and device.type == "cpu" else torch.contiguous_format
+
+
+def epoch_steps(m: int, batch_size: int, world: int = 1) -> int:
+    """Optimiser steps of an epoch of ``m`` planned samples (each rank trains its part in batches of
+    ``batch_size / world``; all ranks take the same number of steps)."""
+    return math.ceil(part_size(m, world) / (batch_size // world)) if m else 0
+
+
+@dataclass
+class RunState:
+    """What a run has done so far: counters, timers and the last evaluation (saved in every checkpoint).
+
+    Config lives in :class:`TrainConfig` and is never changed by the trainer; this is the rest.
+    """
+
+    run_id: str
+    budget: float  # the budget the selector runs at (1.0 for policies that do not follow --budget)
+    total_sample_steps: int  # round(budget * epochs * N): the run's cap in sample-steps
+    follows_budget: bool = True  # whether the policy's spend follows the budget (False: full, fixed-ratio infobatch)
+    epochs_done: int = 0
+    sample_steps: int = 0  # samples trained so far (distributed padding included)
+    steps: int = 0  # optimiser steps taken so far
+    total_steps: int = 0  # the run's steps as counted before the latest epoch (exact once the last epoch is planned)
+    budget_spent: float = 0.0  # sample_steps / (epochs * N)
+    test_acc: float | None = None  # the latest evaluation
+    timers: dict[str, float] = field(default_factory=lambda: {t: 0.0 for t in TIMERS})
+
+    def summary(self, status: str) -> dict[str, Any]:
+        """The flat dict ``run_train`` returns and the runs table stores."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "timers"}
+        return {"status": status, **out, **self.timers,
+                "train_s": self.timers["data_s"] + self.timers["compute_s"] + self.timers["select_s"]}
 
 
 def _train_epoch(model, opt, train, plan, *, cfg: TrainConfig, device: torch.device, augmenter: Augmenter,
-                 samples_done: int, total: int, progress: bool,
+                 steps_done: int, total_steps: int, progress: bool,
                  dist_: Dist = Dist()) -> tuple[torch.Tensor, dict[str, float]]:
     """Train one epoch on ``plan``; returns the (P,) per-sample losses of this rank's part (on device;
-    P = M in a single process) and its timings. A distributed rank trains its part
-    (:func:`dds.distributed.part_positions`) in batches of ``batch_size / world``."""
+    P = M in a single process) and its timings (plus ``lr_first``/``lr_last``, the LR of its first and
+    last step). A distributed rank trains its part (:func:`dds.distributed.part_positions`) in
+    batches of ``batch_size / world``; step k of the run (1-based) runs at ``lr_at(k, total_steps)``."""
     from tqdm import tqdm
 
     from dds.selector.torch import weighted_mean
@@ -138,7 +191,9 @@ def _train_epoch(model, opt, train, plan, *, cfg: TrainConfig, device: torch.dev
     m = len(plan.indices) if positions is None else len(positions)
     losses = torch.empty(m, dtype=torch.float32, device=device)  # kept on device: copied once per epoch
     mean, std = channel_stats(train.mean, train.std, device)  # once per epoch, not per batch
-    timing = {"data_s": 0.0, "compute_s": 0.0}
+    fmt = _memory_format(device, cfg.channels_last)
+    timing = {"data_s": 0.0, "compute_s": 0.0, "lr_first": None, "lr_last": None}
+    step = steps_done
     bar = tqdm(total=m, desc=f"epoch {plan.epoch + 1}/{cfg.epochs}", unit="img", disable=not progress)
     batches = iter(train.plan_batches(plan, seed=cfg.seed, augmenter=augmenter,
                                       batch_size=cfg.batch_size // dist_.world, positions=positions))
@@ -153,11 +208,15 @@ def _train_epoch(model, opt, train, plan, *, cfg: TrainConfig, device: torch.dev
         y = batch["label"].to(device, non_blocking=True)
         w = batch["weight"].to(device, non_blocking=True)
         t1 = time.perf_counter()
+        step += 1
+        lr = lr_at(step, total_steps, lr=cfg.lr, schedule=cfg.schedule, warmup=cfg.warmup)
         for group in opt.param_groups:
-            group["lr"] = lr_at(samples_done + done * dist_.world, total, lr=cfg.lr, schedule=cfg.schedule,
-                                warmup=cfg.warmup)
+            group["lr"] = lr
+        timing["lr_last"] = lr
+        if timing["lr_first"] is None:
+            timing["lr_first"] = lr
         with _autocast(device, cfg.amp):
-            logits = model(normalize(x, mean, std))
+            logits = model(normalize(x, mean, std).contiguous(memory_format=fmt))
         per_sample = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=cfg.label_smoothing)
         loss = weighted_mean(per_sample, w)
         opt.zero_grad(set_to_none=True)
@@ -176,9 +235,33 @@ def _train_epoch(model, opt, train, plan, *, cfg: TrainConfig, device: torch.dev
     return losses, timing
 
 
+def _to_torch(obj: Any) -> Any:
+    """numpy arrays and scalars -> tensors and python scalars (what ``torch.load(weights_only=True)`` reads)."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _to_torch(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_torch(v) for v in obj]
+    return obj
+
+
+def _to_numpy(obj: Any) -> Any:
+    """Inverse of :func:`_to_torch` for the selector state (every tensor back to a numpy array)."""
+    if torch.is_tensor(obj):
+        return obj.numpy()
+    if isinstance(obj, dict):
+        return {k: _to_numpy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_numpy(v) for v in obj]
+    return obj
+
+
 def _checkpoint_bytes(**state: Any) -> bytes:
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save(_to_torch(state), buf)
     return buf.getvalue()
 
 
@@ -187,15 +270,21 @@ def _load_checkpoint(ws: Workspace, run_id: str) -> dict[str, Any]:
     if not path.exists():
         raise DdsError(f"run '{run_id}' has no checkpoint at {path}; list runs with: "
                        "dds sql \"SELECT run_id, status FROM runs\"")
-    # weights_only=False: our own file, holding the selector's numpy state next to the tensors
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only: tensors, containers and scalars only, so a crafted file cannot run code
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError or RuntimeError for files it refuses
+        raise DdsError(f"checkpoint of run '{run_id}' is not a dds checkpoint ({type(e).__name__}); "
+                       "it cannot be resumed") from None
 
 
-def _write_run(ws: Workspace, run_id: str, cfg: TrainConfig, status: str, totals: dict[str, Any]) -> None:
-    row = {"run_id": run_id, "dataset": cfg.dataset, "policy": cfg.policy, "budget": float(cfg.budget),
-           "epochs": cfg.epochs, "seed": cfg.seed, "status": status, "config": cfg.to_json(), "model": cfg.model,
-           **totals, "updated": datetime.datetime.now().isoformat(timespec="seconds")}
-    schema = {"epochs": pa.int32(), "seed": pa.int32(), "epochs_done": pa.int32(), "test_acc": pa.float64()}
+def _write_run(ws: Workspace, cfg: TrainConfig, state: RunState, status: str) -> None:
+    row = {"dataset": cfg.dataset, "policy": cfg.policy, "epochs": cfg.epochs, "seed": cfg.seed,
+           "config": cfg.to_json(), "model": cfg.model, **state.summary(status),
+           "pid": os.getpid(), "host": socket.gethostname(),
+           "updated": datetime.datetime.now().isoformat(timespec="seconds")}
+    schema = {"epochs": pa.int32(), "seed": pa.int32(), "epochs_done": pa.int32(), "test_acc": pa.float64(),
+              "pid": pa.int64()}
+    run_id = state.run_id
     atomic_write_json(ws.run_dir(run_id) / "run.json", row)
     write_parquet(ws.run_dir(run_id) / "run.parquet",
                   pa.table({k: pa.array([v], type=schema.get(k)) for k, v in row.items()}))
@@ -204,7 +293,8 @@ def _write_run(ws: Workspace, run_id: str, cfg: TrainConfig, status: str, totals
 def _write_epoch(ws: Workspace, run_id: str, epoch: int, row: dict[str, Any], keys: np.ndarray,
                  hist: dict[str, pa.Array]) -> None:
     run_dir = ws.run_dir(run_id)
-    types = {"epoch": pa.int32(), "selected": pa.int64(), "sample_steps": pa.int64(), "test_acc": pa.float64()}
+    types = {"epoch": pa.int32(), "selected": pa.int64(), "sample_steps": pa.int64(), "test_acc": pa.float64(),
+             "lr_first": pa.float64(), "lr_last": pa.float64(), "steps": pa.int64(), "total_steps": pa.int64()}
     write_parquet(run_dir / "epochs" / f"{epoch:04d}.parquet",
                   pa.table({"run_id": [run_id], "epoch": pa.array([epoch], pa.int32()),
                             **{k: pa.array([v], type=types.get(k)) for k, v in row.items()}}))
@@ -222,36 +312,61 @@ def _drop_later_epochs(ws: Workspace, run_id: str, last_done: int) -> None:
                 path.unlink()
 
 
-def run_train(ws: Workspace, cfg: TrainConfig | None = None, *, resume: str | None = None, progress: bool = True,
-              stop_after: int | None = None, data: tuple | None = None) -> dict[str, Any]:
-    """Train one run; writes runs/{run_id}/run.parquet, epochs/, history/ and checkpoint.pt.
+def run_train(ws: Workspace, cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = None,
+              data: tuple | None = None) -> dict[str, Any]:
+    """Train a new run; writes runs/{run_id}/run.parquet, epochs/, history/ and checkpoint.pt.
 
     Args:
         ws: the workspace.
-        cfg: the run's config (ignored with ``resume``, whose saved config is used; a different
-            dataset raises).
-        resume: run id to continue from its last checkpoint.
+        cfg: the run's config (not modified).
         progress: show a tqdm bar per epoch.
         stop_after: stop after this many epochs in total (status "stopped", resumable); for tests.
         data: ``(train, eval)`` splits from :func:`dds.train.data.open_split` to reuse (``dds bench``).
 
     Returns:
-        run_id, status, test_acc (last evaluation), budget_spent (fraction of epochs * N),
-        sample_steps, total_sample_steps, epochs_done and the summed timers data_s, compute_s,
-        select_s, eval_s, wall_s, train_s (= data_s + compute_s + select_s).
+        :meth:`RunState.summary`: run_id, status, test_acc (last evaluation), budget (as run),
+        budget_spent (fraction of epochs * N), sample_steps, total_sample_steps, steps, total_steps,
+        epochs_done and the summed timers data_s, compute_s, select_s, eval_s, wall_s and
+        train_s (= data_s + compute_s + select_s).
 
     Raises:
-        DdsError: bad config, unknown policy/model, missing dataset or test split, missing checkpoint.
+        DdsError: bad config, unknown policy/model, missing dataset or eval split.
     """
-    ckpt = None
-    if resume is not None:
-        ckpt = _load_checkpoint(ws, resume)
-        saved = TrainConfig.from_json(ckpt["config"])
-        if cfg is not None and cfg.dataset != saved.dataset:
-            raise DdsError(f"run '{resume}' trained on dataset {saved.dataset}, not {cfg.dataset}")
-        cfg = saved
-    if cfg is None:
-        raise DdsError("run_train needs a TrainConfig or a run id to resume")
+    if not isinstance(cfg, TrainConfig):
+        raise DdsError("run_train needs a TrainConfig; resume a run with resume_train(ws, run_id)")
+    return _run(ws, cfg, None, progress=progress, stop_after=stop_after, data=data)
+
+
+def resume_train(ws: Workspace, run_id: str, *, progress: bool = True, stop_after: int | None = None,
+                 data: tuple | None = None, dataset: str | None = None) -> dict[str, Any]:
+    """Continue ``run_id`` from its last checkpoint with its saved config; repeats an uninterrupted run.
+
+    ``dataset``: when given, the run must have trained on it (the CLI passes its NAME argument).
+
+    Raises:
+        DdsError: no such run in this workspace, no checkpoint, a file that is not a dds checkpoint,
+            or a run of another dataset.
+    """
+    ckpt = _load_checkpoint(ws, _check_run_id(ws, run_id))
+    saved = TrainConfig.from_json(ckpt["config"])
+    if dataset is not None and dataset != saved.dataset:
+        raise DdsError(f"run '{run_id}' trained on dataset {saved.dataset}, not {dataset}")
+    return _run(ws, saved, ckpt, progress=progress, stop_after=stop_after, data=data)
+
+
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*-\d{8}-\d{6}-[0-9a-f]{4}")
+
+
+def _check_run_id(ws: Workspace, run_id: str) -> str:
+    """``run_id`` if it names a run this workspace issued (no paths, only ids of existing runs)."""
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id) or not (ws.root / "runs" / run_id).is_dir():
+        raise DdsError(f"'{run_id}' is not a run of workspace {ws.root}; list them with: "
+                       "dds sql \"SELECT run_id, status FROM runs\"")
+    return run_id
+
+
+def _run(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, *, progress: bool, stop_after: int | None,
+         data: tuple | None) -> dict[str, Any]:
     cfg.validate()
     d = dist_init(cfg.device)
     if cfg.batch_size % d.world:
@@ -261,41 +376,43 @@ def run_train(ws: Workspace, cfg: TrainConfig | None = None, *, resume: str | No
         torch.set_num_threads(cfg.num_threads)
     device = device_for(d, resolve_device(cfg.device))
     sel, model, opt, train, test = _setup(ws, cfg, device, data)
-    cfg.budget = sel.budget  # a policy that ignores the budget (full) records the one it spends
-    total = sel.total_sample_steps
-    if total < 1:
+    if sel.total_sample_steps < 1:
         raise DdsError(f"budget {cfg.budget} of {cfg.epochs} epochs x {train.n} samples rounds to 0 sample-steps; "
                        "raise --budget or --epochs")
-    totals: dict[str, Any] = {"budget_spent": 0.0, "sample_steps": 0, "total_sample_steps": int(total),
-                              "total_steps": math.ceil(total / cfg.batch_size), "epochs_done": 0,
-                              "test_acc": None, **{t: 0.0 for t in TIMERS}}
-    start_epoch, run_id = 0, broadcast_object(d, resume or new_run_id(cfg.dataset, cfg.policy))
-    if ckpt is not None:
+    if ckpt is None:
+        state = RunState(run_id=broadcast_object(d, new_run_id(cfg.dataset, cfg.policy)), budget=sel.budget,
+                         total_sample_steps=sel.total_sample_steps, follows_budget=sel.follows_budget)
+        start_epoch = 0
+    else:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])  # moves the momentum buffers to the parameters' device
-        sel.load_state_dict(ckpt["selector"])
+        sel.load_state_dict(_to_numpy(ckpt["selector"]))
         torch.set_rng_state(ckpt["torch_rng"])
-        totals.update(ckpt["totals"])
+        state = RunState(**ckpt["state"])
         start_epoch = ckpt["epoch"] + 1
         if d.is_main:
-            _drop_later_epochs(ws, run_id, ckpt["epoch"])
-        log.info("resuming %s at epoch %d", run_id, start_epoch)
-    log.info("run %s: %s on %s, %d train / %d %s samples, budget %d sample-steps, device %s",
-             run_id, cfg.policy, cfg.dataset, train.n, test.n, cfg.eval_split, total, device)
+            _drop_later_epochs(ws, state.run_id, ckpt["epoch"])
+        log.info("resuming %s at epoch %d", state.run_id, start_epoch)
+    if d.is_main:
+        log.info("run %s: %s on %s, %d train / %d %s samples, budget %d sample-steps, device %s (resume with "
+                 "`dds train %s --resume %s`)", state.run_id, cfg.policy, cfg.dataset, train.n, test.n,
+                 cfg.eval_split, state.total_sample_steps, device, cfg.dataset, state.run_id)
     net = model
     if d.enabled:  # gradients averaged over the ranks; the checkpoint keeps the bare model's state
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    out = _Writer(ws, run_id, cfg, main=d.is_main)
-    out.run("running", totals)
+    out = _Writer(ws, cfg, state, main=d.is_main)
+    out.run("running")
     try:
-        status = _epochs(out, cfg, sel, model, net, opt, train, test, device, totals, d,
-                         start_epoch=start_epoch, stop_after=stop_after, progress=progress and d.is_main)
-    except BaseException:
-        out.run("failed", totals)
+        status = _epochs(out, sel, model, net, opt, train, test, device, d, start_epoch=start_epoch,
+                         stop_after=stop_after, progress=progress and d.is_main)
+    except KeyboardInterrupt:
+        out.run("stopped")
         raise
-    out.run(status, totals)
-    return {"run_id": run_id, "status": status, **totals,
-            "train_s": totals["data_s"] + totals["compute_s"] + totals["select_s"]}
+    except BaseException:
+        out.run("failed")
+        raise
+    out.run(status)
+    return state.summary(status)
 
 
 def _setup(ws: Workspace, cfg: TrainConfig, device: torch.device, data: tuple | None) -> tuple:
@@ -313,13 +430,11 @@ def _setup(ws: Workspace, cfg: TrainConfig, device: torch.device, data: tuple | 
         raise DdsError(f"policy {cfg.policy} needs the scores of {cfg.dataset} under encoder {cfg.encoder}: run "
                        f"`dds embed {cfg.dataset} --encoder {cfg.encoder}` and `dds index {cfg.dataset} "
                        f"--encoder {cfg.encoder}` first")
-    sel = Selector(cfg.policy, sample_info,
-                   epochs=cfg.epochs,
-                   budget=cfg.budget, seed=cfg.seed, **cfg.policy_options)
+    sel = Selector(cfg.policy, sample_info, epochs=cfg.epochs, budget=cfg.budget, seed=cfg.seed, **cfg.policy_options)
     with torch.random.fork_rng(devices=[]):  # model init from the run's seed, global RNG left untouched
         torch.manual_seed(cfg.seed)
         model = create_model(cfg.model, len(info["classes"]), int(info["channels"]), int(info["image_size"]))
-    model.to(device)
+    model.to(device=device, memory_format=_memory_format(device, cfg.channels_last))
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                           weight_decay=cfg.weight_decay)
     if data is None:
@@ -331,67 +446,80 @@ def _setup(ws: Workspace, cfg: TrainConfig, device: torch.device, data: tuple | 
 
 
 class _Writer:
-    """The run's row in ``runs``; in a distributed job only rank 0 writes (the others' calls do nothing)."""
+    """Where a run's files go; in a distributed job only rank 0 writes (the others' calls do nothing)."""
 
-    def __init__(self, ws: Workspace, run_id: str, cfg: TrainConfig, *, main: bool) -> None:
-        self.ws, self.run_id, self.cfg, self.main = ws, run_id, cfg, main
+    def __init__(self, ws: Workspace, cfg: TrainConfig, state: RunState, *, main: bool) -> None:
+        self.ws, self.cfg, self.state, self.main = ws, cfg, state, main
 
-    def run(self, status: str, totals: dict[str, Any]) -> None:
+    def run(self, status: str) -> None:
+        """The run's row in ``runs``."""
         if self.main:
-            _write_run(self.ws, self.run_id, self.cfg, status, totals)
+            _write_run(self.ws, self.cfg, self.state, status)
             catalog.refresh(self.ws)
 
 
-def _epochs(out: _Writer, cfg, sel, model, net, opt, train, test, device, totals, d: Dist, *,
-            start_epoch: int, stop_after: int | None, progress: bool) -> str:
-    """The epoch loop of :func:`run_train`; updates ``totals`` in place and returns the final status.
+def _planned_steps(sel, epoch: int, m: int, cfg: TrainConfig, world: int) -> int:
+    """Steps of ``epoch`` (``m`` planned samples) plus the steps the selector expects after it."""
+    later = sel.epoch_sizes()[epoch + 1:]
+    return epoch_steps(m, cfg.batch_size, world) + sum(epoch_steps(int(s), cfg.batch_size, world) for s in later)
+
+
+def _epochs(out: _Writer, sel, model, net, opt, train, test, device, d: Dist, *, start_epoch: int,
+            stop_after: int | None, progress: bool) -> str:
+    """The epoch loop of :func:`run_train`; updates ``out.state`` in place and returns the final status.
 
     ``net`` is ``model`` or its DistributedDataParallel wrapper (trained through; ``model`` is saved).
+    An epoch the selector leaves empty (``budgeted`` after its budget) trains nothing and is evaluated
+    only if it is the last one.
     """
+    cfg, state = out.cfg, out.state
     augmenter = Augmenter(train.image_size)
     for epoch in range(start_epoch, cfg.epochs):
         t_start = time.perf_counter()
         plan = sel.plan(epoch)
         check_same(d, plan, device)
+        m_plan = len(plan.indices)
+        state.total_steps = state.steps + _planned_steps(sel, epoch, m_plan, cfg, d.world)
         select_s = time.perf_counter() - t_start
         losses, timing = _train_epoch(net, opt, train, plan, cfg=cfg, device=device, augmenter=augmenter,
-                                      samples_done=totals["sample_steps"], total=totals["total_sample_steps"],
+                                      steps_done=state.steps, total_steps=state.total_steps,
                                       progress=progress, dist_=d)
         t0 = time.perf_counter()
-        losses_np = gather_part(d, losses, len(plan.indices)).cpu().numpy()  # one device -> host copy per epoch
+        losses_np = gather_part(d, losses, m_plan).cpu().numpy()  # one device -> host copy per epoch
         sel.observe(plan.indices, losses_np)
         select_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         test_acc = None
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        last = epoch + 1 == cfg.epochs
+        if last or (m_plan and (epoch + 1) % cfg.eval_every == 0):
             sync_buffers(d, model)  # then the bare model, the same on every rank, is evaluated
             test_acc = evaluate(model, test, device=device, batch_size=cfg.eval_batch_size, amp=cfg.amp, dist_=d)
         eval_s = time.perf_counter() - t0
-        m = part_size(len(plan.indices), d.world) * d.world  # trained: the plan plus the ranks' padding (< world)
-        if totals["sample_steps"] + m > totals["total_sample_steps"] >= totals["sample_steps"]:
-            log.warning("policy %s planned more than its budget of %d sample-steps; the LR stays at its final "
-                        "value for the rest of the run", cfg.policy, totals["total_sample_steps"])
-        totals["sample_steps"] += m
-        totals["budget_spent"] = totals["sample_steps"] / (cfg.epochs * train.n)
+        m = part_size(m_plan, d.world) * d.world  # trained: the plan plus the ranks' padding (< world)
+        steps = epoch_steps(m_plan, cfg.batch_size, d.world)
+        if state.follows_budget and state.sample_steps + m > state.total_sample_steps >= state.sample_steps:
+            log.warning("policy %s planned more than its budget of %d sample-steps", cfg.policy,
+                        state.total_sample_steps)
+        state.sample_steps += m
+        state.steps += steps
+        state.budget_spent = state.sample_steps / (cfg.epochs * train.n)
         row = {"sample_steps": m, "train_loss": float(losses_np.mean()) if m else float("nan"), "test_acc": test_acc,
                "wall_s": time.perf_counter() - t_start, **timing, "select_s": select_s, "eval_s": eval_s,
-               "lr_end": lr_at(totals["sample_steps"], totals["total_sample_steps"], lr=cfg.lr,
-                           schedule=cfg.schedule, warmup=cfg.warmup),
-               "samples_done": totals["sample_steps"], "budget_spent": totals["budget_spent"]}
+               "steps": steps, "total_steps": state.total_steps,
+               "samples_done": state.sample_steps, "budget_spent": state.budget_spent}
         for t in TIMERS:
-            totals[t] += row[t]
-        totals["epochs_done"] = epoch + 1
+            state.timers[t] += row[t]
+        state.epochs_done = epoch + 1
         if test_acc is not None:
-            totals["test_acc"] = test_acc
+            state.test_acc = test_acc
         if out.main:  # history and checkpoint are built only where they are written
             hist = history_columns(train.n, plan.indices, plan.weights, plan.aug, losses_np)
-            _write_epoch(out.ws, out.run_id, epoch, {"selected": int(np.count_nonzero(hist["selected"])), **row},
+            _write_epoch(out.ws, state.run_id, epoch, {"selected": int(np.count_nonzero(hist["selected"])), **row},
                          train.keys, hist)
-            atomic_write_bytes(out.ws.run_dir(out.run_id) / "checkpoint.pt", _checkpoint_bytes(
-                config=cfg.to_json(), run_id=out.run_id, epoch=epoch, model=model.state_dict(),
-                optimizer=opt.state_dict(), selector=sel.state_dict(), torch_rng=torch.get_rng_state(),
-                totals=dict(totals)))
-        out.run("running", totals)
+            atomic_write_bytes(out.ws.run_dir(state.run_id) / "checkpoint.pt", _checkpoint_bytes(
+                config=cfg.to_json(), epoch=epoch, model=model.state_dict(), optimizer=opt.state_dict(),
+                selector=sel.state_dict(), torch_rng=torch.get_rng_state(), state=dataclasses.asdict(state)))
+        out.run("running")
         log.info("epoch %d/%d: %d sample-steps, loss %.4f, test_acc %s, %.1f s", epoch + 1, cfg.epochs, m,
                  row["train_loss"], "-" if test_acc is None else f"{test_acc:.4f}", row["wall_s"])
         if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.epochs:
