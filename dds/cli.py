@@ -336,6 +336,27 @@ def bench(
                f" -w {ws.root}")
 
 
+@app.command("bench-table")
+def bench_table(
+    files: list[str] = typer.Argument(..., help="JSON-lines files written by dds bench --results."),
+) -> None:
+    """Print a markdown table (mean ± std, spend, wall/full, lossless budget) from dds bench --results files."""
+    from dds.train.bench import table_from_results
+
+    lines = []
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            raise DdsError(f"no results file {f}; write one with dds bench NAME --results {f}")
+        try:
+            lines += [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        except json.JSONDecodeError as e:
+            raise DdsError(f"{f} is not a JSON-lines file ({e})") from None
+    if not lines:
+        raise DdsError("the results files hold no runs")
+    typer.echo(table_from_results(lines))
+
+
 @app.command("bench-embed")
 def bench_embed(
     name: str = typer.Argument(..., help="Dataset name (as given to dds shard)."),
@@ -381,7 +402,8 @@ def bench_dist(
 
 @app.command()
 def report(
-    run_ids: list[str] = typer.Argument(..., metavar="RUN_ID...", help="Runs to show: the curves show all, the "
+    run_ids: list[str] = typer.Argument(..., metavar="RUN_ID...", help="Runs to show, or dds bench ids (all their "
+                                        "runs, plus accuracy against budget): the curves show all, the "
                                         "joint, per-class and example figures the first."),
     out: str = typer.Option("dds-report", "--out", "-o", help="Folder for the PNGs and index.html."),
     epoch: Optional[int] = typer.Option(None, "--epoch", help="Epoch (1-based) whose selection the joint figure "

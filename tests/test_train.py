@@ -301,6 +301,24 @@ def test_bench_rows_budgets_entries_and_table(ws):
     assert "infobatch:prune_ratio=0.8" in table and "lossless at" in table
 
 
+def test_report_of_a_bench_draws_accuracy_against_budget(tmp_path):
+    from PIL import Image
+
+    from dds.train.report import write_report
+
+    ws = Workspace(tmp_path / "ws")   # no scores: the report notes it and draws the curves
+    write_dataset(ws, "tiny", {"train": N_TRAIN, "test": N_TEST})
+    run_bench(ws, "tiny", policies=["full", "random"], budgets=[0.3, 0.6], epochs=1, seeds=1, model="cnn3",
+              progress=False)
+    bench = _table(ws, "SELECT bench_id, run_ids FROM bench ORDER BY bench_id DESC LIMIT 1")
+    out = write_report(ws, [bench["bench_id"][0]], tmp_path / "rep")
+    budget_png = tmp_path / "rep" / "budget.png"
+    assert str(budget_png) in out["figures"] and Image.open(budget_png).size[0] > 300
+    html = (tmp_path / "rep" / "index.html").read_text()
+    assert html.count("data:image/png;base64") == len(out["figures"])
+    assert all(r[-4:] in html for r in bench["run_ids"][0])   # every run of the bench is in the page
+
+
 def test_bench_writes_one_result_line_per_run(ws, tmp_path):
     out = tmp_path / "results" / "b.jsonl"
     run_bench(ws, "tiny", policies=["full", "budgeted"], budgets=[0.5], epochs=1, seeds=2, model="cnn3",
@@ -309,6 +327,13 @@ def test_bench_writes_one_result_line_per_run(ws, tmp_path):
     assert [(x["policy"], x["seed"]) for x in lines] == [("full", 0), ("full", 1), ("budgeted", 0), ("budgeted", 1)]
     assert {"command", "commit", "budget", "budget_spent", "acc", "train_s", "run_id"} <= set(lines[0])
     assert lines[2]["budget"] == 0.5 and lines[2]["budget_spent"] == pytest.approx(0.5, abs=1 / 64)
+    from dds.train.bench import table_from_results
+
+    md = table_from_results(lines).splitlines()
+    assert len(md) == 4 and md[2].startswith("| tiny | 1 | full | - | 2 |") and "| budgeted | 0.5 | 2 |" in md[3]
+    ratio = lines[2]["train_s"] / ((lines[0]["train_s"] + lines[1]["train_s"]) / 2)
+    ratio2 = lines[3]["train_s"] / ((lines[0]["train_s"] + lines[1]["train_s"]) / 2)
+    assert f"| {(ratio + ratio2) / 2:.3f} |" in md[3]
 
 
 def test_lossless_budget_on_a_constructed_table():

@@ -220,6 +220,45 @@ def format_bench_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*ln) for ln in lines])
 
 
+def table_from_results(lines: list[dict[str, Any]]) -> str:
+    """A markdown table from ``--results`` JSON lines (the committed form), one row per dataset x
+    entry x budget, so the README's tables can be regenerated from the files.
+
+    Rows of the same (dataset, epochs, eval_split) are one comparison: wall ratios are taken within
+    each bench against its own ``full`` runs (side by side in one process) and averaged over benches;
+    the lossless budget compares with the mean of every ``full`` run of the comparison.
+    """
+    groups: dict[tuple, dict[tuple, list[dict[str, Any]]]] = {}
+    for x in lines:
+        key = (x["dataset"], x["epochs"], x.get("eval_split", "test"))
+        groups.setdefault(key, {}).setdefault((x["policy"], x["budget"]), []).append(x)
+    out = ["| dataset | epochs | policy | budget | seeds | accuracy % (per seed) | mean ± std | spent | wall/full | "
+           "lossless at |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (dataset, epochs, split), entries in groups.items():
+        full = entries.get(("full", None), [])
+        full_mean = float(np.mean([x["acc"] for x in full])) if full else None
+        full_train = {}
+        for x in full:
+            full_train.setdefault(x["bench_id"], []).append(x["train_s"])
+        points: dict[str, list[tuple[float, float]]] = {}
+        for (policy, b), xs in entries.items():
+            points.setdefault(policy, []).append((float(np.mean([x["budget_spent"] for x in xs])),
+                                                  float(np.mean([x["acc"] for x in xs]))))
+        for (policy, b), xs in entries.items():
+            xs = sorted(xs, key=lambda x: x["seed"])
+            accs = [100 * x["acc"] for x in xs]
+            ratios = [x["train_s"] / np.mean(full_train[x["bench_id"]]) for x in xs if x["bench_id"] in full_train]
+            lossless = "-"
+            if full_mean is not None and policy != "full":
+                lb = lossless_budget(points[policy], full_mean)
+                lossless = f"{lb:.2f}" if lb is not None else f"> {max(p for p, _ in points[policy]):.2f}"
+            out.append(f"| {dataset}{'' if split == 'test' else f' ({split})'} | {epochs} | {policy} | "
+                       f"{'-' if b is None else f'{b:g}'} | {len(xs)} | {', '.join(f'{a:.2f}' for a in accs)} | "
+                       f"{np.mean(accs):.2f} ± {np.std(accs):.2f} | {np.mean([x['budget_spent'] for x in xs]):.3f} | "
+                       f"{f'{np.mean(ratios):.3f}' if ratios else 'n/a'} | {lossless} |")
+    return "\n".join(out)
+
+
 def _git_commit() -> str | None:
     """The commit of the dds source tree, when it is a git checkout (else None)."""
     try:

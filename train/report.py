@@ -6,7 +6,9 @@ Figures (matplotlib, Agg backend; each also written as a PNG next to ``index.htm
   behind a subsample when N is large), and, on the same axes, the samples the first run selected in
   the chosen epoch, base and strong augmentation marked apart. Needs the scores of the run's encoder.
 * ``curves.png``: test accuracy against the budget spent so far (cumulative sample-steps over
-  epochs x N) and against the cumulative wall-clock, one line per run (a ``dds bench`` as a picture).
+  epochs x N) and against the cumulative wall-clock, one line per run.
+* ``budget.png`` (when a ``dds bench`` id is given): final accuracy against the budget spent, one
+  line per bench entry (mean ± std over seeds at each budget), ``full`` as a horizontal band (mean ± std).
 * ``class_rates.png``: per class and epoch, the share of the class's samples selected and the share
   strongly augmented (first run).
 * ``examples.png``: per region, the samples that stand for it: ``augment`` the highest ``joint``,
@@ -177,6 +179,16 @@ def default_epoch(selected_per_epoch: np.ndarray) -> int:
 
 # ---------------------------------------------------------------- figures
 
+def load_bench(ws: Workspace, bench_id: str):
+    """The rows of ``bench/{bench_id}.parquet`` as a DataFrame, or None when there is no such bench."""
+    import pyarrow.parquet as pq
+
+    path = ws.root / "bench" / f"{bench_id}.parquet"
+    if "/" in bench_id or not path.is_file():
+        return None
+    return pq.read_table(path).to_pandas()
+
+
 def _plt():
     import matplotlib
 
@@ -241,6 +253,29 @@ def fig_curves(curves: list[dict[str, Any]]):
     axes[1].legend(fontsize=7)
     for ax in axes:
         ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def fig_budget(rows) -> Any:
+    """Final accuracy vs budget spent per bench entry; ``rows``: a bench table (policy, budget_spent,
+    acc_mean, acc_std); the ``full`` row is drawn as a horizontal band of its mean ± std."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    full = rows[rows["policy"] == "full"]
+    if len(full):
+        m, sd = 100 * float(full["acc_mean"].iloc[0]), 100 * float(full["acc_std"].iloc[0])
+        ax.axhspan(m - sd, m + sd, color="0.8", alpha=0.6, label=f"full {m:.2f} ± {sd:.2f}")
+        ax.axhline(m, color="0.4", lw=1)
+    for i, (policy, g) in enumerate(rows[rows["policy"] != "full"].groupby("policy", sort=False)):
+        g = g.sort_values("budget_spent")
+        ax.errorbar(g["budget_spent"], 100 * g["acc_mean"], yerr=100 * g["acc_std"], marker="o", ms=4, capsize=3,
+                    color=plt.get_cmap("tab10")(i % 10), label=policy)
+    ax.set_xlabel("budget spent (fraction of full-data sample-steps)")
+    ax.set_ylabel("accuracy (%), last epoch")
+    ax.set_title("accuracy against budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -379,7 +414,9 @@ def write_report(ws: Workspace, run_ids: list[str], out: str | Path, *, epoch: i
 
     Args:
         ws: the workspace.
-        run_ids: runs to show; the curves show all of them, the joint / class / example figures the first.
+        run_ids: runs to show, or ``dds bench`` ids (each stands for all its runs and adds the
+            accuracy-against-budget figure); the curves show all runs, the joint / class / example
+            figures the first.
         out: output folder (created).
         epoch: 0-based epoch whose selection the joint figure marks [default: the most selective one].
         per_region: example images per region.
@@ -393,7 +430,15 @@ def write_report(ws: Workspace, run_ids: list[str], out: str | Path, *, epoch: i
     """
     if not run_ids:
         raise DdsError("no run ids given; list them with: dds sql \"SELECT run_id, policy, status FROM runs\"")
-    runs = [load_run(ws, r) for r in run_ids]
+    benches, expanded = [], []
+    for r in run_ids:
+        bench = load_bench(ws, r)
+        if bench is None:
+            expanded.append(r)
+        else:
+            benches.append(bench)
+            expanded += [x for ids in bench["run_ids"] for x in ids]
+    runs = [load_run(ws, r) for r in dict.fromkeys(expanded)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
@@ -401,6 +446,10 @@ def write_report(ws: Workspace, run_ids: list[str], out: str | Path, *, epoch: i
     curves = _curves(ws, runs)
     if curves:
         figs = {"curves": (_png(fig_curves(curves)), "Test accuracy against budget spent and wall-clock, per run."),
+                **figs}
+    for i, bench in enumerate(benches):
+        figs = {f"budget{i or ''}": (_png(fig_budget(bench)), f"Bench {bench['bench_id'].iloc[0]}: final accuracy "
+                                     "against budget spent per entry (mean ± std over seeds); full as a band."),
                 **figs}
     paths = []
     for name, (png, _) in figs.items():
