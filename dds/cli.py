@@ -259,13 +259,25 @@ def train(
     from dds.train.config import TrainConfig
     from dds.train.loop import resume_train, run_train
 
-    if resume:
-        result = resume_train(ws, resume, progress=progress, dataset=name)
-    else:
-        cfg = TrainConfig(dataset=name, policy=policy, budget=budget, epochs=epochs, model=model, seed=seed,
-                          encoder=encoder, batch_size=batch_size, lr=lr, device=device, eval_split=eval_split,
-                          policy_options=_parse_options(option))
-        result = run_train(ws, cfg, progress=progress)
+    started: list[str] = []
+
+    def announce(run_id: str) -> None:
+        started.append(run_id)
+        typer.echo(f"run {run_id} (if interrupted, resume with: dds train {name} --resume {run_id})", err=True)
+
+    try:
+        if resume:
+            result = resume_train(ws, resume, progress=progress, dataset=name, announce=announce)
+        else:
+            cfg = TrainConfig(dataset=name, policy=policy, budget=budget, epochs=epochs, model=model, seed=seed,
+                              encoder=encoder, batch_size=batch_size, lr=lr, device=device, eval_split=eval_split,
+                              policy_options=_parse_options(option))
+            result = run_train(ws, cfg, progress=progress, announce=announce)
+    except KeyboardInterrupt:
+        if not started:
+            raise
+        typer.echo(f"dds: interrupted; resume with: dds train {name} --resume {started[0]}", err=True)
+        sys.exit(130)
     _print_summary("dds train", result)
 
 

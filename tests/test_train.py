@@ -354,3 +354,34 @@ def test_lossless_budget_on_a_constructed_table():
     assert parse_entry("infobatch:prune_ratio=0.8:delta=0.9") == ("infobatch", {"prune_ratio": 0.8, "delta": 0.9})
     with pytest.raises(DdsError, match="NAME:KEY=VALUE"):
         parse_entry("infobatch:0.8")
+
+
+def test_cli_train_prints_the_run_id_refuses_resume_mismatch_and_hints_on_ctrl_c(ws, monkeypatch):
+    from typer.testing import CliRunner
+
+    import dds.train.loop as loop
+    from dds.cli import app
+
+    runner = CliRunner()
+    args = ["train", "tiny", "--policy", "random", "--epochs", "2", "--model", "cnn3", "--batch-size", "16",
+            "-w", str(ws.root), "--no-progress"]
+    epochs = loop._epochs
+
+    def interrupted(out, *a, **kw):   # Ctrl-C after the run exists, before any epoch
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_epochs", interrupted)
+    res = runner.invoke(app, args)
+    assert res.exit_code == 130
+    run_id = res.output.split("run ", 1)[1].split(" ", 1)[0]
+    assert f"resume with: dds train tiny --resume {run_id}" in res.output.splitlines()[-1]
+    status = _table(ws, f"SELECT status FROM runs WHERE run_id = '{run_id}'")["status"].tolist()
+    assert status == ["stopped"]
+    monkeypatch.setattr(loop, "_epochs", epochs)
+    res = runner.invoke(app, ["train", "tiny", "--resume", run_id, "--epochs", "5", "-w", str(ws.root)])
+    assert res.exit_code != 0 and "--resume continues a run with its saved options; drop --epochs" in str(res.exception)
+    res = runner.invoke(app, ["train", "other", "--resume", run_id, "-w", str(ws.root)])
+    assert "trained on dataset tiny, not other" in str(res.exception)
+    res = runner.invoke(app, ["train", "tiny", "--resume", run_id, "-w", str(ws.root), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert _table(ws, f"SELECT status FROM runs WHERE run_id = '{run_id}'")["status"].tolist() == ["done"]

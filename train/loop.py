@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import datetime
 import io
+import json
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -265,11 +266,11 @@ def _checkpoint_bytes(**state: Any) -> bytes:
     return buf.getvalue()
 
 
-def _load_checkpoint(ws: Workspace, run_id: str) -> dict[str, Any]:
+def _load_checkpoint(ws: Workspace, run_id: str) -> dict[str, Any] | None:
+    """The run's last checkpoint, or None when it stopped before its first epoch ended."""
     path = ws.run_dir(run_id) / "checkpoint.pt"
     if not path.exists():
-        raise DdsError(f"run '{run_id}' has no checkpoint at {path}; list runs with: "
-                       "dds sql \"SELECT run_id, status FROM runs\"")
+        return None
     try:  # weights_only: tensors, containers and scalars only, so a crafted file cannot run code
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError or RuntimeError for files it refuses
@@ -313,7 +314,7 @@ def _drop_later_epochs(ws: Workspace, run_id: str, last_done: int) -> None:
 
 
 def run_train(ws: Workspace, cfg: TrainConfig, *, progress: bool = True, stop_after: int | None = None,
-              data: tuple | None = None) -> dict[str, Any]:
+              data: tuple | None = None, announce: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train a new run; writes runs/{run_id}/run.parquet, epochs/, history/ and checkpoint.pt.
 
     Args:
@@ -322,6 +323,8 @@ def run_train(ws: Workspace, cfg: TrainConfig, *, progress: bool = True, stop_af
         progress: show a tqdm bar per epoch.
         stop_after: stop after this many epochs in total (status "stopped", resumable); for tests.
         data: ``(train, eval)`` splits from :func:`dds.train.data.open_split` to reuse (``dds bench``).
+        announce: called with the run id once it exists, before the first epoch (the CLI prints it
+            with the resume command); on the main rank only.
 
     Returns:
         :meth:`RunState.summary`: run_id, status, test_acc (last evaluation), budget (as run),
@@ -334,11 +337,12 @@ def run_train(ws: Workspace, cfg: TrainConfig, *, progress: bool = True, stop_af
     """
     if not isinstance(cfg, TrainConfig):
         raise DdsError("run_train needs a TrainConfig; resume a run with resume_train(ws, run_id)")
-    return _run(ws, cfg, None, progress=progress, stop_after=stop_after, data=data)
+    return _run(ws, cfg, None, run_id=None, progress=progress, stop_after=stop_after, data=data, announce=announce)
 
 
 def resume_train(ws: Workspace, run_id: str, *, progress: bool = True, stop_after: int | None = None,
-                 data: tuple | None = None, dataset: str | None = None) -> dict[str, Any]:
+                 data: tuple | None = None, dataset: str | None = None,
+                 announce: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Continue ``run_id`` from its last checkpoint with its saved config; repeats an uninterrupted run.
 
     ``dataset``: when given, the run must have trained on it (the CLI passes its NAME argument).
@@ -348,10 +352,17 @@ def resume_train(ws: Workspace, run_id: str, *, progress: bool = True, stop_afte
             or a run of another dataset.
     """
     ckpt = _load_checkpoint(ws, _check_run_id(ws, run_id))
-    saved = TrainConfig.from_json(ckpt["config"])
+    if ckpt is None:   # stopped before its first checkpoint: start it again under the same id
+        run_json = ws.run_dir(run_id) / "run.json"
+        if not run_json.exists():
+            raise DdsError(f"run '{run_id}' has neither a checkpoint nor run.json; start a new run instead")
+        saved = TrainConfig.from_json(json.loads(run_json.read_text())["config"])
+    else:
+        saved = TrainConfig.from_json(ckpt["config"])
     if dataset is not None and dataset != saved.dataset:
         raise DdsError(f"run '{run_id}' trained on dataset {saved.dataset}, not {dataset}")
-    return _run(ws, saved, ckpt, progress=progress, stop_after=stop_after, data=data)
+    return _run(ws, saved, ckpt, run_id=run_id, progress=progress, stop_after=stop_after, data=data,
+                announce=announce)
 
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*-\d{8}-\d{6}-[0-9a-f]{4}")
@@ -365,8 +376,9 @@ def _check_run_id(ws: Workspace, run_id: str) -> str:
     return run_id
 
 
-def _run(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, *, progress: bool, stop_after: int | None,
-         data: tuple | None) -> dict[str, Any]:
+def _run(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, *, run_id: str | None, progress: bool,
+         stop_after: int | None, data: tuple | None, announce: Callable[[str], None] | None) -> dict[str, Any]:
+    """A new run (``run_id`` None), a run restarted under its id (no checkpoint yet) or a resume from ``ckpt``."""
     cfg.validate()
     d = dist_init(cfg.device)
     if cfg.batch_size % d.world:
@@ -380,9 +392,12 @@ def _run(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, *, progre
         raise DdsError(f"budget {cfg.budget} of {cfg.epochs} epochs x {train.n} samples rounds to 0 sample-steps; "
                        "raise --budget or --epochs")
     if ckpt is None:
-        state = RunState(run_id=broadcast_object(d, new_run_id(cfg.dataset, cfg.policy)), budget=sel.budget,
-                         total_sample_steps=sel.total_sample_steps, follows_budget=sel.follows_budget)
+        state = RunState(run_id=broadcast_object(d, run_id or new_run_id(cfg.dataset, cfg.policy)),
+                         budget=sel.budget, total_sample_steps=sel.total_sample_steps,
+                         follows_budget=sel.follows_budget)
         start_epoch = 0
+        if run_id is not None and d.is_main:
+            _drop_later_epochs(ws, state.run_id, -1)
     else:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])  # moves the momentum buffers to the parameters' device
@@ -402,6 +417,8 @@ def _run(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, *, progre
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     out = _Writer(ws, cfg, state, main=d.is_main)
     out.run("running")
+    if announce is not None and d.is_main:
+        announce(state.run_id)
     try:
         status = _epochs(out, sel, model, net, opt, train, test, device, d, start_epoch=start_epoch,
                          stop_after=stop_after, progress=progress and d.is_main)
