@@ -311,6 +311,8 @@ def bench(
                                                                 "(repeatable), e.g. -o dds.warmup_epochs=0."),
     results: Optional[str] = typer.Option(None, "--results", help="Append one JSON line per run to this file "
                                                                   "(e.g. benchmarks/results/b1.jsonl)."),
+    eval_every: int = typer.Option(1, "--eval-every", help="Evaluate every N epochs (and after the last); "
+                                                           "a larger N saves evaluation time in long benches."),
     eval_split: str = EvalSplitOpt,
     encoder: str = EncoderOpt,
     device: str = DeviceOpt,
@@ -339,7 +341,8 @@ def bench(
             raise DdsError(f"bench --option takes POLICY.KEY=VALUE, got '{key}'; e.g. -o dds.warmup_epochs=0")
         per_policy.setdefault(policy, {})[opt] = value
     rows = run_bench(ws, name, policies=names, budgets=budget_list, epochs=epochs, seeds=seeds, model=model,
-                     base_config={"encoder": encoder, "device": device, "seed": first_seed, "eval_split": eval_split},
+                     base_config={"encoder": encoder, "device": device, "seed": first_seed, "eval_split": eval_split,
+                                  "eval_every": eval_every},
                      policy_options=per_policy, progress=progress, results=results)
     typer.echo(format_bench_table(rows))
     typer.echo(f"accuracy: last epoch, on the {eval_split} split; lossless at = smallest spend with mean accuracy "
