@@ -372,6 +372,29 @@ def bench_table(
     typer.echo(table_from_results(lines))
 
 
+@app.command("bench-train")
+def bench_train(
+    name: str = typer.Argument(..., help="Dataset name (as given to dds shard)."),
+    model: str = typer.Option("resnet20", "--model", "-m", help="Model name."),
+    batch_size: int = typer.Option(128, "--batch-size", "-b", help="Training batch size."),
+    samples: int = typer.Option(4096, "--samples", help="Train samples per timed loop epoch."),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Cached split (RAM) or streaming from the shards."),
+    device: str = DeviceOpt,
+    workspace: Optional[str] = WorkspaceOpt,
+) -> None:
+    """Trainer img/s side by side in one process: bare model step (fp32/bf16, contiguous/channels_last) vs dds train's loop."""
+    from dds.train.bench import bench_train as run
+
+    rows = run(_ws(workspace), name, model=model, batch_size=batch_size, samples=samples, cache=cache, device=device)
+    header = ("what", "channels_last", "bf16", "img/s", "data share", "vs bare")
+    lines = [(r["what"], str(r["channels_last"]), str(r["bf16"]), f"{r['img_s']:.1f}",
+              "-" if r["data_share"] is None else f"{r['data_share']:.3f}",
+              "-" if r["vs_bare"] is None else f"{r['vs_bare']:.3f}") for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(header, *lines)]
+    for ln in [header, *lines]:
+        typer.echo("  ".join(x.ljust(w) for x, w in zip(ln, widths)))
+
+
 @app.command("bench-embed")
 def bench_embed(
     name: str = typer.Argument(..., help="Dataset name (as given to dds shard)."),

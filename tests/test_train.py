@@ -385,3 +385,16 @@ def test_cli_train_prints_the_run_id_refuses_resume_mismatch_and_hints_on_ctrl_c
     res = runner.invoke(app, ["train", "tiny", "--resume", run_id, "-w", str(ws.root), "--no-progress"])
     assert res.exit_code == 0, res.output
     assert _table(ws, f"SELECT status FROM runs WHERE run_id = '{run_id}'")["status"].tolist() == ["done"]
+
+
+def test_bench_train_reports_bare_step_and_loop_side_by_side(ws):
+    from dds.train.bench import bench_train
+
+    rows = bench_train(ws, "tiny", model="cnn3", batch_size=16, samples=32, device="cpu", repeats=1)
+    bare = [r for r in rows if r["what"] == "bare"]
+    assert {(r["channels_last"], r["bf16"]) for r in bare} == {(True, False), (False, False), (True, True), (False, True)}
+    loop = rows[-1]
+    assert loop["what"].startswith("loop") and loop["channels_last"] and not loop["bf16"]
+    assert 0 < loop["data_share"] < 1 and all(r["img_s"] > 0 for r in rows)
+    mine = next(r for r in bare if r["channels_last"] and not r["bf16"])
+    assert loop["vs_bare"] == pytest.approx(loop["img_s"] / mine["img_s"], rel=1e-2)

@@ -20,6 +20,7 @@ import math
 import secrets
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -274,3 +275,90 @@ def _append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def bench_train(ws: Workspace, name: str, *, model: str = "resnet20", batch_size: int = 128, samples: int = 4096,
+                cache: bool = True, device: str = "auto", repeats: int = 2) -> list[dict[str, Any]]:
+    """Trainer throughput, side by side in one process: the bare step against ``dds train``'s epoch loop.
+
+    * bare step: forward + backward + SGD step on one fixed batch already on the device, for each
+      variant of memory format (contiguous / channels_last) and, on CPU, bf16 autocast;
+    * loop: :func:`dds.train.loop._train_epoch` on a plan of ``samples`` train samples (base
+      augmentation) with the trainer's own settings, split into data seconds (batch assembly,
+      augmentation, copy) and compute seconds.
+
+    Every measurement runs ``repeats`` times, interleaved, after a warm-up; the best rate is kept.
+
+    Returns:
+        One dict per measurement: what ("bare" / "loop"), channels_last, bf16, img_s, data_share
+        (loop only), vs_bare (loop img/s over the bare step with the trainer's settings).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from dds.device import resolve_device
+    from dds.selector._base import make_plan
+    from dds.train.augment import Augmenter, channel_stats, normalize
+    from dds.train.loop import _memory_format, _train_epoch
+    from dds.train.models import create_model
+
+    check_positive_int("samples", samples)
+    check_positive_int("batch_size", batch_size)
+    dev = resolve_device(device)
+    info = ws.dataset_info(name)
+    train = open_split(ws, name, "train", cache=cache)
+    m = min(samples, train.n)
+    plan = make_plan(0, np.random.default_rng(0).permutation(train.n)[:m])
+    cfg = TrainConfig(dataset=name, model=model, batch_size=batch_size, epochs=1, device=device, cache=cache).validate()
+    mean, std = channel_stats(train.mean, train.std, dev)
+    first = next(iter(train.eval_batches(batch_size)))
+    x0, y0 = normalize(first["image"].to(dev), mean, std), first["label"].to(dev)
+
+    def new_model(channels_last: bool):
+        net = create_model(model, len(info["classes"]), int(info["channels"]), int(info["image_size"]))
+        net.to(device=dev, memory_format=_memory_format(dev, channels_last))
+        return net, torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+
+    def bare(channels_last: bool, bf16: bool) -> float:
+        net, opt = new_model(channels_last)
+        x = x0.contiguous(memory_format=_memory_format(dev, channels_last))
+        steps = max(3, m // batch_size)
+
+        def step():
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), y0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        step()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return steps * len(y0) / (time.perf_counter() - t0)
+
+    def loop() -> tuple[float, float]:
+        net, opt = new_model(cfg.channels_last)
+        _, t = _train_epoch(net, opt, train, plan, cfg=cfg, device=dev, augmenter=Augmenter(train.image_size),
+                            steps_done=0, total_steps=10 ** 9, progress=False)
+        return m / (t["data_s"] + t["compute_s"]), t["data_s"] / (t["data_s"] + t["compute_s"])
+
+    variants = [(True, False), (False, False)] + ([(True, True), (False, True)] if dev.type == "cpu" else [])
+    best: dict[Any, float] = {}
+    share = 0.0
+    loop()  # warm-up of the loop path (allocator, kernels)
+    for _ in range(max(1, repeats)):
+        for v in variants:
+            best[v] = max(best.get(v, 0.0), bare(*v))
+        rate, s = loop()
+        if rate > best.get("loop", 0.0):
+            best["loop"], share = rate, s
+    mine = (cfg.channels_last and dev.type == "cpu", cfg.amp and dev.type == "cuda")
+    rows = [{"what": "bare", "channels_last": cl, "bf16": bf, "img_s": round(best[(cl, bf)], 1), "data_share": None,
+             "vs_bare": None} for cl, bf in variants]
+    rows.append({"what": "loop (dds train)", "channels_last": mine[0], "bf16": mine[1], "img_s": round(best["loop"], 1),
+                 "data_share": round(share, 3), "vs_bare": round(best["loop"] / best.get(mine, best[variants[0]]), 3)})
+    return rows
