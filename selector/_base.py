@@ -17,6 +17,20 @@ from dds.registry import Registry
 #: Region names; ``SampleInfo.region`` holds their positions (int8 codes 0..3).
 REGIONS: tuple[str, ...] = ("augment", "keep", "redundant", "noisy")
 AUGMENT, KEEP, REDUNDANT, NOISY = 0, 1, 2, 3
+#: Label verdicts (the ``status`` column of ``scores``); ``SampleInfo.status`` holds their positions.
+STATUSES: tuple[str, ...] = ("clean", "relabel", "suppress")
+CLEAN, RELABEL, SUPPRESS = 0, 1, 2
+
+
+def _encode(names: Any, known: tuple[str, ...], what: str) -> np.ndarray:
+    arr = np.asarray(names).astype(str)
+    codes = np.full(arr.shape, -1, dtype=np.int8)
+    for code, name in enumerate(known):
+        codes[arr == name] = code
+    if (codes < 0).any():
+        bad = sorted(set(arr[codes < 0].tolist()))[:5]
+        raise DdsError(f"unknown {what} value(s) {bad}; known: {', '.join(known)}")
+    return codes
 
 
 def encode_regions(names: Any) -> np.ndarray:
@@ -31,14 +45,12 @@ def encode_regions(names: Any) -> np.ndarray:
     Raises:
         DdsError: a name is not a region.
     """
-    arr = np.asarray(names).astype(str)
-    codes = np.full(arr.shape, -1, dtype=np.int8)
-    for code, name in enumerate(REGIONS):
-        codes[arr == name] = code
-    if (codes < 0).any():
-        bad = sorted(set(arr[codes < 0].tolist()))[:5]
-        raise DdsError(f"unknown region value(s) {bad}; known: {', '.join(REGIONS)}")
-    return codes
+    return _encode(names, REGIONS, "region")
+
+
+def encode_status(names: Any) -> np.ndarray:
+    """Verdict names (``scores.status``: clean, relabel, suppress) -> int8 codes into ``STATUSES``."""
+    return _encode(names, STATUSES, "status")
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,11 @@ class SampleInfo:
         consistency: (N,) float32, higher = image agrees with its label; optional.
         joint: (N,) float32 in [0, 1], priority: sparse AND consistent; optional.
         region: (N,) int8 codes into ``REGIONS``; optional (see ``encode_regions``).
+        status: (N,) int8 codes into ``STATUSES`` (clean / relabel / suppress), the static label
+            verdict of ``dds index``; optional. When given, ``dds`` suppresses and relabels by it
+            instead of by the ``noisy`` region.
+        label_fixed: (N,) int64 corrected labels (``label_fixed`` of ``scores``: the proposed label
+            for ``relabel``, else the given one); required with ``status``.
     """
 
     labels: np.ndarray
@@ -62,6 +79,8 @@ class SampleInfo:
     consistency: np.ndarray | None = None
     joint: np.ndarray | None = None
     region: np.ndarray | None = None
+    status: np.ndarray | None = None
+    label_fixed: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         labels = np.asarray(self.labels)
@@ -81,6 +100,17 @@ class SampleInfo:
             raise DdsError("joint must lie in [0, 1]; recompute the scores with `dds index NAME`")
         if self.region is not None and ((self.region < 0).any() or (self.region >= len(REGIONS)).any()):
             raise DdsError(f"region codes must lie in [0, {len(REGIONS)}); use encode_regions() on region names")
+        self._set_optional("status", np.int8)
+        self._set_optional("label_fixed", np.int64)
+        if (self.status is None) != (self.label_fixed is None):
+            raise DdsError("status and label_fixed go together: give both or neither")
+        if self.status is not None:
+            if (self.status < 0).any() or (self.status >= len(STATUSES)).any():
+                raise DdsError(f"status codes must lie in [0, {len(STATUSES)}); use encode_status() on status names")
+            if self.label_fixed.min() < 0 or self.label_fixed.max() >= self.num_classes:
+                raise DdsError(f"label_fixed must lie in [0, {self.num_classes})")
+            if (self.label_fixed[self.status != RELABEL] != self.labels[self.status != RELABEL]).any():
+                raise DdsError("label_fixed may differ from labels only where status is relabel")
 
     def _set_optional(self, name: str, dtype: type) -> None:
         value = getattr(self, name)
@@ -113,30 +143,37 @@ class EpochPlan:
         indices: (M,) int64 sample indices, in training order (already shuffled), unique.
         weights: (M,) float32 per-sample loss weights.
         aug: (M,) uint8, 0 = base augmentation, 1 = strong augmentation.
+        labels: (M,) int64 label each planned sample is trained on, or None for the dataset's
+            labels (``dds`` sets it when it trains relabelled samples on their corrected label).
     """
 
     epoch: int
     indices: np.ndarray
     weights: np.ndarray
     aug: np.ndarray
+    labels: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         m = self.indices.shape
-        if self.weights.shape != m or self.aug.shape != m or len(m) != 1:
+        if self.weights.shape != m or self.aug.shape != m or len(m) != 1 or (
+                self.labels is not None and self.labels.shape != m):
             raise ValueError(f"plan arrays must share one 1-D shape, got indices {m}, weights "
-                             f"{self.weights.shape}, aug {self.aug.shape}")
+                             f"{self.weights.shape}, aug {self.aug.shape}"
+                             + ("" if self.labels is None else f", labels {self.labels.shape}"))
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
 
 
 def make_plan(epoch: int, indices: np.ndarray, weights: np.ndarray | float = 1.0,
-              aug: np.ndarray | None = None) -> EpochPlan:
-    """Build an ``EpochPlan`` with the contract dtypes (weights may be a scalar, aug defaults to 0)."""
+              aug: np.ndarray | None = None, labels: np.ndarray | None = None) -> EpochPlan:
+    """Build an ``EpochPlan`` with the contract dtypes (weights may be a scalar, aug defaults to 0,
+    labels to None = the dataset's labels)."""
     idx = np.asarray(indices, dtype=np.int64)
     w = np.broadcast_to(np.asarray(weights, dtype=np.float32), idx.shape).copy()
     a = np.zeros(idx.shape, np.uint8) if aug is None else np.asarray(aug, dtype=np.uint8)
-    return EpochPlan(epoch=int(epoch), indices=idx, weights=w, aug=a)
+    y = None if labels is None else np.asarray(labels, dtype=np.int64)
+    return EpochPlan(epoch=int(epoch), indices=idx, weights=w, aug=a, labels=y)
 
 
 def anneal_start(epochs: int, delta: float, *, strict: bool = False) -> int:
@@ -187,6 +224,11 @@ class Policy:
 
     def observe(self, indices: np.ndarray, losses: np.ndarray) -> None:
         """Record validated per-sample losses: (K,) int64 indices, (K,) float32 losses."""
+
+    def status(self) -> np.ndarray | None:
+        """(N,) int8 codes into ``STATUSES``: how the policy treats each sample's label now, or None
+        for policies that take every label as given."""
+        return None
 
     def state_dict(self) -> dict:
         """Picklable state (numpy arrays / python scalars)."""

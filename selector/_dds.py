@@ -22,6 +22,13 @@ The "recommended reconstruction" of shared/research/paper-notes.md, sections 2.5
 * loss weights 1 by default; ``loss_rescale='const'`` gives ``N / size`` (the lab harness's 1/r),
   ``'is'`` the class-wise importance weight ``sum_c(pi) / (N_c * pi_i)``, clipped to ``is_clip``.
 
+Label noise (``noise_handling``): when the scores carry the static verdict of ``dds index``
+(``SampleInfo.status`` / ``label_fixed``), "noisy" above means ``status == suppress``, and samples
+with ``status == relabel`` are trained like clean ones on their corrected label (the plan's
+``labels``), in every phase, but never strongly augmented. ``'suppress'`` suppresses the relabel
+candidates too; ``'off'`` trains every sample on its given label with nothing suppressed. Without
+a verdict the ``noisy`` region is what is suppressed (``'off'`` turns that off too).
+
 Budget: warm-up and annealing epochs are charged at their real size; the pruned epochs share the
 rest evenly, so the sizes sum to ``total_sample_steps`` exactly. If the budget cannot pay for the
 warm-up and annealing epochs plus one sample per pruned epoch, annealing epochs are turned into
@@ -37,8 +44,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from dds.errors import DdsError
-from dds.selector._base import (LossPolicy, AUGMENT, NOISY, EpochPlan, anneal_start, check_bool, check_int,
-                                check_real, make_plan, register_policy)
+from dds.selector._base import (LossPolicy, AUGMENT, NOISY, RELABEL, SUPPRESS, EpochPlan, anneal_start, check_bool,
+                                check_int, check_real, make_plan, register_policy)
 from dds.selector._core import (ClassLayout, LossEma, capped_quotas, even_sizes, sampling_keys, shuffle_order,
                                 shuffle_values, shuffled, top_k_mask, uniform_keys)
 
@@ -46,6 +53,7 @@ log = logging.getLogger(__name__)
 
 STRONG_AUG = ("top_q", "region", "all", "none")
 LOSS_RESCALE = ("none", "const", "is")
+NOISE_HANDLING = ("relabel", "suppress", "off")
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ class DdsConfig:
     aug_fraction: float = 0.5           # q: share of each pruned selection augmented when strong_aug = top_q
     loss_rescale: str = "none"          # pruned-epoch loss weights: none (1) | const (N/size) | is (importance)
     is_clip: float = 5.0                # upper clip of the importance weights (loss_rescale = is)
+    noise_handling: str = "relabel"     # label verdict: relabel (train on label_fixed) | suppress | off
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -75,7 +84,8 @@ class DdsConfig:
         set_(self, "noisy_weight", check_real("noisy_weight", self.noisy_weight, 0.0))
         set_(self, "aug_fraction", check_real("aug_fraction", self.aug_fraction, 0.0, 1.0))
         set_(self, "is_clip", check_real("is_clip", self.is_clip, 1.0))
-        for name, choices in (("strong_aug", STRONG_AUG), ("loss_rescale", LOSS_RESCALE)):
+        for name, choices in (("strong_aug", STRONG_AUG), ("loss_rescale", LOSS_RESCALE),
+                              ("noise_handling", NOISE_HANDLING)):
             if getattr(self, name) not in choices:
                 raise DdsError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
@@ -120,6 +130,21 @@ def loss_term(ema: np.ndarray, seen: np.ndarray, exclude: np.ndarray, exponent: 
     return ln
 
 
+def noise_masks(info, handling: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(suppressed, relabelled)`` (N,) bool masks from the verdict (``info.status``) or, without
+    one, the ``noisy`` region, under ``handling`` (see the module docstring)."""
+    n = info.n
+    if handling == "off":
+        return np.zeros(n, bool), np.zeros(n, bool)
+    if info.status is None:
+        return info.region == NOISY, np.zeros(n, bool)
+    relabel = info.status == RELABEL
+    suppress = info.status == SUPPRESS
+    if handling == "suppress":
+        return suppress | relabel, np.zeros(n, bool)
+    return suppress, relabel
+
+
 @register_policy("dds")
 class DdsPolicy(LossPolicy):
     """The paper's method (see the module docstring). Needs ``joint``, ``consistency`` and ``region``.
@@ -135,14 +160,18 @@ class DdsPolicy(LossPolicy):
     def __init__(self, info, cfg, *, epochs: int, total: int) -> None:
         super().__init__(info, cfg, epochs=epochs, total=total)
         lay = self._layout = ClassLayout(info.labels, info.num_classes)
-        noisy = info.region == NOISY
+        noisy, relabel = noise_masks(info, cfg.noise_handling)
+        self._status = (np.where(noisy, SUPPRESS, np.where(relabel, RELABEL, 0)).astype(np.int8)
+                        if noisy.any() or relabel.any() else None)
+        self._label_used = np.where(relabel, info.label_fixed, info.labels) if relabel.any() else None
         self._clean_idx = np.flatnonzero(~noisy)
         self._noisy_l = noisy[lay.order]
+        self._no_strong_l = (noisy | relabel)[lay.order]   # suspects are never strongly augmented
         self._exclude_l = np.where(self._noisy_l, np.float32(np.inf), np.float32(0))
         self._joint_l = info.joint[lay.order]
         self._region_l = info.region[lay.order]
-        # strong-augmentation ranking: joint's float32 bits (monotone for x >= 0) + 1; noisy = 0 (never)
-        self._jkey_l = np.where(self._noisy_l, 0, (self._joint_l + np.float32(0)).view(np.uint32) + 1)
+        # strong-augmentation ranking: joint's float32 bits (monotone for x >= 0) + 1; suspects = 0 (never)
+        self._jkey_l = np.where(self._no_strong_l, 0, (self._joint_l + np.float32(0)).view(np.uint32) + 1)
         mult_l = np.where(self._noisy_l, np.float32(cfg.noisy_weight), np.float32(1))
         self._jm_l = self._joint_l * mult_l               # pi = jm * loss_term + em
         self._em_l = np.float32(cfg.eps) * mult_l
@@ -190,15 +219,18 @@ class DdsPolicy(LossPolicy):
     def epoch_sizes(self) -> np.ndarray:
         return self._sizes.copy()
 
+    def status(self) -> np.ndarray | None:
+        return None if self._status is None else self._status.copy()
+
     # ---- planning ----
 
     def plan(self, epoch: int, rng: np.random.Generator, *, spent_before: int) -> EpochPlan:
         phase = self._phase[epoch]
         if phase == 0:
-            return make_plan(epoch, shuffle_order(self.info.n, rng))
+            return self._labelled(make_plan(epoch, shuffle_order(self.info.n, rng)))
         if phase == 2:
             base = self._clean_idx if self.cfg.anneal_exclude_noisy else np.arange(self.info.n)
-            return make_plan(epoch, shuffled(base, rng))
+            return self._labelled(make_plan(epoch, shuffled(base, rng)))
         lay, size = self._layout, int(self._sizes[epoch])
         pi_l = self._pi_layout()
         keys_l = sampling_keys(pi_l, rng)
@@ -215,10 +247,16 @@ class DdsPolicy(LossPolicy):
         ids = lay.order[pos]
         if isinstance(weights, np.ndarray):
             order = shuffle_order(pos.shape[0], rng)
-            return make_plan(epoch, ids[order], weights[order], aug[order])
+            return self._labelled(make_plan(epoch, ids[order], weights[order], aug[order]))
         # one sort shuffles ids and flags together: value = id * 2 + aug
         packed = shuffle_values((ids << 1) | aug, self._id_bits + 1, rng)
-        return make_plan(epoch, packed >> np.uint64(1), weights, packed & np.uint64(1))
+        return self._labelled(make_plan(epoch, packed >> np.uint64(1), weights, packed & np.uint64(1)))
+
+    def _labelled(self, plan: EpochPlan) -> EpochPlan:
+        """``plan`` with the labels to train on when some samples are relabelled (else unchanged)."""
+        if self._label_used is None:
+            return plan
+        return make_plan(plan.epoch, plan.indices, plan.weights, plan.aug, self._label_used[plan.indices])
 
     def _pi_layout(self) -> np.ndarray:
         """(N,) float32 unnormalised selection probabilities, in class layout:
@@ -232,14 +270,14 @@ class DdsPolicy(LossPolicy):
         return self._jm_l * np.float32(lt) + self._em_l
 
     def _strong(self, pos: np.ndarray) -> np.ndarray:
-        """(M,) uint8 strong-augmentation flags of the selected layout positions (never noisy ones)."""
+        """(M,) uint8 strong-augmentation flags of the selected layout positions (never suspects)."""
         mode = self.cfg.strong_aug
         if mode == "none":
             return np.zeros(pos.shape[0], np.uint8)
         if mode == "region":
-            return (self._region_l[pos] == AUGMENT).view(np.uint8)
+            return ((self._region_l[pos] == AUGMENT) & ~self._no_strong_l[pos]).view(np.uint8)
         if mode == "all":
-            return (~self._noisy_l[pos]).view(np.uint8)
+            return (~self._no_strong_l[pos]).view(np.uint8)
         jkey = self._jkey_l[pos]
         k = min(int(round(self.cfg.aug_fraction * pos.shape[0])), int(np.count_nonzero(jkey)))
         return top_k_mask(jkey, k).view(np.uint8)

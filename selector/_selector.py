@@ -115,6 +115,11 @@ class Selector:
             raise DdsError("losses contain NaN or inf: training diverged; lower the learning rate")
         self._policy.observe(idx.astype(np.int64, copy=False), loss)
 
+    def status(self) -> np.ndarray | None:
+        """(N,) int8 codes into ``STATUSES`` (clean / relabel / suppress): how the policy treats each
+        sample's label, or None when it takes every label as given (all but ``dds`` with a verdict)."""
+        return self._policy.status()
+
     def spent(self) -> int:
         """Sample-steps planned so far (sum of the planned epochs' sizes)."""
         return int(self._sizes[self._sizes >= 0].sum())

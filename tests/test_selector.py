@@ -207,6 +207,36 @@ def test_dds_budget_too_small_for_warmup_and_annealing_is_reduced_then_refused()
                                    joint=np.ones(4), region=np.ones(4, np.int8)), epochs=10, budget=0.01)
 
 
+def test_dds_follows_the_label_verdict_suppress_relabel_and_never_augments_suspects():
+    from dds.selector import STATUSES
+
+    base = make_info(noisy_fraction=0.0)
+    rng = np.random.default_rng(7)
+    status = rng.choice(3, size=base.n, p=[0.7, 0.2, 0.1]).astype(np.int8)   # clean / relabel / suppress
+    fixed = np.where(status == 1, (base.labels + 1) % 6, base.labels)
+    info = SampleInfo(labels=base.labels, num_classes=6, density=base.density, consistency=base.consistency,
+                      joint=base.joint, region=base.region, status=status, label_fixed=fixed)
+    relabel, suppress = status == STATUSES.index("relabel"), status == STATUSES.index("suppress")
+    sel = Selector("dds", info, epochs=8, budget=0.5, seed=0, strong_aug="all")
+    for e, p in enumerate(run(sel)):
+        assert p.labels is not None and np.array_equal(p.labels, fixed[p.indices])   # relabelled train on label_fixed
+        if e > 0:   # pruned and annealing epochs: suppressed samples are out
+            assert not suppress[p.indices].any()
+        assert not (p.aug[relabel[p.indices] | suppress[p.indices]] == 1).any()   # suspects: base augmentation only
+        if 0 < e < 7:
+            assert (p.aug[~relabel[p.indices]] == 1).all() and relabel[p.indices].any()
+    sel = Selector("dds", info, epochs=8, budget=0.5, seed=0, noise_handling="suppress")
+    for p in run(sel)[1:]:
+        assert p.labels is None and not (relabel | suppress)[p.indices].any()
+    sel = Selector("dds", info, epochs=8, budget=0.5, seed=0, noise_handling="off")
+    picked = np.concatenate([p.indices for p in run(sel)[1:]])
+    assert suppress[picked].any() and sel.plan(7).labels is None
+    with pytest.raises(DdsError, match="status and label_fixed go together"):
+        SampleInfo(labels=base.labels, num_classes=6, status=status)
+    with pytest.raises(DdsError, match="may differ from labels only where status is relabel"):
+        SampleInfo(labels=base.labels, num_classes=6, status=np.zeros(base.n, np.int8), label_fixed=fixed)
+
+
 # ---- infobatch, by hand ----
 
 def test_infobatch_rule_by_hand():

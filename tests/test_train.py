@@ -398,3 +398,56 @@ def test_bench_train_reports_bare_step_and_loop_side_by_side(ws):
     assert 0 < loop["data_share"] < 1 and all(r["img_s"] > 0 for r in rows)
     mine = next(r for r in bare if r["channels_last"] and not r["bf16"])
     assert loop["vs_bare"] == pytest.approx(loop["img_s"] / mine["img_s"], rel=1e-2)
+
+
+def test_relabelled_samples_train_on_the_corrected_label_and_history_records_it(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ws = Workspace(tmp_path)
+    write_dataset(ws, "verdict", {"train": 48, "test": 8})
+    keys = [f"train-{i:07d}" for i in range(48)]
+    write_scores(ws, "verdict", "lite0-minilm", keys)
+    path = ws.index_dir("verdict", "lite0-minilm") / "scores.parquet"
+    t = pq.read_table(path)
+    label = np.asarray(t["label"])
+    status = np.array(["clean", "relabel", "suppress"] * 16, dtype=object)
+    fixed = np.where(status == "relabel", (label + 1) % CLASSES, label)
+    pq.write_table(t.append_column("status", pa.array(status)).append_column("label_fixed", pa.array(fixed, pa.int32())),
+                   path)
+    result = run_train(ws, _cfg(dataset="verdict", policy="dds", epochs=3, budget=0.7), progress=False)
+    h = _table(ws, f"SELECT epoch, key, selected, aug, label_used, status FROM history "
+                   f"WHERE run_id = '{result['run_id']}' ORDER BY epoch, key")
+    by_key = dict(zip(keys, fixed)), dict(zip(keys, status))
+    sel = h[h["selected"]]
+    assert (sel["label_used"] == sel["key"].map(by_key[0])).all()          # relabelled: trained on label_fixed
+    assert (h["status"] == h["key"].map(by_key[1])).all()
+    assert (sel.loc[sel["status"] == "relabel", "label_used"] != sel.loc[sel["status"] == "relabel", "key"].map(
+        dict(zip(keys, label)))).all() and (sel["status"] == "relabel").any()
+    assert not sel.loc[sel["epoch"] > 0, "status"].eq("suppress").any()      # suppressed after the warm-up epoch
+    assert not sel.loc[sel["status"] != "clean", "aug"].eq("strong").any()  # suspects never strongly augmented
+    assert h["label_used"][~h["selected"]].isna().all()
+
+
+def test_the_loop_trains_on_the_plan_labels(ws, monkeypatch):
+    """The targets the loss sees are the plan's labels, not the shards' (a spy on cross_entropy)."""
+    import torch.nn.functional as F
+
+    from dds.selector._base import make_plan
+    from dds.train.loop import _train_epoch
+
+    train = open_split(ws, "tiny", "train")
+    idx = np.arange(0, N_TRAIN, 2)
+    flipped = (train.labels[idx] + 1) % CLASSES
+    seen, real = [], F.cross_entropy
+
+    def spy(logits, y, **kw):
+        seen.append(y.clone())
+        return real(logits, y, **kw)
+
+    monkeypatch.setattr(F, "cross_entropy", spy)
+    model = create_model("cnn3", CLASSES, 1, SIZE)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _train_epoch(model, opt, train, make_plan(0, idx, labels=flipped), cfg=_cfg(), device=torch.device("cpu"),
+                 augmenter=Augmenter(SIZE), steps_done=0, total_steps=10, progress=False)
+    assert torch.equal(torch.cat(seen), torch.from_numpy(flipped))

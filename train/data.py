@@ -243,7 +243,8 @@ def load_sample_info(ws: Workspace, name: str, encoder: str, *, need_scores: boo
 
     Returns:
         ``dds.selector.SampleInfo``: labels int64 ``(N,)``, num_classes, and density, consistency,
-        joint (float32 ``(N,)``) and region (int8 codes into ``REGIONS``) when scores exist.
+        joint (float32 ``(N,)``) and region (int8 codes into ``REGIONS``) when scores exist, plus
+        status and label_fixed when the scores carry the label verdict.
 
     Args:
         need_scores: whether the policy reads scores; if not, scores that miss samples are ignored.
@@ -253,7 +254,7 @@ def load_sample_info(ws: Workspace, name: str, encoder: str, *, need_scores: boo
             computed for other labels (the dataset was re-sharded), or hold an unknown region.
     """
     import pyarrow.parquet as pq
-    from dds.selector import REGIONS, SampleInfo
+    from dds.selector import REGIONS, SampleInfo, encode_status
 
     info = ws.dataset_info(name)
     samples = ws.split_samples(name, "train", ["key", "label"])
@@ -262,7 +263,10 @@ def load_sample_info(ws: Workspace, name: str, encoder: str, *, need_scores: boo
     path = ws.index_dir(name, encoder) / "scores.parquet"
     if not path.exists():
         return SampleInfo(labels=labels, num_classes=num_classes)
-    scores = pq.read_table(path, columns=["key", "label", "density", "consistency", "joint", "region"]).to_pandas()
+    have = set(pq.read_schema(path).names)
+    verdict = ["status", "label_fixed"] if {"status", "label_fixed"} <= have else []   # older scores lack them
+    scores = pq.read_table(path, columns=["key", "label", "density", "consistency", "joint", "region",
+                                          *verdict]).to_pandas()
     joined = samples[["key", "label"]].merge(scores, on="key", how="left", suffixes=("", "_scored"),
                                              validate="one_to_one")
     fix = f"re-run `dds index {name} --encoder {encoder}`"
@@ -280,7 +284,11 @@ def load_sample_info(ws: Workspace, name: str, encoder: str, *, need_scores: boo
     if unknown:
         raise DdsError(f"scores of {name} hold unknown regions {unknown}; known: {', '.join(REGIONS)}")
     region = joined["region"].map({r: i for i, r in enumerate(REGIONS)}).to_numpy().astype(np.int8)
+    extra = {}
+    if verdict:
+        extra = {"status": encode_status(joined["status"].to_numpy()),
+                 "label_fixed": joined["label_fixed"].to_numpy().astype(np.int64)}
     return SampleInfo(labels=labels, num_classes=num_classes,
                       density=joined["density"].to_numpy(np.float32),
                       consistency=joined["consistency"].to_numpy(np.float32),
-                      joint=joined["joint"].to_numpy(np.float32), region=region)
+                      joint=joined["joint"].to_numpy(np.float32), region=region, **extra)

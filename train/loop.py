@@ -83,18 +83,24 @@ def new_run_id(dataset: str, policy: str) -> str:
 
 
 def history_columns(n: int, indices: np.ndarray, weights: np.ndarray, aug: np.ndarray,
-                    losses: np.ndarray) -> dict[str, pa.Array]:
-    """One row per train sample for one epoch: selected, count, weight, aug, loss (null if unselected).
+                    losses: np.ndarray, labels: np.ndarray | None = None,
+                    status: np.ndarray | None = None) -> dict[str, pa.Array]:
+    """One row per train sample for one epoch: selected, count, weight, aug, loss, label_used (null
+    if unselected) and status.
 
     Args:
         n: number of train samples N.
         indices, weights, aug, losses: ``(M,)`` plan indices (int64), weights (float32), aug codes
             (uint8) and unweighted per-sample losses (float32) of the epoch.
+        labels: ``(M,)`` labels the planned samples were trained on (None: no label column).
+        status: ``(N,)`` codes into ``STATUSES`` of the epoch (None: all null).
 
     Returns:
         Columns of length N in ``samples.idx`` order; a sample planned twice gets its mean weight
         and loss, and aug "strong" when any of its steps was strong.
     """
+    from dds.selector import STATUSES
+
     count = np.bincount(indices, minlength=n)
     selected = count > 0
     denom = np.maximum(count, 1)
@@ -103,10 +109,17 @@ def history_columns(n: int, indices: np.ndarray, weights: np.ndarray, aug: np.nd
     strong = np.bincount(indices, weights=(aug == 1), minlength=n) > 0
     aug_name = np.where(strong, AUG_NAMES[1], AUG_NAMES[0]).astype(object)
     aug_name[~selected] = None
-    return {"selected": pa.array(selected), "count": pa.array(count.astype(np.int32)),
+    cols = {"selected": pa.array(selected), "count": pa.array(count.astype(np.int32)),
             "weight": pa.array(weight.astype(np.float32), mask=~selected),
             "aug": pa.array(aug_name, type=pa.string()),
             "loss": pa.array(loss.astype(np.float32), mask=~selected)}
+    if labels is not None:
+        used = np.zeros(n, np.int32)
+        used[indices] = labels
+        cols["label_used"] = pa.array(used, mask=~selected)
+    names = np.asarray(STATUSES, dtype=object)
+    cols["status"] = pa.nulls(n, pa.string()) if status is None else pa.array(names[status], type=pa.string())
+    return cols
 
 
 @torch.inference_mode()
@@ -193,6 +206,10 @@ def _train_epoch(model, opt, train, plan, *, cfg: TrainConfig, device: torch.dev
     losses = torch.empty(m, dtype=torch.float32, device=device)  # kept on device: copied once per epoch
     mean, std = channel_stats(train.mean, train.std, device)  # once per epoch, not per batch
     fmt = _memory_format(device, cfg.channels_last)
+    label_of = None
+    if plan.labels is not None:   # the plan trains some samples on other labels than the dataset's
+        label_of = torch.from_numpy(train.labels.copy())
+        label_of[torch.from_numpy(plan.indices)] = torch.from_numpy(plan.labels)
     timing = {"data_s": 0.0, "compute_s": 0.0, "lr_first": None, "lr_last": None}
     step = steps_done
     bar = tqdm(total=m, desc=f"epoch {plan.epoch + 1}/{cfg.epochs}", unit="img", disable=not progress)
@@ -206,7 +223,8 @@ def _train_epoch(model, opt, train, plan, *, cfg: TrainConfig, device: torch.dev
             break
         b = len(batch["label"])
         x = batch["image"].to(device, non_blocking=True)  # uint8 over the bus, normalised on device
-        y = batch["label"].to(device, non_blocking=True)
+        y = batch["label"] if label_of is None else label_of[batch["index"]]  # corrected labels where relabelled
+        y = y.to(device, non_blocking=True)
         w = batch["weight"].to(device, non_blocking=True)
         t1 = time.perf_counter()
         step += 1
@@ -530,7 +548,8 @@ def _epochs(out: _Writer, sel, model, net, opt, train, test, device, d: Dist, *,
         if test_acc is not None:
             state.test_acc = test_acc
         if out.main:  # history and checkpoint are built only where they are written
-            hist = history_columns(train.n, plan.indices, plan.weights, plan.aug, losses_np)
+            used = train.labels[plan.indices] if plan.labels is None else plan.labels
+            hist = history_columns(train.n, plan.indices, plan.weights, plan.aug, losses_np, used, sel.status())
             _write_epoch(out.ws, state.run_id, epoch, {"selected": int(np.count_nonzero(hist["selected"])), **row},
                          train.keys, hist)
             atomic_write_bytes(out.ws.run_dir(state.run_id) / "checkpoint.pt", _checkpoint_bytes(
