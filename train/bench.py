@@ -204,13 +204,15 @@ def summarise(runs: list[tuple[str, float | None, list[dict[str, Any]]]]) -> lis
 
 def format_bench_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of bench rows (accuracy in %, mean ± std; ratios to full; lossless budget per entry)."""
-    max_spent = max(r["budget_spent"] for r in rows)
+    top = {}
+    for r in rows:
+        top[r["policy"]] = max(top.get(r["policy"], 0.0), r["budget_spent"])
     header = ("policy", "budget", "accuracy %", "spent", "wall/full", "wall+eval/full", "select s", "lossless at")
 
     def lossless(r: dict[str, Any]) -> str:
         if r["policy"] == "full":
             return "-"
-        return f"{r['lossless_budget']:.3f}" if r["lossless_budget"] is not None else f"> {max_spent:.2f}"
+        return f"{r['lossless_budget']:.3f}" if r["lossless_budget"] is not None else f"> {top[r['policy']]:.2f}"
 
     lines = [(r["policy"], "-" if r["budget"] is None else f"{r['budget']:g}",
               f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f}", f"{r['budget_spent']:.3f}",
