@@ -418,9 +418,9 @@ def audit(
 
 def _print_audit(result: dict, top: int) -> None:
     ranking = result["ranking"].head(top)
-    cols = ["rank", "key", "label", "pred_label", "suspicion", "region"] + \
+    cols = ["rank", "key", "label", "pred_label", "suspicion", "status", "label_fixed"] + \
         [c for c in ("noisy_truth", "cleanlab_flag") if ranking[c].notna().any()]
-    typer.echo("most likely mislabelled (suspicion = 1 - prob_label):")
+    typer.echo("most likely mislabelled (suspicion = 1 - posterior probability of the given label):")
     typer.echo(ranking[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     for what, m in result["metrics"].items():
         typer.echo(f"{what}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
