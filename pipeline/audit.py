@@ -156,12 +156,15 @@ def load_audit_inputs(ws: Workspace, name: str, encoder: str):
     if not path.exists():
         raise DdsError(f"dataset {name} has no scores under encoder {encoder}; run `dds embed {name} --encoder "
                        f"{encoder}` and `dds index {name} --encoder {encoder}` first")
-    cols = ["key", "label", "pred_label", "prob_label", "region", "probs", "status", "label_fixed", "label_posterior"]
-    missing = [c for c in cols if c not in pq.read_schema(path).names]
-    if missing:
-        raise DdsError(f"the scores of {name} under {encoder} predate the label verdict (no {', '.join(missing)}); "
-                       f"run `dds index {name} --encoder {encoder}` again")
-    scores = pq.read_table(path, columns=cols).to_pandas()
+    cols = ["key", "label", "pred_label", "prob_label", "region", "probs"]
+    verdict_cols = ["status", "label_fixed", "label_posterior"]
+    have = set(pq.read_schema(path).names)
+    scores = pq.read_table(path, columns=cols + [c for c in verdict_cols if c in have]).to_pandas()
+    if not set(verdict_cols) <= have:  # a table written before the verdict: its noisy region, suppressed
+        log.warning("the scores of %s under %s predate the label verdict; run `dds index %s` again", name, encoder, name)
+        scores["status"] = np.where(scores["region"] == "noisy", "suppress", "clean")
+        scores["label_fixed"] = scores["label"]
+        scores["label_posterior"] = scores["prob_label"]
     samples = pq.read_table(ws.dataset_dir(name) / "samples.parquet", columns=["key", "label_orig"]).to_pandas()
     return scores.merge(samples, on="key", how="left")
 
