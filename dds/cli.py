@@ -87,7 +87,9 @@ def shard(
                                                       "(outside --limit, true labels) to pick constants on instead of test."),
     shard_size: int = typer.Option(5000, "--shard-size", help="Samples per WebDataset tar."),
     label_noise: float = typer.Option(0.0, "--label-noise", help="Fraction of train labels to flip (true label kept in label_orig)."),
-    noise_kind: str = typer.Option("symmetric", "--noise-kind", help="symmetric: flip uniformly to another class."),
+    noise_kind: str = typer.Option("symmetric", "--noise-kind", help="symmetric: round(F*N) flips, each to a uniformly "
+                                   "drawn other class; pairflip: round(F*n_c) of each class c to (c+1) mod C; "
+                                   "asymmetric: round(F*n_c) of each class along the manifest's noise_map."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed for --limit and --label-noise."),
     workspace: Optional[str] = WorkspaceOpt,
     progress: bool = ProgressOpt,
@@ -100,7 +102,7 @@ def shard(
     check_positive_int("--val", val)
     check_positive_int("--shard-size", shard_size)
     check_fraction("--label-noise", label_noise, allow_zero=True, allow_one=False)
-    check_choice("--noise-kind", noise_kind, ("symmetric",))
+    check_choice("--noise-kind", noise_kind, ("symmetric", "pairflip", "asymmetric"))
     if split is not None:
         check_choice("--split", split, ("train", "test"))
     summary = run_shard(_ws(workspace), source, name=name, split=split, limit=limit, val=val, shard_size=shard_size,
@@ -490,9 +492,9 @@ def audit(
 
 def _print_audit(result: dict, top: int) -> None:
     ranking = result["ranking"].head(top)
-    cols = ["rank", "key", "label", "pred_label", "suspicion", "region"] + \
+    cols = ["rank", "key", "label", "pred_label", "suspicion", "status", "label_fixed"] + \
         [c for c in ("noisy_truth", "cleanlab_flag") if ranking[c].notna().any()]
-    typer.echo("most likely mislabelled (suspicion = 1 - prob_label):")
+    typer.echo("most likely mislabelled (suspicion = 1 - posterior probability of the given label):")
     typer.echo(ranking[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     for what, m in result["metrics"].items():
         typer.echo(f"{what}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))

@@ -35,6 +35,7 @@ class Manifest:
     mean: list[float] = field(default_factory=lambda: [0.5])  # per-channel normalisation
     std: list[float] = field(default_factory=lambda: [0.5])
     homepage: str = ""
+    noise_map: dict[str, str] = field(default_factory=dict)  # class -> confusable class, for asymmetric label noise
 
     def prompts(self) -> list[list[str]]:
         """For each class, its prompts (one per template)."""

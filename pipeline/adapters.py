@@ -22,6 +22,8 @@ adapter pair is trained on the other folds only and then applied to that fold, s
 adapted embedding, class cosines and class probabilities come from adapters that never saw it (or
 its label). Adapters trained on noisy labels partly learn the noise; cross-fitting keeps that noise
 out of a sample's own score, and the small size, weight decay and few epochs keep it small.
+``train_mask`` trims: ``dds index`` trains a second time without the first pass's suspects
+(:mod:`dds.pipeline.verdict`), which removes most of the noise the adapters would learn.
 """
 from __future__ import annotations
 
@@ -172,7 +174,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 def crossfit_adapters(img: np.ndarray, labels: np.ndarray, text: np.ndarray, *, folds: int = 5,
                       seed: int = 0, epochs: int = EPOCHS, progress: bool = False, device: str = "cpu",
-                      fold: np.ndarray | None = None, **train_kw) -> CrossFit:
+                      fold: np.ndarray | None = None, train_mask: np.ndarray | None = None, **train_kw) -> CrossFit:
     """Cross-fitted adapters: each fold is embedded and scored by adapters trained on the others.
 
     Args:
@@ -185,6 +187,8 @@ def crossfit_adapters(img: np.ndarray, labels: np.ndarray, text: np.ndarray, *, 
         progress: show a tqdm bar over the folds.
         device: ``cpu`` or ``cuda``.
         fold: ``(N,)`` ints in ``0..folds-1`` to use instead of :func:`stratified_folds` (labels, seed).
+        train_mask: ``(N,)`` bool; only these samples train the adapters (trimming), every sample is
+            still scored by its fold's adapter. None: all train.
         **train_kw: passed to :func:`train_adapter` (``batch_size``, ``lr``, ``weight_decay``, ``shared_dim``).
 
     Returns:
@@ -197,6 +201,8 @@ def crossfit_adapters(img: np.ndarray, labels: np.ndarray, text: np.ndarray, *, 
         fold = stratified_folds(labels, folds, seed)
     elif fold.shape != labels.shape or fold.min() < 0 or fold.max() >= folds:
         raise DdsError(f"fold must be ({len(labels)},) ints in 0..{folds - 1}")
+    if train_mask is not None and np.shape(train_mask) != labels.shape:
+        raise DdsError(f"train_mask must be ({len(labels)},) bools")
     u = cos = probs = None
     texts = []
     bar = range(folds)
@@ -206,7 +212,8 @@ def crossfit_adapters(img: np.ndarray, labels: np.ndarray, text: np.ndarray, *, 
         bar = tqdm(bar, desc="adapters", unit="fold")
     for f in bar:
         held = fold == f
-        apply = train_adapter(img[~held], labels[~held], text, epochs=epochs, seed=seed + f, device=device,
+        train = ~held if train_mask is None else ~held & train_mask
+        apply = train_adapter(img[train], labels[train], text, epochs=epochs, seed=seed + f, device=device,
                               **train_kw)
         u_f, t_f, tau = apply(img[held])
         if u is None:

@@ -1,17 +1,21 @@
 """``dds audit NAME``: the samples most likely mislabelled, and how well that ranking finds injected noise.
 
-The ranking is ``suspicion = 1 - prob_label``, from the scores table: the cross-fitted probability
-of the given label, computed by adapters that never saw the sample (see :mod:`dds.pipeline.index`).
-Each row carries the given label, the label the encoder prefers (``pred_label``) and the score.
+The ranking is ``suspicion = 1 - label_posterior``, from the scores table: the posterior probability
+that the given label is right, from held-out evidence (see :mod:`dds.pipeline.verdict`). Each row
+carries the given label, the label the encoder prefers (``pred_label``), the static verdict
+(``status``, ``label_fixed``) and the score.
 
-When the dataset has injected noise (``label != label_orig`` somewhere in ``samples``) the audit
-measures, against that truth:
+The ``noisy_region`` metrics are those of the verdict: ``noisy`` is ``status != clean`` (relabel or
+suppress). Without injected noise the audit reports how many samples the verdict suspects (the
+share a clean dataset loses). When the dataset has injected noise (``label != label_orig``
+somewhere in ``samples``) it measures, against that truth:
 
 * the ranking: AUROC, and precision / recall among the top K, K = the number of flipped labels
   (so precision@K = recall@K = R-precision);
-* the ``noisy`` region used as a flag: precision and recall;
+* the verdict (``noisy_region``): precision, recall and F1 of relabel ∪ suppress, and the relabel
+  accuracy (share of relabelled samples whose ``label_fixed`` is the true label);
 * cleanlab's ``find_label_issues`` fed with the same cross-fitted probabilities (the ``probs``
-  column), when cleanlab is installed (``pip install 'dds[audit]'``): precision and recall of its flags.
+  column), when cleanlab is installed (``pip install 'dds[audit]'``): precision, recall and F1.
 
 The metric functions are pure (numpy in, floats out) and tested on hand-computed cases.
 """
@@ -76,23 +80,47 @@ def precision_recall_at_k(score: np.ndarray, truth: np.ndarray, k: int) -> tuple
 
 
 def flag_metrics(flag: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Precision, recall and count of a boolean flag against the truth.
+    """Precision, recall, F1 and count of a boolean flag against the truth.
 
     Args:
         flag: (N,) bool, flagged as mislabelled; truth: (N,) bool, really mislabelled.
 
     Returns:
-        {"flagged": int, "precision": float (NaN if none flagged), "recall": float (NaN without positives)}.
+        {"flagged": int, "precision": float (NaN if none flagged), "recall": float (NaN without
+        positives), "f1": float (NaN if either is NaN, 0 when both are 0)}.
     """
     flag, truth = np.asarray(flag, bool), np.asarray(truth, bool)
     hits, flagged, pos = int((flag & truth).sum()), int(flag.sum()), int(truth.sum())
-    return {"flagged": flagged, "precision": hits / flagged if flagged else float("nan"),
-            "recall": hits / pos if pos else float("nan")}
+    p = hits / flagged if flagged else float("nan")
+    r = hits / pos if pos else float("nan")
+    f1 = float("nan") if np.isnan(p) or np.isnan(r) else (2 * p * r / (p + r) if p + r else 0.0)
+    return {"flagged": flagged, "precision": p, "recall": r, "f1": f1}
 
 
-def suspicion(prob_label: np.ndarray) -> np.ndarray:
-    """``1 - prob_label``: (N,) float64, higher = more likely mislabelled."""
-    return 1.0 - np.asarray(prob_label, np.float64)
+def relabel_accuracy(status: np.ndarray, label_fixed: np.ndarray, label_orig: np.ndarray) -> dict[str, float]:
+    """How many samples the verdict relabels and the share of them whose new label is the true one.
+
+    Returns:
+        {"relabelled": int, "relabel_acc": float (NaN when nothing is relabelled), "suppressed": int}.
+    """
+    status = np.asarray(status, object)
+    rel = status == "relabel"
+    n = int(rel.sum())
+    acc = float((np.asarray(label_fixed)[rel] == np.asarray(label_orig)[rel]).mean()) if n else float("nan")
+    return {"relabelled": n, "relabel_acc": acc, "suppressed": int((status == "suppress").sum())}
+
+
+def suspected_share(status: np.ndarray) -> dict[str, float]:
+    """Without injected noise: how many samples the verdict takes out of ``clean``, and their share."""
+    status = np.asarray(status, object)
+    n = int((status != "clean").sum())
+    return {"flagged": n, "share": n / len(status) if len(status) else float("nan"),
+            "relabelled": int((status == "relabel").sum()), "suppressed": int((status == "suppress").sum())}
+
+
+def suspicion(label_posterior: np.ndarray) -> np.ndarray:
+    """``1 - label_posterior`` (or any probability of the given label): (N,) float64, higher = more likely mislabelled."""
+    return 1.0 - np.asarray(label_posterior, np.float64)
 
 
 def cleanlab_flags(labels: np.ndarray, probs: np.ndarray) -> np.ndarray | None:
@@ -128,7 +156,15 @@ def load_audit_inputs(ws: Workspace, name: str, encoder: str):
     if not path.exists():
         raise DdsError(f"dataset {name} has no scores under encoder {encoder}; run `dds embed {name} --encoder "
                        f"{encoder}` and `dds index {name} --encoder {encoder}` first")
-    scores = pq.read_table(path, columns=["key", "label", "pred_label", "prob_label", "region", "probs"]).to_pandas()
+    cols = ["key", "label", "pred_label", "prob_label", "region", "probs"]
+    verdict_cols = ["status", "label_fixed", "label_posterior"]
+    have = set(pq.read_schema(path).names)
+    scores = pq.read_table(path, columns=cols + [c for c in verdict_cols if c in have]).to_pandas()
+    if not set(verdict_cols) <= have:  # a table written before the verdict: its noisy region, suppressed
+        log.warning("the scores of %s under %s predate the label verdict; run `dds index %s` again", name, encoder, name)
+        scores["status"] = np.where(scores["region"] == "noisy", "suppress", "clean")
+        scores["label_fixed"] = scores["label"]
+        scores["label_posterior"] = scores["prob_label"]
     samples = pq.read_table(ws.dataset_dir(name) / "samples.parquet", columns=["key", "label_orig"]).to_pandas()
     return scores.merge(samples, on="key", how="left")
 
@@ -144,16 +180,16 @@ def run_audit(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", use_cl
 
     Returns:
         {"ranking": pandas DataFrame (rank, key, label, pred_label, suspicion, prob_label, region,
-        noisy_truth (bool or None), cleanlab_flag (bool or None)) most suspicious first,
-        "has_noise": bool, "metrics": {"ranking": {...}, "noisy_region": {...}, "cleanlab": {...}}
-        (empty without injected noise), "notes": [str]}.
+        status, label_fixed, noisy_truth (bool or None), cleanlab_flag (bool or None)) most suspicious
+        first, "has_noise": bool, "metrics": {"ranking": {...}, "noisy_region": {...}, "cleanlab": {...}}
+        (without injected noise only "noisy_region", the suspected share), "notes": [str]}.
 
     Raises:
         DdsError: no such dataset or no scores.
     """
     df = load_audit_inputs(ws, name, encoder)
     notes: list[str] = []
-    susp = suspicion(df["prob_label"].to_numpy())
+    susp = suspicion(df["label_posterior"].to_numpy())
     flags = None
     if use_cleanlab:
         try:
@@ -171,12 +207,15 @@ def run_audit(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", use_cl
         k = int(truth.sum())
         p, r = precision_recall_at_k(susp, truth, k)
         metrics["ranking"] = {"auroc": auroc(susp, truth), "k": k, "precision_at_k": p, "recall_at_k": r}
-        metrics["noisy_region"] = flag_metrics(df["region"].to_numpy() == "noisy", truth)
+        metrics["noisy_region"] = {**flag_metrics(df["status"].to_numpy() != "clean", truth),
+                                   **relabel_accuracy(df["status"].to_numpy(), df["label_fixed"].to_numpy(),
+                                                      df["label_orig"].to_numpy())}
         if flags is not None:
             metrics["cleanlab"] = flag_metrics(flags, truth)
     else:
+        metrics["noisy_region"] = suspected_share(df["status"].to_numpy())
         notes.append(f"{name} has no injected label noise (label_orig = label): no precision/recall to report")
-    ranking = df[["key", "label", "pred_label", "prob_label", "region"]].copy()
+    ranking = df[["key", "label", "pred_label", "prob_label", "region", "status", "label_fixed"]].copy()
     ranking.insert(3, "suspicion", susp)
     ranking["noisy_truth"] = truth if truth is not None else None
     ranking["cleanlab_flag"] = flags if flags is not None else None

@@ -24,22 +24,25 @@ adapter of the fold that did not see ``i`` (see :mod:`dds.pipeline.adapters`).
   Fashion-MNIST with 40% noise, min-max scaled cosines gave mislabelled samples a *higher* mean
   joint score than dense clean ones, since mislabelled samples are sparse within their label;
   with ``prob_label`` they score near 0.
+* ``status``, ``label_fixed``, ``label_posterior``: the static label verdict of
+  :mod:`dds.pipeline.verdict` (``clean`` / ``relabel`` / ``suppress``, the corrected label for
+  ``relabel`` else the given one, and the posterior probability that the given label is right),
+  decided from the data's own distribution of held-out evidence, with per-class thresholds and an
+  estimated noise transition matrix; no fixed cut-off on a score. With adapters, ``dds index`` trains
+  them three times, cross-fitted on the same folds: the second pass without the first pass's
+  confident-learning suspects, the third (whose outputs are stored) without the second pass's
+  verdict suspects (trimming), so the adapters learn less of the noise.
 * ``region``, decided in this order:
 
-  1. ``noisy``: ``prob_label < NOISY_MAX_PROB`` and ``knn_agreement < NOISY_MAX_AGREEMENT``: the
-     held-out adapter finds the label improbable (below chance level for 10 classes) and the
-     frozen neighbourhood does not back it either.
+  1. ``noisy``: ``status != clean`` (the two always agree).
   2. ``augment``: among the remaining samples of a label, the ``AUGMENT_FRACTION`` with the highest
      ``joint``, provided ``prob_label >= AUGMENT_MIN_PROB`` (sparse and clean).
   3. ``redundant``: among the rest, the ``REDUNDANT_FRACTION`` (of the label's non-noisy samples)
      with the highest ``density``.
   4. ``keep``: everything else.
 
-The thresholds were tuned on Fashion-MNIST with ``lite0-minilm`` embeddings (64 px) and 40%
-symmetric label noise on the first 5k train images, and confirmed on other slices: ``noisy`` flags
-injected flips with precision 0.94-0.95 at recall 0.86-0.89 on 5k-10k slices and 0.954 at 0.913 on
-all 60k; without injected noise it flags 3-5% of the samples (the ambiguous shirt/top/pullover
-confusions, mostly).
+The ``augment`` / ``redundant`` fractions are the reconstruction's (paper-notes §2.5); the
+verdict has no tuned constant (see :mod:`dds.pipeline.verdict`).
 """
 from __future__ import annotations
 
@@ -51,17 +54,19 @@ import numpy as np
 
 from dds.device import resolve_device
 from dds.errors import DdsError
+from dds.pipeline import verdict
 from dds.selector import REGIONS
 from dds.workspace import Workspace, atomic_write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
-NOISY_MAX_PROB = 0.10  # noisy: cross-fitted probability of the given label below this ...
-NOISY_MAX_AGREEMENT = 0.5  # ... and fewer than half of the global neighbours share the label
 AUGMENT_FRACTION = 0.30  # augment: top 30% of a label's non-noisy samples by joint score ...
 AUGMENT_MIN_PROB = 0.5  # ... whose label the held-out adapter finds at least this probable
 REDUNDANT_FRACTION = 0.30  # redundant: the densest 30% of a label's non-noisy samples (if not augment)
-THRESHOLDS = {"noisy_max_prob": NOISY_MAX_PROB, "noisy_max_agreement": NOISY_MAX_AGREEMENT,
+# adapter passes after the first, each trained without the previous pass's suspects: pass 2 drops the
+# wide net of confident-learning suspects, pass 3 only the verdict's suspects of pass 2
+TRIM_PASSES = 2
+THRESHOLDS = {"suspect_below": verdict.SUSPECT_BELOW, "relabel_min": verdict.RELABEL_MIN,
               "augment_fraction": AUGMENT_FRACTION, "augment_min_prob": AUGMENT_MIN_PROB,
               "redundant_fraction": REDUNDANT_FRACTION}
 
@@ -162,7 +167,7 @@ def _top_fraction(values: np.ndarray, rows: np.ndarray, fraction: float, total: 
     return rows[order[:m]]
 
 
-def assign_regions(density: np.ndarray, joint: np.ndarray, prob_label: np.ndarray, agreement: np.ndarray,
+def assign_regions(density: np.ndarray, joint: np.ndarray, prob_label: np.ndarray, suspect: np.ndarray,
                    labels: np.ndarray) -> np.ndarray:
     """Region of every sample by the rule in the module docstring.
 
@@ -170,7 +175,7 @@ def assign_regions(density: np.ndarray, joint: np.ndarray, prob_label: np.ndarra
         density: ``(N,)`` in [0, 1], 1 = densest within the label.
         joint: ``(N,)`` joint score.
         prob_label: ``(N,)`` probability of the given label (cross-fitted).
-        agreement: ``(N,)`` share of global neighbours with the same label.
+        suspect: ``(N,)`` bool, the verdict is not ``clean``: these form the ``noisy`` region.
         labels: ``(N,)`` ints.
 
     Returns:
@@ -178,7 +183,7 @@ def assign_regions(density: np.ndarray, joint: np.ndarray, prob_label: np.ndarra
     """
     labels = np.asarray(labels)
     region = np.full(len(labels), "keep", dtype=object)
-    noisy = (prob_label < NOISY_MAX_PROB) & (agreement < NOISY_MAX_AGREEMENT)
+    noisy = np.asarray(suspect, bool)
     region[noisy] = "noisy"
     for c in np.unique(labels):
         clean = np.flatnonzero((labels == c) & ~noisy)
@@ -193,17 +198,20 @@ def assign_regions(density: np.ndarray, joint: np.ndarray, prob_label: np.ndarra
 
 
 def compute_scores(class_sims: np.ndarray, global_idx: np.ndarray, labels: np.ndarray, cos: np.ndarray,
-                   probs: np.ndarray) -> dict[str, np.ndarray]:
+                   probs: np.ndarray, trim: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Every per-sample score column of ``scores.parquet`` (except identifiers) from the cores above.
 
     Args:
         class_sims: ``(N, k)`` similarities to same-label neighbours.
         global_idx: ``(N, k)`` indices of the global neighbours.
-        labels: ``(N,)`` ints in ``0..C-1``.
+        labels: ``(N,)`` ints in ``0..C-1`` (the given labels; nothing here reads ``label_orig``).
         cos: ``(N, C)`` class cosines; probs: ``(N, C)`` class probabilities.
+        trim: ``(N,)`` bool, the first-pass suspects left out of the adapters' second pass; they do not
+            vote in the neighbour evidence either. None: found from ``probs`` (:func:`verdict.trim_mask`).
 
     Returns:
-        Columns density, consistency, margin, knn_agreement, joint, region, pred_label, prob_label.
+        Columns density, consistency, margin, knn_agreement, joint, region, pred_label, prob_label,
+        status, label_fixed, label_posterior.
     """
     labels = np.asarray(labels)
     density = local_density(class_sims, labels)
@@ -211,7 +219,13 @@ def compute_scores(class_sims: np.ndarray, global_idx: np.ndarray, labels: np.nd
     out["density"] = density
     out["knn_agreement"] = knn_agreement(global_idx, labels)
     out["joint"] = joint_score(density, out["prob_label"])
-    out["region"] = assign_regions(density, out["joint"], out["prob_label"], out["knn_agreement"], labels)
+    c = probs.shape[1]
+    if trim is None:
+        trim = verdict.trim_mask(probs, verdict.neighbour_votes(global_idx, labels, c), labels)
+    v = verdict.static_verdict(probs, verdict.neighbour_votes(global_idx, labels, c, keep=~trim), labels)
+    out["status"], out["label_fixed"] = v.status, v.label_fixed.astype(np.int32)
+    out["label_posterior"] = v.label_posterior.astype(np.float32)
+    out["region"] = assign_regions(density, out["joint"], out["prob_label"], v.status != "clean", labels)
     return out
 
 
@@ -323,6 +337,9 @@ def _scores_table(name: str, encoder: str, keys: np.ndarray, labels: np.ndarray,
         "pred_label": pa.array(cols["pred_label"], pa.int32()),
         "prob_label": pa.array(cols["prob_label"], pa.float32()),
         "probs": pa.FixedSizeListArray.from_arrays(flat, c).cast(pa.list_(pa.float32())),
+        "status": pa.array(list(cols["status"]), pa.string()),
+        "label_fixed": pa.array(cols["label_fixed"], pa.int32()),
+        "label_posterior": pa.array(cols["label_posterior"], pa.float32()),
     })
 
 
@@ -335,7 +352,9 @@ def run_index(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", k: int
         name: dataset name (as given to ``dds shard``).
         encoder: encoder whose embeddings ``dds embed`` wrote.
         k: neighbours per sample, in both the per-class and the global graph.
-        adapters: ``auto`` (on for unaligned towers, off for aligned ones), ``on`` or ``off``.
+        adapters: ``auto`` (on for unaligned towers, off for aligned ones), ``on`` or ``off``; with
+            adapters on they are trained ``1 + TRIM_PASSES`` times (cross-fitted each time), trimmed
+            after the first.
         folds: cross-fitting folds for the adapters (>= 2).
         seed: seed of the folds and of adapter training.
         device: ``auto``, ``cpu`` or ``cuda`` (kNN and adapter training).
@@ -343,7 +362,8 @@ def run_index(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", k: int
 
     Returns:
         Summary: dataset, encoder, n, classes, k, knn_backend, knn_s, adapters, folds, adapters_s,
-        seconds, regions (region -> count), out (index folder).
+        seconds, regions (region -> count), status (status -> count), trimmed (samples left out of the
+        adapters' last pass), out (index folder).
 
     Raises:
         DdsError: bad arguments, or the dataset was not sharded / embedded with ``encoder``.
@@ -373,14 +393,22 @@ def run_index(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", k: int
     knn_s = time.perf_counter() - t
 
     t = time.perf_counter()
-    if use:
+    trim = None
+    if use:  # trimmed passes: each trains without the previous pass's suspects (pipeline/verdict.py)
         fit = adapt.crossfit_adapters(img, labels, text, folds=folds, seed=seed, progress=progress, device=dev)
+        trim = verdict.trim_mask(fit.probs, verdict.neighbour_votes(global_idx, labels, len(text)), labels)
+        for p in range(TRIM_PASSES):
+            fit = adapt.crossfit_adapters(img, labels, text, folds=folds, seed=seed, progress=progress, device=dev,
+                                          fold=fit.fold, train_mask=~trim)
+            if p + 1 < TRIM_PASSES:
+                votes = verdict.neighbour_votes(global_idx, labels, len(text), keep=~trim)
+                trim = verdict.static_verdict(fit.probs, votes, labels).status != "clean"
         cos, probs = fit.cos, fit.probs
     else:
         cos, probs = adapt.zero_shot(img, text)
     adapters_s = time.perf_counter() - t
 
-    cols = compute_scores(class_sims, global_idx, labels, cos, probs)
+    cols = compute_scores(class_sims, global_idx, labels, cos, probs, trim=trim)
     out = ws.index_dir(name, encoder)
     write_parquet(out / "knn.parquet", pa.concat_tables([
         _knn_table(name, encoder, keys, class_sims, class_idx, "class"),
@@ -391,6 +419,8 @@ def run_index(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", k: int
                "adapters": "on (cross-fitted)" if use else "off (zero-shot)", "folds": folds if use else 0,
                "adapters_s": round(adapters_s, 2), "seed": seed,
                "regions": {r: int((cols["region"] == r).sum()) for r in REGIONS},
+               "status": {st: int((cols["status"] == st).sum()) for st in verdict.STATUSES},
+               "trimmed": int(trim.sum()) if trim is not None else 0,
                "thresholds": THRESHOLDS, "out": str(out)}
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     atomic_write_json(out / "index.json", summary)

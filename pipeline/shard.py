@@ -1,6 +1,6 @@
 """``dds shard``: write a source as WebDataset tars plus the shards, samples and rejects tables.
 
-Pure cores (:func:`stratified_subset`, :func:`symmetric_noise`, :func:`encode_png`) work on arrays and
+Pure cores (:func:`stratified_subset`, :func:`symmetric_noise`, :func:`class_map_noise`, :func:`encode_png`) work on arrays and
 images; :func:`run_shard` is the I/O shell. A split's tars are written into a temporary folder inside
 the dataset folder and moved into ``shards/`` only once all of them are complete; the tables then
 replace only the rows of the split(s) written, so sharding ``--split test`` after ``train`` keeps train.
@@ -39,7 +39,7 @@ from dds.workspace import Workspace, atomic_write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
-NOISE_KINDS = ("symmetric",)
+NOISE_KINDS = ("symmetric", "pairflip", "asymmetric")
 PNG_COMPRESS_LEVEL = 6  # fixed so that re-runs give identical bytes
 
 SAMPLES_SCHEMA = pa.schema([("dataset", pa.string()), ("key", pa.string()), ("split", pa.string()),
@@ -144,6 +144,75 @@ def symmetric_noise(labels: np.ndarray, num_classes: int, fraction: float, seed:
     offset = rng.integers(1, num_classes, size=n_flip)  # 1..C-1: never the same class
     noisy[idx] = (labels[idx] + offset) % num_classes
     return noisy
+
+
+def class_map_noise(labels: np.ndarray, mapping: dict[int, int], fraction: float, seed: int) -> np.ndarray:
+    """Flip exactly ``round(fraction * n_c)`` labels of every mapped class ``c`` to ``mapping[c]``.
+
+    Classes missing from ``mapping`` stay clean. Which samples of a class flip is drawn from ``seed``,
+    class after class in ascending order, so the same seed gives the same flips.
+
+    Args:
+        labels: (N,) integer labels.
+        mapping: class -> the class its flipped samples get (never itself).
+        fraction: share of each mapped class to flip, in [0, 1].
+        seed: seed of which samples flip.
+
+    Returns:
+        (N,) int64, the noisy labels (``labels`` itself is not modified).
+
+    Raises:
+        ValueError: ``fraction`` outside [0, 1], or a class mapped to itself.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    if any(int(a) == int(b) for a, b in mapping.items()):
+        raise ValueError("a noise mapping must send every class to another class")
+    noisy = labels.copy()
+    rng = np.random.default_rng(seed)
+    for c in sorted(int(c) for c in mapping):
+        rows = np.flatnonzero(labels == c)
+        n_flip = int(round(fraction * len(rows)))
+        noisy[rng.choice(rows, size=n_flip, replace=False)] = int(mapping[c])
+    return noisy
+
+
+def pairflip_map(num_classes: int) -> dict[int, int]:
+    """``c -> (c + 1) mod C`` for every class (pair-flip noise)."""
+    return {c: (c + 1) % num_classes for c in range(num_classes)} if num_classes >= 2 else {}
+
+
+def noise_map(kind: str, classes: list[str], manifest_map: dict[str, str] | None, source: str) -> dict[int, int] | None:
+    """The class mapping of noise ``kind`` (None for ``symmetric``), by class index.
+
+    ``asymmetric`` takes the manifest's ``noise_map`` (class name -> class name).
+
+    Raises:
+        DdsError: ``asymmetric`` without a mapping, or a mapping naming unknown classes.
+    """
+    if kind == "symmetric":
+        return None
+    if kind == "pairflip":
+        if len(classes) < 2:
+            raise DdsError("pairflip label noise needs at least 2 classes")
+        return pairflip_map(len(classes))
+    if not manifest_map:
+        raise DdsError(f"--noise-kind asymmetric needs a class mapping (noise_map in the dataset's manifest), and "
+                       f"{source} has none; use --noise-kind symmetric or pairflip")
+    pos = {c: i for i, c in enumerate(classes)}
+    bad = sorted({n for kv in manifest_map.items() for n in kv if n not in pos})
+    if bad:
+        raise DdsError(f"the noise_map of {source} names unknown classes {bad}; classes: {classes}")
+    return {pos[a]: pos[b] for a, b in manifest_map.items()}
+
+
+def inject_noise(labels: np.ndarray, num_classes: int, fraction: float, kind: str, seed: int,
+                 mapping: dict[int, int] | None = None) -> np.ndarray:
+    """Noisy labels of ``kind``: ``symmetric`` (:func:`symmetric_noise`) or a class mapping (:func:`class_map_noise`)."""
+    if kind == "symmetric":
+        return symmetric_noise(labels, num_classes, fraction, seed)
+    return class_map_noise(labels, mapping or {}, fraction, seed)
 
 
 def encode_png(img: Image.Image, mode: str) -> bytes:
@@ -322,7 +391,9 @@ def run_shard(ws: Workspace, source: str, *, name: str | None = None, split: str
             is one. Re-sharding train without ``val`` removes an old ``val`` split.
         shard_size: samples per tar.
         label_noise: fraction of train labels to flip (``label_orig`` keeps the truth); never on test.
-        noise_kind: ``symmetric`` (flip to a uniformly drawn other class).
+        noise_kind: ``symmetric`` (exactly ``round(F*N)`` flips, each to a uniformly drawn other class),
+            ``pairflip`` (exactly ``round(F*n_c)`` of every class ``c`` to ``(c+1) mod C``) or ``asymmetric``
+            (the same per class along the manifest's ``noise_map``; unmapped classes stay clean).
         seed: seed of ``limit`` and ``label_noise``.
         progress: show a tqdm bar while writing.
 
@@ -341,8 +412,10 @@ def run_shard(ws: Workspace, source: str, *, name: str | None = None, split: str
     old = _read_json(ds_dir / "dataset.json")
     mode = _dataset_mode(src)
     _check_compatible(old, src, mode, name)
+    mapping = noise_map(noise_kind, list(src.classes), src.manifest.noise_map if src.manifest else None, source)
     results, changed = _write_all_splits(src, ds_dir, name, mode=mode, limit=limit, val=val, shard_size=shard_size,
-                                         label_noise=label_noise, seed=seed, progress=progress)
+                                         label_noise=label_noise, seed=seed, progress=progress,
+                                         noise=(noise_kind, mapping))
     _write_tables(ds_dir, name, results)
     info = _dataset_info(old, src, name, source, mode, results, label_noise, noise_kind, seed,
                          dict(limit=limit, shard_size=shard_size, seed=seed))
@@ -381,7 +454,8 @@ def _open_checked(source: str, split: str | None, name: str | None, label_noise:
 
 
 def _write_all_splits(src: SourceData, ds_dir: Path, name: str, *, mode: str, limit: int | None, val: int | None,
-                      shard_size: int, label_noise: float, seed: int, progress: bool) -> tuple[dict[str, SplitResult], set[str]]:
+                      shard_size: int, label_noise: float, seed: int, progress: bool,
+                      noise: tuple[str, dict[int, int] | None] = ("symmetric", None)) -> tuple[dict[str, SplitResult], set[str]]:
     """Write every split's tars into a temporary folder, then move them into ``shards/`` together.
 
     ``val`` carves a ``val`` split off train (:func:`carve_val`); it keeps the true labels, like test.
@@ -401,7 +475,8 @@ def _write_all_splits(src: SourceData, ds_dir: Path, name: str, *, mode: str, li
                 parts["train"], parts["val"] = carve_val(sd.labels, parts["train"], val, seed)
             for part, order in parts.items():
                 orig = sd.labels[order]
-                labels = symmetric_noise(orig, len(src.classes), label_noise, seed) if part == "train" else orig
+                labels = (inject_noise(orig, len(src.classes), label_noise, noise[0], seed, noise[1])
+                          if part == "train" else orig)
                 res = write_split(part, sd, order, labels, mode=mode, out_dir=tmp, shard_size=shard_size,
                                   stats=src.manifest is None, progress=progress, desc=f"shard {name}/{part}")
                 if part == s:
@@ -533,7 +608,7 @@ def _dataset_info(old: dict[str, Any], src: SourceData, name: str, source: str, 
         "templates": list(m.templates) if m else list(DEFAULT_TEMPLATES),
         "channels": 1 if mode == "L" else 3,
         "splits": dict(sorted(splits.items(), key=lambda kv: (SPLITS + (kv[0],)).index(kv[0]))),
-        "label_noise": ({"fraction": label_noise, "kind": noise_kind, "seed": seed} if "train" in results
+        "label_noise": (_noise_info(src, source, label_noise, noise_kind, seed) if "train" in results
                         else old.get("label_noise", {"fraction": 0.0, "kind": noise_kind, "seed": seed})),
         "shard_options": {**old.get("shard_options", {}), **{s: {**options, "source": source} for s in results}},
     }
@@ -544,6 +619,15 @@ def _dataset_info(old: dict[str, Any], src: SourceData, name: str, source: str, 
         mean, std = stats if stats else (old.get("mean", [0.5]), old.get("std", [0.5]))
         sizes = [sz for sd in src.splits.values() for sz in sd.sizes]
         info.update(mean=mean, std=std, image_size=typical_size(sizes) or old.get("image_size", 0))
+    return info
+
+
+def _noise_info(src: SourceData, source: str, fraction: float, kind: str, seed: int) -> dict[str, Any]:
+    """``dataset.json``'s ``label_noise``: fraction, kind, seed and, for mapped kinds, the class mapping by name."""
+    info: dict[str, Any] = {"fraction": fraction, "kind": kind, "seed": seed}
+    mapping = noise_map(kind, list(src.classes), src.manifest.noise_map if src.manifest else None, source)
+    if mapping is not None:
+        info["map"] = {src.classes[a]: src.classes[b] for a, b in sorted(mapping.items())}
     return info
 
 

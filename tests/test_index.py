@@ -205,12 +205,12 @@ def test_assign_regions_thresholds():
     density = np.linspace(0, 1, 10)
     joint = 1 - density
     prob = np.full(10, 0.9)
-    prob[0] = 0.05  # low probability alone ...
-    agree = np.ones(10)
-    r = assign_regions(density, joint, prob, agree, labels)
-    assert r[0] != "noisy"  # ... is not enough while the neighbours back the label
-    agree[0] = 0.2
-    r = assign_regions(density, joint, prob, agree, labels)
+    prob[0] = 0.05  # a low probability alone does not make a sample noisy: the verdict does
+    suspect = np.zeros(10, bool)
+    r = assign_regions(density, joint, prob, suspect, labels)
+    assert r[0] != "noisy"
+    suspect[0] = True
+    r = assign_regions(density, joint, prob, suspect, labels)
     assert r[0] == "noisy"
     assert list(r[1:]).count("augment") == round(0.3 * 9) and r[1] == "augment"
     assert r[9] == "redundant"
@@ -252,7 +252,7 @@ def _workspace(tmp_path, *, aligned=False, n_per=20, C=3, embed=True):
 
 
 SCORE_COLUMNS = ["dataset", "encoder", "key", "label", "density", "consistency", "margin", "knn_agreement", "joint",
-                 "region", "pred_label", "prob_label", "probs"]
+                 "region", "pred_label", "prob_label", "probs", "status", "label_fixed", "label_posterior"]
 KNN_COLUMNS = ["dataset", "encoder", "key", "neighbor", "rank", "similarity", "scope"]
 
 
@@ -273,6 +273,14 @@ def test_run_index_writes_contract_tables(tmp_path, aligned):
     assert set(scores.column("region").to_pylist()) <= set(REGIONS)
     probs = np.array(scores.column("probs").to_pylist())
     assert probs.shape == (60, 3) and np.allclose(probs.sum(1), 1, atol=1e-4)
+    status = np.array(scores.column("status").to_pylist(), object)
+    fixed = np.array(scores.column("label_fixed").to_pylist())
+    assert set(status) <= {"clean", "relabel", "suppress"} and scores.schema.field("label_fixed").type == pa.int32()
+    assert (fixed[status != "relabel"] == labels[status != "relabel"]).all()  # the given label unless relabelled
+    assert (fixed[status == "relabel"] != labels[status == "relabel"]).all()
+    region = np.array(scores.column("region").to_pylist(), object)
+    assert ((region == "noisy") == (status != "clean")).all()
+    assert sum(summary["status"].values()) == 60
     knn_t = pq.read_table(out / "knn.parquet")
     assert knn_t.column_names == KNN_COLUMNS and knn_t.num_rows == 60 * 4 * 2
     assert knn_t.schema.field("rank").type == pa.int32() and knn_t.schema.field("similarity").type == pa.float32()
@@ -300,3 +308,24 @@ def test_run_index_rejects_zero_shot_on_unaligned_towers(tmp_path):
     ws, name, enc, *_ = _workspace(tmp_path)
     with pytest.raises(DdsError, match="not aligned"):
         run_index(ws, name, encoder=enc, adapters="off", device="cpu", progress=False)
+
+
+def test_run_index_verdict_ignores_label_orig(tmp_path):
+    """Replacing label_orig by garbage changes nothing in the scores: the verdict never reads the truth."""
+    ws, name, enc, keys, labels = _workspace(tmp_path)
+    flipped = labels.copy()
+    flipped[[0, 21, 42]] = (flipped[[0, 21, 42]] + 1) % 3  # some given labels are wrong
+    path = ws.dataset_dir(name) / "samples.parquet"
+    t = pq.read_table(path)
+    t = t.set_column(t.schema.get_field_index("label"), "label", pa.array(flipped, pa.int32()))
+    write_parquet(path, t)
+    run_index(ws, name, encoder=enc, k=4, folds=3, device="cpu", progress=False)
+    a = pq.read_table(ws.index_dir(name, enc) / "scores.parquet")
+    garbage = np.random.default_rng(9).integers(-5, 50, len(labels))
+    t = t.set_column(t.schema.get_field_index("label_orig"), "label_orig", pa.array(garbage, pa.int32()))
+    write_parquet(path, t)
+    run_index(ws, name, encoder=enc, k=4, folds=3, device="cpu", progress=False)
+    b = pq.read_table(ws.index_dir(name, enc) / "scores.parquet")
+    assert a.equals(b)
+    status = a.column("status").to_pylist()
+    assert all(status[i] != "clean" for i in (0, 21, 42))  # the flipped samples are caught
