@@ -300,12 +300,27 @@ def _example(*args: str) -> str:
     return res.stdout
 
 
-def test_example_plain_loop_runs_without_scores():
-    out = _example("--limit", "200", "--epochs", "2", "--policy", "random", "--budget", "0.5")
-    assert "epoch 2/2" in out and "budget spent 0.500" in out
+def _epochs(out: str) -> list[dict]:
+    pat = (r"epoch (\d+)/\d+: (\d+) samples \((\d+) strong\), (\d+) losses observed, test acc ([0-9.]+)")
+    rows = [dict(zip(("epoch", "planned", "strong", "observed", "acc"), map(float, m.groups())))
+            for m in re.finditer(pat, out)]
+    assert rows, out
+    return rows
+
+
+def test_example_plain_loop_learns_without_scores():
+    out = _example("--limit", "500", "--epochs", "3", "--policy", "random", "--budget", "0.5")
+    rows = _epochs(out)
+    assert [r["planned"] for r in rows] == [250, 250, 250] and "budget spent 0.500" in out
+    assert all(r["observed"] == r["planned"] for r in rows)  # random plans distinct samples: all observed
+    assert rows[-1]["acc"] > 0.25, out  # chance is 0.1: weights, labels and images stay together
 
 
 def test_example_plain_loop_reads_dds_scores(ws):
     out = _example("--limit", "64", "--epochs", "3", "--policy", "dds", "--workspace", str(ws.root),
                    "--dataset", "tiny", "--encoder", ENC, "--batch-size", "16")
-    assert "epoch 3/3" in out and "strong" in out
+    rows = _epochs(out)
+    assert len(rows) == 3 and all(0 < r["observed"] <= r["planned"] for r in rows)
+    assert sum(r["strong"] for r in rows) > 0  # the augment region is strongly augmented
+    spent = float(re.search(r"budget spent ([0-9.]+)", out).group(1))
+    assert spent == pytest.approx(sum(r["planned"] for r in rows) / (3 * 64), abs=1e-3)
