@@ -58,8 +58,8 @@ TABLES: dict[str, Table] = {
         ("run_id", _s), ("dataset", _s), ("policy", _s), ("budget", _f64), ("epochs", _i32), ("seed", _i32),
         ("status", _s), ("config", _s), ("model", _s), ("budget_spent", _f64), ("sample_steps", _i64),
         ("total_sample_steps", _i64), ("total_steps", _i64), ("epochs_done", _i32), ("test_acc", _f64),
-        ("data_s", _f64), ("compute_s", _f64), ("select_s", _f64), ("eval_s", _f64), ("updated", _s),
-        ("pid", _i64), ("host", _s))),
+        ("data_s", _f64), ("compute_s", _f64), ("select_s", _f64), ("eval_s", _f64), ("wall_s", _f64),
+        ("updated", _s), ("pid", _i64), ("host", _s))),
     "epochs": Table("runs/*/epochs/*.parquet", _schema(
         ("run_id", _s), ("epoch", _i32), ("selected", _i64), ("sample_steps", _i64), ("train_loss", _f64),
         ("test_acc", _f64), ("wall_s", _f64), ("data_s", _f64), ("compute_s", _f64), ("select_s", _f64),
@@ -70,7 +70,7 @@ TABLES: dict[str, Table] = {
     "bench": Table("bench/*.parquet", _schema(
         ("bench_id", _s), ("dataset", _s), ("policy", _s), ("budget", _f64), ("seeds", _i32), ("model", _s),
         ("eval_split", _s), ("acc_mean", _f64), ("acc_std", _f64), ("budget_spent", _f64), ("wall_ratio", _f64),
-        ("wall_ratio_eval", _f64), ("select_s", _f64), ("run_ids", pa.list_(_s)))),
+        ("wall_ratio_eval", _f64), ("select_s", _f64), ("train_s", _f64), ("eval_s", _f64), ("run_ids", pa.list_(_s)))),
 }
 
 
