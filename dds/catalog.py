@@ -12,11 +12,9 @@ duckdb CLI; it can be rebuilt at any time.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 
 from dds.errors import DdsError
-from dds.tables import TABLES, table_files
+from dds.tables import TABLES, stale_run_ids, table_files
 from dds.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -39,30 +37,6 @@ def _dataset(ws: Workspace, name: str):
         return declared.empty_table()
     schema = pa.unify_schemas([declared, *(pq.read_schema(f) for f in files)], promote_options="permissive")
     return pads.dataset([str(f) for f in files], schema=schema, format="parquet")
-
-
-def stale_run_ids(rows: list[dict], host: str | None = None) -> set[str]:
-    """Runs marked ``running`` whose process is gone: same host, and no process with that pid.
-
-    Rows without ``pid`` (older runs) or from another host are left as they are.
-    """
-    host = host or socket.gethostname()
-    stale = set()
-    for r in rows:
-        if r.get("status") == "running" and r.get("pid") is not None and r.get("host") == host:
-            if not _pid_alive(int(r["pid"])):
-                stale.add(r["run_id"])
-    return stale
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def _runs_table(ws: Workspace):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +126,30 @@ def check_disjoint_splits(samples, name: str) -> None:
 
 # ---------------------------------------------------------------- readers of run outputs
 
+def stale_run_ids(rows: list[dict], host: str | None = None) -> set[str]:
+    """Runs marked ``running`` whose process is gone: same host, and no process with that pid.
+
+    Rows without ``pid`` (older runs) or from another host are left as they are.
+    """
+    host = host or socket.gethostname()
+    stale = set()
+    for r in rows:
+        if r.get("status") == "running" and r.get("pid") is not None and r.get("host") == host:
+            if not _pid_alive(int(r["pid"])):
+                stale.add(r["run_id"])
+    return stale
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def load_run(ws: Workspace, run_id: str) -> dict[str, Any]:
     """The ``run.json`` row of ``run_id`` with ``config`` parsed into a dict.
 
@@ -138,6 +164,8 @@ def load_run(ws: Workspace, run_id: str) -> dict[str, Any]:
             f"; runs here: {', '.join(known[-5:])}" if known else "; train one with `dds train NAME`")
         raise DdsError(f"unknown run id '{run_id}' in workspace {ws.root}{hint}")
     row = json.loads(path.read_text())
+    if stale_run_ids([row]):
+        row["status"] = "stale"
     row["config"] = json.loads(row["config"]) if isinstance(row.get("config"), str) else dict(row.get("config") or {})
     return row
 

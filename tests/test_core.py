@@ -172,6 +172,11 @@ def test_stale_runs_show_as_stale(tmp_path):
         write_parquet(ws.run_dir(run_id) / "run.parquet", cols)
     got = dict(catalog.query(ws, "SELECT run_id, status FROM runs").to_pandas().values.tolist())
     assert got == {"dead": "stale", "alive": "running", "elsewhere": "running", "old": "running", "done": "done"}
+    from dds.tables import load_run  # what dds report and dds export read
+
+    (ws.run_dir("dead") / "run.json").write_text(json.dumps({"run_id": "dead", "status": "running", "config": "{}",
+                                                              "pid": dead.pid, "host": host}))
+    assert load_run(ws, "dead")["status"] == "stale"
 
 
 @pytest.mark.parametrize("name", ["team/exp1", "../../escape", "exp a", "", ".hidden", "a..b", "x" * 101])
