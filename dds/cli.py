@@ -98,8 +98,9 @@ def shard(
     from dds.pipeline.shard import run_shard
 
     # run_shard checks every option (dds._validate) and that the workspace is writable
-    summary = run_shard(Workspace.resolve(workspace), source, name=name, split=split, limit=limit, val=val, shard_size=shard_size,
-                        label_noise=label_noise, noise_kind=noise_kind, seed=seed, progress=progress)
+    summary = run_shard(Workspace.resolve(workspace), source, name=name, split=split, limit=limit, val=val,
+                        shard_size=shard_size, label_noise=label_noise, noise_kind=noise_kind, seed=seed,
+                        progress=progress)
     _print_summary(f"dds shard {source}", summary)
 
 

@@ -9,8 +9,9 @@ old generation in use, and one killed after leaves the new one; older generation
 after the commit, and half-written ones by the next writer. Writers hold the dataset lock
 (:meth:`dds.workspace.Workspace.lock`).
 
-A dataset written before generations existed (real files in the dataset folder) is adopted
-first: its files are moved into a generation without changing what readers see.
+A dataset written before generations existed (real files in the dataset folder), or copied by a
+tool that followed the links, is adopted first: its files are moved into a generation without
+changing what readers see.
 """
 from __future__ import annotations
 
@@ -73,6 +74,9 @@ def adopt_legacy(ds_dir: Path) -> None:
     real = [n for n in LINKED if (ds_dir / n).exists() and not (ds_dir / n).is_symlink()]
     if not real:
         return
+    current = ds_dir / CURRENT
+    if current.exists() and not current.is_symlink():  # a copy that followed the links: the real names hold it
+        shutil.rmtree(current)
     gen = current_generation(ds_dir) or ds_dir / "gen-legacy"
     gen.mkdir(exist_ok=True)
     for name in real:

@@ -263,6 +263,20 @@ def test_a_dataset_written_before_generations_is_adopted(tmp_path):
     assert (d / "shards").is_symlink() and len(list(ws.shards_dir("old").glob("train-*.tar"))) == 2
 
 
+def test_a_workspace_copied_through_the_links_is_adopted(tmp_path, folder):
+    import shutil
+
+    ws = Workspace(tmp_path / "ws")
+    run_shard(ws, f"imagefolder:{folder}", shard_size=4, progress=False)
+    copy = Workspace(tmp_path / "copy")
+    shutil.copytree(ws.root, copy.root)  # follows symlinks: `current` and the fixed names become real
+    assert not (copy.dataset_dir("pets") / "current").is_symlink()
+    before = _snapshot(copy, "pets")
+    run_shard(copy, f"imagefolder:{folder}", shard_size=4, progress=False)
+    assert _snapshot(copy, "pets") == before and (copy.dataset_dir("pets") / "current").is_symlink()
+    assert len(list(copy.dataset_dir("pets").glob("gen-*"))) == 1
+
+
 def test_concurrent_shard_of_one_dataset_is_refused(tmp_path, folder):
     import subprocess
     import sys
