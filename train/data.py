@@ -130,12 +130,12 @@ def missing_split_hint(info: dict[str, Any], name: str, split: str) -> str:
     images the test set (a source with its own test split is a manifest, or was sharded with it)."""
     manifest = info.get("manifest")
     if split == "val":
-        return f"carve one off train with `dds shard {info.get('source') or 'SOURCE'} --split train --val N --name {name}`"
+        source = info.get("source") or "SOURCE"
+        return f"carve one off train with `dds shard {source} --split train --val N --name {name}`"
     if manifest:
         return f"run `dds shard {manifest} --split {split} --name {name}`"
-    return (f"shard held-out images (never the train images) into it with `dds shard imagefolder:HELD_OUT_DIR "
-            f"--split {split} --name {name}`, or carve a val split with `dds shard ... --val N` and train with "
-            "--eval-split val")
+    return (f"run dds shard imagefolder:HELD_OUT_DIR --split {split} --name {name} with held-out images (never "
+            "the train images), or carve a val split with `dds shard ... --val N` and train with --eval-split val")
 
 
 def _read_samples(ws: Workspace, name: str):
