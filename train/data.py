@@ -131,7 +131,7 @@ def missing_split_hint(info: dict[str, Any], name: str, split: str) -> str:
     manifest = info.get("manifest")
     if split == "val":
         source = info.get("source") or "SOURCE"
-        return f"carve one off train with `dds shard {source} --split train --val N --name {name}`"
+        return f"run dds shard {source} --split train --val N --name {name} to carve one off train"
     if manifest:
         return f"run `dds shard {manifest} --split {split} --name {name}`"
     return (f"run dds shard imagefolder:HELD_OUT_DIR --split {split} --name {name} with held-out images (never "
