@@ -1,69 +1,94 @@
-"""The catalog: DuckDB views over the workspace's parquet files (the public table contract).
+"""The catalog: the workspace's parquet files as DuckDB views (the public table contract).
 
-``catalog.duckdb`` holds only views, so it can be rebuilt at any time and a reader never blocks a
-writer. ``dds sql`` builds the same views in an in-memory connection, which needs no lock at all.
+``dds sql`` opens an in-memory DuckDB connection in which every table of :data:`dds.tables.TABLES`
+is a view over a pyarrow dataset of its files (scanned by pyarrow, so DuckDB itself needs no file
+access). The connection is then locked down with DuckDB's own settings: no file system, no
+network, no extensions, configuration locked. A query can read the views and nothing else, and
+cannot write anywhere; it also takes no lock, so a reader never blocks a running ``dds train``.
+
+``catalog.duckdb`` holds the same views over the parquet globs, for users who open it with the
+duckdb CLI; it can be rebuilt at any time.
 """
 from __future__ import annotations
 
 import logging
 
 from dds.errors import DdsError
+from dds.tables import TABLES, stale_run_ids, table_files
 from dds.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-# view name -> (glob relative to the workspace, columns of the empty view when no file exists yet)
-TABLES: dict[str, tuple[str, str]] = {
-    "datasets": ("datasets/*/dataset.parquet",
-                 "name VARCHAR, num_samples BIGINT, num_classes INTEGER, classes VARCHAR[], source VARCHAR"),
-    "samples": ("datasets/*/samples.parquet",
-                "dataset VARCHAR, key VARCHAR, split VARCHAR, label INTEGER, label_orig INTEGER, shard VARCHAR"),
-    "shards": ("datasets/*/shards.parquet",
-               "dataset VARCHAR, split VARCHAR, shard VARCHAR, path VARCHAR, count BIGINT, sha256 VARCHAR"),
-    "rejects": ("datasets/*/rejects.parquet", "dataset VARCHAR, source VARCHAR, reason VARCHAR"),
-    "embeddings": ("datasets/*/embed/*/shards/*.parquet",
-                   "dataset VARCHAR, encoder VARCHAR, key VARCHAR, label INTEGER, vector FLOAT[]"),
-    "text_embeddings": ("datasets/*/embed/*/text.parquet",
-                        "dataset VARCHAR, encoder VARCHAR, label INTEGER, class_name VARCHAR, vector FLOAT[]"),
-    "knn": ("datasets/*/index/*/knn.parquet",
-            "dataset VARCHAR, encoder VARCHAR, key VARCHAR, neighbor VARCHAR, rank INTEGER, similarity FLOAT, scope VARCHAR"),
-    "scores": ("datasets/*/index/*/scores.parquet",
-               "dataset VARCHAR, encoder VARCHAR, key VARCHAR, label INTEGER, density FLOAT, consistency FLOAT, margin FLOAT, "
-               "knn_agreement FLOAT, joint FLOAT, region VARCHAR, pred_label INTEGER, prob_label FLOAT, probs FLOAT[]"),
-    "runs": ("runs/*/run.parquet",
-             "run_id VARCHAR, dataset VARCHAR, policy VARCHAR, budget DOUBLE, epochs INTEGER, seed INTEGER, "
-             "status VARCHAR, config VARCHAR"),
-    "epochs": ("runs/*/epochs/*.parquet",
-               "run_id VARCHAR, epoch INTEGER, selected BIGINT, sample_steps BIGINT, train_loss DOUBLE, test_acc DOUBLE, "
-               "wall_s DOUBLE, data_s DOUBLE, compute_s DOUBLE, select_s DOUBLE, eval_s DOUBLE"),
-    "history": ("runs/*/history/*.parquet",
-                "run_id VARCHAR, epoch INTEGER, key VARCHAR, selected BOOLEAN, weight FLOAT, aug VARCHAR, loss FLOAT"),
-    "bench": ("bench/*.parquet",
-              "bench_id VARCHAR, dataset VARCHAR, policy VARCHAR, budget DOUBLE, seeds INTEGER, acc_mean DOUBLE, "
-              "acc_std DOUBLE, budget_spent DOUBLE, wall_ratio DOUBLE, select_s DOUBLE, eval_split VARCHAR"),
-}
+#: DuckDB settings of a query connection; lock_configuration last, so a query cannot undo the others
+LOCKED_DOWN = {"enable_external_access": False, "autoload_known_extensions": False,
+               "autoinstall_known_extensions": False, "allow_community_extensions": False,
+               "lock_configuration": True}
 
 
-def view_sql(ws: Workspace, name: str) -> str:
-    """``CREATE OR REPLACE VIEW`` for table ``name``: over its parquet files, or empty with its columns."""
-    pattern, columns = TABLES[name]
-    if any(ws.root.glob(pattern)):
-        glob = (ws.root / pattern).as_posix().replace("'", "''")
-        body = f"SELECT * FROM read_parquet('{glob}', union_by_name = true)"
-    else:
-        casts = ", ".join(f"NULL::{c.split(' ', 1)[1]} AS {c.split(' ', 1)[0]}" for c in columns.split(", "))
-        body = f"SELECT {casts} WHERE false"
-    return f"CREATE OR REPLACE VIEW {name} AS {body}"
+def _dataset(ws: Workspace, name: str):
+    """A pyarrow dataset of table ``name``: its files under one schema (missing columns null), or empty."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    declared = TABLES[name].schema
+    files = table_files(ws, name)
+    if not files:
+        return declared.empty_table()
+    schema = pa.unify_schemas([declared, *(pq.read_schema(f) for f in files)], promote_options="permissive")
+    return pads.dataset([str(f) for f in files], schema=schema, format="parquet")
+
+
+def _runs_table(ws: Workspace):
+    """The runs rows with status ``stale`` for runs whose process died without marking the run failed."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    data = _dataset(ws, "runs")
+    table = data if isinstance(data, pa.Table) else data.to_table()
+    stale = stale_run_ids(table.select([c for c in ("run_id", "status", "pid", "host")
+                                        if c in table.column_names]).to_pylist())
+    if stale:
+        is_stale = pc.is_in(table["run_id"], pa.array(sorted(stale), pa.string()))
+        status = pc.if_else(is_stale, pa.scalar("stale", pa.string()), table["status"])
+        table = table.set_column(table.column_names.index("status"), "status", status)
+    return table
 
 
 def connect(ws: Workspace):
-    """An in-memory DuckDB connection with every catalog view defined (no file lock taken)."""
+    """An in-memory, locked-down DuckDB connection with every catalog view defined (no file lock taken)."""
     import duckdb
 
     con = duckdb.connect(":memory:")
     for name in TABLES:
-        con.execute(view_sql(ws, name))
+        con.register(f"_{name}_arrow", _runs_table(ws) if name == "runs" else _dataset(ws, name))
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}_arrow")
+    for key, value in LOCKED_DOWN.items():
+        con.execute(f"SET {key} = {str(value).lower()}")
     return con
+
+
+_DUCKDB_TYPES = {"string": "VARCHAR", "int32": "INTEGER", "int64": "BIGINT", "float": "FLOAT", "double": "DOUBLE",
+                 "bool": "BOOLEAN"}
+
+
+def _duckdb_type(t) -> str:
+    import pyarrow as pa
+
+    if pa.types.is_list(t):
+        return _duckdb_type(t.value_type) + "[]"
+    return _DUCKDB_TYPES[str(t)]
+
+
+def view_sql(ws: Workspace, name: str) -> str:
+    """``CREATE OR REPLACE VIEW`` for ``catalog.duckdb``: over the table's parquet glob, or empty with its columns."""
+    table = TABLES[name]
+    if table_files(ws, name):
+        glob = (ws.root / table.pattern).as_posix().replace("'", "''")
+        body = f"SELECT * FROM read_parquet('{glob}', union_by_name = true)"
+    else:
+        body = "SELECT " + ", ".join(f"NULL::{_duckdb_type(f.type)} AS {f.name}" for f in table.schema) + " WHERE false"
+    return f"CREATE OR REPLACE VIEW {name} AS {body}"
 
 
 def refresh(ws: Workspace) -> None:
@@ -86,34 +111,48 @@ def refresh(ws: Workspace) -> None:
         con.close()
 
 
-_READ_ONLY = {"SELECT", "EXPLAIN"}
+_QUERIES = {"SELECT", "EXPLAIN"}
 
 
-def query(ws: Workspace, sql: str):
-    """Run read-only ``sql`` over the catalog; returns a ``pyarrow.Table``.
+def query_all(ws: Workspace, sql: str) -> list:
+    """Run each statement of ``sql`` over the catalog; returns one ``pyarrow.Table`` per statement.
+
+    The connection cannot touch files, the network or extensions (see the module docstring); as a
+    courtesy, statements other than queries are refused before anything runs.
 
     Raises:
-        DdsError: if the text holds a statement that would write, or it does not parse.
+        DdsError: the workspace does not exist, the text does not parse, holds no query or a
+            statement that is not a query, or a query fails (e.g. touches a file).
     """
     import duckdb
 
+    ws.check_exists()
     con = connect(ws)
     try:
-        statements = con.extract_statements(sql)
-    except duckdb.Error as e:
-        raise DdsError(f"SQL does not parse: {str(e).splitlines()[0]}") from None
-    if not statements:
-        raise DdsError("no SQL statement given; try: dds sql \"SELECT * FROM datasets\"")
-    for st in statements:
-        kind = st.type.name if hasattr(st.type, "name") else str(st.type)
-        if kind.upper() not in _READ_ONLY:
-            raise DdsError(f"dds sql is read-only: refused a {kind} statement; only SELECT queries are run")
-    try:
-        result = None
+        try:
+            statements = con.extract_statements(sql)
+        except duckdb.Error as e:
+            raise DdsError(f"SQL does not parse: {str(e).splitlines()[0]}") from None
+        if not statements:
+            raise DdsError("no SQL statement given; try: dds sql \"SELECT * FROM datasets\"")
         for st in statements:
-            result = con.sql(st.query).to_arrow_table()
-        return result
-    except duckdb.Error as e:
-        raise DdsError(f"query failed: {str(e).splitlines()[0]}") from None
+            kind = st.type.name if hasattr(st.type, "name") else str(st.type)
+            if kind.upper() not in _QUERIES:
+                raise DdsError(f"dds sql is read-only: refused a {kind} statement; only SELECT queries are run")
+        try:
+            return [con.sql(st.query).to_arrow_table() for st in statements]
+        except duckdb.Error as e:
+            raise DdsError(f"query failed: {str(e).splitlines()[0]}") from None
     finally:
         con.close()
+
+
+def query(ws: Workspace, sql: str):
+    """Run read-only ``sql`` over the catalog; returns the last statement's ``pyarrow.Table``.
+
+    Raises:
+        DdsError: as :func:`query_all`.
+    """
+    return query_all(ws, sql)[-1]
+
+

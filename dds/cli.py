@@ -35,8 +35,10 @@ NprocOpt = typer.Option(1, "--nproc", min=1, help="Processes on this machine: N 
                                                   "torchrun (one process per GPU with --device cuda, gloo on CPU).")
 
 
-def _ws(path: Optional[str]) -> Workspace:
-    return Workspace.resolve(path)
+def _ws(path: Optional[str], *, write: bool = False) -> Workspace:
+    """The workspace: for readers it must exist; for writers it is created and must be writable."""
+    ws = Workspace.resolve(path)
+    return ws.check_writable() if write else ws.check_exists()
 
 
 def _rank() -> int:
@@ -95,18 +97,12 @@ def shard(
     progress: bool = ProgressOpt,
 ) -> None:
     """Write SOURCE as WebDataset shards plus the samples, shards and rejects tables."""
-    from dds._validate import check_choice, check_fraction, check_positive_int
     from dds.pipeline.shard import run_shard
 
-    check_positive_int("--limit", limit)
-    check_positive_int("--val", val)
-    check_positive_int("--shard-size", shard_size)
-    check_fraction("--label-noise", label_noise, allow_zero=True, allow_one=False)
-    check_choice("--noise-kind", noise_kind, ("symmetric", "pairflip", "asymmetric"))
-    if split is not None:
-        check_choice("--split", split, ("train", "test"))
-    summary = run_shard(_ws(workspace), source, name=name, split=split, limit=limit, val=val, shard_size=shard_size,
-                        label_noise=label_noise, noise_kind=noise_kind, seed=seed, progress=progress)
+    # run_shard checks every option (dds._validate) and that the workspace is writable
+    summary = run_shard(Workspace.resolve(workspace), source, name=name, split=split, limit=limit, val=val,
+                        shard_size=shard_size, label_noise=label_noise, noise_kind=noise_kind, seed=seed,
+                        progress=progress)
     _print_summary(f"dds shard {source}", summary)
 
 
@@ -123,15 +119,17 @@ def embed(
     progress: bool = ProgressOpt,
 ) -> None:
     """Embed every image (per shard, resumable) and every class prompt with ENCODER."""
-    from dds._validate import check_choice, check_positive_int
+    from dds._validate import check_choice, check_device, check_positive_int
     from dds.pipeline.embed import run_embed
 
     check_positive_int("--batch-size", batch_size)
-    check_choice("--device", device, ("auto", "cpu", "cuda"))
+    check_device(device)
     check_choice("--split", split, ("train", "test", "all"))
     splits = ("train", "test") if split == "all" else (split,)
+    ws = _ws(workspace, write=True)
+    ws.dataset_info(name)
     _relaunch(nproc)
-    summary = run_embed(_ws(workspace), name, encoder=encoder, batch_size=batch_size, splits=splits,
+    summary = run_embed(ws, name, encoder=encoder, batch_size=batch_size, splits=splits,
                         num_workers=workers, device=device, progress=progress)
     _print_summary(f"dds embed {name}", summary)
 
@@ -149,15 +147,17 @@ def index(
     progress: bool = ProgressOpt,
 ) -> None:
     """Build the kNN graph and per-sample scores (density, consistency, joint, region)."""
-    from dds._validate import check_choice, check_positive_int
+    from dds._validate import check_choice, check_device, check_k_fits, check_min_int, check_positive_int
     from dds.pipeline.index import run_index
 
     check_positive_int("--k", k)
     check_choice("--adapters", adapters, ("auto", "on", "off"))
-    check_choice("--device", device, ("auto", "cpu", "cuda"))
-    if folds < 2:
-        raise DdsError(f"--folds must be at least 2 (cross-fitting), got {folds}")
-    ws = _ws(workspace)
+    check_device(device)
+    check_min_int("--folds", folds, 2, "cross-fitting")
+    ws = _ws(workspace, write=True)
+    classes = ws.dataset_info(name)["classes"]
+    counts = ws.split_samples(name, "train", ["label"])["label"].value_counts()
+    check_k_fits(k, {str(classes[int(c)]): int(n) for c, n in counts.items()})
     summary = run_index(ws, name, encoder=encoder, k=k, adapters=adapters, folds=folds, seed=seed,
                         device=device, progress=progress)
     _print_summary(f"dds index {name}", summary)
@@ -175,9 +175,16 @@ def _quote(text: str) -> str:
 
 
 def _print_rows(ws: Workspace, sql: str, title: str | None = None, fmt: str = "table") -> None:
-    from dds.catalog import query
+    """Print the result of each statement of ``sql`` (a blank line between two)."""
+    from dds.catalog import query_all
 
-    table = query(ws, sql)
+    for i, table in enumerate(query_all(ws, sql)):
+        if i:
+            typer.echo("")
+        _print_table(table, title, fmt)
+
+
+def _print_table(table, title: str | None, fmt: str) -> None:
     if fmt == "json":
         typer.echo(json.dumps(table.to_pylist(), default=str, indent=1))
         return

@@ -14,8 +14,9 @@ def resolve_device(name: str):
     """
     import torch
 
-    if name not in DEVICES:
-        raise DdsError(f"device must be one of {', '.join(DEVICES)}, got '{name}'")
+    from dds._validate import check_device
+
+    check_device(name, "device")
     if name == "cuda" and not torch.cuda.is_available():
         raise DdsError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")

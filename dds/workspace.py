@@ -5,11 +5,15 @@ Layout (all data is parquet, written by atomic rename; ``catalog.duckdb`` holds 
     WORKSPACE/
       catalog.duckdb                      views over the parquet files below
       datasets/NAME/
-        dataset.json                      name, classes, manifest, source, per-split counts
-        shards/SPLIT-000000.tar           WebDataset shards (KEY.png + KEY.cls)
-        shards.parquet                    shard index: split, shard, path, count, sha256
-        samples.parquet                   one row per sample (samples table)
-        rejects.parquet                   unreadable inputs (rejects table)
+        .lock                             taken by `dds shard` (one writer per dataset)
+        current -> gen-ID                 the generation in use, swapped by one atomic rename
+        gen-ID/                           one complete generation written by `dds shard`:
+          dataset.json, dataset.parquet   name, classes, manifest, source, per-split counts
+          shards/SPLIT-000000.tar         WebDataset shards (KEY.png + KEY.cls)
+          shards.parquet                  shard index: split, shard, path, count, sha256
+          samples.parquet                 one row per sample (samples table)
+          rejects.parquet                 unreadable inputs (rejects table)
+        dataset.json, shards/, ...        fixed links into current/ (see dds.generations)
         embed/ENCODER_SLUG/
           encoder.json                    encoder name, weights, dim, normalisation
           text.parquet                    one row per class: prompt-averaged text embedding
@@ -17,6 +21,7 @@ Layout (all data is parquet, written by atomic rename; ``catalog.duckdb`` holds 
         index/ENCODER_SLUG/
           knn.parquet, scores.parquet
       runs/RUN_ID/
+        .lock                             taken by the process training the run
         run.json, run.parquet             runs table row (config as json)
         epochs/EPOCH.parquet              epochs table rows
         history/EPOCH.parquet             history table rows
@@ -24,21 +29,42 @@ Layout (all data is parquet, written by atomic rename; ``catalog.duckdb`` holds 
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from dds._validate import check_dataset_name
 from dds.errors import DdsError
 
 DEFAULT_WORKSPACE = "./dds-work"
 
+#: run ids as the trainer issues them: {dataset}-{policy}-{YYYYmmdd-HHMMSS}-{4 hex}
+RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*-[a-z0-9_]+-\d{8}-\d{6}-[0-9a-f]{4}")
+
 
 def slug(name: str) -> str:
-    """A file-system safe form of an encoder or dataset name (``openclip:ViT-B-32/x`` -> ``openclip_ViT-B-32_x``)."""
+    """A file-system safe form of a name (``openclip:ViT-B-32/x`` -> ``openclip_ViT-B-32_x``); not one-to-one."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
+
+
+def encoder_slug(encoder: str) -> str:
+    """The folder name of an encoder: the name itself when it is file-system safe, else its slug plus a
+    short hash of the name, so two encoders never share a folder (``a/b`` and ``a_b`` differ)."""
+    s = slug(encoder)
+    if s == encoder and ".." not in s:
+        return s
+    return f"{s}-{hashlib.sha256(encoder.encode()).hexdigest()[:8]}"
+
+
+def safe_default_name(text: str) -> str:
+    """A dataset name derived from a folder or glob stem (``my pets`` -> ``my_pets``)."""
+    name = slug(text).replace("..", "_").lstrip("._-")[:100]
+    return name or "dataset"
 
 
 @dataclass(frozen=True)
@@ -56,20 +82,119 @@ class Workspace:
     def catalog_path(self) -> Path:
         return self.root / "catalog.duckdb"
 
+    def check_exists(self) -> "Workspace":
+        """For readers: the workspace must be an existing folder.
+
+        Raises:
+            DdsError: it does not exist, or is a file.
+        """
+        if self.root.is_file():
+            raise DdsError(f"workspace {self.root} is a file, not a folder; give another --workspace")
+        if not self.root.is_dir():
+            raise DdsError(f"workspace {self.root} does not exist; check --workspace (or $DDS_WORKSPACE), "
+                           "or create it with `dds shard SOURCE -w PATH`")
+        return self
+
+    def check_writable(self) -> "Workspace":
+        """For writers, before any work: the workspace folder exists (created if need be) and can be written.
+
+        Raises:
+            DdsError: the path is a file, lies under a file, or cannot be created or written.
+        """
+        if self.root.exists() and not self.root.is_dir():
+            raise DdsError(f"workspace {self.root} is a file, not a folder; give another --workspace")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except (NotADirectoryError, FileExistsError):
+            raise DdsError(f"workspace {self.root} lies under a file, not a folder; give another --workspace") from None
+        except OSError as e:
+            raise DdsError(f"cannot create workspace {self.root}: {e.strerror}; give a writable --workspace") from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise DdsError(f"workspace {self.root} is not writable; give a writable --workspace or fix its permissions")
+        return self
+
     def dataset_dir(self, name: str) -> Path:
-        return self.root / "datasets" / slug(name)
+        """``datasets/NAME``; the name is checked (:func:`check_dataset_name`)."""
+        return self.root / "datasets" / check_dataset_name(name)
 
     def shards_dir(self, name: str) -> Path:
         return self.dataset_dir(name) / "shards"
 
     def embed_dir(self, name: str, encoder: str) -> Path:
-        return self.dataset_dir(name) / "embed" / slug(encoder)
+        return self.dataset_dir(name) / "embed" / self._encoder_folder(name, encoder)
 
     def index_dir(self, name: str, encoder: str) -> Path:
-        return self.dataset_dir(name) / "index" / slug(encoder)
+        return self.dataset_dir(name) / "index" / self._encoder_folder(name, encoder)
+
+    def _encoder_folder(self, name: str, encoder: str) -> str:
+        """:func:`encoder_slug`, or the plain slug of an older workspace whose folder holds this encoder."""
+        new, old = encoder_slug(encoder), slug(encoder)
+        base = self.dataset_dir(name) / "embed"
+        if new != old and not (base / new).exists() and (base / old / "encoder.json").exists():
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads((base / old / "encoder.json").read_text()).get("encoder") == encoder:
+                    return old
+        return new
 
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id
+
+    def check_run_id(self, run_id: str) -> str:
+        """``run_id`` if this workspace issued it: an existing ``runs/`` folder named like a run id.
+
+        Raises:
+            DdsError: a malformed id (path separators, ``..``) or no such run (close ids are named).
+        """
+        if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id) or ".." in run_id:
+            raise DdsError(f"{run_id!r} is not a run id (DATASET-POLICY-YYYYmmdd-HHMMSS-XXXX); list runs with: "
+                           "dds sql \"SELECT run_id, status FROM runs\"")
+        if not self.run_dir(run_id).is_dir():
+            import difflib
+
+            known = sorted(p.name for p in (self.root / "runs").glob("*") if p.is_dir())
+            close = difflib.get_close_matches(run_id, known, n=3)
+            hint = f"; did you mean {', '.join(close)}" if close else ""
+            raise DdsError(f"no run '{run_id}' in workspace {self.root}{hint}")
+        return run_id
+
+    @contextlib.contextmanager
+    def lock(self, target: str | os.PathLike, what: str | None = None) -> Iterator[Path]:
+        """Hold an exclusive lock on a dataset (by name) or a folder (a path, e.g. ``ws.run_dir(id)``).
+
+        The lock is ``fcntl.flock`` on ``FOLDER/.lock``: it is released when the block ends or the
+        process dies (kill -9 included), so a crashed holder never leaves a stale lock.
+
+        Args:
+            target: a dataset name, or the folder to lock (created if missing).
+            what: how the error names the locked thing (default: ``dataset NAME`` / the folder).
+
+        Raises:
+            DdsError: another process holds the lock.
+        """
+        import fcntl
+
+        folder = self.dataset_dir(target) if isinstance(target, str) else Path(target)
+        what = what or (f"dataset '{target}'" if isinstance(target, str) else str(folder))
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / ".lock"
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip()
+                raise DdsError(f"{what} is in use by another dds process{f' ({holder})' if holder else ''}; "
+                               "wait for it to finish, then try again") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()}")
+            f.flush()
+            try:
+                yield path
+            finally:
+                f.seek(0)
+                f.truncate()
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def dataset_info(self, name: str) -> dict[str, Any]:
         """The ``dataset.json`` written by ``dds shard``; a clear error if the dataset was never sharded."""

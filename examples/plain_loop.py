@@ -1,9 +1,9 @@
 """The dds selector in a plain PyTorch training loop: no dds trainer, no re-sharding.
 
-A TensorDataset-like dataset is built from the Fashion-MNIST IDX files; every epoch the selector
-plans which samples are trained on (``PlanSampler``), with which loss weight (``weighted_mean``)
-and which are strongly augmented (``plan.aug``, read by the dataset below), and it observes the
-per-sample losses.
+The dataset returns each sample's index with the sample, so everything the plan says about a sample
+is read by that index: its loss weight (``weights[idx]``), its augmentation (base or strong, the
+transforms of ``dds.train.augment``) and, once per epoch, its observed loss. Nothing is sliced by
+batch number, so any sampler or ``DataLoader`` setting keeps weights and samples together.
 
 Without scores it runs policies that need none (``random``, ``infobatch``, ``ucb``, ``full``)::
 
@@ -26,17 +26,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
 from dds.pipeline.sources import parse_idx
 from dds.selector import SampleInfo, Selector, encode_regions
 from dds.selector.torch import PlanSampler, weighted_mean
+from dds.train.augment import create_augment
 
 ROOT = Path("/usr/share/datasets/fashion-mnist")
 
 
 def read_idx(split: str, root: Path = ROOT) -> tuple[np.ndarray, np.ndarray]:
-    """Images uint8 (N, 28, 28) and labels int64 (N,) of ``train`` or ``test`` (``t10k``)."""
+    """Images uint8 (N, H, W) and labels int64 (N,) of ``train`` or ``test`` (``t10k``)."""
     stem = "train" if split == "train" else "t10k"
     images = parse_idx(gzip.decompress((root / f"{stem}-images-idx3-ubyte.gz").read_bytes()), "images")
     labels = parse_idx(gzip.decompress((root / f"{stem}-labels-idx1-ubyte.gz").read_bytes()), "labels")
@@ -44,22 +44,32 @@ def read_idx(split: str, root: Path = ROOT) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Images(Dataset):
-    """``ds[i] -> (x float (1, 28, 28), label)``; samples marked in ``strong`` get TrivialAugmentWide."""
+    """``ds[i] -> (x float (1, H, W), label, i)``, normalised by ``mean``/``std``.
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, train: bool) -> None:
-        self.x, self.y, self.train = torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels), train
-        self.strong = np.zeros(len(labels), dtype=bool)  # set from plan.aug every epoch
-        self.base = v2.Compose([v2.RandomCrop(28, padding=2), v2.RandomHorizontalFlip()])
-        self.heavy = v2.Compose([v2.TrivialAugmentWide(), self.base])
+    A training dataset augments each sample as the current plan says (:meth:`use`).
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: float, std: float, train: bool) -> None:
+        self.x, self.y = torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels)
+        self.mean, self.std, self.train = mean, std, train
+        size = images.shape[-1]
+        self.augment = [create_augment("base", size), create_augment("strong", size)]  # plan.aug 0 / 1
+        self.weights = torch.zeros(len(labels))  # (N,) this epoch's loss weight of each sample
+        self.aug = np.zeros(len(labels), np.int64)  # (N,) this epoch's augmentation code of each sample
+
+    def use(self, plan) -> None:
+        """Read the plan's per-sample weights and augmentation codes (by sample index)."""
+        self.weights.zero_()
+        self.weights[torch.from_numpy(plan.indices)] = torch.from_numpy(plan.weights.astype(np.float32))
+        self.aug[:] = 0
+        self.aug[plan.indices] = plan.aug
 
     def __len__(self) -> int:
         return len(self.y)
 
     def __getitem__(self, i: int):
-        x = self.x[i]
-        if self.train:
-            x = self.heavy(x) if self.strong[i] else self.base(x)
-        return (x.float() / 255.0 - 0.286) / 0.353, self.y[i]
+        x = self.augment[self.aug[i]](self.x[i]) if self.train else self.x[i]
+        return (x.float() / 255.0 - self.mean) / self.std, self.y[i], i
 
 
 def scores_info(workspace: str, dataset: str, encoder: str, limit: int) -> tuple[np.ndarray, SampleInfo]:
@@ -72,22 +82,22 @@ def scores_info(workspace: str, dataset: str, encoder: str, limit: int) -> tuple
     scores = pq.read_table(ws.index_dir(dataset, encoder) / "scores.parquet").to_pandas()
     scores = scores.sort_values("key").head(limit)
     positions = scores["key"].str.split("-").str[1].astype(int).to_numpy()  # train-0000042 -> 42
-    info = SampleInfo(labels=scores["label"].to_numpy(), num_classes=10, density=scores["density"].to_numpy(),
-                      consistency=scores["consistency"].to_numpy(), joint=scores["joint"].to_numpy(),
-                      region=encode_regions(scores["region"].to_numpy()))
+    info = SampleInfo(labels=scores["label"].to_numpy(), num_classes=len(ws.dataset_info(dataset)["classes"]),
+                      density=scores["density"].to_numpy(), consistency=scores["consistency"].to_numpy(),
+                      joint=scores["joint"].to_numpy(), region=encode_regions(scores["region"].to_numpy()))
     return positions, info
 
 
-def make_model() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+def make_model(channels: int, size: int, num_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(32 * 7 * 7, 10))
+                         nn.Flatten(), nn.Linear(32 * (size // 4) ** 2, num_classes))
 
 
 @torch.inference_mode()
 def accuracy(model: nn.Module, ds: Dataset) -> float:
     model.eval()
-    correct = sum((model(x).argmax(1) == t).sum().item() for x, t in DataLoader(ds, batch_size=512))
+    correct = sum((model(x).argmax(1) == t).sum().item() for x, t, _ in DataLoader(ds, batch_size=512))
     return correct / len(ds)
 
 
@@ -107,33 +117,37 @@ def main(argv: list[str] | None = None) -> float:
     images, labels = read_idx("train")
     if args.workspace:  # the scored samples, with the labels dds trains on
         positions, info = scores_info(args.workspace, args.dataset, args.encoder, args.limit)
-        train = Images(images[positions], info.labels, train=True)
+        images, labels = images[positions], info.labels
     else:
-        info = SampleInfo(labels=labels[:args.limit], num_classes=10)
-        train = Images(images[:args.limit], labels[:args.limit], train=True)
+        images, labels = images[:args.limit], labels[:args.limit]
+        info = SampleInfo(labels=labels, num_classes=int(labels.max()) + 1)
+    pixels = images.astype(np.float64) / 255.0  # normalisation from the train images
+    mean, std = float(pixels.mean()), float(pixels.std())
+    train = Images(images, labels, mean, std, train=True)
     test_x, test_y = read_idx("test")
-    test = Images(test_x[:max(1, args.limit // 5)], test_y[:max(1, args.limit // 5)], train=False)
+    n_test = max(1, args.limit // 5)
+    test = Images(test_x[:n_test], test_y[:n_test], mean, std, train=False)
 
-    model = make_model()
+    model = make_model(1, images.shape[-1], info.num_classes)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sel = Selector(args.policy, info, epochs=args.epochs, budget=args.budget, seed=args.seed)
-    B = args.batch_size
+    losses = torch.zeros(info.n)  # (N,) last loss of each sample this epoch, kept where the loss is
     for epoch in range(args.epochs):
         t0 = time.perf_counter()
-        plan = sel.plan(epoch)                                   # indices (shuffled), weights, aug
-        train.strong[:] = False
-        train.strong[plan.indices[plan.aug == 1]] = True         # per-sample strong augmentation
         model.train()
-        loader = DataLoader(train, sampler=PlanSampler(plan), batch_size=B)
-        for b, (x, t) in enumerate(loader):
-            per_sample = F.cross_entropy(model(x), t, reduction="none")
-            weighted_mean(per_sample, plan.weights[b * B:(b + 1) * B]).backward()
+        plan = sel.plan(epoch)                                   # indices (shuffled), weights, aug
+        train.use(plan)                                          # per-sample weight and augmentation
+        for x, y, idx in DataLoader(train, sampler=PlanSampler(plan), batch_size=args.batch_size):
+            per_sample = F.cross_entropy(model(x), y, reduction="none")
+            weighted_mean(per_sample, train.weights[idx]).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            sel.observe(plan.indices[b * B:(b + 1) * B], per_sample.detach())
+            losses[idx] = per_sample.detach()                    # no host sync per batch
+        seen = np.unique(plan.indices)
+        sel.observe(seen, losses[torch.from_numpy(seen)])        # once per epoch
         acc = accuracy(model, test)
         print(f"epoch {epoch + 1}/{args.epochs}: {len(plan.indices)} samples ({int(plan.aug.sum())} strong), "
-              f"test acc {acc:.4f}, {time.perf_counter() - t0:.1f} s")
+              f"{len(seen)} losses observed, test acc {acc:.4f}, {time.perf_counter() - t0:.1f} s")
     print(f"budget spent {sel.spent() / (args.epochs * info.n):.3f} of {args.budget}")
     return acc
 

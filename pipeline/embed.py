@@ -1,13 +1,13 @@
 """dds embed: one parquet of image embeddings per shard (resumable), plus class-prompt text embeddings.
 
 Reads ``shards.parquet`` and the WebDataset tars written by ``dds shard``; writes, under
-``embed/{slug(encoder)}/``: ``encoder.json``, ``shards/{stem}.parquet`` (dataset, encoder, key, label,
+``embed/{encoder_slug(encoder)}/``: ``encoder.json``, ``shards/{stem}.parquet`` (dataset, encoder, key, label,
 vector) and ``text.parquet`` (dataset, encoder, label, class_name, vector). Every file is written
 atomically, so a file that exists is complete and a killed run, rerun, embeds only the missing shards.
 
 The decode stream is a list of generator stages, each yielding what its comment says::
 
-    iter_tar_samples(tar)          -> (key, {ext: bytes}) per sample, in tar order (dds.pipeline.shard)
+    iter_tar_samples(tar)          -> (key, {ext: bytes}) per sample, in tar order (dds.shards)
     _shard_batches(task, ...)      -> {"shard", "batch", "keys", "labels", "images", "bad"} per batch,
                                       then {"shard", "end", "seen"} once per worker and shard
     DataLoader(workers)            -> the same dicts, decoded in worker processes
@@ -28,7 +28,7 @@ import numpy as np
 
 from dds.errors import DdsError
 from dds.manifests import DEFAULT_TEMPLATES
-from dds.pipeline.shard import iter_tar_samples
+from dds.shards import iter_tar_samples
 from dds.workspace import Workspace, atomic_write_json, write_parquet
 
 log = logging.getLogger(__name__)
@@ -181,20 +181,16 @@ def average_prompts(vectors: np.ndarray) -> np.ndarray:
 
 def shard_tasks(ws: Workspace, name: str, splits: tuple[str, ...]) -> list[ShardTask]:
     """The shards of ``splits`` listed in ``shards.parquet``, in order; missing splits are logged."""
-    import pyarrow.parquet as pq
+    from dds.shards import shard_rows
 
-    ddir = ws.dataset_dir(name)
-    index = ddir / "shards.parquet"
-    if not index.exists():
-        raise DdsError(f"dataset '{name}' has no shards.parquet in {ddir}; run `dds shard SOURCE --name {name}` again")
-    rows = pq.read_table(index).to_pylist()
+    rows = shard_rows(ws, name, splits)
     tasks = []
     for split in splits:
-        mine = sorted((r for r in rows if r["split"] == split), key=lambda r: r["shard"])
+        mine = [r for r in rows if r["split"] == split]
         if not mine:
             log.warning("dataset '%s' has no %s shards; skipping that split", name, split)
         for r in mine:
-            path = ddir / r["path"]
+            path = r["url"]
             if not path.exists():
                 raise DdsError(f"shard {path} listed in shards.parquet is missing; run `dds shard` for '{name}' again")
             tasks.append(ShardTask(r["shard"], str(path), int(r["count"]), str(r.get("sha256") or "")))

@@ -23,6 +23,7 @@ import logging
 
 import numpy as np
 
+from dds._validate import check_positive_int
 from dds.errors import DdsError
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,7 @@ def knn(x: np.ndarray, k: int, *, labels: np.ndarray | None = None, device: str 
         ``(sims, idx)``: ``(N, k)`` float32 similarities, descending per row, and ``(N, k)`` int64
         row indices into ``x``; slots without a neighbour hold ``nan`` / ``-1``.
     """
-    if k < 1:
-        raise DdsError(f"k must be a positive integer, got {k}")
+    check_positive_int("k", k)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise DdsError(f"embeddings must be a 2-D array (N, D), got shape {x.shape}")

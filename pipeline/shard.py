@@ -1,11 +1,14 @@
 """``dds shard``: write a source as WebDataset tars plus the shards, samples and rejects tables.
 
-Pure cores (:func:`stratified_subset`, :func:`symmetric_noise`, :func:`class_map_noise`, :func:`encode_png`) work on arrays and
-images; :func:`run_shard` is the I/O shell. A split's tars are written into a temporary folder inside
-the dataset folder and moved into ``shards/`` only once all of them are complete; the tables then
-replace only the rows of the split(s) written, so sharding ``--split test`` after ``train`` keeps train.
+Pure cores (:func:`stratified_subset`, :func:`symmetric_noise`, :func:`class_map_noise`,
+:func:`encode_png`) work on arrays and
+images; :func:`run_shard` is the I/O shell. Under the dataset's lock, every run writes a complete new
+generation (:mod:`dds.generations`): the new tars, hard links to the kept splits' tars, and tables
+whose rows of the split(s) written are replaced (so sharding ``--split test`` after ``train`` keeps
+train); one atomic rename then makes it the dataset, so a kill leaves either all old or all new.
 Tars are byte-for-byte reproducible (fixed tar headers, fixed PNG settings): a re-run gives the same
-keys, labels and sha256s.
+keys, labels and sha256s. Each sample's ``image_sha`` (hash of its stored PNG) lets a test or val
+split that repeats the train images be refused.
 """
 from __future__ import annotations
 
@@ -13,10 +16,8 @@ import hashlib
 import io
 import json
 import logging
-import os
 import shutil
 import tarfile
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,26 +30,20 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from dds import catalog
+from dds import catalog, generations
 from dds._validate import check_choice, check_fraction, check_positive_int
 from dds.errors import DdsError
-from dds.pipeline.sources import (SPLITS, SourceData, SplitData, default_prompt_names, open_source, target_mode,
-                                  typical_size)
 from dds.manifests import DEFAULT_TEMPLATES
-from dds.workspace import Workspace, atomic_write_json, write_parquet
+from dds.pipeline.sources import (DECODE_ERRORS, SPLITS, SourceData, SplitData, default_prompt_names, open_source,
+                                  target_mode, typical_size)
+from dds.tables import REJECTS_SCHEMA, SAMPLES_SCHEMA, SHARDS_SCHEMA, check_disjoint_splits
+from dds.workspace import Workspace, atomic_write_json, check_dataset_name, safe_default_name, write_parquet
 
 log = logging.getLogger(__name__)
 
 NOISE_KINDS = ("symmetric", "pairflip", "asymmetric")
 PNG_COMPRESS_LEVEL = 6  # fixed so that re-runs give identical bytes
 
-SAMPLES_SCHEMA = pa.schema([("dataset", pa.string()), ("key", pa.string()), ("split", pa.string()),
-                            ("label", pa.int32()), ("label_orig", pa.int32()), ("shard", pa.string()),
-                            ("idx", pa.int64()), ("source", pa.string())])
-SHARDS_SCHEMA = pa.schema([("dataset", pa.string()), ("split", pa.string()), ("shard", pa.string()),
-                           ("path", pa.string()), ("count", pa.int64()), ("sha256", pa.string())])
-REJECTS_SCHEMA = pa.schema([("dataset", pa.string()), ("source", pa.string()), ("reason", pa.string()),
-                            ("split", pa.string())])
 
 
 # ---------------------------------------------------------------- pure cores
@@ -226,6 +221,11 @@ def encode_png(img: Image.Image, mode: str) -> bytes:
     return buf.getvalue()
 
 
+def image_sha(png: bytes) -> str:
+    """The content hash of a stored image (64 bits of sha256 of its PNG bytes, which are reproducible)."""
+    return hashlib.sha256(png).hexdigest()[:16]
+
+
 def sample_key(split: str, source_index: int) -> str:
     """The stable key of sample ``source_index`` (its position in the listed source) of ``split``."""
     return f"{split}-{source_index:07d}"
@@ -286,7 +286,8 @@ class TarShardWriter:
 class SplitResult:
     """What writing one split produced."""
 
-    samples: dict[str, list] = field(default_factory=lambda: {k: [] for k in ("key", "label", "label_orig", "shard", "source")})
+    samples: dict[str, list] = field(default_factory=lambda: {k: [] for k in ("key", "label", "label_orig", "shard",
+                                                                             "source", "image_sha")})
     shards: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[tuple[str, str]] = field(default_factory=list)  # (source, reason)
     pixel_sum: np.ndarray | None = None  # (channels,) float64 sums of pixel values in [0, 1]
@@ -298,9 +299,11 @@ def decoded(sd: SplitData, order: np.ndarray, on_error: Callable[[str, Exception
     """Yields ``(source_index, image)`` for ``order``; a sample that fails to decode goes to ``on_error``."""
     for i in order:
         try:
-            yield int(i), sd.load(int(i))
-        except Exception as e:  # PIL raises many types on corrupt data; the policy is the caller's
+            img = sd.load(int(i))
+        except DECODE_ERRORS as e:  # corrupt data; a bug in our code (any other type) propagates
             on_error(sd.refs[int(i)], e)
+            continue
+        yield int(i), img
 
 
 def write_split(split: str, sd: SplitData, order: np.ndarray, labels: np.ndarray, *, mode: str, out_dir: Path,
@@ -326,14 +329,14 @@ def write_split(split: str, sd: SplitData, order: np.ndarray, labels: np.ndarray
             bar.update(1)
             try:
                 png = encode_png(img, mode)
-            except Exception as e:  # e.g. a mode PIL cannot convert
+            except DECODE_ERRORS as e:  # e.g. truncated pixel data PIL only meets when converting
                 reject(sd.refs[i], e)
                 continue
             if stats:
                 _add_stats(res, img if img.mode == mode else img.convert(mode))
             shard = writer.write(sample_key(split, i), png, label_of[i])
             for k, v in (("key", sample_key(split, i)), ("label", label_of[i]), ("label_orig", int(sd.labels[i])),
-                         ("shard", shard), ("source", sd.refs[i])):
+                         ("shard", shard), ("source", sd.refs[i]), ("image_sha", image_sha(png))):
                 res.samples[k].append(v)
         bar.update(len(order) - bar.n)
     res.shards = writer.close()
@@ -406,25 +409,15 @@ def run_shard(ws: Workspace, source: str, *, name: str | None = None, split: str
     """
     t0 = time.perf_counter()
     _check_options(split, limit, val, shard_size, label_noise, noise_kind)
+    if name is not None:
+        check_dataset_name(name)
     src = _open_checked(source, split, name, label_noise, val)
-    name = name or src.default_name
+    ws.check_writable()  # after the source is listed (bad sources create nothing), before any image is written
+    name = name or safe_default_name(src.default_name)
+    with ws.lock(name):
+        results = _write_generation(ws, src, name, source, limit=limit, val=val, shard_size=shard_size,
+                                    label_noise=label_noise, noise_kind=noise_kind, seed=seed, progress=progress)
     ds_dir = ws.dataset_dir(name)
-    old = _read_json(ds_dir / "dataset.json")
-    mode = _dataset_mode(src)
-    _check_compatible(old, src, mode, name)
-    mapping = noise_map(noise_kind, list(src.classes), src.manifest.noise_map if src.manifest else None, source)
-    results, changed = _write_all_splits(src, ds_dir, name, mode=mode, limit=limit, val=val, shard_size=shard_size,
-                                         label_noise=label_noise, seed=seed, progress=progress,
-                                         noise=(noise_kind, mapping))
-    _write_tables(ds_dir, name, results)
-    info = _dataset_info(old, src, name, source, mode, results, label_noise, noise_kind, seed,
-                         dict(limit=limit, shard_size=shard_size, seed=seed))
-    atomic_write_json(ds_dir / "dataset.json", info)
-    write_parquet(ds_dir / "dataset.parquet", pa.table({
-        "name": [name], "num_samples": pa.array([sum(info["splits"].values())], pa.int64()),
-        "num_classes": pa.array([len(info["classes"])], pa.int32()),
-        "classes": pa.array([info["classes"]], pa.list_(pa.string())), "source": [source]}))
-    _invalidate_derived(ds_dir, changed, classes_changed=bool(old) and old.get("classes") != info["classes"])
     catalog.refresh(ws)
     return {
         "dataset": name,
@@ -439,13 +432,53 @@ def run_shard(ws: Workspace, source: str, *, name: str | None = None, split: str
     }
 
 
+def _write_generation(ws: Workspace, src: SourceData, name: str, source: str, *, limit: int | None,
+                      val: int | None, shard_size: int, label_noise: float, noise_kind: str, seed: int,
+                      progress: bool) -> dict[str, SplitResult]:
+    """Write a new generation of dataset ``name`` and commit it (the caller holds the dataset lock)."""
+    ds_dir = ws.dataset_dir(name)
+    old = _read_json(ds_dir / "dataset.json")
+    mode = _dataset_mode(src)
+    _check_compatible(old, src, mode, name)
+    mapping = noise_map(noise_kind, list(src.classes), src.manifest.noise_map if src.manifest else None, source)
+    gen = generations.new_generation(ds_dir)
+    try:
+        results = _write_all_splits(src, gen, name, mode=mode, limit=limit, val=val, shard_size=shard_size,
+                                    label_noise=label_noise, seed=seed, progress=progress,
+                                    noise=(noise_kind, mapping))
+        samples, shards = _write_tables(ds_dir, gen, name, results)
+        check_disjoint_splits(samples, name)
+        _link_kept_tars(ds_dir, gen, shards, results)
+        info = _dataset_info(old, src, name, source, mode, results, label_noise, noise_kind, seed,
+                             dict(limit=limit, shard_size=shard_size, seed=seed))
+        atomic_write_json(gen / "dataset.json", info)
+        write_parquet(gen / "dataset.parquet", pa.table({
+            "name": [name], "num_samples": pa.array([sum(info["splits"].values())], pa.int64()),
+            "num_classes": pa.array([len(info["classes"])], pa.int32()),
+            "classes": pa.array([info["classes"]], pa.list_(pa.string())), "source": [source]}))
+        # derived files of changed tars go before the commit: a kill in between only costs a re-embed
+        _invalidate_derived(ds_dir, _changed_shards(_read_table(ds_dir / "shards.parquet"), shards),
+                            classes_changed=bool(old) and old.get("classes") != info["classes"])
+        generations.commit(ds_dir, gen)
+    except BaseException:
+        shutil.rmtree(gen, ignore_errors=True)
+        raise
+    return results
+
+
 def _open_checked(source: str, split: str | None, name: str | None, label_noise: float, val: int | None) -> SourceData:
-    """List the source; every split asked for must hold readable samples."""
+    """List the source; every split asked for must hold readable samples of at least two classes."""
     src = open_source(source, split=split, name=name)
+    if len(src.classes) < 2:
+        raise DdsError(f"{source} has {len(src.classes)} class(es) ({', '.join(map(str, src.classes))}); a classifier "
+                       "needs at least 2: add the other class folders (or labels)")
     for s, sd in src.splits.items():
         if not len(sd.labels):
             first = f"; first: {sd.rejects[0][0]}: {sd.rejects[0][1]}" if sd.rejects else ""
             raise DdsError(f"split '{s}' of {source} has no readable samples ({len(sd.rejects)} rejected{first})")
+        if s == "train" and len(np.unique(sd.labels)) < 2:
+            raise DdsError(f"the train split of {source} holds readable images of one class only "
+                           f"({src.classes[int(sd.labels[0])]}); a classifier needs at least 2")
     if label_noise > 0 and "train" not in src.splits:
         raise DdsError(f"--label-noise applies to the train split, and {source} has none; drop --label-noise")
     if val and "train" not in src.splits:
@@ -453,38 +486,28 @@ def _open_checked(source: str, split: str | None, name: str | None, label_noise:
     return src
 
 
-def _write_all_splits(src: SourceData, ds_dir: Path, name: str, *, mode: str, limit: int | None, val: int | None,
+def _write_all_splits(src: SourceData, gen: Path, name: str, *, mode: str, limit: int | None, val: int | None,
                       shard_size: int, label_noise: float, seed: int, progress: bool,
-                      noise: tuple[str, dict[int, int] | None] = ("symmetric", None)) -> tuple[dict[str, SplitResult], set[str]]:
-    """Write every split's tars into a temporary folder, then move them into ``shards/`` together.
+                      noise: tuple[str, dict[int, int] | None] = ("symmetric", None)) -> dict[str, SplitResult]:
+    """Write every split's tars into ``gen/shards``; returns the result per split.
 
     ``val`` carves a ``val`` split off train (:func:`carve_val`); it keeps the true labels, like test.
-
-    Returns:
-        The result per split, and the stems of the tars whose content changed (or that were removed).
     """
-    ds_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ds_dir.glob(".tmp-shard-*"):  # left by a run that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-shard-", dir=ds_dir))
-    try:
-        results = {}
-        for s, sd in src.splits.items():
-            parts = {s: _choose(sd, s, limit, seed)}
-            if s == "train" and val:
-                parts["train"], parts["val"] = carve_val(sd.labels, parts["train"], val, seed)
-            for part, order in parts.items():
-                orig = sd.labels[order]
-                labels = (inject_noise(orig, len(src.classes), label_noise, noise[0], seed, noise[1])
-                          if part == "train" else orig)
-                res = write_split(part, sd, order, labels, mode=mode, out_dir=tmp, shard_size=shard_size,
-                                  stats=src.manifest is None, progress=progress, desc=f"shard {name}/{part}")
-                if part == s:
-                    res.rejects[:0] = sd.rejects  # found while listing, before those found while decoding
-                results[part] = res
-        return results, _swap_in(ds_dir, tmp, results, _dropped(results))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    results = {}
+    for s, sd in src.splits.items():
+        parts = {s: _choose(sd, s, limit, seed)}
+        if s == "train" and val:
+            parts["train"], parts["val"] = carve_val(sd.labels, parts["train"], val, seed)
+        for part, order in parts.items():
+            orig = sd.labels[order]
+            labels = (inject_noise(orig, len(src.classes), label_noise, noise[0], seed, noise[1])
+                      if part == "train" else orig)
+            res = write_split(part, sd, order, labels, mode=mode, out_dir=gen / "shards", shard_size=shard_size,
+                              stats=src.manifest is None, progress=progress, desc=f"shard {name}/{part}")
+            if part == s:
+                res.rejects[:0] = sd.rejects  # found while listing, before those found while decoding
+            results[part] = res
+    return results
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -516,49 +539,46 @@ def _dropped(results: dict[str, SplitResult]) -> list[str]:
     return ["val"] if "train" in results and "val" not in results else []
 
 
-def _swap_in(ds_dir: Path, tmp: Path, results: dict[str, SplitResult], dropped: list[str]) -> set[str]:
-    """Move the new tars into ``shards/``, drop the old tars of those splits and of ``dropped`` ones;
-    returns changed shard stems."""
-    shards_dir = ds_dir / "shards"
-    shards_dir.mkdir(exist_ok=True)
-    old_rows = _read_table(ds_dir / "shards.parquet")
-    old_sha = {r["shard"]: r["sha256"] for r in old_rows.to_pylist()} if old_rows is not None else {}
-    changed: set[str] = set()
-    for s, res in results.items():
-        new = {row["shard"] for row in res.shards}
-        for row in res.shards:
-            (tmp / f"{row['shard']}.tar").replace(shards_dir / f"{row['shard']}.tar")
-            if old_sha.get(row["shard"]) != row["sha256"]:
-                changed.add(row["shard"])
-        for p in shards_dir.glob(f"{s}-*.tar"):
-            if p.stem not in new:
-                p.unlink()
-                changed.add(p.stem)
-    for s in dropped:
-        for p in shards_dir.glob(f"{s}-*.tar"):
-            p.unlink()
-            changed.add(p.stem)
-    return changed
+def _link_kept_tars(ds_dir: Path, gen: Path, shards: pa.Table, results: dict[str, SplitResult]) -> None:
+    """Hard-link the tars of the splits this run keeps from the generation in use into ``gen``."""
+    for row in shards.to_pylist():
+        if row["split"] not in results:
+            src = ds_dir / row["path"]
+            if not src.exists():
+                raise DdsError(f"shard {src} of the kept split '{row['split']}' is missing; shard every split "
+                               "again (omit --split)")
+            (gen / row["path"]).parent.mkdir(parents=True, exist_ok=True)
+            generations.link_into(src, gen / row["path"])
+
+
+def _changed_shards(old: pa.Table | None, new: pa.Table) -> set[str]:
+    """Stems of the tars that are new, gone, or whose sha256 changed."""
+    old_sha = dict(zip(old["shard"].to_pylist(), old["sha256"].to_pylist())) if old is not None else {}
+    new_sha = dict(zip(new["shard"].to_pylist(), new["sha256"].to_pylist()))
+    return {s for s in old_sha.keys() | new_sha.keys() if old_sha.get(s) != new_sha.get(s)}
 
 
 def _read_table(path: Path) -> pa.Table | None:
     return pq.read_table(path) if path.exists() else None
 
 
-def _merge(path: Path, new: pa.Table, splits: list[str], sort: list[tuple[str, str]]) -> None:
-    """Write ``new`` plus the rows of ``path`` whose split is not in ``splits``, sorted, atomically."""
-    old = _read_table(path)
+def _merge(old_path: Path, path: Path, new: pa.Table, splits: list[str], sort: list[tuple[str, str]]) -> pa.Table:
+    """Write ``new`` plus the rows of ``old_path`` whose split is not in ``splits``, sorted, to ``path``.
+
+    Columns an older table lacks (e.g. ``image_sha``) are null in its kept rows. Returns the table written.
+    """
+    old = _read_table(old_path)
     if old is not None:
         keep = old.filter(pc.invert(pc.is_in(old["split"], pa.array(splits, pa.string()))))
-        names = [n for n in new.schema.names if n in keep.schema.names]
-        if names == new.schema.names:
-            new = pa.concat_tables([keep.select(names).cast(new.schema), new])
-        else:
-            log.warning("%s has an older layout; its rows of other splits are dropped", path)
-    write_parquet(path, new.sort_by(sort))
+        cols = [keep[f.name] if f.name in keep.schema.names else pa.nulls(len(keep), f.type) for f in new.schema]
+        new = pa.concat_tables([pa.table(cols, names=new.schema.names).cast(new.schema), new])
+    new = new.sort_by(sort)
+    write_parquet(path, new)
+    return new
 
 
-def _write_tables(ds_dir: Path, name: str, results: dict[str, SplitResult]) -> None:
+def _write_tables(ds_dir: Path, gen: Path, name: str, results: dict[str, SplitResult]) -> tuple[pa.Table, pa.Table]:
+    """The samples, shards and rejects tables of the new generation ``gen``; returns (samples, shards)."""
     splits = list(results) + _dropped(results)
     samples = {k: [] for k in SAMPLES_SCHEMA.names}
     shards = {k: [] for k in SHARDS_SCHEMA.names}
@@ -576,12 +596,12 @@ def _write_tables(ds_dir: Path, name: str, results: dict[str, SplitResult]) -> N
         for ref, reason in r.rejects:
             for k, v in (("dataset", name), ("source", ref), ("reason", reason), ("split", s)):
                 rejects[k].append(v)
-    _merge(ds_dir / "samples.parquet", pa.table(samples, schema=SAMPLES_SCHEMA), splits,
-           [("split", "descending"), ("idx", "ascending")])
-    _merge(ds_dir / "shards.parquet", pa.table(shards, schema=SHARDS_SCHEMA), splits,
-           [("split", "descending"), ("shard", "ascending")])
-    _merge(ds_dir / "rejects.parquet", pa.table(rejects, schema=REJECTS_SCHEMA), splits,
-           [("split", "descending"), ("source", "ascending")])
+    merged = [_merge(ds_dir / f"{table}.parquet", gen / f"{table}.parquet", pa.table(cols, schema=schema), splits,
+                     [("split", "descending"), (order, "ascending")])
+              for table, cols, schema, order in (("samples", samples, SAMPLES_SCHEMA, "idx"),
+                                                 ("shards", shards, SHARDS_SCHEMA, "shard"),
+                                                 ("rejects", rejects, REJECTS_SCHEMA, "source"))]
+    return merged[0], merged[1]
 
 
 def _norm_stats(results: dict[str, SplitResult]) -> tuple[list[float], list[float]] | None:
@@ -643,24 +663,3 @@ def _invalidate_derived(ds_dir: Path, changed: set[str], *, classes_changed: boo
     if removed:
         log.warning("removed %d embedding/index file(s) made from the previous shards; run dds embed / dds index again",
                     len(removed))
-
-
-def iter_tar_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield ``(key, {extension: bytes})`` for each sample of a WebDataset tar, in tar order.
-
-    The key is the member name up to the first dot (``train-0000042.png`` -> ``train-0000042``).
-    """
-    key, members = None, {}
-    with tarfile.open(path, "r|*") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            k, _, ext = os.path.basename(m.name).partition(".")
-            data = tf.extractfile(m).read()
-            if k != key:
-                if key is not None:
-                    yield key, members
-                key, members = k, {}
-            members[ext.lower()] = data
-    if key is not None:
-        yield key, members

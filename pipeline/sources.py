@@ -12,6 +12,7 @@ import io
 import logging
 import re
 import tarfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,11 @@ from PIL import Image
 from dds._validate import parse_source
 from dds.errors import DdsError
 from dds.manifests import Manifest, get_manifest, list_manifests
+
+#: what reading or decoding a corrupt image or tar member raises (PIL's UnidentifiedImageError is an
+#: OSError, a bad label a ValueError); any other exception is a bug and propagates
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zlib.error, tarfile.TarError,
+                 Image.DecompressionBombError)
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +196,7 @@ def _list_imagefolder_split(base: Path, classes: list[str], exts: set[str]) -> S
         for p in files:
             try:
                 mode, size = _header(lambda: Image.open(p))
-            except Exception as e:  # PIL raises many types on bad files; the file is recorded, not fatal
+            except DECODE_ERRORS as e:  # a bad file is recorded, not fatal
                 sd.rejects.append((str(p), f"unreadable image: {type(e).__name__}: {e}"))
                 continue
             sd.modes.append(mode)
@@ -306,7 +312,7 @@ def _list_tar_split(paths: list[str], reader: _TarReader) -> tuple[SplitData, li
                 data = reader.read(path, members[ext])
                 mode, size = _header(lambda: Image.open(io.BytesIO(data)))
                 text = reader.read(path, members["txt"]).decode("utf-8").strip() if "txt" in members else None
-            except Exception as e:  # bad member or unreadable header: record it, keep going
+            except DECODE_ERRORS as e:  # bad member or unreadable header: record it, keep going
                 sd.rejects.append((ref, f"{type(e).__name__}: {e}"))
                 continue
             sd.modes.append(mode)

@@ -150,6 +150,7 @@ def test_two_process_train_writes_one_history_and_resumes(tiny, tmp_path):
     assert full.num_rows == 3 * N_TRAIN  # one history, written once (rank 0), one row per sample and epoch
     epochs = query(tiny, f"SELECT epoch, sample_steps FROM epochs WHERE run_id = '{run['run_id']}' ORDER BY epoch")
     assert epochs["epoch"].to_pylist() == [0, 1, 2]
+    _assert_single_process_plans(tiny, full, epochs["sample_steps"].to_pylist())
 
     # killed after epoch 1 (stop_after), then resumed under torchrun: the same history
     _torchrun(str(HERE / "dist_worker.py"), "train", str(tmp_path), str(tiny.root))
@@ -161,6 +162,26 @@ def test_two_process_train_writes_one_history_and_resumes(tiny, tmp_path):
         assert resumed[col].to_pylist() == full[col].to_pylist(), col
     np.testing.assert_allclose(np.asarray(resumed["loss"].to_pylist(), dtype=float),
                                np.asarray(full["loss"].to_pylist(), dtype=float), rtol=1e-5)
+
+
+def _assert_single_process_plans(ws: Workspace, hist, sample_steps: list[int]) -> None:
+    """A single-process selector given the losses the 2-process run observed plans what that run trained:
+    the same samples, weights and augmentation every epoch, and the same sample-steps (plan + padding)."""
+    from dds.train.data import load_sample_info
+
+    sel = Selector("dds", load_sample_info(ws, "tiny", "lite0-minilm"), epochs=3, budget=0.5, seed=3)
+    keys = np.asarray(ws.split_samples("tiny", "train", ["key"])["key"], dtype=str)
+    rows = hist.to_pandas()
+    for epoch in range(3):
+        plan = sel.plan(epoch)
+        got = rows[(rows["epoch"] == epoch) & rows["selected"]].set_index("key")
+        planned = keys[plan.indices]
+        assert len(set(planned)) == len(planned)  # no sample twice: the history's per-sample loss is exact
+        assert sorted(got.index) == sorted(planned), f"epoch {epoch}: other samples than one process plans"
+        np.testing.assert_allclose(got.loc[planned, "weight"].to_numpy(float), plan.weights, rtol=1e-6)
+        assert (got.loc[planned, "aug"] == "strong").tolist() == (plan.aug == 1).tolist()
+        assert sample_steps[epoch] == 2 * part_size(len(plan.indices), 2)
+        sel.observe(plan.indices, got.loc[planned, "loss"].to_numpy(np.float32))
 
 
 def test_two_process_embed_equals_single_process_and_resumes(tmp_path):

@@ -19,7 +19,7 @@ from PIL import Image
 
 from dds.errors import DdsError
 from dds.pipeline.embed import average_prompts, bench_embed, class_prompts, run_embed
-from dds.pipeline.shard import iter_tar_samples
+from dds.shards import iter_tar_samples
 from dds.pipeline.encoders import (Preprocess, create_encoder, list_encoders, map_lite0_state_dict,
                                    parse_openclip_spec)
 from dds.workspace import Workspace, atomic_write_json, write_parquet

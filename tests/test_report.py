@@ -22,7 +22,8 @@ from dds.cli import app
 from dds.errors import DdsError
 from dds.pipeline.audit import auroc, cleanlab_flags, flag_metrics, precision_recall_at_k, run_audit
 from dds.train import TrainConfig, run_train
-from dds.train.export import class_quotas, coreset_weights, run_export, select_coreset, selection_stats
+from dds.selector._core import capped_quotas
+from dds.train.export import coreset_weights, run_export, select_coreset, selection_stats
 from dds.train.report import budget_curve, class_rates, default_epoch, pick_examples, write_report
 from dds.workspace import Workspace
 
@@ -199,11 +200,16 @@ def test_audit_without_scores_is_an_error(ws):
 
 # ---------------------------------------------------------------- export
 
-def test_class_quotas_are_proportional_capped_and_exact():
-    assert class_quotas(np.array([10, 10, 10]), np.array([10, 10, 10]), 6).tolist() == [2, 2, 2]
-    assert class_quotas(np.array([10, 10, 10]), np.array([1, 10, 10]), 9).tolist() == [1, 4, 4]
-    assert class_quotas(np.array([20, 10]), np.array([20, 10]), 3).tolist() == [2, 1]
-    assert class_quotas(np.array([5, 5]), np.array([2, 1]), 10).tolist() == [2, 1]  # capacity bounds the total
+def test_export_quotas_are_the_selectors_water_filling():
+    # export places its class quotas with dds.selector._core.capped_quotas (one water-filling in the code base)
+    assert capped_quotas(6, np.array([10, 10, 10]), np.array([10, 10, 10])).tolist() == [2, 2, 2]
+    assert capped_quotas(9, np.array([10, 10, 10]), np.array([1, 10, 10])).tolist() == [1, 4, 4]
+    assert capped_quotas(3, np.array([20, 10]), np.array([20, 10])).tolist() == [2, 1]
+    labels = np.repeat([0, 1, 2], [10, 10, 10])
+    noisy = np.zeros(30, bool)
+    noisy[1:10] = True  # class 0 has one clean sample: its gap goes to the others, noisy ones fill nothing
+    chosen = select_coreset(labels, 3, noisy, np.zeros(30, np.int64), np.zeros(30), 0.3)
+    assert np.bincount(labels[chosen], minlength=3).tolist() == [1, 4, 4]
 
 
 @pytest.mark.parametrize("budget", [0.01, 0.1, 0.37, 0.5, 0.8, 0.95, 1.0])
@@ -294,12 +300,27 @@ def _example(*args: str) -> str:
     return res.stdout
 
 
-def test_example_plain_loop_runs_without_scores():
-    out = _example("--limit", "200", "--epochs", "2", "--policy", "random", "--budget", "0.5")
-    assert "epoch 2/2" in out and "budget spent 0.500" in out
+def _epochs(out: str) -> list[dict]:
+    pat = (r"epoch (\d+)/\d+: (\d+) samples \((\d+) strong\), (\d+) losses observed, test acc ([0-9.]+)")
+    rows = [dict(zip(("epoch", "planned", "strong", "observed", "acc"), map(float, m.groups())))
+            for m in re.finditer(pat, out)]
+    assert rows, out
+    return rows
+
+
+def test_example_plain_loop_learns_without_scores():
+    out = _example("--limit", "500", "--epochs", "3", "--policy", "random", "--budget", "0.5")
+    rows = _epochs(out)
+    assert [r["planned"] for r in rows] == [250, 250, 250] and "budget spent 0.500" in out
+    assert all(r["observed"] == r["planned"] for r in rows)  # random plans distinct samples: all observed
+    assert rows[-1]["acc"] > 0.25, out  # chance is 0.1: weights, labels and images stay together
 
 
 def test_example_plain_loop_reads_dds_scores(ws):
     out = _example("--limit", "64", "--epochs", "3", "--policy", "dds", "--workspace", str(ws.root),
                    "--dataset", "tiny", "--encoder", ENC, "--batch-size", "16")
-    assert "epoch 3/3" in out and "strong" in out
+    rows = _epochs(out)
+    assert len(rows) == 3 and all(0 < r["observed"] <= r["planned"] for r in rows)
+    assert sum(r["strong"] for r in rows) > 0  # the augment region is strongly augmented
+    spent = float(re.search(r"budget spent ([0-9.]+)", out).group(1))
+    assert spent == pytest.approx(sum(r["planned"] for r in rows) / (3 * 64), abs=1e-3)

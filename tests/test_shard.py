@@ -140,7 +140,7 @@ def test_rerun_same_keys_sha_and_no_duplicate_rows(tmp_path, folder):
     second = _tables(ws, "p")
     assert first == second
     assert len({r["key"] for r in second["samples"]}) == len(second["samples"]) == 10
-    assert not list(ws.dataset_dir("p").glob(".tmp-shard-*"))
+    assert len(list(ws.dataset_dir("p").glob("gen-*"))) == 1
 
 
 def test_split_layout_second_split_keeps_first(tmp_path):
@@ -183,7 +183,194 @@ def test_failed_run_leaves_previous_shards_intact(tmp_path, folder, monkeypatch)
         run_shard(ws, f"imagefolder:{folder}", shard_size=3, label_noise=0.5, progress=False)
     assert _tables(ws, "pets") == before
     assert {p.name: p.read_bytes() for p in ws.shards_dir("pets").glob("*.tar")} == tars
-    assert not list(ws.dataset_dir("pets").glob(".tmp-shard-*"))
+    assert len(list(ws.dataset_dir("pets").glob("gen-*"))) == 1
+
+
+def _snapshot(ws: Workspace, name: str) -> dict:
+    """Everything a reader sees of a dataset: its tables, dataset.json and the bytes of every tar."""
+    d = ws.dataset_dir(name)
+    return {**_tables(ws, name), "info": (d / "dataset.json").read_text(),
+            "tars": {p.name: p.read_bytes() for p in ws.shards_dir(name).glob("*.tar")}}
+
+
+# each point is a step between the first new file and the commit; a kill there must leave the old dataset
+@pytest.mark.parametrize("point", ["write_split", "_merge", "check_disjoint_splits", "_link_kept_tars",
+                                   "atomic_write_json", "_invalidate_derived", "commit"])
+def test_kill_before_the_commit_leaves_the_old_dataset_whole(tmp_path, folder, monkeypatch, point):
+    import dds.generations as gens
+    import dds.pipeline.shard as shard_mod
+
+    ws = Workspace(tmp_path / "ws")
+    run_shard(ws, f"imagefolder:{folder}", shard_size=4, progress=False)
+    before = _snapshot(ws, "pets")
+    calls = {"n": 0}
+    module = gens if point == "commit" else shard_mod
+    real = getattr(module, point)
+
+    def kill_after_first(*args, **kwargs):  # write_split / _merge write part of the new files first
+        calls["n"] += 1
+        if point == "write_split" or (point == "_merge" and calls["n"] == 1):
+            out = real(*args, **kwargs)
+            if point == "_merge":
+                return out
+        raise KeyboardInterrupt("killed")
+
+    if point == "commit":  # killed after every link was made, right before `current` is replaced
+        monkeypatch.setattr(gens, "_replace_symlink", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    else:
+        monkeypatch.setattr(module, point, kill_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        run_shard(ws, f"imagefolder:{folder}", shard_size=3, label_noise=0.5, progress=False)
+    assert _snapshot(ws, "pets") == before
+    monkeypatch.undo()
+    after = run_shard(ws, f"imagefolder:{folder}", shard_size=3, label_noise=0.5, progress=False)
+    assert after["noise_flipped"] == 6 and len(list(ws.dataset_dir("pets").glob("gen-*"))) == 1
+
+
+def test_kill_after_the_commit_leaves_the_new_dataset_whole(tmp_path, folder, monkeypatch):
+    import dds.generations as gens
+
+    ws = Workspace(tmp_path / "ws")
+    run_shard(ws, f"imagefolder:{folder}", shard_size=4, progress=False)
+    monkeypatch.setattr(gens, "remove_unused", lambda d: None)  # killed before the old generation is deleted
+    run_shard(ws, f"imagefolder:{folder}", shard_size=3, label_noise=0.5, progress=False)
+    monkeypatch.undo()
+    new = _snapshot(ws, "pets")
+    assert sum(r["label"] != r["label_orig"] for r in new["samples"]) == 6
+    assert {r["shard"] for r in new["shards"]} == {p[:-4] for p in new["tars"]} and len(new["tars"]) == 4
+    assert len(list(ws.dataset_dir("pets").glob("gen-*"))) == 2  # the old one is garbage, not in use
+    run_shard(ws, f"imagefolder:{folder}", shard_size=3, progress=False)
+    assert len(list(ws.dataset_dir("pets").glob("gen-*"))) == 1
+
+
+def test_a_dataset_written_before_generations_is_adopted(tmp_path):
+    from synth import write_dataset
+
+    ws = Workspace(tmp_path / "ws")
+    write_dataset(ws, "old", {"train": 30}, classes=3)
+    d = ws.dataset_dir("old")
+    assert not (d / "shards").is_symlink()
+    rng = np.random.default_rng(3)
+    root = tmp_path / "held-out"
+    for cls in ("c0", "c1", "c2"):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            _img(rng, "L", (8, 8)).save(root / cls / f"{i}.png")
+    out = run_shard(ws, f"imagefolder:{root}", name="old", split="test", progress=False)
+    assert out["splits"] == {"test": 6}
+    t = _tables(ws, "old")
+    assert sorted({r["split"] for r in t["samples"]}) == ["test", "train"] and len(t["samples"]) == 36
+    assert (d / "shards").is_symlink() and len(list(ws.shards_dir("old").glob("train-*.tar"))) == 2
+
+
+def test_a_workspace_copied_through_the_links_is_adopted(tmp_path, folder):
+    import shutil
+
+    ws = Workspace(tmp_path / "ws")
+    run_shard(ws, f"imagefolder:{folder}", shard_size=4, progress=False)
+    copy = Workspace(tmp_path / "copy")
+    shutil.copytree(ws.root, copy.root)  # follows symlinks: `current` and the fixed names become real
+    assert not (copy.dataset_dir("pets") / "current").is_symlink()
+    before = _snapshot(copy, "pets")
+    run_shard(copy, f"imagefolder:{folder}", shard_size=4, progress=False)
+    assert _snapshot(copy, "pets") == before and (copy.dataset_dir("pets") / "current").is_symlink()
+    assert len(list(copy.dataset_dir("pets").glob("gen-*"))) == 1
+
+
+def test_concurrent_shard_of_one_dataset_is_refused(tmp_path, folder):
+    import subprocess
+    import sys
+
+    ws = Workspace(tmp_path / "ws")
+    code = ("import sys, time; from dds.workspace import Workspace; ws = Workspace.resolve(sys.argv[1])\n"
+            "with ws.lock('pets'):\n    print('held', flush=True); time.sleep(30)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(ws.root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"  # e.g. a first `dds shard` writing its generation
+        with pytest.raises(DdsError, match="dataset 'pets' is in use by another dds process"):
+            run_shard(ws, f"imagefolder:{folder}", progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_shard(ws, f"imagefolder:{folder}", progress=False)["splits"] == {"train": 10}
+
+
+def test_test_split_made_of_the_train_images_is_refused(tmp_path, folder):
+    ws = Workspace(tmp_path / "ws")
+    run_shard(ws, f"imagefolder:{folder}", progress=False)
+    before = _snapshot(ws, "pets")
+    with pytest.raises(DdsError, match="10 of the 10 test images of dataset 'pets' are also train images"):
+        run_shard(ws, f"imagefolder:{folder}", split="test", progress=False)
+    assert _snapshot(ws, "pets") == before
+
+
+def test_missing_test_split_never_suggests_sharding_the_train_source_as_test(tmp_path, folder):
+    from dds.train.data import open_split
+
+    ws = Workspace(tmp_path / "ws")
+    run_shard(ws, f"imagefolder:{folder}", progress=False)
+    with pytest.raises(DdsError, match="no test split") as e:
+        open_split(ws, "pets", "test")
+    assert f"imagefolder:{folder} --split test" not in str(e.value) and "never the train images" in str(e.value)
+
+
+def test_overlap_is_also_refused_when_the_split_is_opened(tmp_path, folder):
+    import pyarrow as pa
+
+    from dds.train.data import open_split
+
+    ws = Workspace(tmp_path / "ws")
+    run_shard(ws, f"imagefolder:{folder}", progress=False)
+    path = ws.dataset_dir("pets") / "samples.parquet"  # a table edited by hand: train rows copied as test
+    t = pq.read_table(path)
+    test = t.set_column(t.schema.get_field_index("split"), "split", pa.array(["test"] * len(t)))
+    write_parquet(path, pa.concat_tables([t, test]))
+    with pytest.raises(DdsError, match="also train images"):
+        open_split(ws, "pets", "test")
+
+
+@pytest.mark.parametrize("name", ["team/exp1", "../../escape", "exp a"])
+def test_dataset_names_that_are_not_one_folder_are_refused(tmp_path, folder, name):
+    ws = Workspace(tmp_path / "ws")
+    with pytest.raises(DdsError, match="is not allowed"):
+        run_shard(ws, f"imagefolder:{folder}", name=name, progress=False)
+    assert not ws.root.exists()
+
+
+def test_derived_name_of_a_folder_with_spaces_is_made_safe(tmp_path, folder):
+    spaced = folder.rename(tmp_path / "my pets")
+    out = run_shard(Workspace(tmp_path / "ws"), f"imagefolder:{spaced}", progress=False)
+    assert out["dataset"] == "my_pets"
+
+
+def test_single_class_dataset_is_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "one"
+    (root / "cat").mkdir(parents=True)
+    for i in range(3):
+        _img(rng).save(root / "cat" / f"{i}.png")
+    with pytest.raises(DdsError, match="needs at least 2"):
+        run_shard(Workspace(tmp_path / "ws"), f"imagefolder:{root}", progress=False)
+
+
+def test_a_bug_in_the_decoder_propagates_instead_of_being_a_reject(tmp_path, folder, monkeypatch):
+    import dds.pipeline.shard as shard_mod
+    import dds.pipeline.sources as sources
+
+    def buggy(*args, **kwargs):
+        raise TypeError("a bug, not a bad image")
+
+    monkeypatch.setattr(sources, "_load_file", buggy)
+    with pytest.raises(TypeError, match="a bug"):
+        run_shard(Workspace(tmp_path / "ws"), f"imagefolder:{folder}", progress=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(shard_mod, "encode_png", buggy)
+    with pytest.raises(TypeError, match="a bug"):
+        run_shard(Workspace(tmp_path / "ws2"), f"imagefolder:{folder}", progress=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(sources, "_header", buggy)
+    with pytest.raises(TypeError, match="a bug"):
+        run_shard(Workspace(tmp_path / "ws3"), f"imagefolder:{folder}", progress=False)
 
 
 def test_changed_shards_invalidate_their_embeddings(tmp_path, folder):

@@ -196,8 +196,10 @@ def test_unknown_names_and_bad_config_are_errors(ws):
         run_train(ws, _cfg(epochs=0), progress=False)
     with pytest.raises(DdsError, match="unknown train config key"):
         TrainConfig.from_dict({"dataset": "tiny", "learning_rate": 0.1})
-    with pytest.raises(DdsError, match="is not a run of workspace"):
+    with pytest.raises(DdsError, match="is not a run id"):
         resume_train(ws, "no-such-run", progress=False)
+    with pytest.raises(DdsError, match="no run 'tiny-dds-20200101-000000-abcd' in workspace"):
+        resume_train(ws, "tiny-dds-20200101-000000-abcd", progress=False)
 
 
 def test_resume_loads_only_tensors_and_only_runs_of_the_workspace(ws, tmp_path):
@@ -205,7 +207,7 @@ def test_resume_loads_only_tensors_and_only_runs_of_the_workspace(ws, tmp_path):
 
     run_id = run_train(ws, _cfg(epochs=1), progress=False)["run_id"]
     for bad in ("../../x", f"../{run_id}", "/etc/passwd", f"{run_id}/../{run_id}"):
-        with pytest.raises(DdsError, match="is not a run of workspace"):
+        with pytest.raises(DdsError, match="is not a run id"):
             resume_train(ws, bad, progress=False)
     marker = tmp_path / "pwned"
 
@@ -451,3 +453,11 @@ def test_the_loop_trains_on_the_plan_labels(ws, monkeypatch):
     _train_epoch(model, opt, train, make_plan(0, idx, labels=flipped), cfg=_cfg(), device=torch.device("cpu"),
                  augmenter=Augmenter(SIZE), steps_done=0, total_steps=10, progress=False)
     assert torch.equal(torch.cat(seen), torch.from_numpy(flipped))
+
+
+def test_a_run_being_trained_cannot_be_resumed_twice(ws):
+    run_id = run_train(ws, _cfg(epochs=2), progress=False, stop_after=1)["run_id"]
+    with ws.lock(ws.run_dir(run_id), f"run {run_id}"):   # as a live `dds train --resume` holds it
+        with pytest.raises(DdsError, match=f"run {run_id}"):
+            resume_train(ws, run_id, progress=False)
+    assert resume_train(ws, run_id, progress=False)["status"] == "done"

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from dds.errors import DdsError
+from dds.tables import check_disjoint_splits
 from dds.train.augment import Augmenter, epoch_aug_seeds
 from dds.workspace import Workspace
 
@@ -31,16 +32,15 @@ Sample = dict[str, Any]
 
 def shard_list(ws: Workspace, name: str, split: str) -> Iterator[Sample]:
     """Yields ``dict(url=Path, shard=stem)`` for each shard of ``split``, in shard order."""
-    import pyarrow.parquet as pq
+    from dds.shards import shard_rows
 
-    table = pq.read_table(ws.dataset_dir(name) / "shards.parquet").to_pylist()
-    for row in sorted((r for r in table if r["split"] == split), key=lambda r: r["shard"]):
-        yield {"url": ws.dataset_dir(name) / row["path"], "shard": row["shard"]}
+    for row in shard_rows(ws, name, [split]):
+        yield {"url": row["url"], "shard": row["shard"]}
 
 
 def open_tar(src: Iterable[Sample]) -> Iterator[Sample]:
     """Yields ``dict(__key__, shard, png=bytes, cls=bytes)``: the members of one sample, undecoded."""
-    from dds.pipeline.shard import iter_tar_samples
+    from dds.shards import iter_tar_samples
 
     for shard in src:
         for key, members in iter_tar_samples(shard["url"]):  # sequential read: members in tar order
@@ -125,6 +125,27 @@ def decode_png(data: bytes, channels: int, image_size: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- split sources
 
+def missing_split_hint(info: dict[str, Any], name: str, split: str) -> str:
+    """How to add a missing ``split``; never "shard the same source as test", which would make the train
+    images the test set (a source with its own test split is a manifest, or was sharded with it)."""
+    manifest = info.get("manifest")
+    if split == "val":
+        source = info.get("source") or "SOURCE"
+        return f"run dds shard {source} --split train --val N --name {name} to carve one off train"
+    if manifest:
+        return f"run `dds shard {manifest} --split {split} --name {name}`"
+    return (f"run dds shard imagefolder:HELD_OUT_DIR --split {split} --name {name} with held-out images (never "
+            "the train images), or carve a val split with `dds shard ... --val N` and train with --eval-split val")
+
+
+def _read_samples(ws: Workspace, name: str):
+    import pyarrow.parquet as pq
+
+    path = ws.dataset_dir(name) / "samples.parquet"
+    cols = [c for c in ("split", "image_sha") if c in pq.read_schema(path).names]
+    return pq.read_table(path, columns=cols).to_pandas()
+
+
 class _Split:
     """Keys and labels of one split, in ``samples.idx`` order, and the dataset's image geometry."""
 
@@ -135,9 +156,9 @@ class _Split:
         self.mean, self.std = list(info["mean"]), list(info["std"])
         table = ws.split_samples(name, split, ["key", "label"])
         if len(table) == 0:
-            source = info.get("source") or "SOURCE"
-            how = "--split train --val N" if split == "val" else f"--split {split}"
-            raise DdsError(f"dataset {name} has no {split} split; run dds shard {source} {how} --name {name}")
+            raise DdsError(f"dataset {name} has no {split} split; {missing_split_hint(info, name, split)}")
+        if split != "train":
+            check_disjoint_splits(_read_samples(ws, name), name)
         if not np.array_equal(table["idx"].to_numpy(), np.arange(len(table))):
             raise DdsError(f"samples.parquet of {name}: idx of the {split} split is not 0..n-1; re-run `dds shard`")
         self.keys = table["key"].to_numpy().astype(str)  # (N,) keys in idx order
@@ -238,7 +259,7 @@ def open_split(ws: Workspace, name: str, split: str, *, cache: bool = True) -> _
 def load_sample_info(ws: Workspace, name: str, encoder: str, *, need_scores: bool = True):
     """The selector's static inputs for the train split of ``name``, in ``samples.idx`` order.
 
-    Scores come from ``index/{slug(encoder)}/scores.parquet``; without that file the result has no
+    Scores come from ``index/{encoder_slug(encoder)}/scores.parquet``; without that file the result has no
     scores (the selector then refuses the dds policy with its own message).
 
     Returns:

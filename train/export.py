@@ -32,8 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from dds._validate import check_choice, check_fraction
+from dds._validate import check_choice, check_fraction, check_positive_int
 from dds.errors import DdsError
+from dds.selector._core import capped_quotas
+from dds.shards import iter_tar_samples, shard_rows
+from dds.tables import load_history, load_run, load_scores, load_train_samples
 from dds.workspace import Workspace, write_parquet
 
 log = logging.getLogger(__name__)
@@ -42,35 +45,6 @@ WEIGHTINGS = ("uniform", "class")
 
 
 # ---------------------------------------------------------------- pure cores
-
-def class_quotas(sizes: np.ndarray, capacity: np.ndarray, n: int) -> np.ndarray:
-    """Integer quotas proportional to ``sizes``, capped by ``capacity``, summing to ``min(n, capacity.sum())``.
-
-    Args:
-        sizes: (C,) class sizes N_c (the proportions to keep).
-        capacity: (C,) int, how many samples each class can give.
-        n: samples wanted.
-
-    Returns:
-        (C,) int64 quotas; the shortfall of a capped class goes to the others in proportion.
-    """
-    sizes = np.asarray(sizes, np.float64)
-    capacity = np.asarray(capacity, np.int64)
-    quota = np.zeros(len(sizes), np.int64)
-    remaining = min(int(n), int(capacity.sum()))
-    active = (capacity > 0) & (sizes > 0)
-    while remaining > 0 and active.any():
-        share = np.zeros(len(sizes))
-        share[active] = sizes[active] / sizes[active].sum() * remaining
-        base = np.floor(share).astype(np.int64)
-        order = np.argsort(-(share - base), kind="stable")
-        base[order[:remaining - int(base.sum())]] += 1  # largest remainders get the leftover units
-        add = np.minimum(base, capacity - quota)
-        quota += add
-        remaining -= int(add.sum())
-        active = (quota < capacity) & (sizes > 0)
-    return quota
-
 
 def rank_within_class(times_selected: np.ndarray, joint: np.ndarray) -> np.ndarray:
     """Order of the samples, best first: times_selected desc, then joint desc, then position.
@@ -112,7 +86,8 @@ def select_coreset(labels: np.ndarray, num_classes: int, noisy: np.ndarray, time
     for pool in (~np.asarray(noisy, bool), np.asarray(noisy, bool)):  # non-noisy first, noisy only to fill
         ranked = order[pool[order]]
         capacity = np.bincount(labels[ranked], minlength=num_classes)
-        quota = class_quotas(sizes, capacity, n - sum(len(c) for c in chosen))
+        want = min(n - sum(len(c) for c in chosen), int(capacity.sum()))
+        quota = capped_quotas(want, sizes, capacity)  # proportional to N_c, a short class's gap re-shared
         for c in range(num_classes):
             chosen.append(ranked[labels[ranked] == c][:quota[c]])
     out = np.sort(np.concatenate(chosen))
@@ -166,16 +141,16 @@ def write_subset_shards(ws: Workspace, dataset: str, samples, keys: list[str], o
     Each sample keeps its key and PNG bytes; ``.cls`` is its training label and ``.txt`` its class name.
     Returns the paths written.
     """
-    from dds.pipeline.shard import iter_tar_samples
-
     out.mkdir(parents=True, exist_ok=True)
     classes = ws.dataset_info(dataset)["classes"]
     wanted = dict(zip(samples["key"], samples["label"]))
     wanted = {k: int(wanted[k]) for k in keys}
-    stems = sorted(set(samples.loc[samples["key"].isin(wanted), "shard"]))
+    stems = set(samples.loc[samples["key"].isin(wanted), "shard"])
     written, tar, count = [], None, 0
-    for stem in stems:
-        for key, members in iter_tar_samples(ws.shards_dir(dataset) / f"{stem}.tar"):
+    for row in shard_rows(ws, dataset, ["train"]):
+        if row["shard"] not in stems:
+            continue
+        for key, members in iter_tar_samples(row["url"]):
             if key not in wanted or "png" not in members:
                 continue
             if tar is None:
@@ -191,7 +166,7 @@ def write_subset_shards(ws: Workspace, dataset: str, samples, keys: list[str], o
                 tar = None
     if tar is not None:
         tar.close()
-    for test in sorted(ws.shards_dir(dataset).glob("test-*.tar")):
+    for test in [r["url"] for r in shard_rows(ws, dataset, ["test"])]:
         shutil.copyfile(test, out / test.name)
         written.append(str(out / test.name))
     return written
@@ -216,12 +191,9 @@ def run_export(ws: Workspace, run_id: str, budget: float, out: str | Path, *, we
     Raises:
         DdsError: unknown run, budget outside (0, 1], unknown weighting, or a run without history.
     """
-    from dds.train.report import load_history, load_run, load_scores, load_train_samples
-
     check_fraction("--budget", budget)
     check_choice("--weights", weighting, WEIGHTINGS)
-    if shard_size < 1:
-        raise DdsError(f"--shard-size must be a positive integer, got {shard_size}")
+    check_positive_int("--shard-size", shard_size)
     run = load_run(ws, run_id)
     dataset, encoder = run["dataset"], run["config"].get("encoder", "lite0-minilm")
     samples = load_train_samples(ws, dataset)

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import re
 import secrets
 import socket
 import time
@@ -369,7 +368,7 @@ def resume_train(ws: Workspace, run_id: str, *, progress: bool = True, stop_afte
         DdsError: no such run in this workspace, no checkpoint, a file that is not a dds checkpoint,
             or a run of another dataset.
     """
-    ckpt = _load_checkpoint(ws, _check_run_id(ws, run_id))
+    ckpt = _load_checkpoint(ws, ws.check_run_id(run_id))
     if ckpt is None:   # stopped before its first checkpoint: start it again under the same id
         run_json = ws.run_dir(run_id) / "run.json"
         if not run_json.exists():
@@ -381,17 +380,6 @@ def resume_train(ws: Workspace, run_id: str, *, progress: bool = True, stop_afte
         raise DdsError(f"run '{run_id}' trained on dataset {saved.dataset}, not {dataset}")
     return _run(ws, saved, ckpt, run_id=run_id, progress=progress, stop_after=stop_after, data=data,
                 announce=announce)
-
-
-RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*-\d{8}-\d{6}-[0-9a-f]{4}")
-
-
-def _check_run_id(ws: Workspace, run_id: str) -> str:
-    """``run_id`` if it names a run this workspace issued (no paths, only ids of existing runs)."""
-    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id) or not (ws.root / "runs" / run_id).is_dir():
-        raise DdsError(f"'{run_id}' is not a run of workspace {ws.root}; list them with: "
-                       "dds sql \"SELECT run_id, status FROM runs\"")
-    return run_id
 
 
 def _run(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, *, run_id: str | None, progress: bool,
@@ -414,8 +402,6 @@ def _run(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, *, run_id
                          budget=sel.budget, total_sample_steps=sel.total_sample_steps,
                          follows_budget=sel.follows_budget)
         start_epoch = 0
-        if run_id is not None and d.is_main:
-            _drop_later_epochs(ws, state.run_id, -1)
     else:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])  # moves the momentum buffers to the parameters' device
@@ -423,8 +409,6 @@ def _run(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, *, run_id
         torch.set_rng_state(ckpt["torch_rng"])
         state = RunState(**ckpt["state"])
         start_epoch = ckpt["epoch"] + 1
-        if d.is_main:
-            _drop_later_epochs(ws, state.run_id, ckpt["epoch"])
         log.info("resuming %s at epoch %d", state.run_id, start_epoch)
     if d.is_main:
         log.info("run %s: %s on %s, %d train / %d %s samples, budget %d sample-steps, device %s (resume with "
@@ -434,6 +418,17 @@ def _run(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, *, run_id
     if d.enabled:  # gradients averaged over the ranks; the checkpoint keeps the bare model's state
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     out = _Writer(ws, cfg, state, main=d.is_main)
+    lock = ws.lock(ws.run_dir(state.run_id), f"run {state.run_id}") if d.is_main else contextlib.nullcontext()
+    with lock:  # one process per run: a second --resume of a live run is refused
+        if d.is_main and (run_id is not None or ckpt is not None):
+            _drop_later_epochs(ws, state.run_id, start_epoch - 1)  # files written after the checkpoint are redone
+        return _train_locked(out, sel, model, net, opt, train, test, device, d, start_epoch=start_epoch,
+                             stop_after=stop_after, progress=progress, announce=announce)
+
+
+def _train_locked(out: _Writer, sel, model, net, opt, train, test, device, d: Dist, *, start_epoch: int,
+                  stop_after: int | None, progress: bool, announce: Callable[[str], None] | None) -> dict[str, Any]:
+    state = out.state
     out.run("running")
     if announce is not None and d.is_main:
         announce(state.run_id)

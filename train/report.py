@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 
 from dds.errors import DdsError
+from dds.shards import read_images
+from dds.tables import load_epochs, load_history, load_run, load_scores, load_train_samples
 from dds.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -42,76 +44,7 @@ EXAMPLE_RANKING = {"augment": ("joint", True, "highest joint (sparse and consist
                    "noisy": ("prob_label", False, "most suspicious labels (lowest prob_label)")}
 
 
-# ---------------------------------------------------------------- loading (I/O)
-
-def load_run(ws: Workspace, run_id: str) -> dict[str, Any]:
-    """The ``run.json`` row of ``run_id`` with ``config`` parsed into a dict.
-
-    Raises:
-        DdsError: no such run (the message lists close or recent run ids).
-    """
-    import json
-
-    path = ws.run_dir(run_id) / "run.json"
-    if not path.exists():
-        known = sorted(p.parent.name for p in (ws.root / "runs").glob("*/run.json"))
-        close = difflib.get_close_matches(run_id, known, n=3)
-        hint = f"; did you mean {', '.join(close)}" if close else (
-            f"; runs here: {', '.join(known[-5:])}" if known else "; train one with `dds train NAME`")
-        raise DdsError(f"unknown run id '{run_id}' in workspace {ws.root}{hint}")
-    row = json.loads(path.read_text())
-    row["config"] = json.loads(row["config"]) if isinstance(row.get("config"), str) else dict(row.get("config") or {})
-    return row
-
-
-def _read_dir(folder: Path, columns: list[str] | None = None):
-    import pandas as pd
-    import pyarrow.parquet as pq
-
-    files = sorted(folder.glob("*.parquet"))
-    if not files:
-        return pd.DataFrame(columns=columns or [])
-    return pd.concat([pq.read_table(f, columns=columns).to_pandas() for f in files], ignore_index=True)
-
-
-def load_epochs(ws: Workspace, run_id: str):
-    """The run's ``epochs`` rows (pandas), sorted by epoch."""
-    df = _read_dir(ws.run_dir(run_id) / "epochs")
-    return df.sort_values("epoch").reset_index(drop=True) if len(df) else df
-
-
-def load_history(ws: Workspace, run_id: str):
-    """The run's ``history`` rows (pandas: epoch, key, selected, aug, loss)."""
-    return _read_dir(ws.run_dir(run_id) / "history", ["epoch", "key", "selected", "aug", "loss"])
-
-
-def load_train_samples(ws: Workspace, dataset: str):
-    """Train rows of ``samples.parquet`` (key, label, label_orig, shard, idx) in idx order."""
-    ws.dataset_info(dataset)  # a clear error when the dataset is gone
-    return ws.split_samples(dataset, "train", ["key", "label", "label_orig", "shard"])
-
-
-def load_scores(ws: Workspace, dataset: str, encoder: str):
-    """``scores.parquet`` of ``dataset`` under ``encoder`` (pandas), or None when it was never indexed."""
-    import pyarrow.parquet as pq
-
-    path = ws.index_dir(dataset, encoder) / "scores.parquet"
-    return pq.read_table(path).to_pandas() if path.exists() else None
-
-
-def read_images(ws: Workspace, dataset: str, keys: list[str], samples) -> dict[str, bytes]:
-    """PNG bytes of ``keys`` (train split), reading only the shards that hold them."""
-    from dds.pipeline.shard import iter_tar_samples
-
-    wanted = set(keys)
-    stems = sorted(set(samples.loc[samples["key"].isin(wanted), "shard"]))
-    out: dict[str, bytes] = {}
-    for stem in stems:
-        for key, members in iter_tar_samples(ws.shards_dir(dataset) / f"{stem}.tar"):
-            if key in wanted and "png" in members:
-                out[key] = members["png"]
-    return out
-
+# loading (I/O) lives in the core: dds.tables (runs, epochs, history, samples, scores), dds.shards (images)
 
 # ---------------------------------------------------------------- pure cores
 

@@ -1,0 +1,133 @@
+"""Dataset generations: every ``dds shard`` writes a complete new generation, then switches to it at once.
+
+A dataset folder holds one folder per generation (``gen-ID/``: tars, tables, dataset.json) and a
+symlink ``current -> gen-ID``. The names readers open (``dataset.json``, ``samples.parquet``,
+``shards/``, ...) are fixed symlinks ``NAME -> current/NAME``, so every reader resolves them
+through ``current`` with no code of its own. Replacing ``current`` (a new symlink renamed over
+the old one) is the single commit point: a process killed at any moment before it leaves the
+old generation in use, and one killed after leaves the new one; older generations are deleted
+after the commit, and half-written ones by the next writer. Writers hold the dataset lock
+(:meth:`dds.workspace.Workspace.lock`).
+
+A dataset written before generations existed (real files in the dataset folder), or copied by a
+tool that followed the links, is adopted first: its files are moved into a generation without
+changing what readers see.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+
+#: what a generation holds; each is a fixed link in the dataset folder
+LINKED = ("dataset.json", "dataset.parquet", "samples.parquet", "shards.parquet", "rejects.parquet", "shards")
+CURRENT = "current"
+
+
+def current_generation(ds_dir: Path) -> Path | None:
+    """The generation folder in use, or None for a dataset not written in generations."""
+    link = ds_dir / CURRENT
+    return ds_dir / os.readlink(link) if link.is_symlink() else None
+
+
+def new_generation(ds_dir: Path) -> Path:
+    """Create an empty generation folder (with ``shards/``) beside the one in use; nothing reads it yet."""
+    ds_dir.mkdir(parents=True, exist_ok=True)
+    adopt_legacy(ds_dir)
+    remove_unused(ds_dir)
+    gen = ds_dir / f"gen-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    (gen / "shards").mkdir(parents=True)
+    return gen
+
+
+def commit(ds_dir: Path, gen: Path) -> None:
+    """Make ``gen`` the generation in use (one atomic rename), then delete the others."""
+    _fsync_tree(gen)
+    for name in LINKED:  # the fixed links; for a new dataset they point at nothing until `current` exists
+        link = ds_dir / name
+        if not link.is_symlink():
+            os.symlink(f"{CURRENT}/{name}", link)
+    _replace_symlink(ds_dir / CURRENT, gen.name)
+    _fsync_dir(ds_dir)
+    remove_unused(ds_dir)
+
+
+def remove_unused(ds_dir: Path) -> None:
+    """Delete every generation but the one in use (old ones, and ones left half-written by a killed run)."""
+    keep = current_generation(ds_dir)
+    for gen in ds_dir.glob("gen-*"):
+        if keep is None or gen.name != keep.name:
+            shutil.rmtree(gen, ignore_errors=True)
+    for stale in ds_dir.glob(".tmp-shard-*"):  # temporary folders of the layout before generations
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def adopt_legacy(ds_dir: Path) -> None:
+    """Move the real files of a dataset written before generations into ``gen-legacy``.
+
+    Each step leaves readers the same content: the tables are hard-linked into the generation and
+    ``current`` is set before any name in the dataset folder becomes a link; ``shards/`` is moved
+    by one rename and linked right after.
+    """
+    real = [n for n in LINKED if (ds_dir / n).exists() and not (ds_dir / n).is_symlink()]
+    if not real:
+        return
+    current = ds_dir / CURRENT
+    if current.exists() and not current.is_symlink():  # a copy that followed the links: the real names hold it
+        shutil.rmtree(current)
+    gen = current_generation(ds_dir) or ds_dir / "gen-legacy"
+    gen.mkdir(exist_ok=True)
+    for name in real:
+        if name != "shards" and not (gen / name).exists():
+            _link_or_copy(ds_dir / name, gen / name)
+    _replace_symlink(ds_dir / CURRENT, gen.name)
+    for name in real:
+        if name == "shards":
+            if (gen / "shards").exists():
+                shutil.rmtree(gen / "shards")
+            os.replace(ds_dir / "shards", gen / "shards")
+            os.symlink(f"{CURRENT}/shards", ds_dir / "shards")
+        else:
+            _replace_symlink(ds_dir / name, f"{CURRENT}/{name}")
+    _fsync_dir(ds_dir)
+
+
+def link_into(src: Path, dst: Path) -> None:
+    """Put file ``src`` at ``dst`` without copying the bytes where the file system allows (a hard link)."""
+    _link_or_copy(src, dst)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _replace_symlink(link: Path, target: str) -> None:
+    tmp = link.with_name(f".{link.name}.{secrets.token_hex(3)}.tmp")
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(gen: Path) -> None:
+    """The generation's files reach the disk before ``current`` names it."""
+    for p in [gen / "shards", gen]:
+        for f in p.iterdir():
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(p)

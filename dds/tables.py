@@ -1,0 +1,208 @@
+"""The workspace's tables: where each lives, its columns (the one home of every schema), and readers.
+
+``TABLES`` maps each catalog view to the parquet files that hold it and the full schema its writers
+produce; the catalog's views, empty or not, always have every column listed here. The readers
+below (runs, epochs, history, train samples, scores) are what the stages after training share.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from dds.errors import DdsError
+from dds.workspace import Workspace
+
+_s, _i32, _i64, _f32, _f64, _b = pa.string(), pa.int32(), pa.int64(), pa.float32(), pa.float64(), pa.bool_()
+
+
+@dataclass(frozen=True)
+class Table:
+    """One catalog view: its files (a glob relative to the workspace) and its schema."""
+
+    pattern: str
+    schema: pa.Schema
+
+
+def _schema(*cols: tuple[str, pa.DataType]) -> pa.Schema:
+    return pa.schema(list(cols))
+
+
+SAMPLES_SCHEMA = _schema(("dataset", _s), ("key", _s), ("split", _s), ("label", _i32), ("label_orig", _i32),
+                         ("shard", _s), ("idx", _i64), ("source", _s), ("image_sha", _s))
+SHARDS_SCHEMA = _schema(("dataset", _s), ("split", _s), ("shard", _s), ("path", _s), ("count", _i64), ("sha256", _s))
+REJECTS_SCHEMA = _schema(("dataset", _s), ("source", _s), ("reason", _s), ("split", _s))
+
+TABLES: dict[str, Table] = {
+    "datasets": Table("datasets/*/dataset.parquet", _schema(
+        ("name", _s), ("num_samples", _i64), ("num_classes", _i32), ("classes", pa.list_(_s)), ("source", _s))),
+    "samples": Table("datasets/*/samples.parquet", SAMPLES_SCHEMA),
+    "shards": Table("datasets/*/shards.parquet", SHARDS_SCHEMA),
+    "rejects": Table("datasets/*/rejects.parquet", REJECTS_SCHEMA),
+    "embeddings": Table("datasets/*/embed/*/shards/*.parquet", _schema(
+        ("dataset", _s), ("encoder", _s), ("key", _s), ("label", _i32), ("vector", pa.list_(_f32)))),
+    "text_embeddings": Table("datasets/*/embed/*/text.parquet", _schema(
+        ("dataset", _s), ("encoder", _s), ("label", _i32), ("class_name", _s), ("vector", pa.list_(_f32)))),
+    "knn": Table("datasets/*/index/*/knn.parquet", _schema(
+        ("dataset", _s), ("encoder", _s), ("key", _s), ("neighbor", _s), ("rank", _i32), ("similarity", _f32),
+        ("scope", _s))),
+    "scores": Table("datasets/*/index/*/scores.parquet", _schema(
+        ("dataset", _s), ("encoder", _s), ("key", _s), ("label", _i32), ("density", _f32), ("consistency", _f32),
+        ("margin", _f32), ("knn_agreement", _f32), ("joint", _f32), ("region", _s), ("pred_label", _i32),
+        ("prob_label", _f32), ("probs", pa.list_(_f32)), ("status", _s), ("label_fixed", _i32),
+        ("label_posterior", _f32))),
+    "runs": Table("runs/*/run.parquet", _schema(
+        ("run_id", _s), ("dataset", _s), ("policy", _s), ("budget", _f64), ("epochs", _i32), ("seed", _i32),
+        ("status", _s), ("config", _s), ("model", _s), ("budget_spent", _f64), ("sample_steps", _i64),
+        ("total_sample_steps", _i64), ("steps", _i64), ("total_steps", _i64), ("follows_budget", _b),
+        ("epochs_done", _i32), ("test_acc", _f64), ("data_s", _f64), ("compute_s", _f64), ("select_s", _f64),
+        ("eval_s", _f64), ("wall_s", _f64), ("train_s", _f64), ("updated", _s), ("pid", _i64), ("host", _s))),
+    "epochs": Table("runs/*/epochs/*.parquet", _schema(
+        ("run_id", _s), ("epoch", _i32), ("selected", _i64), ("sample_steps", _i64), ("train_loss", _f64),
+        ("test_acc", _f64), ("wall_s", _f64), ("data_s", _f64), ("compute_s", _f64), ("select_s", _f64),
+        ("eval_s", _f64), ("lr_first", _f64), ("lr_last", _f64), ("steps", _i64), ("total_steps", _i64),
+        ("samples_done", _i64), ("budget_spent", _f64))),
+    "history": Table("runs/*/history/*.parquet", _schema(
+        ("run_id", _s), ("epoch", _i32), ("key", _s), ("selected", _b), ("count", _i32), ("weight", _f32),
+        ("aug", _s), ("loss", _f32), ("label_used", _i32), ("status", _s))),
+    "bench": Table("bench/*.parquet", _schema(
+        ("bench_id", _s), ("dataset", _s), ("policy", _s), ("budget", _f64), ("seeds", _i32), ("model", _s),
+        ("eval_split", _s), ("acc_mean", _f64), ("acc_std", _f64), ("budget_spent", _f64), ("wall_ratio", _f64),
+        ("wall_ratio_eval", _f64), ("select_s", _f64), ("train_s", _f64), ("eval_s", _f64), ("accs", pa.list_(_f64)),
+        ("lossless_budget", _f64), ("run_ids", pa.list_(_s)))),
+}
+
+
+def table_files(ws: Workspace, name: str) -> list[Path]:
+    """The parquet files of table ``name`` (links resolved to existing files only), sorted."""
+    return sorted(p for p in ws.root.glob(TABLES[name].pattern) if p.is_file())
+
+
+# ---------------------------------------------------------------- checks on the samples table
+
+#: share of an evaluation split whose images may repeat train images before the split is refused
+#: (real datasets hold a few exact duplicates; a split sharded from the train images repeats all)
+MAX_SHARED = 0.01
+
+
+def shared_images(samples, split: str, other: str = "train") -> int:
+    """How many samples of ``split`` have the same image (``image_sha``) as a sample of ``other``.
+
+    Args:
+        samples: a samples table (pyarrow or pandas) with ``split`` and ``image_sha``; rows without
+            a hash (tables written before it existed) are not compared.
+    """
+    df = samples.to_pandas() if isinstance(samples, pa.Table) else samples
+    if "image_sha" not in df:
+        return 0
+    df = df[df["image_sha"].notna()]
+    seen = set(df.loc[df["split"] == other, "image_sha"])
+    return int(df.loc[df["split"] == split, "image_sha"].isin(seen).sum())
+
+
+def check_disjoint_splits(samples, name: str) -> None:
+    """Refuse a test or val split that repeats the train images (e.g. the train folder sharded as test).
+
+    Raises:
+        DdsError: more than ``MAX_SHARED`` of an evaluation split's images are train images.
+    """
+    import logging
+
+    df = samples.to_pandas() if isinstance(samples, pa.Table) else samples
+    for split in ("test", "val"):
+        n = int((df["split"] == split).sum())
+        shared = shared_images(df, split) if n else 0
+        if shared > MAX_SHARED * n:
+            raise DdsError(f"{shared} of the {n} {split} images of dataset '{name}' are also train images, so "
+                           f"{split} accuracy would measure memory; shard held-out images as {split} (never the "
+                           "train folder), or carve a val split off train with --val N")
+        if shared:
+            logging.getLogger(__name__).warning("%d of the %d %s images of %s repeat train images exactly",
+                                                shared, n, split, name)
+
+
+# ---------------------------------------------------------------- readers of run outputs
+
+def stale_run_ids(rows: list[dict], host: str | None = None) -> set[str]:
+    """Runs marked ``running`` whose process is gone: same host, and no process with that pid.
+
+    Rows without ``pid`` (older runs) or from another host are left as they are.
+    """
+    host = host or socket.gethostname()
+    stale = set()
+    for r in rows:
+        if r.get("status") == "running" and r.get("pid") is not None and r.get("host") == host:
+            if not _pid_alive(int(r["pid"])):
+                stale.add(r["run_id"])
+    return stale
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def load_run(ws: Workspace, run_id: str) -> dict[str, Any]:
+    """The ``run.json`` row of ``run_id`` with ``config`` parsed into a dict.
+
+    Raises:
+        DdsError: no such run (the message lists close or recent run ids).
+    """
+    path = ws.run_dir(run_id) / "run.json"
+    if "/" in run_id or not path.exists():
+        known = sorted(p.parent.name for p in (ws.root / "runs").glob("*/run.json"))
+        close = difflib.get_close_matches(run_id, known, n=3)
+        hint = f"; did you mean {', '.join(close)}" if close else (
+            f"; runs here: {', '.join(known[-5:])}" if known else "; train one with `dds train NAME`")
+        raise DdsError(f"unknown run id '{run_id}' in workspace {ws.root}{hint}")
+    row = json.loads(path.read_text())
+    if stale_run_ids([row]):
+        row["status"] = "stale"
+    row["config"] = json.loads(row["config"]) if isinstance(row.get("config"), str) else dict(row.get("config") or {})
+    return row
+
+
+def _read_dir(folder: Path, columns: list[str] | None = None):
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        return pd.DataFrame(columns=columns or [])
+    return pd.concat([pq.read_table(f, columns=columns).to_pandas() for f in files], ignore_index=True)
+
+
+def load_epochs(ws: Workspace, run_id: str):
+    """The run's ``epochs`` rows (pandas), sorted by epoch."""
+    df = _read_dir(ws.run_dir(run_id) / "epochs")
+    return df.sort_values("epoch").reset_index(drop=True) if len(df) else df
+
+
+def load_history(ws: Workspace, run_id: str):
+    """The run's ``history`` rows (pandas: epoch, key, selected, aug, loss)."""
+    return _read_dir(ws.run_dir(run_id) / "history", ["epoch", "key", "selected", "aug", "loss"])
+
+
+def load_train_samples(ws: Workspace, dataset: str):
+    """Train rows of ``samples.parquet`` (key, label, label_orig, shard, idx) in idx order."""
+    ws.dataset_info(dataset)  # a clear error when the dataset is gone
+    return ws.split_samples(dataset, "train", ["key", "label", "label_orig", "shard"])
+
+
+def load_scores(ws: Workspace, dataset: str, encoder: str):
+    """``scores.parquet`` of ``dataset`` under ``encoder`` (pandas), or None when it was never indexed."""
+    import pyarrow.parquet as pq
+
+    path = ws.index_dir(dataset, encoder) / "scores.parquet"
+    return pq.read_table(path).to_pandas() if path.exists() else None
