@@ -246,7 +246,7 @@ def train(
     progress: bool = ProgressOpt,
 ) -> None:
     """Train a classifier, choosing every epoch which samples to train on and how strongly to augment them."""
-    from dds._validate import check_choice, check_fraction, check_positive_int
+    from dds._validate import check_device, check_fraction, check_positive_int
 
     ws = _ws(workspace)
     if resume:
@@ -261,7 +261,7 @@ def train(
         check_fraction("--budget", budget)
         check_positive_int("--epochs", epochs)
         check_positive_int("--batch-size", batch_size)
-        check_choice("--device", device, ("auto", "cpu", "cuda"))
+        check_device(device)
         if batch_size % nproc:
             raise DdsError(f"--batch-size {batch_size} is the global batch and must split evenly over --nproc {nproc}")
     _relaunch(nproc)
@@ -329,12 +329,12 @@ def bench(
     progress: bool = ProgressOpt,
 ) -> None:
     """Run several policies x budgets x seeds on the same data and model; print and store one comparison table."""
-    from dds._validate import check_choice, check_positive_int
+    from dds._validate import check_device, check_positive_int
     from dds.train.bench import format_bench_table, run_bench
 
     check_positive_int("--epochs", epochs)
     check_positive_int("--seeds", seeds)
-    check_choice("--device", device, ("auto", "cpu", "cuda"))
+    check_device(device)
     names = [p.strip() for p in policies.split(",") if p.strip()]
     if not names:
         raise DdsError("--policies is empty; give e.g. --policies full,dds")
