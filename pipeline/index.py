@@ -204,7 +204,7 @@ def compute_scores(class_sims: np.ndarray, global_idx: np.ndarray, labels: np.nd
     Args:
         class_sims: ``(N, k)`` similarities to same-label neighbours.
         global_idx: ``(N, k)`` indices of the global neighbours.
-        labels: ``(N,)`` ints in ``0..C-1`` (the given labels; nothing here reads ``label_orig``).
+        labels: ``(N,)`` ints in ``0..C-1`` (the given labels; the injected truth is never an input).
         cos: ``(N, C)`` class cosines; probs: ``(N, C)`` class probabilities.
         trim: ``(N,)`` bool, the first-pass suspects left out of the adapters' second pass; they do not
             vote in the neighbour evidence either. None: found from ``probs`` (:func:`verdict.trim_mask`).

@@ -123,22 +123,20 @@ def history_columns(n: int, indices: np.ndarray, weights: np.ndarray, aug: np.nd
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, split, *, device: torch.device, batch_size: int, amp: bool,
-             dist_: Dist = Dist()) -> float:
+             channels_last: bool = False, dist_: Dist = Dist()) -> float:
     """Top-1 accuracy of ``model`` on every sample of ``split`` (no augmentation).
 
     In a distributed job each rank scores every ``world``-th batch and the counts are summed.
     """
     model.eval()
     mean, std = channel_stats(split.mean, split.std, device)
-    fmt = next((p for p in model.parameters() if p.dim() == 4), torch.empty(0)).is_contiguous(
-        memory_format=torch.channels_last) and device.type == "cpu"
+    fmt = _memory_format(device, channels_last)
     correct = torch.zeros((), dtype=torch.int64, device=device)  # summed on device: one sync at the end
     for i, batch in enumerate(split.eval_batches(batch_size)):
         if i % dist_.world != dist_.rank:
             continue
         x = normalize(batch["image"].to(device, non_blocking=True), mean, std)
-        if fmt:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=fmt)
         with _autocast(device, amp):
             logits = model(x)
         correct += (logits.argmax(1) == batch["label"].to(device, non_blocking=True)).sum()
@@ -523,7 +521,8 @@ def _epochs(out: _Writer, sel, model, net, opt, train, test, device, d: Dist, *,
         last = epoch + 1 == cfg.epochs
         if last or (m_plan and (epoch + 1) % cfg.eval_every == 0):
             sync_buffers(d, model)  # then the bare model, the same on every rank, is evaluated
-            test_acc = evaluate(model, test, device=device, batch_size=cfg.eval_batch_size, amp=cfg.amp, dist_=d)
+            test_acc = evaluate(model, test, device=device, batch_size=cfg.eval_batch_size, amp=cfg.amp,
+                                channels_last=cfg.channels_last, dist_=d)
         eval_s = time.perf_counter() - t0
         m = part_size(m_plan, d.world) * d.world  # trained: the plan plus the ranks' padding (< world)
         steps = epoch_steps(m_plan, cfg.batch_size, d.world)
