@@ -70,7 +70,7 @@ TABLES: dict[str, Table] = {
         ("samples_done", _i64), ("budget_spent", _f64))),
     "history": Table("runs/*/history/*.parquet", _schema(
         ("run_id", _s), ("epoch", _i32), ("key", _s), ("selected", _b), ("count", _i32), ("weight", _f32),
-        ("aug", _s), ("loss", _f32), ("label_used", _i32), ("status", _s))),
+        ("aug", _s), ("magnitude", _f32), ("loss", _f32), ("label_used", _i32), ("status", _s))),
     "bench": Table("bench/*.parquet", _schema(
         ("bench_id", _s), ("dataset", _s), ("policy", _s), ("budget", _f64), ("seeds", _i32), ("model", _s),
         ("eval_split", _s), ("acc_mean", _f64), ("acc_std", _f64), ("budget_spent", _f64), ("wall_ratio", _f64),

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from dds.pipeline.sources import parse_idx
 from dds.selector import SampleInfo, Selector, encode_regions
 from dds.selector.torch import PlanSampler, weighted_mean
-from dds.train.augment import create_augment
+from dds.train.augment import Augmenter
 
 ROOT = Path("/usr/share/datasets/fashion-mnist")
 
@@ -53,7 +53,7 @@ class Images(Dataset):
         self.x, self.y = torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels)
         self.mean, self.std, self.train = mean, std, train
         size = images.shape[-1]
-        self.augment = [create_augment("base", size), create_augment("strong", size)]  # plan.aug 0 / 1
+        self.augment = Augmenter(size, channels=1).transforms  # indexed by plan.aug code (0 base, 1.. strong)
         self.weights = torch.zeros(len(labels))  # (N,) this epoch's loss weight of each sample
         self.aug = np.zeros(len(labels), np.int64)  # (N,) this epoch's augmentation code of each sample
 

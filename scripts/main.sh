@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: Fashion-MNIST with the offline encoder pair (lite0-minilm).
-# shard -> embed -> index -> a summary of the scores table -> a short bench of `full` against `dds`.
-# Runs in a few minutes on 2 CPU cores.
+# shard -> embed -> index -> a summary of the scores table -> a short bench of `full` against the
+# reduced-cost policies at half the budget (`budgeted`, `random`, `dds`). About 10 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -13,5 +13,7 @@ DDS=.venv/bin/dds
 $DDS shard fashion-mnist --limit "$LIMIT"
 $DDS embed fashion-mnist --encoder lite0-minilm
 $DDS index fashion-mnist --encoder lite0-minilm    # prints the scores table by region
-$DDS bench fashion-mnist --policies full,dds --budget 0.5 --epochs "${DDS_EPOCHS:-8}" --seeds 1
+EPOCHS=${DDS_EPOCHS:-8}
+$DDS bench fashion-mnist --policies full,budgeted,random,dds --budget 0.5 --epochs "$EPOCHS" --seeds 1 \
+    --eval-every "$EPOCHS"
 echo "workspace: $DDS_WORKSPACE  (query it: .venv/bin/dds sql \"SELECT * FROM epochs\")"

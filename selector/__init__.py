@@ -13,7 +13,7 @@ Usage in a training loop (torch helpers live in ``dds.selector.torch``)::
 Policies (``list_policies()``): ``full``, ``budgeted``, ``random``, ``infobatch``, ``ucb``, ``dds``; new ones are
 added with ``@register_policy(name)`` on a ``Policy`` subclass. This package imports no torch.
 """
-from dds.selector._base import (REGIONS, STATUSES, EpochPlan, Policy, SampleInfo, encode_regions, encode_status,
+from dds.selector._base import (AUG_LEVELS, REGIONS, STATUSES, EpochPlan, Policy, SampleInfo, encode_regions, encode_status,
                                 get_policy, list_policies, register_policy)
 from dds.selector._selector import Selector, bench_plan, synthetic_info
 
@@ -24,7 +24,7 @@ from dds.selector._ucb import UcbConfig  # noqa: E402
 from dds.selector._dds import DdsConfig  # noqa: E402
 
 __all__ = [
-    "REGIONS", "STATUSES", "SampleInfo", "EpochPlan", "Selector", "Policy", "register_policy", "list_policies",
+    "AUG_LEVELS", "REGIONS", "STATUSES", "SampleInfo", "EpochPlan", "Selector", "Policy", "register_policy", "list_policies",
     "get_policy", "encode_regions", "encode_status", "bench_plan", "synthetic_info",
     "BudgetedConfig", "FullConfig", "RandomConfig", "InfoBatchConfig", "UcbConfig", "DdsConfig",
 ]

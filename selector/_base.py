@@ -20,6 +20,8 @@ AUGMENT, KEEP, REDUNDANT, NOISY = 0, 1, 2, 3
 #: Label verdicts (the ``status`` column of ``scores``); ``SampleInfo.status`` holds their positions.
 STATUSES: tuple[str, ...] = ("clean", "relabel", "suppress")
 CLEAN, RELABEL, SUPPRESS = 0, 1, 2
+#: ``EpochPlan.aug`` codes: 0 = base augmentation, k in 1..AUG_LEVELS = strong at magnitude k / AUG_LEVELS.
+AUG_LEVELS = 4
 
 
 def _encode(names: Any, known: tuple[str, ...], what: str) -> np.ndarray:
@@ -142,7 +144,8 @@ class EpochPlan:
         epoch: the epoch (0-based).
         indices: (M,) int64 sample indices, in training order (already shuffled), unique.
         weights: (M,) float32 per-sample loss weights.
-        aug: (M,) uint8, 0 = base augmentation, 1 = strong augmentation.
+        aug: (M,) uint8, 0 = base augmentation, k in 1..AUG_LEVELS = strong augmentation at
+            magnitude k / AUG_LEVELS.
         labels: (M,) int64 label each planned sample is trained on, or None for the dataset's
             labels (``dds`` sets it when it trains relabelled samples on their corrected label).
     """
@@ -222,8 +225,9 @@ class Policy:
         """The plan of ``epoch``; ``spent_before`` = sample-steps planned for the epochs before it."""
         raise NotImplementedError
 
-    def observe(self, indices: np.ndarray, losses: np.ndarray) -> None:
-        """Record validated per-sample losses: (K,) int64 indices, (K,) float32 losses."""
+    def observe(self, indices: np.ndarray, losses: np.ndarray, aug: np.ndarray | None = None) -> None:
+        """Record validated per-sample losses: (K,) int64 indices, (K,) float32 losses and, when the
+        caller knows them, the (K,) uint8 augmentation codes the losses were measured under."""
 
     def status(self) -> np.ndarray | None:
         """(N,) int8 codes into ``STATUSES``: how the policy treats each sample's label now, or None
@@ -302,7 +306,7 @@ def check_bool(name: str, value: Any) -> bool:
 class LossPolicy(Policy):
     """A policy whose whole state is a per-sample training-loss tracker ``self._loss`` (``LossEma``)."""
 
-    def observe(self, indices: np.ndarray, losses: np.ndarray) -> None:
+    def observe(self, indices: np.ndarray, losses: np.ndarray, aug: np.ndarray | None = None) -> None:
         self._loss.update(indices, losses)
 
     def state_dict(self) -> dict:

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dds.errors import DdsError
-from dds.selector._base import (LossPolicy, AUGMENT, NOISY, RELABEL, SUPPRESS, EpochPlan, anneal_start, check_bool,
+from dds.selector._base import (AUG_LEVELS, LossPolicy, AUGMENT, NOISY, RELABEL, SUPPRESS, EpochPlan, anneal_start, check_bool,
                                 check_int, check_real, make_plan, register_policy)
 from dds.selector._core import (ClassLayout, LossEma, capped_quotas, even_sizes, sampling_keys, shuffle_order,
                                 shuffle_values, shuffled, top_k_mask, uniform_keys)
@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 STRONG_AUG = ("top_q", "region", "all", "none")
 LOSS_RESCALE = ("none", "const", "is")
 NOISE_HANDLING = ("relabel", "suppress", "off")
+UNSEEN = ("mean", "max")
+AUG_BITS = AUG_LEVELS.bit_length()   # bits of a plan aug code
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,12 @@ class DdsConfig:
     loss_weight: float = 0.5            # exponent c on the normalised loss EMA (0 = loss signal off; notes: 0 or 1)
     loss_momentum: float = 0.5          # EMA momentum of each sample's training loss (weight of the old value)
     noisy_weight: float = 0.0           # factor on pi of the 'noisy' region in pruned epochs (0 = suppressed)
+    prior_weight: float = 1.0           # exponent a on joint in pi = eps + joint**a * loss term (0 = loss only)
+    unseen: str = "mean"                # loss term of never-observed samples: mean | max (optimistic: seen soon)
+    sharpness: float = 1.0              # tau: samples drawn with probability ∝ pi**tau (large = greedy top-pi)
     strong_aug: str = "top_q"           # who gets strong augmentation: top_q | region | all | none
     aug_fraction: float = 0.5           # q: share of each pruned selection augmented when strong_aug = top_q
+    aug_strength: float = 1.0           # largest strong-augmentation magnitude (see aug_magnitude)
     loss_rescale: str = "none"          # pruned-epoch loss weights: none (1) | const (N/size) | is (importance)
     is_clip: float = 5.0                # upper clip of the importance weights (loss_rescale = is)
     noise_handling: str = "relabel"     # label verdict: relabel (train on label_fixed) | suppress | off
@@ -83,20 +89,24 @@ class DdsConfig:
         set_(self, "loss_momentum", check_real("loss_momentum", self.loss_momentum, 0.0, 1.0, hi_open=True))
         set_(self, "noisy_weight", check_real("noisy_weight", self.noisy_weight, 0.0))
         set_(self, "aug_fraction", check_real("aug_fraction", self.aug_fraction, 0.0, 1.0))
+        set_(self, "prior_weight", check_real("prior_weight", self.prior_weight, 0.0))
+        set_(self, "sharpness", check_real("sharpness", self.sharpness, 0.0, lo_open=True))
+        set_(self, "aug_strength", check_real("aug_strength", self.aug_strength, 0.0, 1.0))
         set_(self, "is_clip", check_real("is_clip", self.is_clip, 1.0))
         for name, choices in (("strong_aug", STRONG_AUG), ("loss_rescale", LOSS_RESCALE),
-                              ("noise_handling", NOISE_HANDLING)):
+                              ("noise_handling", NOISE_HANDLING), ("unseen", UNSEEN)):
             if getattr(self, name) not in choices:
                 raise DdsError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
 
-def loss_term(ema: np.ndarray, seen: np.ndarray, exclude: np.ndarray, exponent: float) -> np.ndarray | float:
+def loss_term(ema: np.ndarray, seen: np.ndarray, exclude: np.ndarray, exponent: float,
+              unseen: str = "mean") -> np.ndarray | float:
     """``lnorm ** exponent``: the loss EMA min-max normalised over the observed, not excluded samples.
 
     Args:
         ema: (N,) float32 loss EMA.
         seen: (N,) bool, observed at least once; unseen samples get the mean of ``lnorm`` over the
-            reference samples (observed and not excluded).
+            reference samples (observed and not excluded), or 1 (the largest) with ``unseen="max"``.
         exclude: (N,) float32, 0 for samples that may define min, max and mean, +inf for the others
             (noisy ones, whose losses are high because their labels are wrong).
         exponent: c >= 0; 0 returns 1.0 (signal off).
@@ -121,13 +131,71 @@ def loss_term(ema: np.ndarray, seen: np.ndarray, exclude: np.ndarray, exponent: 
     ln *= np.float32(1.0 / (hi - lo))
     np.clip(ln, 0.0, 1.0, out=ln)
     if not all_seen:
-        mean = (float(np.dot(ref, ema)) / int(np.count_nonzero(ref)) - lo) / (hi - lo)
-        np.copyto(ln, np.float32(mean), where=~seen)
+        fill = 1.0 if unseen == "max" else (float(np.dot(ref, ema)) / int(np.count_nonzero(ref)) - lo) / (hi - lo)
+        np.copyto(ln, np.float32(fill), where=~seen)
     if exponent == 0.5:
         np.sqrt(ln, out=ln)
     elif exponent != 1:
         np.power(ln, np.float32(exponent), out=ln)
     return ln
+
+
+def augment_ramp(phase: np.ndarray) -> np.ndarray:
+    """(E,) float32 schedule factor of the strong-augmentation magnitude: 0 in warm-up and annealing
+    epochs (phase 0 and 2), ``(p + 1) / P`` in the p-th of the P pruned epochs (phase 1), so the
+    magnitude grows from little in the first pruned epoch to its full value in the last one."""
+    ramp = np.zeros(phase.shape[0], np.float32)
+    pruned = np.flatnonzero(phase == 1)
+    ramp[pruned] = np.arange(1, pruned.size + 1, dtype=np.float32) / max(pruned.size, 1)
+    return ramp
+
+
+def class_percentile(values_l: np.ndarray, layout: ClassLayout) -> np.ndarray:
+    """(N,) float32 rank of each value within its class, in (0, 1] (1 = the class's largest), layout order."""
+    order = np.lexsort((values_l, layout.row))
+    rank = np.empty(values_l.shape[0], np.int64)
+    rank[order] = np.arange(values_l.shape[0]) - layout.bounds[:-1][layout.row]
+    return ((rank + 1) / np.maximum(layout.counts[layout.row], 1)).astype(np.float32)
+
+
+def aug_codes(suitability: np.ndarray, ramp: float, strength: float) -> np.ndarray:
+    """Plan aug codes of strongly augmented samples: ``ceil(AUG_LEVELS * strength * ramp * s)``.
+
+    A pure function of the samples' static suitability ``s`` in [0, 1] (their joint score's
+    percentile within their class: sparse and consistent samples get the strongest views), the
+    epoch's ramp (:func:`augment_ramp`) and the configured ``strength``; 0 (base) where that is 0.
+
+    Returns:
+        (M,) uint8 codes in 0..AUG_LEVELS.
+    """
+    mag = np.float32(strength * ramp) * suitability
+    return np.ceil(np.clip(mag, 0.0, 1.0) * AUG_LEVELS).astype(np.uint8)
+
+
+def deflate_strong(losses: np.ndarray, aug: np.ndarray) -> np.ndarray:
+    """``losses`` with those of strong views divided by their level's inflation factor.
+
+    The factor of level k is the mean loss of the epoch's level-k views over the mean loss of its
+    base views (at least 1): what the view adds on average, so that a sample's loss EMA follows the
+    base view. Levels without base views to compare with (an epoch all strong) are left as measured.
+
+    Args:
+        losses: (K,) float32 losses of one epoch (or part of one); aug: (K,) uint8 plan codes.
+
+    Returns:
+        (K,) float32 corrected losses (the input itself when nothing is strong).
+    """
+    strong = aug > 0
+    base = ~strong
+    if not strong.any() or not base.any():
+        return losses
+    mean_base = float(losses[base].mean())
+    out = losses.copy()
+    for k in np.unique(aug[strong]).tolist():
+        at = aug == k
+        factor = max(float(losses[at].mean()) / max(mean_base, 1e-12), 1.0)
+        out[at] /= np.float32(factor)
+    return out
 
 
 def noise_masks(info, handling: str) -> tuple[np.ndarray, np.ndarray]:
@@ -173,12 +241,15 @@ class DdsPolicy(LossPolicy):
         # strong-augmentation ranking: joint's float32 bits (monotone for x >= 0) + 1; suspects = 0 (never)
         self._jkey_l = np.where(self._no_strong_l, 0, (self._joint_l + np.float32(0)).view(np.uint32) + 1)
         mult_l = np.where(self._noisy_l, np.float32(cfg.noisy_weight), np.float32(1))
-        self._jm_l = self._joint_l * mult_l               # pi = jm * loss_term + em
+        prior_l = self._joint_l ** np.float32(cfg.prior_weight) if cfg.prior_weight != 1 else self._joint_l
+        self._jm_l = prior_l * mult_l                     # pi = jm * loss_term + em
+        self._suit_l = np.where(self._no_strong_l, np.float32(0), class_percentile(self._joint_l, lay))
         self._em_l = np.float32(cfg.eps) * mult_l
         eligible = ~self._noisy_l if cfg.noisy_weight == 0 else np.ones(info.n, bool)
         self._cap = lay.class_counts(eligible)          # pi > 0 exactly on these when eps > 0
         self._loss = LossEma(info.n, momentum=cfg.loss_momentum, slot=lay.slot)
         self._phase, self._sizes = self._schedule()
+        self._ramp = augment_ramp(self._phase)
         self._id_bits = max(1, int(info.n - 1).bit_length())
 
     # ---- budget -> phases and sizes ----
@@ -233,7 +304,7 @@ class DdsPolicy(LossPolicy):
             return self._labelled(make_plan(epoch, shuffled(base, rng)))
         lay, size = self._layout, int(self._sizes[epoch])
         pi_l = self._pi_layout()
-        keys_l = sampling_keys(pi_l, rng)
+        keys_l = sampling_keys(pi_l if self.cfg.sharpness == 1 else pi_l ** np.float32(self.cfg.sharpness), rng)
         cap = self._cap if self.cfg.eps > 0 else lay.class_counts(pi_l > 0)
         if size <= int(cap.sum()):
             quotas = capped_quotas(size, lay.counts, cap)
@@ -242,15 +313,16 @@ class DdsPolicy(LossPolicy):
             zero = pi_l <= 0
             keys_l[zero] = (uniform_keys(int(zero.sum()), rng) >> 9) | 1   # in [1, 2**23): below positive keys
         pos = lay.select(keys_l, quotas)
-        aug = self._strong(pos)
+        aug = self._strong(pos) * aug_codes(self._suit_l[pos], float(self._ramp[epoch]), self.cfg.aug_strength)
         weights = self._weights(pos, pi_l, size)
         ids = lay.order[pos]
         if isinstance(weights, np.ndarray):
             order = shuffle_order(pos.shape[0], rng)
             return self._labelled(make_plan(epoch, ids[order], weights[order], aug[order]))
-        # one sort shuffles ids and flags together: value = id * 2 + aug
-        packed = shuffle_values((ids << 1) | aug, self._id_bits + 1, rng)
-        return self._labelled(make_plan(epoch, packed >> np.uint64(1), weights, packed & np.uint64(1)))
+        # one sort shuffles ids and codes together: value = id << AUG_BITS | aug
+        packed = shuffle_values((ids << AUG_BITS) | aug, self._id_bits + AUG_BITS, rng)
+        return self._labelled(make_plan(epoch, packed >> np.uint64(AUG_BITS), weights,
+                                        packed & np.uint64((1 << AUG_BITS) - 1)))
 
     def _labelled(self, plan: EpochPlan) -> EpochPlan:
         """``plan`` with the labels to train on when some samples are relabelled (else unchanged)."""
@@ -262,12 +334,18 @@ class DdsPolicy(LossPolicy):
         """(N,) float32 unnormalised selection probabilities, in class layout:
         ``(eps + joint * loss_term) * mult`` with mult = ``noisy_weight`` on noisy samples, else 1."""
         loss = self._loss
-        lt = loss_term(loss.mean, loss.seen, self._exclude_l, self.cfg.loss_weight)
+        lt = loss_term(loss.mean, loss.seen, self._exclude_l, self.cfg.loss_weight, self.cfg.unseen)
         if isinstance(lt, np.ndarray):
             lt *= self._jm_l           # lt is a fresh array: reuse it
             lt += self._em_l
             return lt
         return self._jm_l * np.float32(lt) + self._em_l
+
+    def observe(self, indices: np.ndarray, losses: np.ndarray, aug: np.ndarray | None = None) -> None:
+        """Losses corrected for the augmentation (:func:`deflate_strong`): a loss measured on a strongly
+        augmented view is higher because of the view, and would otherwise raise the sample's
+        selection probability and with it its next strong view."""
+        self._loss.update(indices, losses if aug is None else deflate_strong(losses, aug))
 
     def _strong(self, pos: np.ndarray) -> np.ndarray:
         """(M,) uint8 strong-augmentation flags of the selected layout positions (never suspects)."""

@@ -89,12 +89,14 @@ class Selector:
         self._sizes[epoch] = len(plan)
         return plan
 
-    def observe(self, indices: Any, losses: Any) -> None:
+    def observe(self, indices: Any, losses: Any, aug: Any = None) -> None:
         """Record per-sample training losses (unweighted CE, ``reduction='none'``).
 
         Args:
             indices: (K,) integer sample indices (numpy, list or torch tensor on any device).
             losses: (K,) float losses of those samples.
+            aug: optional (K,) augmentation codes the losses were measured under (the plan's ``aug``);
+                ``dds`` does not let a loss measured on a strongly augmented view move its selection.
 
         May be called several times per epoch with parts of the epoch.
 
@@ -113,7 +115,13 @@ class Selector:
         loss = loss.astype(np.float32, copy=False)
         if not np.isfinite(loss).all():
             raise DdsError("losses contain NaN or inf: training diverged; lower the learning rate")
-        self._policy.observe(idx.astype(np.int64, copy=False), loss)
+        codes = None
+        if aug is not None:
+            codes = _as_numpy(aug).reshape(-1)
+            if codes.shape != idx.shape:
+                raise DdsError(f"observe got {idx.size} indices but {codes.size} augmentation codes")
+            codes = codes.astype(np.uint8, copy=False)
+        self._policy.observe(idx.astype(np.int64, copy=False), loss, codes)
 
     def status(self) -> np.ndarray | None:
         """(N,) int8 codes into ``STATUSES`` (clean / relabel / suppress): how the policy treats each

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dds.errors import DdsError
-from dds.selector import (REGIONS, EpochPlan, SampleInfo, Selector, bench_plan, encode_regions, list_policies,
+from dds.selector import (AUG_LEVELS, REGIONS, EpochPlan, SampleInfo, Selector, bench_plan, encode_regions, list_policies,
                           register_policy)
 from dds.selector._core import (ClassLayout, capped_quotas, even_sizes, largest_remainder, sampling_keys,
                                 shuffle_values, top_k_mask)
@@ -77,7 +77,7 @@ def test_plans_are_valid_and_spend_the_budget(policy):
         assert p.indices.shape == p.weights.shape == p.aug.shape and (len(p) > 0 or policy == "budgeted")
         assert np.unique(p.indices).size == len(p), "indices repeat within an epoch"
         assert len(p) == 0 or (p.indices.min() >= 0 and p.indices.max() < info.n)
-        assert (p.weights > 0).all() and set(np.unique(p.aug).tolist()) <= {0, 1}
+        assert (p.weights > 0).all() and set(np.unique(p.aug).tolist()) <= set(range(AUG_LEVELS + 1))
     if policy == "infobatch":   # the published rule spends what it spends: here it pruned, so less than full
         assert not sel.follows_budget and 0.5 * sel.total_sample_steps < sel.spent() < sel.total_sample_steps
     else:
@@ -140,7 +140,7 @@ def test_dds_suppresses_noisy_samples_and_augments_only_selected_clean_ones():
     assert len(plans[0]) == info.n and not plans[0].aug.any() and (plans[0].weights == 1).all()  # warm-up
     for p in plans[1:7]:                                                  # pruned epochs
         assert not noisy[p.indices].any(), "a noisy sample was selected"
-        aug = p.aug == 1
+        aug = p.aug >= 1
         assert aug.sum() == round(0.5 * len(p))                           # top-q, q = 0.5
         assert not noisy[p.indices[aug]].any()
         assert info.joint[p.indices[aug]].min() >= info.joint[p.indices[~aug]].max()   # top by joint
@@ -155,7 +155,7 @@ def test_dds_region_mode_and_noisy_fill_when_clean_samples_run_short():
     for p in run(sel):
         assert len(p) > (~noisy).sum()
         assert (~noisy).sum() == (~noisy[p.indices]).sum(), "all clean samples come first"
-        assert np.array_equal(p.aug == 1, info.region[p.indices] == AUGMENT)
+        assert np.array_equal(p.aug >= 1, info.region[p.indices] == AUGMENT)
     assert sel.spent() == sel.total_sample_steps
 
 
@@ -224,7 +224,7 @@ def test_dds_follows_the_label_verdict_suppress_relabel_and_never_augments_suspe
             assert not suppress[p.indices].any()
         assert not (p.aug[relabel[p.indices] | suppress[p.indices]] == 1).any()   # suspects: base augmentation only
         if 0 < e < 7:
-            assert (p.aug[~relabel[p.indices]] == 1).all() and relabel[p.indices].any()
+            assert (p.aug[~relabel[p.indices]] >= 1).all() and relabel[p.indices].any()
     sel = Selector("dds", info, epochs=8, budget=0.5, seed=0, noise_handling="suppress")
     for p in run(sel)[1:]:
         assert p.labels is None and not (relabel | suppress)[p.indices].any()
@@ -446,3 +446,58 @@ def test_plan_sampler_and_weighted_mean():
     assert weighted_mean(loss, torch.ones(3)).item() == pytest.approx(2.0)
     with pytest.raises(ValueError, match="one length"):
         weighted_mean(loss, torch.ones(2))
+
+
+# ---- dds: augmentation magnitude and the loss it observes ----
+
+def test_augment_ramp_is_zero_outside_pruned_epochs_and_grows_over_them():
+    from dds.selector._dds import augment_ramp
+    ramp = augment_ramp(np.array([0, 1, 1, 1, 1, 2, 2], np.int8))
+    assert ramp[0] == 0 and (ramp[5:] == 0).all()
+    assert np.allclose(ramp[1:5], [0.25, 0.5, 0.75, 1.0])
+
+
+def test_aug_codes_are_a_pure_function_of_suitability_ramp_and_strength():
+    from dds.selector._dds import aug_codes
+    suit = np.array([0.0, 0.1, 0.5, 1.0], np.float32)
+    assert aug_codes(suit, 1.0, 1.0).tolist() == [0, 1, 2, AUG_LEVELS]
+    assert aug_codes(suit, 0.0, 1.0).tolist() == [0, 0, 0, 0]           # annealing / warm-up: base only
+    assert aug_codes(suit, 1.0, 0.0).tolist() == [0, 0, 0, 0]           # strength 0: selection only
+    assert aug_codes(suit, 0.5, 0.5).tolist() == [0, 1, 1, 1]
+
+
+def test_dds_magnitude_follows_suitability_and_schedule_and_spares_suspects():
+    info = make_info(noisy_fraction=0.2)
+    noisy = info.region == NOISY
+    sel = Selector("dds", info, epochs=6, budget=0.6, seed=0, warmup_epochs=0, delta=5 / 6, strong_aug="all")
+    plans = run(sel)
+    means = [p.aug[p.aug > 0].mean() for p in plans[:5]]
+    assert all(a < b for a, b in zip(means, means[1:])), means         # ramps up over the pruned epochs
+    assert plans[4].aug.max() == AUG_LEVELS and not plans[5].aug.any()  # full strength last, none in annealing
+    for p in plans[:5]:
+        assert not p.aug[noisy[p.indices]].any()
+        for c in range(info.num_classes):   # within a class and epoch: higher joint, no weaker augmentation
+            own = info.labels[p.indices] == c
+            order = np.argsort(info.joint[p.indices[own]])
+            assert (np.diff(p.aug[own][order].astype(int)) >= 0).all()
+
+
+def test_strong_augmentation_alone_does_not_raise_selection_probability():
+    from dds.selector._dds import deflate_strong
+    info = make_info()
+    kw = dict(epochs=6, budget=0.5, seed=1, warmup_epochs=0, delta=1.0, unseen="max", sharpness=4.0)
+    honest, inflated, naive = (Selector("dds", info, **kw) for _ in range(3))
+    for e in range(5):
+        p = honest.plan(e)
+        assert same(p, inflated.plan(e)) and p.aug.any()
+        base = np.full(len(p), 1.0 + 0.1 * e, np.float32)        # every base view: the same loss
+        strong = base * (1.0 + p.aug)                             # a strong view: higher by its level
+        honest.observe(p.indices, base, p.aug)
+        inflated.observe(p.indices, strong, p.aug)
+        q = naive.plan(e)
+        naive.observe(q.indices, np.full(len(q), 1.0 + 0.1 * e, np.float32) * (1.0 + q.aug))  # codes not given
+    assert same(honest.plan(5), inflated.plan(5))
+    assert not same(naive.plan(5), honest.plan(5))     # uncorrected, the strong views' losses move the selection
+    losses, aug = np.array([1.0, 2.0, 3.0, 6.0], np.float32), np.array([0, 0, 1, 1], np.uint8)
+    assert np.allclose(deflate_strong(losses, aug), [1.0, 2.0, 1.0, 2.0])   # level 1 inflates 3x on average
+    assert np.array_equal(deflate_strong(losses, np.ones(4, np.uint8)), losses)   # nothing to compare with

@@ -11,7 +11,7 @@ import torch
 
 from dds.catalog import query
 from dds.errors import DdsError
-from dds.selector import list_policies
+from dds.selector import AUG_LEVELS, list_policies
 from dds.train import (TrainConfig, create_augment, create_model, format_bench_table, list_augments, list_models,
                        load_sample_info, lr_at, open_split, resume_train, run_bench, run_train)
 from dds.train.bench import lossless_budget, parse_entry, summarise
@@ -235,10 +235,28 @@ def test_models_build_for_grey_and_rgb(name):
         assert 0.26e6 < sum(p.numel() for p in model.parameters()) < 0.28e6
 
 
+def test_strong_ops_fit_the_channels_and_scale_with_the_magnitude():
+    from torchvision.transforms import v2
+
+    from dds.train.augment import strong_ops
+
+    def colour(ops):
+        return [o for o in ops if isinstance(o, v2.ColorJitter) and (o.saturation or o.hue)]
+    assert not colour(strong_ops(1, 1.0)) and len(colour(strong_ops(3, 1.0))) == 2   # no colour ops on greyscale
+    rotate = lambda m: next(o for o in strong_ops(1, m) if isinstance(o, v2.RandomAffine) and o.degrees[1] > 0)
+    assert rotate(0.25).degrees[1] == pytest.approx(7.5) and rotate(1.0).degrees[1] == pytest.approx(30.0)
+    image = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8)
+    aug = Augmenter(28, channels=1)
+    assert len(aug.transforms) == AUG_LEVELS + 1
+    for code in range(AUG_LEVELS + 1):
+        out = aug(image, code, 5)
+        assert out.shape == image.shape and out.dtype == torch.uint8
+
+
 @pytest.mark.parametrize("name", list_augments())
 def test_augments_keep_shape_dtype_and_follow_the_seed(name):
     image = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8)
-    aug = Augmenter(28, names=(name,))
+    aug = Augmenter(28, channels=1, names=(name, name))
     before = torch.get_rng_state()
     outs = [aug(image, 0, s) for s in (1, 1, 2, 3, 4)]
     assert torch.equal(torch.get_rng_state(), before)  # the global generator is left as it was
@@ -252,12 +270,13 @@ def test_augments_keep_shape_dtype_and_follow_the_seed(name):
 
 def test_history_columns_one_row_per_sample():
     cols = history_columns(5, np.array([3, 1, 3]), np.array([1.0, 2.0, 3.0], np.float32),
-                           np.array([0, 1, 0], np.uint8), np.array([0.5, 1.0, 1.5], np.float32))
+                           np.array([0, 2, 0], np.uint8), np.array([0.5, 1.0, 1.5], np.float32))
     assert cols["selected"].to_pylist() == [False, True, False, True, False]
     assert cols["count"].to_pylist() == [0, 1, 0, 2, 0]
     assert cols["weight"].to_pylist() == [None, 2.0, None, 2.0, None]
     assert cols["loss"].to_pylist() == [None, 1.0, None, 1.0, None]
     assert cols["aug"].to_pylist() == [None, "strong", None, "base", None]
+    assert cols["magnitude"].to_pylist() == [None, 2 / AUG_LEVELS, None, 0.0, None]
 
 
 def test_load_sample_info_joins_scores_in_idx_order(tmp_path):

@@ -1,8 +1,15 @@
 """Augmentation registry (torchvision.transforms.v2 on uint8 tensors) and per-sample seeding.
 
-The selector's plan gives every planned sample an augmentation code: 0 = ``base``, 1 = ``strong``
-(:data:`AUG_NAMES`). Augmentations run per sample on uint8 ``(C, H, W)`` CPU tensors; normalisation
-with the dataset mean/std runs afterwards on the whole batch (:func:`normalize`), on the device.
+The selector's plan gives every planned sample an augmentation code: 0 = ``base``; ``k`` in
+``1..AUG_LEVELS`` = ``strong`` at magnitude ``k / AUG_LEVELS`` (:func:`code_magnitude`). Augmentations
+run per sample on uint8 ``(C, H, W)`` CPU tensors; normalisation with the dataset mean/std runs
+afterwards on the whole batch (:func:`normalize`), on the device.
+
+``strong`` is TrivialAugment's recipe (one operation drawn uniformly per sample, its strength drawn
+uniformly; Muller & Hutter, ICCV 2021) over an operation list that fits the data, with the strength
+drawn up to the sample's magnitude instead of up to a fixed maximum: geometric operations (rotate,
+translate, shear), brightness, contrast, cutout and identity for every image, plus saturation and
+hue for colour images (on greyscale images colour operations are no-ops or noise).
 
 Randomness is passed, never global: each planned sample gets a seed derived from
 ``(seed, epoch, position in the plan)`` (:func:`epoch_aug_seeds`); the transform runs with torch's
@@ -19,16 +26,17 @@ import torch
 from torchvision.transforms import v2
 
 from dds.registry import Registry
+from dds.selector import AUG_LEVELS
 
 AUGMENTS: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("augmentation")
-AUG_NAMES = ("base", "strong")  # plan.aug code -> augmentation name
+AUG_NAMES = ("base", "strong")  # plan.aug 0 -> base; codes >= 1 -> strong
 _AUG_STREAM = 0xA06  # separates the augmentation seed stream from other streams of the same seed
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 def register_augment(name: str) -> Callable:
-    """Decorator registering ``fn(image_size) -> transform`` under ``name``."""
+    """Decorator registering ``fn(image_size, channels, magnitude) -> transform`` under ``name``."""
     return AUGMENTS.register(name)
 
 
@@ -37,13 +45,22 @@ def list_augments() -> list[str]:
     return AUGMENTS.names()
 
 
-def create_augment(name: str, image_size: int) -> Transform:
+def create_augment(name: str, image_size: int, channels: int = 3, magnitude: float = 1.0) -> Transform:
     """The transform ``name`` for square images of side ``image_size``: uint8 ``(C, H, W)`` in and out.
+
+    Args:
+        channels: 1 (greyscale) or 3; decides which operations make sense.
+        magnitude: in (0, 1], the largest strength of ``strong``'s operations (``base`` ignores it).
 
     Raises:
         DdsError: unknown ``name`` (the message lists the known ones).
     """
-    return AUGMENTS.get(name)(image_size=image_size)
+    return AUGMENTS.get(name)(image_size=image_size, channels=channels, magnitude=magnitude)
+
+
+def code_magnitude(code: np.ndarray) -> np.ndarray:
+    """Magnitude in [0, 1] of plan.aug codes (0 = base)."""
+    return np.asarray(code, dtype=np.float32) / AUG_LEVELS
 
 
 def _crop_flip(image_size: int) -> list[v2.Transform]:
@@ -55,15 +72,37 @@ def _crop_flip(image_size: int) -> list[v2.Transform]:
 
 
 @register_augment("base")
-def base(image_size: int) -> Transform:
+def base(image_size: int, channels: int = 3, magnitude: float = 1.0) -> Transform:
     """Random crop (2-px padding for <= 32 px, else random-resized crop) + horizontal flip."""
     return v2.Compose(_crop_flip(image_size))
 
 
+def strong_ops(channels: int, magnitude: float) -> list[v2.Transform]:
+    """The operations of ``strong`` at ``magnitude`` m in (0, 1]; each draws its strength uniformly up to
+    its maximum times m (rotate 30 degrees, translate 30 %, shear 30 degrees, brightness and contrast
+    factor 1 +- 0.9, cutout of up to 25 % of the image; colour images add saturation 1 +- 0.9 and hue
+    +- 0.3)."""
+    m = float(magnitude)
+    ops: list[v2.Transform] = [
+        v2.Identity(),
+        v2.RandomAffine(degrees=30.0 * m),
+        v2.RandomAffine(degrees=0.0, translate=(0.3 * m, 0.3 * m)),
+        v2.RandomAffine(degrees=0.0, shear=(-30.0 * m, 30.0 * m, -30.0 * m, 30.0 * m)),
+        v2.ColorJitter(brightness=0.9 * m),
+        v2.ColorJitter(contrast=0.9 * m),
+        v2.RandomErasing(p=1.0, scale=(0.02, 0.02 + 0.23 * m), value=0),
+    ]
+    if channels == 3:
+        ops += [v2.ColorJitter(saturation=0.9 * m), v2.ColorJitter(hue=0.3 * m)]
+    return ops
+
+
 @register_augment("strong")
-def strong(image_size: int) -> Transform:
-    """``base`` followed by TrivialAugmentWide (one random op of random strength per sample)."""
-    return v2.Compose([*_crop_flip(image_size), v2.TrivialAugmentWide()])
+def strong(image_size: int, channels: int = 3, magnitude: float = 1.0) -> Transform:
+    """``base`` followed by one of :func:`strong_ops` drawn uniformly (TrivialAugment's recipe)."""
+    if not 0 < magnitude <= 1:
+        raise ValueError(f"magnitude must be in (0, 1], got {magnitude}")
+    return v2.Compose([*_crop_flip(image_size), v2.RandomChoice(strong_ops(channels, magnitude))])
 
 
 def epoch_aug_seeds(seed: int, epoch: int, m: int) -> np.ndarray:
@@ -78,15 +117,20 @@ def epoch_aug_seeds(seed: int, epoch: int, m: int) -> np.ndarray:
 
 
 class Augmenter:
-    """Applies the augmentation named by a plan code to one sample, under that sample's seed.
+    """Applies the augmentation of a plan code to one sample, under that sample's seed.
 
     Args:
         image_size: side of the (square) images.
-        names: augmentation name for each plan code (default ``("base", "strong")``).
+        channels: image channels (1 or 3).
+        names: (base, strong) augmentation names; code 0 is ``names[0]``, code k >= 1 is ``names[1]``
+            at magnitude ``k / AUG_LEVELS``.
     """
 
-    def __init__(self, image_size: int, names: Sequence[str] = AUG_NAMES) -> None:
-        self.transforms = [create_augment(n, image_size) for n in names]
+    def __init__(self, image_size: int, channels: int = 3, names: Sequence[str] = AUG_NAMES) -> None:
+        base_name, strong_name = names
+        self.transforms = [create_augment(base_name, image_size, channels)] + [
+            create_augment(strong_name, image_size, channels, magnitude=k / AUG_LEVELS)
+            for k in range(1, AUG_LEVELS + 1)]
 
     def __call__(self, image: torch.Tensor, code: int, seed: int) -> torch.Tensor:
         """Augment ``image`` (uint8 ``(C, H, W)``) with the transform of ``code``, seeded by ``seed``."""

@@ -344,7 +344,7 @@ def bench_train(ws: Workspace, name: str, *, model: str = "resnet20", batch_size
 
     def loop() -> tuple[float, float]:
         net, opt = new_model(cfg.channels_last)
-        _, t = _train_epoch(net, opt, train, plan, cfg=cfg, device=dev, augmenter=Augmenter(train.image_size),
+        _, t = _train_epoch(net, opt, train, plan, cfg=cfg, device=dev, augmenter=Augmenter(train.image_size, train.channels),
                             steps_done=0, total_steps=10 ** 9, progress=False)
         return m / (t["data_s"] + t["compute_s"]), t["data_s"] / (t["data_s"] + t["compute_s"])
 

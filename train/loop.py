@@ -44,7 +44,7 @@ from dds.distributed import (Dist, all_sum, broadcast_object, check_same, device
                              part_size, sync_buffers)
 from dds.distributed import init as dist_init
 from dds.errors import DdsError
-from dds.train.augment import AUG_NAMES, Augmenter, channel_stats, normalize
+from dds.train.augment import AUG_NAMES, Augmenter, channel_stats, code_magnitude, normalize
 from dds.train.config import TrainConfig
 from dds.train.data import load_sample_info, open_split
 from dds.train.models import create_model
@@ -84,8 +84,8 @@ def new_run_id(dataset: str, policy: str) -> str:
 def history_columns(n: int, indices: np.ndarray, weights: np.ndarray, aug: np.ndarray,
                     losses: np.ndarray, labels: np.ndarray | None = None,
                     status: np.ndarray | None = None) -> dict[str, pa.Array]:
-    """One row per train sample for one epoch: selected, count, weight, aug, loss, label_used (null
-    if unselected) and status.
+    """One row per train sample for one epoch: selected, count, weight, aug, magnitude, loss,
+    label_used (null if unselected) and status.
 
     Args:
         n: number of train samples N.
@@ -96,7 +96,8 @@ def history_columns(n: int, indices: np.ndarray, weights: np.ndarray, aug: np.nd
 
     Returns:
         Columns of length N in ``samples.idx`` order; a sample planned twice gets its mean weight
-        and loss, and aug "strong" when any of its steps was strong.
+        and loss, aug "strong" when any of its steps was strong, and the mean strong-augmentation
+        magnitude of its steps (0 = base; :func:`dds.train.augment.code_magnitude`).
     """
     from dds.selector import STATUSES
 
@@ -105,12 +106,14 @@ def history_columns(n: int, indices: np.ndarray, weights: np.ndarray, aug: np.nd
     denom = np.maximum(count, 1)
     weight = np.bincount(indices, weights=weights, minlength=n) / denom
     loss = np.bincount(indices, weights=losses, minlength=n) / denom
-    strong = np.bincount(indices, weights=(aug == 1), minlength=n) > 0
+    strong = np.bincount(indices, weights=(aug >= 1), minlength=n) > 0
     aug_name = np.where(strong, AUG_NAMES[1], AUG_NAMES[0]).astype(object)
     aug_name[~selected] = None
+    magnitude = np.bincount(indices, weights=code_magnitude(aug), minlength=n) / denom
     cols = {"selected": pa.array(selected), "count": pa.array(count.astype(np.int32)),
             "weight": pa.array(weight.astype(np.float32), mask=~selected),
             "aug": pa.array(aug_name, type=pa.string()),
+            "magnitude": pa.array(magnitude.astype(np.float32), mask=~selected),
             "loss": pa.array(loss.astype(np.float32), mask=~selected)}
     if labels is not None:
         used = np.zeros(n, np.int32)
@@ -501,7 +504,7 @@ def _epochs(out: _Writer, sel, model, net, opt, train, test, device, d: Dist, *,
     only if it is the last one.
     """
     cfg, state = out.cfg, out.state
-    augmenter = Augmenter(train.image_size)
+    augmenter = Augmenter(train.image_size, train.channels)
     for epoch in range(start_epoch, cfg.epochs):
         t_start = time.perf_counter()
         plan = sel.plan(epoch)
@@ -514,7 +517,7 @@ def _epochs(out: _Writer, sel, model, net, opt, train, test, device, d: Dist, *,
                                       progress=progress, dist_=d)
         t0 = time.perf_counter()
         losses_np = gather_part(d, losses, m_plan).cpu().numpy()  # one device -> host copy per epoch
-        sel.observe(plan.indices, losses_np)
+        sel.observe(plan.indices, losses_np, plan.aug)
         select_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         test_acc = None
