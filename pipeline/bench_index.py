@@ -108,9 +108,10 @@ def bench_index(n: int, dim: int, classes: int, *, k: int = 10, seed: int = 0, u
     Returns:
         ``n``, ``dim``, ``classes``, ``k``, ``knn_backend``, ``{phase}_s`` (wall-clock seconds of
         ``synthesise``, of each phase of :func:`index_arrays` and of ``exact_reference``, the exact
-        search of the sampled rows), ``index_s`` (the stage's phases summed), ``peak_rss_gib`` (the process's peak resident memory so far),
-        ``recall_at_k`` (global graph against exact, over ``queries`` rows) and the ``noisy`` region's
-        ``noise_precision`` / ``noise_recall`` against the points placed in other classes' clusters.
+        search of the sampled rows), ``index_s`` (the stage's phases summed), ``peak_rss_gib`` (the
+        process's peak resident memory so far), ``recall_at_k`` (global graph against exact, over
+        ``queries`` rows), ``queries``, and the ``noisy`` region's ``noise_precision`` /
+        ``noise_recall`` against the points placed in other classes' clusters.
 
     Raises:
         DdsError: bad sizes.

@@ -14,7 +14,8 @@ adapter of the fold that did not see ``i`` (see :mod:`dds.pipeline.adapters`).
   its class, 0 = sparsest.
 * ``consistency``: ``cos[i, y_i]``, the image's agreement with its own label's prompt.
 * ``margin``: ``cos[i, y_i] - max_{c != y_i} cos[i, c]`` (negative: another class fits better).
-* ``knn_agreement``: share of the ``k`` global neighbours (any label, frozen space) carrying ``y_i``.
+* ``knn_agreement``: share of the ``k`` global neighbours (any label, frozen space) carrying ``y_i``;
+  the global graph is exact up to :data:`dds.pipeline.knn.EXACT_MAX_ROWS` samples, approximate above.
 * ``probs``: softmax of ``cos / tau`` over the classes (cross-fitted with adapters);
   ``pred_label`` its argmax, ``prob_label`` its value at ``y_i``.
 * ``joint = (1 - density) * prob_label``: the product of the two marginals (paper-notes §2.5,
@@ -289,10 +290,12 @@ def index_arrays(img: np.ndarray, labels: np.ndarray, text: np.ndarray, *, k: in
         trim = None
         if use_adapters:  # trimmed passes: each trains without the previous pass's suspects (pipeline/verdict.py)
             fit = adapt.crossfit_adapters(img, labels, text, folds=folds, seed=seed, progress=progress, device=device)
+            fold = fit.fold
             trim = verdict.trim_mask(fit.probs, verdict.neighbour_votes(global_idx, labels, len(text)), labels)
             for p in range(TRIM_PASSES):
+                del fit  # its (N, C) outputs go before the next pass makes its own (ImageNet-1k: ~11 GB)
                 fit = adapt.crossfit_adapters(img, labels, text, folds=folds, seed=seed, progress=progress,
-                                              device=device, fold=fit.fold, train_mask=~trim)
+                                              device=device, fold=fold, train_mask=~trim)
                 if p + 1 < TRIM_PASSES:
                     votes = verdict.neighbour_votes(global_idx, labels, len(text), keep=~trim)
                     trim = verdict.static_verdict(fit.probs, votes, labels).status != "clean"
@@ -465,8 +468,9 @@ def run_index(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", k: int
 
     Returns:
         Summary: dataset, encoder, n, classes, k, knn_backend, knn_s, adapters, folds, adapters_s,
-        phases_s (phase -> seconds, :func:`index_arrays`), seconds, regions (region -> count), status (status -> count), trimmed (samples left out of the
-        adapters' last pass), out (index folder).
+        phases_s (phase -> seconds, :func:`index_arrays`), seconds, regions (region -> count),
+        status (status -> count), trimmed (samples left out of the adapters' last pass), out (index
+        folder).
 
     Raises:
         DdsError: bad arguments, or the dataset was not sharded / embedded with ``encoder``.

@@ -100,9 +100,9 @@ def test_auto_is_exact_up_to_the_threshold_and_ivf_above(monkeypatch):
     assert knn_mod.resolve_backend("torch", "cpu", 10**7) == "torch"  # explicit backends are kept
     assert knn_mod.describe_backend("auto", "cpu", 51).startswith("ivf (approximate: 29 lists, nprobe 16)")
     calls = []
-    for name in ("_search_torch", "_search_ivf"):
+    for name in ("_search_torch", "_search_ivf"):  # record which search runs on how many rows
         real = getattr(knn_mod, name)
-        monkeypatch.setattr(knn_mod, name, lambda x, *a, _r=real, _n=name, **kw: calls.append((_n, len(x))) or _r(x, *a, **kw))
+        monkeypatch.setattr(knn_mod, name, lambda x, *a, _r=real, _n=name: calls.append((_n, len(x))) or _r(x, *a))
     x = _unit(np.random.default_rng(0).standard_normal((80, 8)))
     labels = np.arange(80) % 2  # two classes of 40 rows: exact within each, approximate globally
     knn(x, 3, labels=labels)
