@@ -432,6 +432,31 @@ def bench_plan(
     _print_summary("dds bench-plan", _bench(n=n, classes=classes, policy=policy))
 
 
+@app.command("bench-index")
+def bench_index(
+    n: int = typer.Option(100_000, "--n", help="Samples (1280000 for ImageNet-1k size)."),
+    dim: int = typer.Option(512, "--dim", help="Embedding width."),
+    classes: int = typer.Option(100, "--classes", help="Classes."),
+    k: int = typer.Option(10, "--k", help="Neighbours per sample."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the synthetic data and of the stage."),
+    adapters: str = typer.Option("on", "--adapters", help="on (cross-fitted, as dds index trains them) or off "
+                                                          "(zero-shot: times the rest alone)."),
+    backend: str = typer.Option("auto", "--backend", help="kNN backend: auto (as dds index: exact up to 100k rows "
+                                                          "per searched set, ivf above), torch, faiss (exact), ivf."),
+    device: str = DeviceOpt,
+) -> None:
+    """Time dds index's compute on synthetic clustered embeddings by phase, with peak memory and the global graph's recall@k."""
+    from dds._validate import check_choice, check_device
+    from dds.device import resolve_device
+    from dds.pipeline.bench_index import bench_index as _bench
+
+    check_choice("--adapters", adapters, ("on", "off"))
+    check_device(device)
+    _print_summary("dds bench-index", _bench(n=n, dim=dim, classes=classes, k=k, seed=seed,
+                                             use_adapters=adapters == "on", backend=backend,
+                                             device=str(resolve_device(device))))
+
+
 @app.command("bench-dist")
 def bench_dist(
     nproc: int = typer.Option(2, "--nproc", min=1, help="Processes (torchrun, gloo on CPU)."),

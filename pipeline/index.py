@@ -14,7 +14,8 @@ adapter of the fold that did not see ``i`` (see :mod:`dds.pipeline.adapters`).
   its class, 0 = sparsest.
 * ``consistency``: ``cos[i, y_i]``, the image's agreement with its own label's prompt.
 * ``margin``: ``cos[i, y_i] - max_{c != y_i} cos[i, c]`` (negative: another class fits better).
-* ``knn_agreement``: share of the ``k`` global neighbours (any label, frozen space) carrying ``y_i``.
+* ``knn_agreement``: share of the ``k`` global neighbours (any label, frozen space) carrying ``y_i``;
+  the global graph is exact up to :data:`dds.pipeline.knn.EXACT_MAX_ROWS` samples, approximate above.
 * ``probs``: softmax of ``cos / tau`` over the classes (cross-fitted with adapters);
   ``pred_label`` its argmax, ``prob_label`` its value at ``y_i``.
 * ``joint = (1 - density) * prob_label``: the product of the two marginals (paper-notes §2.5,
@@ -48,7 +49,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -197,8 +199,18 @@ def assign_regions(density: np.ndarray, joint: np.ndarray, prob_label: np.ndarra
     return region
 
 
+@contextmanager
+def _timed(seconds: dict[str, float] | None, phase: str) -> Iterator[None]:
+    """Add the wall-clock seconds of the ``with`` body to ``seconds[phase]`` (nothing when ``seconds`` is None)."""
+    t = time.perf_counter()
+    yield
+    if seconds is not None:
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - t
+
+
 def compute_scores(class_sims: np.ndarray, global_idx: np.ndarray, labels: np.ndarray, cos: np.ndarray,
-                   probs: np.ndarray, trim: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                   probs: np.ndarray, trim: np.ndarray | None = None,
+                   seconds: dict[str, float] | None = None) -> dict[str, np.ndarray]:
     """Every per-sample score column of ``scores.parquet`` (except identifiers) from the cores above.
 
     Args:
@@ -208,25 +220,93 @@ def compute_scores(class_sims: np.ndarray, global_idx: np.ndarray, labels: np.nd
         cos: ``(N, C)`` class cosines; probs: ``(N, C)`` class probabilities.
         trim: ``(N,)`` bool, the first-pass suspects left out of the adapters' second pass; they do not
             vote in the neighbour evidence either. None: found from ``probs`` (:func:`verdict.trim_mask`).
+        seconds: when given, the seconds of the phases ``scores`` (density, consistency, agreement,
+            joint), ``verdict`` and ``regions`` are added to it.
 
     Returns:
         Columns density, consistency, margin, knn_agreement, joint, region, pred_label, prob_label,
         status, label_fixed, label_posterior.
     """
     labels = np.asarray(labels)
-    density = local_density(class_sims, labels)
-    out = label_scores(cos, probs, labels)
-    out["density"] = density
-    out["knn_agreement"] = knn_agreement(global_idx, labels)
-    out["joint"] = joint_score(density, out["prob_label"])
-    c = probs.shape[1]
-    if trim is None:
-        trim = verdict.trim_mask(probs, verdict.neighbour_votes(global_idx, labels, c), labels)
-    v = verdict.static_verdict(probs, verdict.neighbour_votes(global_idx, labels, c, keep=~trim), labels)
-    out["status"], out["label_fixed"] = v.status, v.label_fixed.astype(np.int32)
-    out["label_posterior"] = v.label_posterior.astype(np.float32)
-    out["region"] = assign_regions(density, out["joint"], out["prob_label"], v.status != "clean", labels)
+    with _timed(seconds, "scores"):
+        density = local_density(class_sims, labels)
+        out = label_scores(cos, probs, labels)
+        out["density"] = density
+        out["knn_agreement"] = knn_agreement(global_idx, labels)
+        out["joint"] = joint_score(density, out["prob_label"])
+    with _timed(seconds, "verdict"):
+        c = probs.shape[1]
+        if trim is None:
+            trim = verdict.trim_mask(probs, verdict.neighbour_votes(global_idx, labels, c), labels)
+        v = verdict.static_verdict(probs, verdict.neighbour_votes(global_idx, labels, c, keep=~trim), labels)
+        out["status"], out["label_fixed"] = v.status, v.label_fixed.astype(np.int32)
+        out["label_posterior"] = v.label_posterior.astype(np.float32)
+    with _timed(seconds, "regions"):
+        out["region"] = assign_regions(density, out["joint"], out["prob_label"], v.status != "clean", labels)
     return out
+
+
+def index_arrays(img: np.ndarray, labels: np.ndarray, text: np.ndarray, *, k: int = 10, use_adapters: bool = True,
+                 folds: int = 5, seed: int = 0, device: str = "cpu", backend: str = "auto",
+                 progress: bool = False) -> dict[str, Any]:
+    """The index stage's compute on arrays: both kNN graphs, the class evidence and every score column.
+
+    ``run_index`` is this plus reading the workspace and writing the tables; ``dds bench-index`` runs it
+    on synthetic arrays.
+
+    Args:
+        img: ``(N, D)`` float32 L2-normalised image embeddings.
+        labels: ``(N,)`` ints in ``0..C-1``.
+        text: ``(C, Dt)`` float32 L2-normalised class-prompt embeddings (row c = class c).
+        k: neighbours per sample, in both the per-class and the global graph.
+        use_adapters: train cross-fitted adapters (``1 + TRIM_PASSES`` passes, trimmed after the first);
+            False: zero-shot cosines (aligned towers only).
+        folds: cross-fitting folds.
+        seed: seed of the folds, adapter training and the approximate kNN search.
+        device: ``cpu`` or ``cuda``.
+        backend: kNN backend of both graphs (:func:`dds.pipeline.knn.knn`); ``auto``: exact up to
+            :data:`dds.pipeline.knn.EXACT_MAX_ROWS` rows per searched set, approximate above.
+        progress: show the adapters' progress bar.
+
+    Returns:
+        ``class_sims``, ``class_idx``, ``global_sims``, ``global_idx`` (``(N, k)`` each), ``cos`` and
+        ``probs`` (``(N, C)``), ``trim`` (``(N,)`` bool or None), ``cols`` (:func:`compute_scores`),
+        ``knn_backend`` (str: the method of the global graph and of the largest class) and ``seconds``
+        (phase -> wall-clock seconds: ``knn_class``, ``knn_global``, ``adapters``, ``scores``, ``verdict``,
+        ``regions``).
+    """
+    from dds.pipeline import adapters as adapt
+    from dds.pipeline.knn import describe_backend, knn
+
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "knn_class"):
+        class_sims, class_idx = knn(img, k, labels=labels, device=device, backend=backend, seed=seed)
+    with _timed(seconds, "knn_global"):
+        global_sims, global_idx = knn(img, k, device=device, backend=backend, seed=seed)
+    largest = int(np.bincount(labels).max()) if len(labels) else 0
+    described = (f"global: {describe_backend(backend, device, len(labels))}; "
+                 f"per class: {describe_backend(backend, device, largest)}")
+    with _timed(seconds, "adapters"):
+        trim = None
+        if use_adapters:  # trimmed passes: each trains without the previous pass's suspects (pipeline/verdict.py)
+            fit = adapt.crossfit_adapters(img, labels, text, folds=folds, seed=seed, progress=progress, device=device)
+            fold = fit.fold
+            trim = verdict.trim_mask(fit.probs, verdict.neighbour_votes(global_idx, labels, len(text)), labels)
+            for p in range(TRIM_PASSES):
+                del fit  # its (N, C) outputs go before the next pass makes its own (ImageNet-1k: ~11 GB)
+                fit = adapt.crossfit_adapters(img, labels, text, folds=folds, seed=seed, progress=progress,
+                                              device=device, fold=fold, train_mask=~trim)
+                if p + 1 < TRIM_PASSES:
+                    votes = verdict.neighbour_votes(global_idx, labels, len(text), keep=~trim)
+                    trim = verdict.static_verdict(fit.probs, votes, labels).status != "clean"
+            cos, probs = fit.cos, fit.probs
+            del fit  # its (N, S) adapted embeddings are not needed here
+        else:
+            cos, probs = adapt.zero_shot(img, text)
+    cols = compute_scores(class_sims, global_idx, labels, cos, probs, trim=trim, seconds=seconds)
+    return {"class_sims": class_sims, "class_idx": class_idx, "global_sims": global_sims, "global_idx": global_idx,
+            "cos": cos, "probs": probs, "trim": trim, "cols": cols, "knn_backend": described,
+            "seconds": {p: round(t, 3) for p, t in seconds.items()}}
 
 
 # ------------------------------------------------------------------------------------------- I/O
@@ -239,7 +319,37 @@ def _vectors(table) -> np.ndarray:
     flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
     x = flat.reshape(n, -1) if n else np.zeros((0, 0), np.float32)
     norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norm > 0, norm, 1.0)
+    x /= np.where(norm > 0, norm, 1.0)
+    return x
+
+
+def _read_vectors(paths: list, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The image vectors of ``keys`` from the embedding shards at ``paths``, filled into one array.
+
+    Reads the key columns first, so the ``(n, D)`` float32 result is allocated once at its final size
+    and filled shard by shard: no second full copy of the embeddings is ever held.
+
+    Returns:
+        ``(img, found)``: ``(n_found, D)`` float32 unit rows in ``keys`` order, and ``(len(keys),)`` bool.
+    """
+    import pyarrow.parquet as pq
+
+    pos = {k: i for i, k in enumerate(keys)}
+    found = np.zeros(len(keys), dtype=bool)
+    for path in paths:
+        found[[pos[k] for k in pq.read_table(path, columns=["key"]).column("key").to_pylist() if k in pos]] = True
+    row = np.cumsum(found) - 1  # position of each found key in the result
+    img = None
+    for path in paths:
+        t = pq.read_table(path, columns=["key", "vector"])
+        if t.num_rows == 0:
+            continue
+        at = np.array([pos.get(k, -1) for k in t.column("key").to_pylist()], dtype=np.int64)
+        vec = _vectors(t)
+        if img is None:
+            img = np.empty((int(found.sum()), vec.shape[1]), np.float32)
+        img[row[at[at >= 0]]] = vec[at >= 0]
+    return (img if img is not None else np.zeros((0, 0), np.float32)), found
 
 
 def load_inputs(ws: Workspace, name: str, encoder: str) -> dict[str, Any]:
@@ -254,7 +364,6 @@ def load_inputs(ws: Workspace, name: str, encoder: str) -> dict[str, Any]:
     """
     import json
 
-    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -272,16 +381,12 @@ def load_inputs(ws: Workspace, name: str, encoder: str) -> dict[str, Any]:
     if missing:
         raise DdsError(f"{len(missing)} of {len(shards)} train shards of '{name}' have no '{encoder}' "
                        f"embeddings (first: {missing[0]}); {hint}")
-    emb = pa.concat_tables([pq.read_table(edir / "shards" / f"{s}.parquet", columns=["key", "vector"])
-                            for s in shards])
-    pos = {k: i for i, k in enumerate(emb.column("key").to_pylist())}
     keys = samples.column("key").to_pylist()
-    found = np.array([k in pos for k in keys], dtype=bool)
+    img, found = _read_vectors([edir / "shards" / f"{s}.parquet" for s in shards], keys)
     if not found.all():
         log.warning("%d train samples have no embedding (unreadable at embed time); they are not indexed",
                     int((~found).sum()))
     keys = [k for k, ok in zip(keys, found) if ok]
-    img = _vectors(emb.take(pa.array([pos[k] for k in keys], type=pa.int64())))
     labels = samples.column("label").to_numpy().astype(np.int64)[found]
     classes = info.get("classes") or []
     text = pq.read_table(edir / "text.parquet", columns=["label", "vector"]).sort_by("label")
@@ -310,11 +415,12 @@ def _knn_table(name: str, encoder: str, keys: np.ndarray, sims: np.ndarray, idx:
     n, k = idx.shape
     valid = (idx >= 0).ravel()
     src = np.repeat(np.arange(n), k)[valid]
+    key = pa.array(keys, pa.string())  # taken by index in arrow: no Python string per row
     return pa.table({
         "dataset": pa.array([name] * len(src), pa.string()),
         "encoder": pa.array([encoder] * len(src), pa.string()),
-        "key": pa.array(keys[src], pa.string()),
-        "neighbor": pa.array(keys[idx.ravel()[valid]], pa.string()),
+        "key": key.take(pa.array(src)),
+        "neighbor": key.take(pa.array(idx.ravel()[valid])),
         "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int32), n)[valid], pa.int32()),
         "similarity": pa.array(sims.ravel()[valid].astype(np.float32), pa.float32()),
         "scope": pa.array([scope] * len(src), pa.string()),
@@ -356,14 +462,15 @@ def run_index(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", k: int
             adapters on they are trained ``1 + TRIM_PASSES`` times (cross-fitted each time), trimmed
             after the first.
         folds: cross-fitting folds for the adapters (>= 2).
-        seed: seed of the folds and of adapter training.
+        seed: seed of the folds, of adapter training and of the approximate kNN search (large N only).
         device: ``auto``, ``cpu`` or ``cuda`` (kNN and adapter training).
         progress: show progress bars.
 
     Returns:
         Summary: dataset, encoder, n, classes, k, knn_backend, knn_s, adapters, folds, adapters_s,
-        seconds, regions (region -> count), status (status -> count), trimmed (samples left out of the
-        adapters' last pass), out (index folder).
+        phases_s (phase -> seconds, :func:`index_arrays`), seconds, regions (region -> count),
+        status (status -> count), trimmed (samples left out of the adapters' last pass), out (index
+        folder).
 
     Raises:
         DdsError: bad arguments, or the dataset was not sharded / embedded with ``encoder``.
@@ -371,8 +478,6 @@ def run_index(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", k: int
     import pyarrow as pa
 
     from dds import catalog
-    from dds.pipeline import adapters as adapt
-    from dds.pipeline.knn import knn, resolve_backend
 
     t0 = time.perf_counter()
     if k < 1:
@@ -385,39 +490,20 @@ def run_index(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", k: int
     if len(labels) < folds:
         raise DdsError(f"'{name}' has {len(labels)} train samples, fewer than --folds {folds}; lower --folds")
     use = _use_adapters(adapters, bool(data["encoder_json"].get("aligned", False)))
+    res = index_arrays(img, labels, text, k=k, use_adapters=use, folds=folds, seed=seed, device=dev,
+                       progress=progress)
+    cols, trim, sec = res["cols"], res["trim"], res["seconds"]
 
-    t = time.perf_counter()
-    backend = resolve_backend("auto", dev)
-    class_sims, class_idx = knn(img, k, labels=labels, device=dev, backend=backend)
-    global_sims, global_idx = knn(img, k, device=dev, backend=backend)
-    knn_s = time.perf_counter() - t
-
-    t = time.perf_counter()
-    trim = None
-    if use:  # trimmed passes: each trains without the previous pass's suspects (pipeline/verdict.py)
-        fit = adapt.crossfit_adapters(img, labels, text, folds=folds, seed=seed, progress=progress, device=dev)
-        trim = verdict.trim_mask(fit.probs, verdict.neighbour_votes(global_idx, labels, len(text)), labels)
-        for p in range(TRIM_PASSES):
-            fit = adapt.crossfit_adapters(img, labels, text, folds=folds, seed=seed, progress=progress, device=dev,
-                                          fold=fit.fold, train_mask=~trim)
-            if p + 1 < TRIM_PASSES:
-                votes = verdict.neighbour_votes(global_idx, labels, len(text), keep=~trim)
-                trim = verdict.static_verdict(fit.probs, votes, labels).status != "clean"
-        cos, probs = fit.cos, fit.probs
-    else:
-        cos, probs = adapt.zero_shot(img, text)
-    adapters_s = time.perf_counter() - t
-
-    cols = compute_scores(class_sims, global_idx, labels, cos, probs, trim=trim)
     out = ws.index_dir(name, encoder)
     write_parquet(out / "knn.parquet", pa.concat_tables([
-        _knn_table(name, encoder, keys, class_sims, class_idx, "class"),
-        _knn_table(name, encoder, keys, global_sims, global_idx, "global")]))
-    write_parquet(out / "scores.parquet", _scores_table(name, encoder, keys, labels, cols, probs))
+        _knn_table(name, encoder, keys, res["class_sims"], res["class_idx"], "class"),
+        _knn_table(name, encoder, keys, res["global_sims"], res["global_idx"], "global")]))
+    write_parquet(out / "scores.parquet", _scores_table(name, encoder, keys, labels, cols, res["probs"]))
     summary = {"dataset": name, "encoder": encoder, "n": int(len(labels)), "classes": int(len(text)), "k": k,
-               "knn_backend": f"{backend} ({dev})", "knn_s": round(knn_s, 2),
+               "knn_backend": f"{res['knn_backend']} ({dev})",
+               "knn_s": round(sec["knn_class"] + sec["knn_global"], 2),
                "adapters": "on (cross-fitted)" if use else "off (zero-shot)", "folds": folds if use else 0,
-               "adapters_s": round(adapters_s, 2), "seed": seed,
+               "adapters_s": round(sec["adapters"], 2), "phases_s": sec, "seed": seed,
                "regions": {r: int((cols["region"] == r).sum()) for r in REGIONS},
                "status": {st: int((cols["status"] == st).sum()) for st in verdict.STATUSES},
                "trimmed": int(trim.sum()) if trim is not None else 0,

@@ -1,21 +1,46 @@
-"""Exact k-nearest-neighbour search on L2-normalised vectors (cosine similarity), self excluded.
+"""k-nearest-neighbour search on L2-normalised vectors (cosine similarity), self excluded.
 
-Two backends:
+Backends (``backend=``), each one method:
 
-* ``torch``: blocked ``X[block] @ X.T`` + ``topk``, exact, on CPU or CUDA. On the 2-core machines
+* ``torch``: exact, blocked ``X[block] @ X.T`` + ``topk``, on CPU or CUDA. On the 2-core machines
   here it beats faiss-cpu by about 4x (DESIGN.md §5: faiss-cpu's bundled OpenBLAS misdetects the
   CPU; 50k x 512 self-kNN takes 93 s in faiss against 25 s in torch). We never set
   ``OPENBLAS_CORETYPE`` to work around that: we pick the faster backend instead.
-* ``faiss``: ``IndexFlatIP`` (exact), moved to the GPU when faiss was built with GPU support and a
-  GPU is visible; for very large inputs (more than :data:`IVF_MIN_ROWS` rows) an ``IndexIVFFlat``
-  (approximate, ``nprobe`` = :data:`IVF_NPROBE`), where exact search no longer pays.
+* ``faiss``: exact ``IndexFlatIP``, on the GPU when faiss was built with GPU support and sees one.
+* ``ivf``: approximate, an inverted file (IVF): spherical k-means (faiss) cuts the rows into
+  ``nlist`` lists; every row is stored in the list of its nearest centroid and searches the
+  ``nprobe`` lists whose centroids are nearest to it. The search runs list by list (all the rows
+  probing one list against that list's members: one matmul + ``topk`` in torch, on CPU or CUDA)
+  and merges into each row's running top ``k``; with ``nprobe = nlist`` it is exact.
 
-``backend="auto"`` picks faiss only when faiss has a GPU to run on; everywhere else it picks the
-exact torch search (on CUDA when ``device`` is ``cuda``).
+  Chosen by measurement (one thread, ``dds bench-index`` data, 100k x 512, 100 classes): this
+  search takes 20-24 s of CPU at recall@10 1.00, faiss ``IndexIVFFlat`` with the same lists 39 s
+  (train 11 + add 3 + search 25: its query-by-query scan is memory-bound, hence the list-major scan,
+  the idea of ``faiss.contrib.big_batch_search``), an HNSW graph (faiss ``IndexHNSWFlat``, M 16,
+  efConstruction 40) 36 s to build + 43 s to search at recall 0.92 (efSearch 64); exact search
+  ~265 s. IVF relies on cluster structure, which labelled image embeddings have: on a structureless
+  low-rank gaussian blob (20k rows) its recall is 0.57 at nprobe 16, where HNSW reaches 0.97.
+
+  Parameters, from ``N`` (rows searched) and ``D``: ``nlist = IVF_LISTS_PER_SQRT * sqrt(N)`` and
+  ``nprobe =`` :data:`IVF_NPROBE`. A row then costs ``nlist`` centroid products plus about
+  ``nprobe * N / nlist`` member products; their sum is smallest near ``nlist = sqrt(nprobe * N)``,
+  hence ``4 sqrt(N)`` for ``nprobe`` 16; both terms grow linearly in ``D``, so ``D`` moves the cost but
+  not the optimum. k-means trains on ``IVF_TRAIN_PER_LIST * nlist`` sampled rows for
+  :data:`IVF_NITER` iterations (seeded). Work is ``O(N^1.5 D)`` against ``O(N^2 D)`` exact: about
+  1e13 multiply-adds for ImageNet-1k's 1.28M x 512 (k-means, list choice and scan about a third
+  each) against 8e14. Memory: the rows are searched in place; the lists and running top ``k`` add
+  about ``N * (4 * nprobe + 3 * k) * 8`` bytes (0.9 GB at 1.28M).
+
+``backend="auto"`` is exact on every searched set of at most :data:`EXACT_MAX_ROWS` rows
+(:data:`EXACT_MAX_ROWS_CUDA` on CUDA, where exact search stays cheap much longer) and ``ivf`` above.
+Exact search runs in faiss when faiss has a GPU to run on and ``device`` is ``cuda``, else in torch
+(on CUDA when ``device`` is ``cuda``).
 
 Per-class search (``labels`` given) runs one search per class on that class's rows, so a sample's
-neighbours always share its label. A class (or dataset) with ``n <= k`` rows cannot give ``k``
-neighbours: the missing slots hold index ``-1`` and similarity ``nan``.
+neighbours always share its label; ``auto`` picks the method per class by the class's size. A class
+(or dataset) with ``n <= k`` rows cannot give ``k`` neighbours: the missing slots hold index ``-1``
+and similarity ``nan`` (``ivf`` also leaves slots empty when a row's probed lists hold fewer than
+``k`` other rows).
 """
 from __future__ import annotations
 
@@ -28,13 +53,17 @@ from dds.errors import DdsError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "faiss")
+BACKENDS = ("auto", "torch", "faiss", "ivf")
 #: Similarity-matrix elements per torch block (block rows x N); 2**25 float32 = 128 MiB.
 BLOCK_ELEMENTS = 1 << 25
-#: Above this many rows the faiss backend switches from exact IndexFlatIP to IndexIVFFlat.
-IVF_MIN_ROWS = 2_000_000
-#: Lists probed by the IVF index (of ``4 * sqrt(N)`` lists).
-IVF_NPROBE = 32
+#: ``auto`` searches sets of at most this many rows exactly on CPU (100k x 512: ~130 s on 2 cores) ...
+EXACT_MAX_ROWS = 100_000
+#: ... and on CUDA (an estimate: 1.28M x 512 exact is ~1e15 multiply-adds, about a minute on one GPU).
+EXACT_MAX_ROWS_CUDA = 2_000_000
+IVF_LISTS_PER_SQRT = 4  # nlist = 4 sqrt(N): 1265 lists for 100k rows, 4525 for 1.28M
+IVF_NPROBE = 16  # lists each row searches (recall@10 on bench-index's clustered data: 1.00 from 8 on)
+IVF_TRAIN_PER_LIST = 32  # k-means training rows per list (sampled) ...
+IVF_NITER = 10  # ... and iterations
 
 
 def faiss_gpu_available() -> bool:
@@ -46,26 +75,44 @@ def faiss_gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
 
 
-def resolve_backend(backend: str, device: str) -> str:
-    """The backend ``auto`` stands for on ``device`` (``cpu`` or ``cuda``); others are returned as given."""
+def resolve_backend(backend: str, device: str, n: int) -> str:
+    """The backend that searches ``n`` rows on ``device`` (``cpu`` or ``cuda``): ``auto`` resolved, others as given."""
     if backend not in BACKENDS:
         raise DdsError(f"unknown kNN backend '{backend}'; known: {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
+    if n > (EXACT_MAX_ROWS if device == "cpu" else EXACT_MAX_ROWS_CUDA):
+        return "ivf"
     # faiss only wins with a GPU; on CPU its bundled OpenBLAS is ~4x slower than torch here.
     return "faiss" if device != "cpu" and faiss_gpu_available() else "torch"
 
 
+def ivf_params(n: int) -> tuple[int, int]:
+    """``(nlist, nprobe)`` of the ``ivf`` search over ``n`` rows (module docstring)."""
+    nlist = max(1, min(n, int(round(IVF_LISTS_PER_SQRT * np.sqrt(n)))))
+    return nlist, min(IVF_NPROBE, nlist)
+
+
+def describe_backend(backend: str, device: str, n: int) -> str:
+    """The search :func:`knn` runs over ``n`` rows in words, e.g. ``ivf (approximate: 4525 lists, nprobe 16)``."""
+    chosen = resolve_backend(backend, device, n)
+    if chosen == "ivf":
+        nlist, nprobe = ivf_params(n)
+        return f"ivf (approximate: {nlist} lists, nprobe {nprobe})"
+    return f"{chosen} (exact)"
+
+
 def knn(x: np.ndarray, k: int, *, labels: np.ndarray | None = None, device: str = "cpu",
-        backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+        backend: str = "auto", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most similar rows of each row of ``x`` by inner product, the row itself excluded.
 
     Args:
         x: ``(N, D)`` float32, rows L2-normalised (inner product = cosine).
         k: neighbours per row (>= 1).
         labels: ``(N,)`` ints; when given, neighbours are searched only among rows of the same label.
-        device: ``cpu`` or ``cuda`` (where the torch backend computes).
-        backend: ``auto``, ``torch`` or ``faiss`` (see the module docstring).
+        device: ``cpu`` or ``cuda`` (where the torch and ivf backends compute).
+        backend: ``auto``, ``torch``, ``faiss`` or ``ivf`` (see the module docstring).
+        seed: seed of the ``ivf`` k-means (exact backends ignore it).
 
     Returns:
         ``(sims, idx)``: ``(N, k)`` float32 similarities, descending per row, and ``(N, k)`` int64
@@ -75,10 +122,16 @@ def knn(x: np.ndarray, k: int, *, labels: np.ndarray | None = None, device: str 
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise DdsError(f"embeddings must be a 2-D array (N, D), got shape {x.shape}")
-    chosen = resolve_backend(backend, device)
-    search = _search_faiss if chosen == "faiss" else _search_torch
+    resolve_backend(backend, device, len(x))  # rejects an unknown name before any work
+
+    def search(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        chosen = resolve_backend(backend, device, len(rows))
+        if chosen == "ivf":
+            return _search_ivf(rows, k, device, seed)
+        return (_search_faiss if chosen == "faiss" else _search_torch)(rows, k, device)
+
     if labels is None:
-        return search(x, k, device)
+        return search(x)
     labels = np.asarray(labels)
     if labels.shape != (len(x),):
         raise DdsError(f"labels must have shape ({len(x)},), got {labels.shape}")
@@ -86,37 +139,59 @@ def knn(x: np.ndarray, k: int, *, labels: np.ndarray | None = None, device: str 
     idx = np.full((len(x), k), -1, dtype=np.int64)
     for c in np.unique(labels):
         rows = np.flatnonzero(labels == c)
-        s, i = search(x[rows], k, device)
+        s, i = search(x[rows])
         sims[rows] = s
         idx[rows] = np.where(i >= 0, rows[np.maximum(i, 0)], -1)
     return sims, idx
 
 
-def _padded(n: int, k: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Output arrays for ``n`` rows and how many real neighbours each can have."""
+def _padded(m: int, k: int, n: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Output arrays for ``m`` query rows searched among ``n`` rows (``m`` by default), and how many
+    real neighbours each can have."""
+    n = m if n is None else n
     kk = min(k, n - 1)
     if kk < k:
         log.warning("only %d rows: %d of %d neighbour slots stay empty (-1 / nan)", n, k - max(kk, 0), k)
-    return np.full((n, k), np.nan, np.float32), np.full((n, k), -1, np.int64), max(kk, 0)
+    return np.full((m, k), np.nan, np.float32), np.full((m, k), -1, np.int64), max(kk, 0)
 
 
-def _search_torch(x: np.ndarray, k: int, device: str) -> tuple[np.ndarray, np.ndarray]:
-    """Exact blocked ``X @ X.T`` + ``topk`` in torch; the diagonal is masked to ``-inf``."""
+def exact_knn_rows(x: np.ndarray, rows: np.ndarray, k: int, *, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Exact ``k`` nearest neighbours of the rows ``rows`` of ``x`` among all of ``x``, each row itself excluded.
+
+    The reference :func:`knn`'s approximate search is measured against (``dds bench-index``).
+
+    Args:
+        x: ``(N, D)`` float32 L2-normalised rows.
+        rows: ``(m,)`` distinct row indices into ``x``, the queries.
+        k: neighbours per query.
+        device: ``cpu`` or ``cuda``.
+
+    Returns:
+        ``(sims, idx)``: ``(m, k)`` float32 and int64, as :func:`knn` returns them.
+    """
+    check_positive_int("k", k)
+    return _search_torch(np.ascontiguousarray(x, dtype=np.float32), k, device, rows=np.asarray(rows, np.int64))
+
+
+def _search_torch(x: np.ndarray, k: int, device: str, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact blocked ``X[rows] @ X.T`` + ``topk`` in torch (all rows by default); self is masked to ``-inf``."""
     import torch
 
     n = len(x)
-    sims, idx, kk = _padded(n, k)
+    queries = np.arange(n) if rows is None else rows
+    sims, idx, kk = _padded(len(queries), k, n)
     if kk == 0:
         return sims, idx
     dev = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
     xt = torch.from_numpy(x).to(dev)
+    q_all = torch.from_numpy(queries).to(dev)
     block = max(1, min(n, BLOCK_ELEMENTS // n))
     with torch.inference_mode():
-        for start in range(0, n, block):
-            stop = min(n, start + block)
-            s = xt[start:stop] @ xt.T  # (block, N)
-            rows = torch.arange(stop - start, device=dev)
-            s[rows, rows + start] = float("-inf")  # exclude self by index, so duplicates still count
+        for start in range(0, len(queries), block):
+            stop = min(len(queries), start + block)
+            q = q_all[start:stop]
+            s = xt[q] @ xt.T  # (block, N)
+            s[torch.arange(len(q), device=dev), q] = float("-inf")  # exclude self by index, so duplicates still count
             top_s, top_i = torch.topk(s, kk, dim=1)
             sims[start:stop, :kk] = top_s.cpu().numpy()
             idx[start:stop, :kk] = top_i.cpu().numpy()
@@ -124,18 +199,10 @@ def _search_torch(x: np.ndarray, k: int, device: str) -> tuple[np.ndarray, np.nd
 
 
 def _faiss_index(x: np.ndarray):
-    """An exact (or, for huge inputs, IVF) inner-product faiss index over ``x``, on GPU when possible."""
+    """An exact inner-product faiss index over ``x``, on GPU when possible."""
     import faiss
 
-    n, d = x.shape
-    if n > IVF_MIN_ROWS:
-        nlist = int(4 * np.sqrt(n))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(x)
-        index.nprobe = IVF_NPROBE
-        log.info("faiss IVF index: %d lists, nprobe %d (approximate)", nlist, IVF_NPROBE)
-    else:
-        index = faiss.IndexFlatIP(d)
+    index = faiss.IndexFlatIP(x.shape[1])
     if faiss_gpu_available():
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     index.add(x)
@@ -156,4 +223,63 @@ def _search_faiss(x: np.ndarray, k: int, device: str) -> tuple[np.ndarray, np.nd
     keep[np.arange(n), drop] = False
     sims[:, :kk] = s[keep].reshape(n, kk)
     idx[:, :kk] = i[keep].reshape(n, kk)
+    return sims, idx
+
+
+def _kmeans(x: np.ndarray, nlist: int, device: str, seed: int) -> np.ndarray:
+    """``(nlist, D)`` float32 unit centroids: faiss spherical k-means on a seeded sample of the rows."""
+    import faiss
+
+    rng = np.random.default_rng(seed)
+    sample = x[np.sort(rng.choice(len(x), min(len(x), IVF_TRAIN_PER_LIST * nlist), replace=False))]
+    km = faiss.Kmeans(x.shape[1], nlist, niter=IVF_NITER, spherical=True, seed=seed, min_points_per_centroid=1,
+                      gpu=device == "cuda" and faiss_gpu_available())
+    km.train(sample)
+    return km.centroids
+
+
+def _search_ivf(x: np.ndarray, k: int, device: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate search through an inverted file, scanned list by list in torch (module docstring)."""
+    import torch
+
+    n = len(x)
+    sims, idx, kk = _padded(n, k)
+    if kk == 0:
+        return sims, idx
+    nlist, nprobe = ivf_params(n)
+    dev = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
+    xt = torch.from_numpy(x).to(dev)
+    centroids = torch.from_numpy(_kmeans(x, nlist, device, seed)).to(dev)
+    log.info("ivf search over %d rows: %d lists, nprobe %d (approximate)", n, nlist, nprobe)
+    with torch.inference_mode():
+        block = max(1, BLOCK_ELEMENTS // nlist)
+        probe = torch.cat([torch.topk(xt[a:a + block] @ centroids.T, nprobe, dim=1).indices
+                           for a in range(0, n, block)])  # (N, nprobe) nearest lists, nearest first
+        home = probe[:, 0]  # the list that stores each row
+        members = torch.argsort(home, stable=True)  # rows grouped by home list, list l at m_at[l]:m_at[l + 1]
+        m_at = [0, *torch.bincount(home, minlength=nlist).cumsum(0).tolist()]
+        slot = torch.empty_like(members)  # each row's position within its home list
+        slot[members] = torch.arange(n, device=dev) - torch.tensor(m_at[:-1], device=dev)[home[members]]
+        probers = torch.argsort(probe.flatten(), stable=True) // nprobe  # rows grouped by the lists they probe
+        q_at = [0, *torch.bincount(probe.flatten(), minlength=nlist).cumsum(0).tolist()]
+        best_s = torch.full((n, kk), float("-inf"), device=dev)
+        best_i = torch.full((n, kk), -1, dtype=torch.int64, device=dev)
+        for lst in range(nlist):
+            m, q_all = members[m_at[lst]:m_at[lst + 1]], probers[q_at[lst]:q_at[lst + 1]]
+            if len(m) == 0:
+                continue
+            xm = xt[m]
+            chunk = max(1, BLOCK_ELEMENTS // len(m))
+            for a in range(0, len(q_all), chunk):
+                q = q_all[a:a + chunk]  # a row probes a list once, so q has no repeats
+                s = xt[q] @ xm.T
+                own = torch.nonzero(home[q] == lst)[:, 0]  # the rows stored in this list meet themselves
+                s[own, slot[q[own]]] = float("-inf")  # exclude self by index, so duplicates still count
+                top_s, top_j = torch.topk(s, min(kk, len(m)), dim=1)
+                merged_s, pick = torch.topk(torch.cat([best_s[q], top_s], dim=1), kk, dim=1)
+                best_s[q] = merged_s
+                best_i[q] = torch.cat([best_i[q], m[top_j]], dim=1).gather(1, pick)
+    found = torch.isfinite(best_s)
+    sims[:, :kk] = torch.where(found, best_s, float("nan")).cpu().numpy()
+    idx[:, :kk] = torch.where(found, best_i, -1).cpu().numpy()
     return sims, idx

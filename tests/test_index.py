@@ -61,20 +61,57 @@ def test_knn_duplicates_and_small_classes(backend):
     assert idx_c[3, 0] == -1 and (idx_c[4] == -1).all()  # singleton classes: no neighbours
 
 
-def test_knn_faiss_ivf_branch(monkeypatch):
+def test_knn_ivf_probing_every_list_is_exact(monkeypatch):
     from dds.pipeline import knn as knn_mod
 
-    monkeypatch.setattr(knn_mod, "IVF_MIN_ROWS", 100)  # IVF from 100 rows on ...
-    monkeypatch.setattr(knn_mod, "IVF_NPROBE", 10_000)  # ... probing every list, so still exact
-    x = _unit(np.random.default_rng(2).standard_normal((400, 8)))
-    sims, idx = knn(x, 3, backend="faiss")
-    ref_s, ref_i = _brute(x, 3)
-    np.testing.assert_array_equal(idx, ref_i)
+    monkeypatch.setattr(knn_mod, "IVF_NPROBE", 10_000)  # every list probed: the list-by-list scan is exhaustive
+    rng = np.random.default_rng(1)
+    x = _unit(rng.standard_normal((300, 8)))
+    sims, idx = knn(x, 4, backend="ivf")
+    ref_s, ref_i = _brute(x, 4)
+    assert knn_mod.ivf_params(300) == (69, 69)
     np.testing.assert_allclose(sims, ref_s, atol=1e-5)
+    np.testing.assert_array_equal(idx, ref_i)
+    x[7] = x[3]  # a duplicate is still a neighbour, only the row itself is excluded
+    _, idx = knn(x, 4, backend="ivf")
+    assert not (idx == np.arange(300)[:, None]).any() and idx[3, 0] == 7 and idx[7, 0] == 3
+    labels = rng.integers(0, 3, 300)
+    sims_c, idx_c = knn(x, 4, labels=labels, backend="ivf")
+    np.testing.assert_allclose(sims_c, _brute(x, 4, labels)[0], atol=1e-5)
+    assert (labels[idx_c] == labels[:, None]).all()
+
+
+def test_knn_ivf_few_lists_leave_empty_slots(monkeypatch):
+    from dds.pipeline import knn as knn_mod
+
+    x = _unit(np.array([[1, 0.01 * i] for i in range(6)] + [[0.01 * i, 1] for i in range(6)], np.float32))
+    monkeypatch.setattr(knn_mod, "ivf_params", lambda n: (2, 1))  # two lists of 6 rows, each searches its own
+    sims, idx = knn(x, 8, backend="ivf")
+    assert (idx[:, 5:] == -1).all() and np.isnan(sims[:, 5:]).all()  # 5 other rows per list, the rest empty
+    assert set(idx[0, :5]) == {1, 2, 3, 4, 5}
+
+
+def test_auto_is_exact_up_to_the_threshold_and_ivf_above(monkeypatch):
+    from dds.pipeline import knn as knn_mod
+
+    monkeypatch.setattr(knn_mod, "EXACT_MAX_ROWS", 50)
+    assert knn_mod.resolve_backend("auto", "cpu", 50) == "torch"
+    assert knn_mod.resolve_backend("auto", "cpu", 51) == "ivf"
+    assert knn_mod.resolve_backend("torch", "cpu", 10**7) == "torch"  # explicit backends are kept
+    assert knn_mod.describe_backend("auto", "cpu", 51).startswith("ivf (approximate: 29 lists, nprobe 16)")
+    calls = []
+    for name in ("_search_torch", "_search_ivf"):  # record which search runs on how many rows
+        real = getattr(knn_mod, name)
+        monkeypatch.setattr(knn_mod, name, lambda x, *a, _r=real, _n=name: calls.append((_n, len(x))) or _r(x, *a))
+    x = _unit(np.random.default_rng(0).standard_normal((80, 8)))
+    labels = np.arange(80) % 2  # two classes of 40 rows: exact within each, approximate globally
+    knn(x, 3, labels=labels)
+    knn(x, 3)
+    assert calls == [("_search_torch", 40), ("_search_torch", 40), ("_search_ivf", 80)]
 
 
 def test_knn_rejects_bad_input():
-    with pytest.raises(DdsError, match="unknown kNN backend 'annoy'"):
+    with pytest.raises(DdsError, match="unknown kNN backend 'annoy'; known: auto, torch, faiss, ivf"):
         knn(np.zeros((3, 2), np.float32), 1, backend="annoy")
     with pytest.raises(DdsError, match="k must be a positive integer"):
         knn(np.zeros((3, 2), np.float32), 0)
