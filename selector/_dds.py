@@ -1,6 +1,8 @@
 """``dds``: dynamic selection joined with augmentation (Yang et al., ICML 2025, arXiv 2505.03809).
 
-The "recommended reconstruction" of shared/research/paper-notes.md, sections 2.5-2.9:
+The "recommended reconstruction" of shared/research/paper-notes.md, sections 2.5-2.9, with the
+changes that won on ``val`` (optimistic unseen samples, a sharper draw, the linear loss term, no
+warm-up, no strong augmentation by default; README, "Tuning dds on val"):
 
 * epochs ``e < warmup_epochs``: full data, base augmentation, weight 1 (losses for every sample);
 * epochs ``e >= delta * E`` (annealing): full data, base augmentation, weight 1; with
@@ -9,16 +11,27 @@ The "recommended reconstruction" of shared/research/paper-notes.md, sections 2.5
   suppression, so we leave them out by default; set it false for the paper's behaviour);
 * pruned epochs in between: a class-balanced sample without replacement of the epoch size
   (class c gets ``size * N_c / N``, largest remainder), drawn with probability
-  ``pi_i ∝ eps + joint_i * lnorm_i ** loss_weight``, where ``lnorm`` is the per-sample training-loss
-  EMA min-max normalised over the observed non-noisy samples (unseen samples get the mean) and
-  ``eps`` is an exploration floor; ``pi`` of the ``noisy`` region is multiplied by
+  ``∝ pi_i ** sharpness``, ``pi_i = eps + joint_i ** prior_weight * lnorm_i ** loss_weight``, where
+  ``lnorm`` is the per-sample training-loss EMA min-max normalised over the observed non-noisy
+  samples; a sample never observed gets ``lnorm = 1`` with ``unseen='max'`` (optimistic: every
+  sample is tried in the first epochs, as a bandit tries every arm) or the mean with ``'mean'``;
+  ``eps`` is an exploration floor; ``sharpness > 1`` concentrates the draw on the largest ``pi``
+  (towards a greedy top-k, as ``ucb`` does); ``pi`` of the ``noisy`` region is multiplied by
   ``noisy_weight`` (0 = never selected while a class has enough other samples; a class short of
   them is topped up by other classes first, and only if all classes together are short do noisy
   samples fill the rest, at random);
-* strong augmentation (aug = 1) for the augmentation-suitable selected samples, never for noisy
-  ones: by default the top ``aug_fraction`` of the selection by ``joint`` (``strong_aug='top_q'``);
-  ``'region'`` = the selected samples of region ``augment``; ``'all'`` = every selected non-noisy
-  sample; ``'none'`` = selection only;
+* strong augmentation for the augmentation-suitable selected samples, never for suspects:
+  ``strong_aug='top_q'`` = the top ``aug_fraction`` of the selection by ``joint``; ``'region'`` =
+  the selected samples of region ``augment``; ``'all'`` = every selected clean sample; ``'none'`` =
+  selection only (the default: on Fashion-MNIST every strong-augmentation setting we measured on
+  ``val`` cost accuracy at 8 epochs and tied at 30; README, "Tuning dds on val"). Its magnitude is
+  per sample and per epoch (:func:`aug_codes`): the sample's suitability (its ``joint`` percentile
+  within its class: sparse and consistent samples get the strongest views) times the schedule's
+  ramp (:func:`augment_ramp`: growing over the pruned epochs, none in warm-up and annealing) times
+  ``aug_strength``, quantised to the plan codes 1..AUG_LEVELS;
+* the losses observed on strong views are deflated by their level's average inflation before they
+  enter the loss EMA (:func:`deflate_strong`), so augmentation alone does not raise a sample's
+  selection probability;
 * loss weights 1 by default; ``loss_rescale='const'`` gives ``N / size`` (the lab harness's 1/r),
   ``'is'`` the class-wise importance weight ``sum_c(pi) / (N_c * pi_i)``, clipped to ``is_clip``.
 

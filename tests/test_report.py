@@ -24,7 +24,8 @@ from dds.pipeline.audit import auroc, cleanlab_flags, flag_metrics, precision_re
 from dds.train import TrainConfig, run_train
 from dds.selector._core import capped_quotas
 from dds.train.export import coreset_weights, run_export, select_coreset, selection_stats
-from dds.train.report import budget_curve, class_rates, default_epoch, pick_examples, write_report
+from dds.train.report import (budget_curve, class_rates, default_epoch, pick_examples, suspects_by_epoch,
+                              write_report)
 from dds.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +100,8 @@ def runs(ws) -> list[str]:
 def test_report_writes_non_empty_figures_and_a_self_contained_page(ws, runs, tmp_path):
     result = write_report(ws, runs, tmp_path / "rep")
     names = sorted(Path(p).name for p in result["figures"])
-    assert names == ["class_rates.png", "curves.png", "examples.png", "joint.png"]
+    assert names == ["class_rates.png", "curves.png", "examples.png", "joint.png", "suspects.png"]
+    assert any("against the injected flips: precision" in n for n in result["notes"])   # the dds run's verdict
     for p in result["figures"]:
         data = Path(p).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -108,7 +110,7 @@ def test_report_writes_non_empty_figures_and_a_self_contained_page(ws, runs, tmp
         assert arr.shape[0] > 200 and arr.shape[1] > 200 and arr.std() > 5  # something drawn
     page = Path(result["html"]).read_text()
     refs = re.findall(r"""(?:src|href)\s*=\s*['"]([^'"]+)['"]""", page)
-    assert len(refs) == 4
+    assert len(refs) == 5
     for ref in refs:  # every reference is a data URI (or a file next to the page)
         assert ref.startswith("data:image/png;base64,") or (Path(result["html"]).parent / ref).exists()
     for ref in refs:
@@ -125,6 +127,18 @@ def test_report_errors_are_one_line(ws, runs, tmp_path):
         write_report(ws, runs[:1], tmp_path, epoch=7)
     res = CliRunner().invoke(app, ["report", "nope", "-w", str(ws.root), "--out", str(tmp_path)])
     assert isinstance(res.exception, DdsError) and "\n" not in str(res.exception)
+
+
+def test_suspects_by_epoch_hand_computed():
+    epoch = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    status = np.array(["relabel", "suppress", "clean", "clean", "relabel", "clean", "clean", "clean"])
+    flipped = np.array([True, False, True, False] * 2)
+    fixed_right = np.array([True, False, False, False, False, False, False, False])
+    out = suspects_by_epoch(epoch, status, flipped, fixed_right, 2)
+    assert out["relabel"].tolist() == [1, 1] and out["suppress"].tolist() == [1, 0]
+    assert np.allclose(out["precision"], [0.5, 1.0]) and np.allclose(out["recall"], [0.5, 0.5])
+    assert np.allclose(out["relabel_acc"], [1.0, 0.0])
+    assert set(suspects_by_epoch(epoch, status, None, None, 2)) == {"relabel", "suppress"}   # no truth: counts only
 
 
 def test_report_pure_cores():

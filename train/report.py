@@ -83,6 +83,39 @@ def class_rates(epoch: np.ndarray, label: np.ndarray, selected: np.ndarray, stro
     return sel.reshape(num_epochs, num_classes), stg.reshape(num_epochs, num_classes)
 
 
+def suspects_by_epoch(epoch: np.ndarray, status: np.ndarray, flipped: np.ndarray | None,
+                      fixed_right: np.ndarray | None, num_epochs: int) -> dict[str, np.ndarray]:
+    """Per epoch: how many samples were relabelled and suppressed and, where the truth is known
+    (noise injected by ``dds shard --label-noise``), how good that verdict was.
+
+    Args:
+        epoch: (R,) int epoch of each history row; status: (R,) str status of the row's sample.
+        flipped: (R,) bool, the sample's given label differs from ``label_orig`` (None: no truth).
+        fixed_right: (R,) bool, the sample's ``label_fixed`` equals ``label_orig`` (None: no truth).
+        num_epochs: E.
+
+    Returns:
+        (E,) arrays ``relabel``, ``suppress`` (counts) and, with the truth, ``precision`` and
+        ``recall`` of suspects (relabel or suppress) against the flips and ``relabel_acc``
+        (relabelled samples whose corrected label is the true one); NaN where undefined.
+    """
+    ep = np.asarray(epoch, np.int64)
+    relabel, suppress = status == "relabel", status == "suppress"
+    out = {"relabel": np.bincount(ep, weights=relabel, minlength=num_epochs).astype(np.int64),
+           "suppress": np.bincount(ep, weights=suppress, minlength=num_epochs).astype(np.int64)}
+    if flipped is None:
+        return out
+    suspect = relabel | suppress
+
+    def per_epoch(mask):
+        return np.bincount(ep, weights=mask, minlength=num_epochs)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["precision"] = per_epoch(suspect & flipped) / per_epoch(suspect)
+        out["recall"] = per_epoch(suspect & flipped) / per_epoch(flipped)
+        out["relabel_acc"] = per_epoch(relabel & fixed_right) / per_epoch(relabel)
+    return out
+
+
 def pick_examples(region: np.ndarray, values: dict[str, np.ndarray], per_region: int) -> dict[str, np.ndarray]:
     """Row positions of the ``per_region`` samples that stand for each region (see ``EXAMPLE_RANKING``).
 
@@ -229,6 +262,25 @@ def fig_class_rates(selected_rate: np.ndarray, strong_rate: np.ndarray, classes:
     return fig
 
 
+def fig_suspects(rows: dict[str, np.ndarray]):
+    """Suspects per epoch (counts) and, where the truth is known, precision / recall / relabel accuracy."""
+    plt = _plt()
+    quality = [k for k in ("precision", "recall", "relabel_acc") if k in rows]
+    fig, axes = plt.subplots(1, 2 if quality else 1, figsize=(11 if quality else 5.5, 3.5), squeeze=False)
+    x = np.arange(1, rows["relabel"].shape[0] + 1)
+    for key in ("relabel", "suppress"):
+        axes[0, 0].plot(x, rows[key], marker="o", label=key)
+    axes[0, 0].set(xlabel="epoch", ylabel="samples", title="suspected labels")
+    axes[0, 0].legend()
+    for key in quality:
+        axes[0, 1].plot(x, rows[key], marker="o", label=key)
+    if quality:
+        axes[0, 1].set(xlabel="epoch", ylim=(0, 1.02), title="against the injected flips")
+        axes[0, 1].legend()
+    fig.tight_layout()
+    return fig
+
+
 def fig_examples(grid: dict[str, list[tuple[bytes, str]]]):
     """One row per region: its example images (PNG bytes) with a caption each."""
     from PIL import Image
@@ -292,6 +344,9 @@ def _main_run_figures(ws: Workspace, run: dict[str, Any], *, epoch: int | None, 
     figs["class_rates"] = (_png(fig_class_rates(sel_rate, strong_rate, ws.dataset_info(dataset)["classes"])),
                            f"Per-class share selected and strongly augmented, per epoch ({run['run_id']}).")
     scores = load_scores(ws, dataset, encoder)
+    status = _read_status(ws, run["run_id"])
+    if status is not None:
+        figs["suspects"] = _suspects_figure(status, samples, scores, epochs_done, run["run_id"], notes)
     if scores is None:
         notes.append(f"no scores for {dataset} under encoder {encoder}: joint and example figures skipped "
                      f"(run `dds index {dataset} --encoder {encoder}`)")
@@ -318,6 +373,34 @@ def _main_run_figures(ws: Workspace, run: dict[str, Any], *, epoch: int | None, 
     if grid:
         figs["examples"] = (_png(fig_examples(grid)), "Example images per region (given label, prob_label).")
     return figs
+
+
+def _read_status(ws: Workspace, run_id: str):
+    """(epoch, key, status) history rows of a run whose selector kept a label verdict, else None."""
+    import pyarrow.dataset as pds
+
+    files = sorted((ws.run_dir(run_id) / "history").glob("*.parquet"))
+    table = pds.dataset([str(f) for f in files], format="parquet").to_table(columns=["epoch", "key", "status"])
+    frame = table.to_pandas()
+    return frame if frame["status"].notna().any() else None
+
+
+def _suspects_figure(status, samples, scores, epochs_done: int, run_id: str, notes: list[str]) -> tuple[bytes, str]:
+    rows = status.merge(samples[["key", "label", "label_orig"]], on="key", how="inner")
+    flipped = fixed_right = None
+    if (rows["label"] != rows["label_orig"]).any():   # noise was injected: the truth is known
+        flipped = (rows["label"] != rows["label_orig"]).to_numpy()
+        fixed = rows.merge(scores[["key", "label_fixed"]], on="key", how="left")["label_fixed"] if scores is not None \
+            and "label_fixed" in scores else rows["label"]
+        fixed_right = (fixed.to_numpy() == rows["label_orig"].to_numpy())
+    out = suspects_by_epoch(rows["epoch"].to_numpy(), rows["status"].to_numpy(), flipped, fixed_right, epochs_done)
+    last = {k: v[-1] for k, v in out.items()}
+    text = f"last epoch: {last['relabel']} relabelled, {last['suppress']} suppressed"
+    if flipped is not None:
+        text += (f"; against the injected flips: precision {last['precision']:.3f}, recall {last['recall']:.3f}, "
+                 f"relabel accuracy {last['relabel_acc']:.3f}")
+    notes.append(f"run {run_id}, {text}")
+    return _png(fig_suspects(out)), f"Suspected labels per epoch ({run_id}); {text}."
 
 
 def _html(runs: list[dict[str, Any]], figs: dict[str, tuple[bytes, str]], notes: list[str]) -> str:
