@@ -144,9 +144,9 @@ def main(argv: list[str] | None = None) -> float:
             opt.zero_grad(set_to_none=True)
             losses[idx] = per_sample.detach()                    # no host sync per batch
         seen = np.unique(plan.indices)
-        sel.observe(seen, losses[torch.from_numpy(seen)])        # once per epoch
+        sel.observe(seen, losses[torch.from_numpy(seen)], train.aug[seen])   # once per epoch, with the views' codes
         acc = accuracy(model, test)
-        print(f"epoch {epoch + 1}/{args.epochs}: {len(plan.indices)} samples ({int(plan.aug.sum())} strong), "
+        print(f"epoch {epoch + 1}/{args.epochs}: {len(plan.indices)} samples ({int(np.count_nonzero(plan.aug))} strong), "
               f"{len(seen)} losses observed, test acc {acc:.4f}, {time.perf_counter() - t0:.1f} s")
     print(f"budget spent {sel.spent() / (args.epochs * info.n):.3f} of {args.budget}")
     return acc

@@ -40,7 +40,8 @@ def train(out: Path, workspace: str) -> None:
     from dds.train import TrainConfig, run_train
     from dds.workspace import Workspace
 
-    cfg = TrainConfig(dataset="tiny", policy="dds", budget=0.5, epochs=3, model="cnn3", batch_size=16, seed=3)
+    cfg = TrainConfig(dataset="tiny", policy="dds", policy_options={"strong_aug": "top_q"}, budget=0.5, epochs=3,
+                      model="cnn3", batch_size=16, seed=3)
     result = run_train(Workspace(Path(workspace)), cfg, progress=False, stop_after=1)
     if init("cpu").is_main:
         (out / "run_id").write_text(result["run_id"])

@@ -142,7 +142,7 @@ def _history(ws: Workspace, run_id: str):
 
 def test_two_process_train_writes_one_history_and_resumes(tiny, tmp_path):
     common = ["train", "tiny", "--policy", "dds", "--budget", "0.5", "--epochs", "3", "-m", "cnn3",
-              "--batch-size", "16", "--seed", "3", "--nproc", "2", "--no-progress", "-w", str(tiny.root)]
+              "-o", "strong_aug=top_q", "--batch-size", "16", "--seed", "3", "--nproc", "2", "--no-progress", "-w", str(tiny.root)]
     _dds(*common)
     (run,) = query(tiny, "SELECT run_id, status, epochs_done, test_acc FROM runs").to_pylist()
     assert run["status"] == "done" and run["epochs_done"] == 3 and 0 <= run["test_acc"] <= 1
@@ -169,7 +169,8 @@ def _assert_single_process_plans(ws: Workspace, hist, sample_steps: list[int]) -
     the same samples, weights and augmentation every epoch, and the same sample-steps (plan + padding)."""
     from dds.train.data import load_sample_info
 
-    sel = Selector("dds", load_sample_info(ws, "tiny", "lite0-minilm"), epochs=3, budget=0.5, seed=3)
+    sel = Selector("dds", load_sample_info(ws, "tiny", "lite0-minilm"), epochs=3, budget=0.5, seed=3,
+                   strong_aug="top_q")
     keys = np.asarray(ws.split_samples("tiny", "train", ["key"])["key"], dtype=str)
     rows = hist.to_pandas()
     for epoch in range(3):
@@ -179,9 +180,9 @@ def _assert_single_process_plans(ws: Workspace, hist, sample_steps: list[int]) -
         assert len(set(planned)) == len(planned)  # no sample twice: the history's per-sample loss is exact
         assert sorted(got.index) == sorted(planned), f"epoch {epoch}: other samples than one process plans"
         np.testing.assert_allclose(got.loc[planned, "weight"].to_numpy(float), plan.weights, rtol=1e-6)
-        assert (got.loc[planned, "aug"] == "strong").tolist() == (plan.aug == 1).tolist()
+        assert (got.loc[planned, "aug"] == "strong").tolist() == (plan.aug >= 1).tolist()
         assert sample_steps[epoch] == 2 * part_size(len(plan.indices), 2)
-        sel.observe(plan.indices, got.loc[planned, "loss"].to_numpy(np.float32))
+        sel.observe(plan.indices, got.loc[planned, "loss"].to_numpy(np.float32), plan.aug)
 
 
 def test_two_process_embed_equals_single_process_and_resumes(tmp_path):

@@ -76,7 +76,7 @@ def test_stage_order_errors_are_one_line(tmp_path):
 
 def test_train_dds_and_query_history(ws):
     out = _dds("train", NAME, "--policy", "dds", "--budget", "0.5", "--epochs", "4", "--model", "cnn3",
-               "--device", "cpu", "-w", str(ws.root))
+               "--device", "cpu", "-o", "strong_aug=top_q", "-w", str(ws.root))
     run = q(ws, "SELECT run_id, status, budget_spent FROM runs WHERE policy = 'dds'")
     assert len(run) == 1 and run[0]["status"] == "done", out
     assert abs(run[0]["budget_spent"] - 0.5) <= 128 / (4 * 600)

@@ -18,6 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 NOISY, AUGMENT = REGIONS.index("noisy"), REGIONS.index("augment")
 CLASS_SIZES = (150, 120, 110, 90, 80, 50)          # unequal on purpose
 BUDGET = {"full": 1.0, "infobatch": 1.0}            # policies that spend what they spend
+PAPER = dict(warmup_epochs=1, loss_weight=0.5, prior_weight=1.0, unseen="mean", sharpness=1.0,
+             strong_aug="top_q")                    # dds as paper-notes reconstructs it (not the defaults)
 
 
 def make_info(class_sizes=CLASS_SIZES, noisy_fraction=0.1, seed=0, scores=True) -> SampleInfo:
@@ -135,7 +137,7 @@ def test_selection_is_class_balanced(policy):
 def test_dds_suppresses_noisy_samples_and_augments_only_selected_clean_ones():
     info = make_info(noisy_fraction=0.2)
     noisy = info.region == NOISY
-    sel = Selector("dds", info, epochs=8, budget=0.5, seed=0)
+    sel = Selector("dds", info, epochs=8, budget=0.5, seed=0, **PAPER)
     plans = run(sel)
     assert len(plans[0]) == info.n and not plans[0].aug.any() and (plans[0].weights == 1).all()  # warm-up
     for p in plans[1:7]:                                                  # pruned epochs
@@ -165,7 +167,8 @@ def test_dds_prefers_high_joint_and_high_loss():
     joint = np.where(np.arange(n) % 2 == 0, 1.0, 0.0).astype(np.float32)
     info = SampleInfo(labels=labels, num_classes=1, consistency=np.ones(n, np.float32), joint=joint,
                       region=np.ones(n, np.int8))
-    sel = Selector("dds", info, epochs=4, budget=0.5, seed=0, loss_weight=0.0, warmup_epochs=0, delta=1.0)
+    sel = Selector("dds", info, epochs=4, budget=0.5, seed=0, loss_weight=0.0, warmup_epochs=0, delta=1.0,
+                   prior_weight=1.0, sharpness=1.0)
     p = sel.plan(0)
     assert joint[p.indices].mean() > 0.85          # pi: 1.05 vs 0.05
     info = SampleInfo(labels=labels, num_classes=1, consistency=np.ones(n, np.float32),
@@ -185,7 +188,7 @@ def test_dds_loss_rescale_weights():
     sel = Selector("dds", info, epochs=4, budget=0.5, seed=0, loss_rescale="const", warmup_epochs=0, delta=1.0)
     p = sel.plan(0)
     assert np.allclose(p.weights, info.n / len(p))
-    sel = Selector("dds", info, epochs=4, budget=0.5, seed=0, loss_rescale="is", is_clip=1e9)
+    sel = Selector("dds", info, epochs=4, budget=0.5, seed=0, loss_rescale="is", is_clip=1e9, **PAPER)
     p = sel.plan(1)
     assert (p.weights > 0).all() and p.weights.std() > 0
     # importance weights undo the sampling bias: low-pi (low-joint) samples get the larger weights
@@ -193,7 +196,7 @@ def test_dds_loss_rescale_weights():
     assert np.corrcoef(pi, p.weights)[0, 1] < -0.5
     row = info.labels[p.indices] == info.labels[p.indices][0]
     assert np.allclose(p.weights[row] * pi[row], (p.weights[row] * pi[row])[0], rtol=1e-4)   # w ∝ 1 / pi within a class
-    clipped = Selector("dds", info, epochs=4, budget=0.5, seed=0, loss_rescale="is", is_clip=3.0).plan(1)
+    clipped = Selector("dds", info, epochs=4, budget=0.5, seed=0, loss_rescale="is", is_clip=3.0, **PAPER).plan(1)
     assert clipped.weights.max() <= 3.0
 
 
@@ -485,7 +488,7 @@ def test_dds_magnitude_follows_suitability_and_schedule_and_spares_suspects():
 def test_strong_augmentation_alone_does_not_raise_selection_probability():
     from dds.selector._dds import deflate_strong
     info = make_info()
-    kw = dict(epochs=6, budget=0.5, seed=1, warmup_epochs=0, delta=1.0, unseen="max", sharpness=4.0)
+    kw = dict(epochs=6, budget=0.5, seed=1, delta=1.0, strong_aug="top_q")
     honest, inflated, naive = (Selector("dds", info, **kw) for _ in range(3))
     for e in range(5):
         p = honest.plan(e)
@@ -501,3 +504,20 @@ def test_strong_augmentation_alone_does_not_raise_selection_probability():
     losses, aug = np.array([1.0, 2.0, 3.0, 6.0], np.float32), np.array([0, 0, 1, 1], np.uint8)
     assert np.allclose(deflate_strong(losses, aug), [1.0, 2.0, 1.0, 2.0])   # level 1 inflates 3x on average
     assert np.array_equal(deflate_strong(losses, np.ones(4, np.uint8)), losses)   # nothing to compare with
+
+
+def test_dds_defaults_are_the_ones_the_readme_tuning_table_picked():
+    import re
+
+    from dds.selector import DdsConfig
+    from dds.train.bench import parse_entry
+    readme = (REPO / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if "the defaults)" in line and line.startswith("| **selection"))
+    picked = dict(kv.split("=") for kv in re.findall(r"`([^`]+)`", row)[0].split())
+    cfg = DdsConfig()
+    assert cfg.strong_aug == "none" and cfg.warmup_epochs == 0          # "selection only", no warm-up
+    for key, value in picked.items():
+        assert str(getattr(cfg, key)) in (value, str(float(value)) if value[0].isdigit() else value), key
+    paper = re.search(r"The paper's reconstruction \(paper-notes §3\) is `(.+?)`\.", readme, re.S).group(1)
+    _, options = parse_entry("dds:" + ":".join(re.findall(r"-o (\S+)", paper)))
+    assert DdsConfig(**options) != cfg and set(options) >= set(picked)

@@ -105,7 +105,8 @@ def test_lr_reaches_its_final_value_at_the_last_step(ws, policy):
 
 
 def test_resume_repeats_an_uninterrupted_run(ws):
-    cfg = _cfg(policy="dds", epochs=3)  # the policy with the most state: loss EMAs, strong augmentation
+    # the policy with the most state: loss EMAs, strong augmentation
+    cfg = _cfg(policy="dds", epochs=3, policy_options={"strong_aug": "top_q"})
     full = run_train(ws, cfg, progress=False)
     part = run_train(ws, cfg, progress=False, stop_after=2)
     assert part["status"] == "stopped" and part["epochs_done"] == 2
