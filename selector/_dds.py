@@ -58,8 +58,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from dds.errors import DdsError
-from dds.selector._base import (AUG_LEVELS, LossPolicy, AUGMENT, NOISY, RELABEL, SUPPRESS, EpochPlan, anneal_start, check_bool,
-                                check_int, check_real, make_plan, register_policy)
+from dds.selector._base import (AUG_LEVELS, AUGMENT, NOISY, RELABEL, SUPPRESS, EpochPlan, LossPolicy, anneal_start,
+                                check_bool, check_int, check_real, make_plan, register_policy)
 from dds.selector._core import (ClassLayout, LossEma, capped_quotas, even_sizes, sampling_keys, shuffle_order,
                                 shuffle_values, shuffled, top_k_mask, uniform_keys)
 
@@ -81,7 +81,7 @@ class DdsConfig:
     warmup_epochs: int = 0              # first epochs on the full data, base augmentation, weight 1
     delta: float = 0.875                # annealing: epochs >= delta * epochs on the full data (1.0 = none)
     anneal_exclude_noisy: bool = True   # leave the 'noisy' region out of the annealing epochs
-    eps: float = 0.05                   # exploration floor in pi = eps + joint * loss term
+    eps: float = 0.05                   # exploration floor in pi = eps + joint**a * loss term
     loss_weight: float = 1.0            # exponent c on the normalised loss EMA (0 = loss signal off)
     loss_momentum: float = 0.5          # EMA momentum of each sample's training loss (weight of the old value)
     noisy_weight: float = 0.0           # factor on pi of the 'noisy' region in pruned epochs (0 = suppressed)
@@ -90,7 +90,7 @@ class DdsConfig:
     sharpness: float = 4.0              # tau: samples drawn with probability ∝ pi**tau (large = greedy top-pi)
     strong_aug: str = "none"            # who gets strong augmentation: none | top_q | region | all
     aug_fraction: float = 0.5           # q: share of each pruned selection augmented when strong_aug = top_q
-    aug_strength: float = 1.0           # largest strong-augmentation magnitude (see aug_magnitude)
+    aug_strength: float = 1.0           # largest strong-augmentation magnitude in [0, 1] (see aug_codes)
     loss_rescale: str = "none"          # pruned-epoch loss weights: none (1) | const (N/size) | is (importance)
     is_clip: float = 5.0                # upper clip of the importance weights (loss_rescale = is)
     noise_handling: str = "relabel"     # label verdict: relabel (train on label_fixed) | suppress | off
