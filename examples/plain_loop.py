@@ -31,6 +31,7 @@ from dds.pipeline.sources import parse_idx
 from dds.selector import SampleInfo, Selector, encode_regions
 from dds.selector.torch import PlanSampler, weighted_mean
 from dds.train.augment import Augmenter
+from dds.train.bench import parse_entry
 
 ROOT = Path("/usr/share/datasets/fashion-mnist")
 
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--workspace", help="a dds workspace with scores (optional)")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--encoder", default="lite0-minilm")
+    p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a policy option, e.g. -o strong_aug=top_q (repeatable; values as in dds train -o)")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     images, labels = read_idx("train")
@@ -130,7 +133,8 @@ def main(argv: list[str] | None = None) -> float:
 
     model = make_model(1, images.shape[-1], info.num_classes)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    sel = Selector(args.policy, info, epochs=args.epochs, budget=args.budget, seed=args.seed)
+    _, options = parse_entry(":".join([args.policy, *args.option]))
+    sel = Selector(args.policy, info, epochs=args.epochs, budget=args.budget, seed=args.seed, **options)
     losses = torch.zeros(info.n)  # (N,) last loss of each sample this epoch, kept where the loss is
     for epoch in range(args.epochs):
         t0 = time.perf_counter()

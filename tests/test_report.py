@@ -332,9 +332,9 @@ def test_example_plain_loop_learns_without_scores():
 
 def test_example_plain_loop_reads_dds_scores(ws):
     out = _example("--limit", "64", "--epochs", "3", "--policy", "dds", "--workspace", str(ws.root),
-                   "--dataset", "tiny", "--encoder", ENC, "--batch-size", "16")
+                   "--dataset", "tiny", "--encoder", ENC, "--batch-size", "16", "-o", "strong_aug=top_q")
     rows = _epochs(out)
     assert len(rows) == 3 and all(0 < r["observed"] <= r["planned"] for r in rows)
-    assert sum(r["strong"] for r in rows) > 0  # the augment region is strongly augmented
+    assert sum(r["strong"] for r in rows) > 0  # -o strong_aug=top_q: the most suitable are strongly augmented
     spent = float(re.search(r"budget spent ([0-9.]+)", out).group(1))
     assert spent == pytest.approx(sum(r["planned"] for r in rows) / (3 * 64), abs=1e-3)
