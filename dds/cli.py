@@ -388,20 +388,33 @@ def bench_train(
     batch_size: int = typer.Option(128, "--batch-size", "-b", help="Training batch size."),
     samples: int = typer.Option(4096, "--samples", help="Train samples per timed loop epoch."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Cached split (RAM) or streaming from the shards."),
+    prefetch: int = typer.Option(2, "--prefetch", help="Batches built ahead in the 'prefetch on' loop row."),
+    repeats: int = typer.Option(2, "--repeats", help="Interleaved repeats of each measurement (best kept)."),
+    bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="Also time the bare step under bf16 autocast on cpu "
+                                                             "(several times slower there; a quarter of the steps)."),
     device: str = DeviceOpt,
     workspace: Optional[str] = WorkspaceOpt,
 ) -> None:
-    """Trainer img/s side by side in one process: bare model step (fp32/bf16, contiguous/channels_last) vs dds train's loop."""
+    """Trainer img/s side by side in one process: bare model step (fp32/bf16, contiguous/channels_last) vs dds
+    train's loop with prefetch off and on (data wait = share of the loop's time spent waiting for batches)."""
     from dds.train.bench import bench_train as run
 
-    rows = run(_ws(workspace), name, model=model, batch_size=batch_size, samples=samples, cache=cache, device=device)
-    header = ("what", "channels_last", "bf16", "img/s", "data share", "vs bare")
-    lines = [(r["what"], str(r["channels_last"]), str(r["bf16"]), f"{r['img_s']:.1f}",
-              "-" if r["data_share"] is None else f"{r['data_share']:.3f}",
+    rows = run(_ws(workspace), name, model=model, batch_size=batch_size, samples=samples, cache=cache, device=device,
+               prefetch=prefetch, repeats=repeats, bf16=bf16)
+    header = ("what", "channels_last", "bf16", "steps", "img/s", "data wait", "vs bare")
+
+    def what(r) -> str:
+        return "bare step" if r["what"] == "bare" else f"loop, prefetch {r['prefetch'] or 'off'}"
+
+    lines = [(what(r), str(r["channels_last"]), str(r["bf16"]), str(r["steps"]), f"{r['img_s']:.1f}",
+              "-" if r["data_share"] is None else f"{100 * r['data_share']:.1f} %",
               "-" if r["vs_bare"] is None else f"{r['vs_bare']:.3f}") for r in rows]
     widths = [max(len(x) for x in col) for col in zip(header, *lines)]
     for ln in [header, *lines]:
         typer.echo("  ".join(x.ljust(w) for x, w in zip(ln, widths)))
+    off, on = (next(r for r in rows if r["what"] == "loop" and bool(r["prefetch"]) is flag) for flag in (False, True))
+    typer.echo(f"loop img/s, prefetch on / off: {on['img_s'] / off['img_s']:.3f}   "
+               "(vs bare: over the bare step with the trainer's settings)")
 
 
 @app.command("bench-embed")

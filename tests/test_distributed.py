@@ -180,7 +180,7 @@ def _assert_single_process_plans(ws: Workspace, hist, sample_steps: list[int]) -
         assert len(set(planned)) == len(planned)  # no sample twice: the history's per-sample loss is exact
         assert sorted(got.index) == sorted(planned), f"epoch {epoch}: other samples than one process plans"
         np.testing.assert_allclose(got.loc[planned, "weight"].to_numpy(float), plan.weights, rtol=1e-6)
-        assert (got.loc[planned, "aug"] == "strong").tolist() == (plan.aug >= 1).tolist()
+        assert (got.loc[planned, "aug"] == "strong").tolist() == (plan.aug >= 1).tolist()  # codes 1..AUG_LEVELS: strong
         assert sample_steps[epoch] == 2 * part_size(len(plan.indices), 2)
         sel.observe(plan.indices, got.loc[planned, "loss"].to_numpy(np.float32), plan.aug)
 

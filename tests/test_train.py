@@ -156,6 +156,150 @@ def test_streaming_and_cache_yield_the_same_batches(ws):
         assert torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
 
 
+def _seeded_global(aug: Augmenter, image, code, seed):
+    """The recipe the Augmenter used before prefetching: seed torch's global generator, transform, restore."""
+    state = torch.get_rng_state()
+    try:
+        torch.manual_seed(int(seed))
+        return aug.transforms[int(code)](image)
+    finally:
+        torch.set_rng_state(state)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_augmenter_draws_from_its_own_generator_even_while_another_thread_draws(channels):
+    """Bit for bit the images of the global-generator recipe, for every aug code, without touching the global
+    generator; and the same while the main thread keeps drawing from it (as dropout in a training step would)."""
+    import threading
+
+    aug = Augmenter(16, channels=channels)
+    image = torch.randint(0, 256, (channels, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    jobs = [(code, int(seed)) for code in range(AUG_LEVELS + 1) for seed in epoch_aug_seeds(3, 0, 8)]
+    expected = [_seeded_global(aug, image, c, s) for c, s in jobs]
+    assert any(not torch.equal(expected[0], e) for e in expected[1:])
+    before = torch.get_rng_state()
+    assert all(torch.equal(aug(image, c, s), e) for (c, s), e in zip(jobs, expected))
+    assert torch.equal(torch.get_rng_state(), before)   # never read nor advanced: nothing escapes to it
+    got, stop = [], threading.Event()
+    worker = threading.Thread(target=lambda: (got.extend(aug(image, c, s) for c, s in jobs * 2), stop.set()))
+    torch.manual_seed(0)
+    draws = 0
+    worker.start()
+    while not stop.is_set():   # the main thread draws from the global generator all along
+        torch.rand(8)
+        draws += 1
+    worker.join()
+    after = torch.get_rng_state()
+    assert draws > 0 and len(got) == 2 * len(jobs)
+    assert all(torch.equal(g, e) for g, e in zip(got, expected * 2))
+    torch.manual_seed(0)
+    for _ in range(draws):
+        torch.rand(8)
+    assert torch.equal(torch.get_rng_state(), after)   # nor was the main thread's stream disturbed
+
+
+def _strong_plan(n: int, m: int, epoch: int = 1):
+    from dds.selector._base import make_plan
+
+    rng = np.random.default_rng(4)
+    return make_plan(epoch, rng.choice(n, m), weights=rng.random(m), aug=np.arange(m) % (AUG_LEVELS + 1))
+
+
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("distributed", [False, True])
+def test_prefetch_yields_the_plain_batches_in_order(ws, cache, distributed):
+    """Prefetched batches (strong codes 1..AUG_LEVELS included) equal the training thread's own, while the consumer
+    draws from the global generator between batches."""
+    from dds.distributed import part_positions
+    from dds.train.data import Prefetcher
+
+    split = open_split(ws, "tiny", "train", cache=cache)
+    plan = _strong_plan(N_TRAIN, 45)   # indices with repeats; 45: a short last batch
+    assert set(plan.aug.tolist()) == set(range(AUG_LEVELS + 1))
+    positions = part_positions(45, 1, 2) if distributed else None
+    aug = Augmenter(SIZE)
+
+    def batches():
+        return split.plan_batches(plan, seed=5, augmenter=aug, batch_size=8, positions=positions)
+
+    plain = list(batches())
+    torch.manual_seed(0)
+    with Prefetcher(batches(), depth=2) as feed:
+        fetched = []
+        for b in feed:
+            fetched.append(b)
+            torch.rand(100)   # as a training step with dropout would
+    assert len(plain) == len(fetched) == (3 if distributed else 6)
+    for x, y in zip(plain, fetched, strict=True):
+        assert x["__key__"] == y["__key__"]
+        for name in ("image", "label", "index", "weight", "aug"):
+            assert torch.equal(x[name], y[name]), name
+    assert set(torch.cat([b["aug"] for b in fetched]).tolist()) == set(range(AUG_LEVELS + 1))
+
+
+def test_prefetch_raises_producer_errors_in_the_consumer_and_stops_its_thread():
+    import threading
+    import time
+
+    from dds.train.data import Prefetcher
+
+    class Broken(Exception):
+        pass
+
+    def items():
+        yield from range(3)
+        raise Broken("batch 3")
+
+    with Prefetcher(items(), depth=2) as feed:
+        got = []
+        with pytest.raises(Broken, match="batch 3"):
+            for x in feed:
+                got.append(x)
+    assert got == [0, 1, 2] and not feed._thread.is_alive()
+
+    closed = threading.Event()
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.set()
+
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):   # the consumer stops early: the thread ends, nothing hangs
+        with Prefetcher(endless(), depth=2) as feed:
+            assert next(feed) == 0 and next(feed) == 1
+            raise KeyboardInterrupt
+    assert not feed._thread.is_alive() and closed.is_set() and time.perf_counter() - t0 < 5
+    with pytest.raises(ValueError):
+        Prefetcher([], depth=0)
+
+
+def test_prefetch_trains_the_same_epoch_as_the_training_thread(ws):
+    from dds.train.loop import _train_epoch
+
+    train = open_split(ws, "tiny", "train")
+    plan = _strong_plan(N_TRAIN, 40)
+    out = {}
+    for prefetch in (0, 2):
+        torch.manual_seed(0)
+        model = create_model("cnn3", CLASSES, 1, SIZE)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses, timing = _train_epoch(model, opt, train, plan, cfg=_cfg(prefetch=prefetch), device=torch.device("cpu"),
+                                      augmenter=Augmenter(SIZE), steps_done=0, total_steps=10, progress=False)
+        out[prefetch] = losses, [p.detach().clone() for p in model.parameters()]
+        assert timing["data_s"] >= 0 and timing["compute_s"] > 0
+    assert torch.equal(out[0][0], out[2][0])
+    assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[2][1]))
+    with pytest.raises(DdsError, match="prefetch must be at least 0"):
+        _cfg(prefetch=-1).validate()
+    with pytest.raises(DdsError, match="prefetch must be an integer"):
+        _cfg(prefetch=1.5).validate()
+
+
 def test_no_test_split_is_an_error(tmp_path):
     ws = Workspace(tmp_path)
     write_dataset(ws, "trainonly", {"train": 16})
@@ -412,14 +556,19 @@ def test_cli_train_prints_the_run_id_refuses_resume_mismatch_and_hints_on_ctrl_c
 def test_bench_train_reports_bare_step_and_loop_side_by_side(ws):
     from dds.train.bench import bench_train
 
-    rows = bench_train(ws, "tiny", model="cnn3", batch_size=16, samples=32, device="cpu", repeats=1)
+    rows = bench_train(ws, "tiny", model="cnn3", batch_size=8, samples=64, device="cpu", repeats=1)
     bare = [r for r in rows if r["what"] == "bare"]
     assert {(r["channels_last"], r["bf16"]) for r in bare} == {(True, False), (False, False), (True, True), (False, True)}
-    loop = rows[-1]
-    assert loop["what"].startswith("loop") and loop["channels_last"] and not loop["bf16"]
-    assert 0 < loop["data_share"] < 1 and all(r["img_s"] > 0 for r in rows)
+    # fp32: as many steps as the loop; bf16 (several times slower on cpu): a quarter of them, at least 3
+    assert {r["steps"] for r in bare if not r["bf16"]} == {8} and {r["steps"] for r in bare if r["bf16"]} == {3}
+    loops = [r for r in rows if r["what"] == "loop"]
+    assert [r["prefetch"] for r in loops] == [0, 2] and rows[-2:] == loops
     mine = next(r for r in bare if r["channels_last"] and not r["bf16"])
-    assert loop["vs_bare"] == pytest.approx(loop["img_s"] / mine["img_s"], rel=1e-2)
+    for loop in loops:
+        assert loop["channels_last"] and not loop["bf16"] and loop["steps"] == 8
+        assert 0 <= loop["data_share"] < 1 and loop["img_s"] > 0
+        assert loop["vs_bare"] == pytest.approx(loop["img_s"] / mine["img_s"], rel=1e-2)
+    assert all(r["img_s"] > 0 for r in rows)
 
 
 def test_relabelled_samples_train_on_the_corrected_label_and_history_records_it(tmp_path):

@@ -280,20 +280,27 @@ def _append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
 
 
 def bench_train(ws: Workspace, name: str, *, model: str = "resnet20", batch_size: int = 128, samples: int = 4096,
-                cache: bool = True, device: str = "auto", repeats: int = 2) -> list[dict[str, Any]]:
+                cache: bool = True, device: str = "auto", repeats: int = 2, prefetch: int = 2,
+                bf16: bool = True) -> list[dict[str, Any]]:
     """Trainer throughput, side by side in one process: the bare step against ``dds train``'s epoch loop.
 
     * bare step: forward + backward + SGD step on one fixed batch already on the device, for each
-      variant of memory format (contiguous / channels_last) and, on CPU, bf16 autocast;
+      variant of memory format (contiguous / channels_last) and, on CPU (unless ``bf16`` is
+      False), bf16 autocast; as many steps as the loop takes (at least 3). The CPU bf16 variants run
+      several times slower and the trainer does not use them there: they are shown for reference,
+      with a quarter of the steps (at least 3), measured once whatever ``repeats``;
     * loop: :func:`dds.train.loop._train_epoch` on a plan of ``samples`` train samples (base
-      augmentation) with the trainer's own settings, split into data seconds (batch assembly,
-      augmentation, copy) and compute seconds.
+      augmentation) with the trainer's own settings, once with batches built in the training
+      thread (prefetch 0) and once with ``prefetch`` batches built ahead in a background thread;
+      ``data_share`` is the share of the loop's time the training thread waited for batches.
 
-    Every measurement runs ``repeats`` times, interleaved, after a warm-up; the best rate is kept.
+    Every measurement runs ``repeats`` times, interleaved, after a warm-up (one step per bare variant,
+    two batches of the loop); the best rate is kept.
 
     Returns:
-        One dict per measurement: what ("bare" / "loop"), channels_last, bf16, img_s, data_share
-        (loop only), vs_bare (loop img/s over the bare step with the trainer's settings).
+        One dict per measurement: what ("bare" / "loop"), channels_last, bf16, prefetch (loop only),
+        steps, img_s, data_share (loop only), vs_bare (loop img/s over the bare step with the
+        trainer's settings).
     """
     import torch
     import torch.nn.functional as F
@@ -306,28 +313,37 @@ def bench_train(ws: Workspace, name: str, *, model: str = "resnet20", batch_size
 
     check_positive_int("samples", samples)
     check_positive_int("batch_size", batch_size)
+    check_positive_int("prefetch", prefetch)
+    check_positive_int("repeats", repeats)
     dev = resolve_device(device)
     info = ws.dataset_info(name)
     train = open_split(ws, name, "train", cache=cache)
     m = min(samples, train.n)
     plan = make_plan(0, np.random.default_rng(0).permutation(train.n)[:m])
-    cfg = TrainConfig(dataset=name, model=model, batch_size=batch_size, epochs=1, device=device, cache=cache).validate()
+    cfgs = {p: TrainConfig(dataset=name, model=model, batch_size=batch_size, epochs=1, device=device, cache=cache,
+                           prefetch=p).validate() for p in (0, prefetch)}
+    cfg = cfgs[0]
+    augmenter = Augmenter(train.image_size, train.channels)
     mean, std = channel_stats(train.mean, train.std, dev)
     first = next(iter(train.eval_batches(batch_size)))
     x0, y0 = normalize(first["image"].to(dev), mean, std), first["label"].to(dev)
+    loop_steps = math.ceil(m / batch_size)
 
     def new_model(channels_last: bool):
         net = create_model(model, len(info["classes"]), int(info["channels"]), int(info["image_size"]))
         net.to(device=dev, memory_format=_memory_format(dev, channels_last))
         return net, torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, nesterov=True)
 
-    def bare(channels_last: bool, bf16: bool) -> float:
+    def bare_steps(half: bool) -> int:
+        full = max(3, loop_steps)
+        return max(3, full // 4) if half and dev.type == "cpu" else full
+
+    def bare(channels_last: bool, half: bool) -> float:
         net, opt = new_model(channels_last)
         x = x0.contiguous(memory_format=_memory_format(dev, channels_last))
-        steps = max(3, m // batch_size)
 
         def step():
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=half):
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), y0)
             opt.zero_grad(set_to_none=True)
@@ -336,31 +352,36 @@ def bench_train(ws: Workspace, name: str, *, model: str = "resnet20", batch_size
 
         step()
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(bare_steps(half)):
             step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        return steps * len(y0) / (time.perf_counter() - t0)
+        return bare_steps(half) * len(y0) / (time.perf_counter() - t0)
 
-    def loop() -> tuple[float, float]:
+    def loop(p: int, epoch_plan=plan) -> tuple[float, float]:
         net, opt = new_model(cfg.channels_last)
-        _, t = _train_epoch(net, opt, train, plan, cfg=cfg, device=dev, augmenter=Augmenter(train.image_size, train.channels),
+        _, t = _train_epoch(net, opt, train, epoch_plan, cfg=cfgs[p], device=dev, augmenter=augmenter,
                             steps_done=0, total_steps=10 ** 9, progress=False)
-        return m / (t["data_s"] + t["compute_s"]), t["data_s"] / (t["data_s"] + t["compute_s"])
+        spent = t["data_s"] + t["compute_s"]
+        return len(epoch_plan.indices) / spent, t["data_s"] / spent
 
-    variants = [(True, False), (False, False)] + ([(True, True), (False, True)] if dev.type == "cpu" else [])
+    variants = [(True, False), (False, False)] + ([(True, True), (False, True)] if dev.type == "cpu" and bf16 else [])
     best: dict[Any, float] = {}
-    share = 0.0
-    loop()  # warm-up of the loop path (allocator, kernels)
-    for _ in range(max(1, repeats)):
+    share: dict[int, float] = {}
+    loop(0, make_plan(0, plan.indices[:2 * batch_size]))  # warm-up of the loop path (allocator, kernels)
+    for r in range(repeats):
         for v in variants:
-            best[v] = max(best.get(v, 0.0), bare(*v))
-        rate, s = loop()
-        if rate > best.get("loop", 0.0):
-            best["loop"], share = rate, s
+            if r == 0 or not v[1]:  # bf16 variants: once
+                best[v] = max(best.get(v, 0.0), bare(*v))
+        for p in cfgs:
+            rate, s = loop(p)
+            if rate > best.get(("loop", p), 0.0):
+                best[("loop", p)], share[p] = rate, s
     mine = (cfg.channels_last and dev.type == "cpu", cfg.amp and dev.type == "cuda")
-    rows = [{"what": "bare", "channels_last": cl, "bf16": bf, "img_s": round(best[(cl, bf)], 1), "data_share": None,
-             "vs_bare": None} for cl, bf in variants]
-    rows.append({"what": "loop (dds train)", "channels_last": mine[0], "bf16": mine[1], "img_s": round(best["loop"], 1),
-                 "data_share": round(share, 3), "vs_bare": round(best["loop"] / best.get(mine, best[variants[0]]), 3)})
+    ref = best.get(mine, best[variants[0]])
+    rows = [{"what": "bare", "channels_last": cl, "bf16": bf, "prefetch": None, "steps": bare_steps(bf),
+             "img_s": round(best[(cl, bf)], 1), "data_share": None, "vs_bare": None} for cl, bf in variants]
+    rows += [{"what": "loop", "channels_last": mine[0], "bf16": mine[1], "prefetch": p, "steps": loop_steps,
+              "img_s": round(best[("loop", p)], 1), "data_share": round(share[p], 3),
+              "vs_bare": round(best[("loop", p)] / ref, 3)} for p in cfgs]
     return rows

@@ -5,7 +5,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from dds._validate import check_choice, check_fraction, check_positive_int
+from dds._validate import check_choice, check_fraction, check_min_int, check_positive_int
 from dds.errors import DdsError
 
 SCHEDULES = ("cosine", "constant")
@@ -41,6 +41,7 @@ class TrainConfig:
     eval_every: int = 1  # evaluate on eval_split every this many epochs (and always after the last)
     eval_batch_size: int = 512  # samples per evaluation batch
     num_threads: int | None = None  # torch CPU threads (None = torch's default)
+    prefetch: int = 2  # batches a background thread assembles ahead of the training step (0 = in the training thread)
 
     def validate(self) -> "TrainConfig":
         """Check the values that need no registry; raises DdsError with one sentence. Returns self."""
@@ -52,6 +53,9 @@ class TrainConfig:
         check_positive_int("eval_every", self.eval_every)
         check_positive_int("eval_batch_size", self.eval_batch_size)
         check_positive_int("num_threads", self.num_threads)
+        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int):
+            raise DdsError(f"prefetch must be an integer (batches ahead, 0 = off), got {self.prefetch!r}")
+        check_min_int("prefetch", self.prefetch, 0, "batches ahead, 0 = off")
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("eval_split", self.eval_split, EVAL_SPLITS)
         check_choice("device", self.device, DEVICES)

@@ -8,11 +8,15 @@ with the sample ``__key__`` kept in every dict (STYLE rule 7)::
 The in-memory cache (:class:`CachedSplit`) decodes every sample of the split once into a uint8
 tensor ``(N, C, H, W)`` ordered by ``samples.idx`` and feeds the same ``augment -> batched`` tail,
 so both paths yield identical batches for a plan.
+
+:class:`Prefetcher` runs such a pipeline in a background thread a few batches ahead of the trainer.
 """
 from __future__ import annotations
 
 import io
 import logging
+import queue
+import threading
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -121,6 +125,104 @@ def decode_png(data: bytes, channels: int, image_size: int) -> torch.Tensor:
     if image.shape[-2:] != (image_size, image_size):
         image = F.center_crop(F.resize(image, image_size, antialias=True), [image_size, image_size])
     return image.contiguous()
+
+
+class Prefetcher:
+    """Iterates over ``src`` in a background thread, up to ``depth`` items ahead of the consumer.
+
+    Yields the items of ``src`` in their order (the thread only runs ahead; it changes nothing).
+    An exception raised by ``src`` is raised by ``next()`` in the consumer, the same object with
+    its original type and traceback, after the items produced before it. :meth:`close` (also on
+    leaving ``with``, and so on an exception or KeyboardInterrupt in the consumer) stops the
+    thread: it finishes the item it is making, closes ``src`` and ends; a consumer that stops early
+    does not hang.
+
+    Whatever ``src`` runs must be safe next to the consumer's work: the trainer's batches are,
+    since :class:`dds.train.augment.Augmenter` draws from per-sample generators, not torch's global
+    one. torch kernels release the GIL, so the thread's batch assembly overlaps the consumer's
+    forward and backward passes.
+
+    Args:
+        src: the iterable to run ahead (iterated in the thread only).
+        depth: items kept ready, >= 1 (a bounded queue: memory stays at ``depth`` + 2 batches).
+    """
+
+    _POLL_S = 0.1  # how often a blocked thread looks whether it was closed
+
+    def __init__(self, src: Iterable, depth: int = 2, *, name: str = "dds-prefetch") -> None:
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._produce, args=(src,), name=name, daemon=True)
+        self._thread.start()
+
+    def _produce(self, src: Iterable) -> None:
+        it = None
+        try:
+            it = iter(src)
+            for item in it:
+                if not self._put(("item", item)):
+                    return
+            self._put(("end", None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, who raises it
+            self._put(("error", e))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()  # a generator pipeline: run its finally blocks (open tar files) in this thread
+
+    def _put(self, msg: tuple[str, Any]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(msg, timeout=self._POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        while True:
+            try:
+                kind, value = self._queue.get(timeout=self._POLL_S)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    self._done = True
+                    raise RuntimeError("the prefetch thread ended without a result") from None
+        if kind == "item":
+            return value
+        self._done = True
+        if kind == "error":
+            raise value
+        raise StopIteration
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the thread and wait up to ``timeout`` seconds for it to end (it is a daemon: an
+        item that takes longer to make cannot keep the process alive)."""
+        self._done = True
+        self._stop.set()
+        while True:  # free a thread blocked on a full queue (it polls the stop flag anyway)
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("prefetch thread still running %.0f s after close; left to end on its own", timeout)
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------- split sources

@@ -3,7 +3,8 @@
 Reads top to bottom like nanoGPT's train.py, but as functions. Per epoch::
 
     plan = selector.plan(epoch)                      # indices (shuffled), weights, aug codes
-    for batch in train.plan_batches(plan, ...):      # base/strong augmentation per sample
+    for batch in train.plan_batches(plan, ...):      # base/strong augmentation per sample, assembled
+                                                     # `prefetch` batches ahead in a background thread
         per_sample = cross_entropy(model(x), y, reduction="none")
         loss = weighted_mean(per_sample, batch weights); SGD step at lr_at(samples consumed)
     selector.observe(plan.indices, per_sample losses of the epoch)
@@ -46,12 +47,16 @@ from dds.distributed import init as dist_init
 from dds.errors import DdsError
 from dds.train.augment import AUG_NAMES, Augmenter, channel_stats, code_magnitude, normalize
 from dds.train.config import TrainConfig
-from dds.train.data import load_sample_info, open_split
+from dds.train.data import Prefetcher, load_sample_info, open_split
 from dds.train.models import create_model
 from dds.workspace import Workspace, atomic_write_bytes, atomic_write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
+# data_s: seconds the training thread waited for its next batch, host-to-device copy included (with
+#   prefetch the wait on the background thread's queue, ~0 while it keeps ahead; without, the batch's
+#   assembly and augmentation); compute_s: forward, backward and optimiser steps; select_s: plan and
+#   observe; eval_s: evaluation; wall_s: the epoch end to end.
 TIMERS = ("data_s", "compute_s", "select_s", "eval_s", "wall_s")
 
 
@@ -195,7 +200,11 @@ def _train_epoch(model, opt, train, plan, *, cfg: TrainConfig, device: torch.dev
     """Train one epoch on ``plan``; returns the (P,) per-sample losses of this rank's part (on device;
     P = M in a single process) and its timings (plus ``lr_first``/``lr_last``, the LR of its first and
     last step). A distributed rank trains its part (:func:`dds.distributed.part_positions`) in
-    batches of ``batch_size / world``; step k of the run (1-based) runs at ``lr_at(k, total_steps)``."""
+    batches of ``batch_size / world``; step k of the run (1-based) runs at ``lr_at(k, total_steps)``.
+
+    With ``cfg.prefetch`` > 0 the batches are assembled and augmented by a :class:`Prefetcher`
+    thread up to that many batches ahead, while this thread computes; they are the same batches in
+    the same order as without it. ``data_s`` is the time this thread waited for a batch (see TIMERS)."""
     from tqdm import tqdm
 
     from dds.selector.torch import weighted_mean
@@ -213,39 +222,41 @@ def _train_epoch(model, opt, train, plan, *, cfg: TrainConfig, device: torch.dev
     timing = {"data_s": 0.0, "compute_s": 0.0, "lr_first": None, "lr_last": None}
     step = steps_done
     bar = tqdm(total=m, desc=f"epoch {plan.epoch + 1}/{cfg.epochs}", unit="img", disable=not progress)
-    batches = iter(train.plan_batches(plan, seed=cfg.seed, augmenter=augmenter,
-                                      batch_size=cfg.batch_size // dist_.world, positions=positions))
+    batches = train.plan_batches(plan, seed=cfg.seed, augmenter=augmenter,
+                                 batch_size=cfg.batch_size // dist_.world, positions=positions)
+    feed = Prefetcher(batches, cfg.prefetch) if cfg.prefetch else contextlib.nullcontext(iter(batches))
     done = 0
-    while True:
-        t0 = time.perf_counter()
-        batch = next(batches, None)  # batch assembly + augmentation (CPU)
-        if batch is None:
-            break
-        b = len(batch["label"])
-        x = batch["image"].to(device, non_blocking=True)  # uint8 over the bus, normalised on device
-        y = batch["label"] if label_of is None else label_of[batch["index"]]  # corrected labels where relabelled
-        y = y.to(device, non_blocking=True)
-        w = batch["weight"].to(device, non_blocking=True)
-        t1 = time.perf_counter()
-        step += 1
-        lr = lr_at(step, total_steps, lr=cfg.lr, schedule=cfg.schedule, warmup=cfg.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        timing["lr_last"] = lr
-        if timing["lr_first"] is None:
-            timing["lr_first"] = lr
-        with _autocast(device, cfg.amp):
-            logits = model(normalize(x, mean, std).contiguous(memory_format=fmt))
-        per_sample = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=cfg.label_smoothing)
-        loss = weighted_mean(per_sample, w)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses[done:done + b] = per_sample.detach()  # device copy, no sync
-        done += b
-        timing["data_s"] += t1 - t0
-        timing["compute_s"] += time.perf_counter() - t1
-        bar.update(b)  # the bar's rate is the training throughput in img/s
+    with feed as batches:  # leaving it (end of the plan, an error, Ctrl-C) stops the prefetch thread
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)  # this thread's wait: the prefetch queue, or assembly + augmentation
+            if batch is None:
+                break
+            b = len(batch["label"])
+            x = batch["image"].to(device, non_blocking=True)  # uint8 over the bus, normalised on device
+            y = batch["label"] if label_of is None else label_of[batch["index"]]  # corrected labels where relabelled
+            y = y.to(device, non_blocking=True)
+            w = batch["weight"].to(device, non_blocking=True)
+            t1 = time.perf_counter()
+            step += 1
+            lr = lr_at(step, total_steps, lr=cfg.lr, schedule=cfg.schedule, warmup=cfg.warmup)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            timing["lr_last"] = lr
+            if timing["lr_first"] is None:
+                timing["lr_first"] = lr
+            with _autocast(device, cfg.amp):
+                logits = model(normalize(x, mean, std).contiguous(memory_format=fmt))
+            per_sample = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=cfg.label_smoothing)
+            loss = weighted_mean(per_sample, w)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses[done:done + b] = per_sample.detach()  # device copy, no sync
+            done += b
+            timing["data_s"] += t1 - t0
+            timing["compute_s"] += time.perf_counter() - t1
+            bar.update(b)  # the bar's rate is the training throughput in img/s
     if device.type == "cuda":
         t1 = time.perf_counter()
         torch.cuda.synchronize()  # one sync per epoch, so compute_s includes the queued GPU work
