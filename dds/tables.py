@@ -190,8 +190,8 @@ def load_epochs(ws: Workspace, run_id: str):
 
 
 def load_history(ws: Workspace, run_id: str):
-    """The run's ``history`` rows (pandas: epoch, key, selected, aug, loss)."""
-    return _read_dir(ws.run_dir(run_id) / "history", ["epoch", "key", "selected", "aug", "loss"])
+    """The run's ``history`` rows (pandas: epoch, key, selected, aug, loss, status)."""
+    return _read_dir(ws.run_dir(run_id) / "history", ["epoch", "key", "selected", "aug", "loss", "status"])
 
 
 def load_train_samples(ws: Workspace, dataset: str):

@@ -344,9 +344,9 @@ def _main_run_figures(ws: Workspace, run: dict[str, Any], *, epoch: int | None, 
     figs["class_rates"] = (_png(fig_class_rates(sel_rate, strong_rate, ws.dataset_info(dataset)["classes"])),
                            f"Per-class share selected and strongly augmented, per epoch ({run['run_id']}).")
     scores = load_scores(ws, dataset, encoder)
-    status = _read_status(ws, run["run_id"])
-    if status is not None:
-        figs["suspects"] = _suspects_figure(status, samples, scores, epochs_done, run["run_id"], notes)
+    if hist["status"].notna().any():   # the selector kept a label verdict
+        figs["suspects"] = _suspects_figure(hist[["epoch", "key", "status"]], samples, scores, epochs_done,
+                                            run["run_id"], notes)
     if scores is None:
         notes.append(f"no scores for {dataset} under encoder {encoder}: joint and example figures skipped "
                      f"(run `dds index {dataset} --encoder {encoder}`)")
@@ -375,17 +375,8 @@ def _main_run_figures(ws: Workspace, run: dict[str, Any], *, epoch: int | None, 
     return figs
 
 
-def _read_status(ws: Workspace, run_id: str):
-    """(epoch, key, status) history rows of a run whose selector kept a label verdict, else None."""
-    import pyarrow.dataset as pds
-
-    files = sorted((ws.run_dir(run_id) / "history").glob("*.parquet"))
-    table = pds.dataset([str(f) for f in files], format="parquet").to_table(columns=["epoch", "key", "status"])
-    frame = table.to_pandas()
-    return frame if frame["status"].notna().any() else None
-
-
 def _suspects_figure(status, samples, scores, epochs_done: int, run_id: str, notes: list[str]) -> tuple[bytes, str]:
+    """The suspects figure of a run from its (epoch, key, status) history rows; appends a note."""
     rows = status.merge(samples[["key", "label", "label_orig"]], on="key", how="inner")
     flipped = fixed_right = None
     if (rows["label"] != rows["label_orig"]).any():   # noise was injected: the truth is known
