@@ -15,5 +15,6 @@ $DDS embed fashion-mnist --encoder lite0-minilm
 $DDS index fashion-mnist --encoder lite0-minilm    # prints the scores table by region
 EPOCHS=${DDS_EPOCHS:-8}
 $DDS bench fashion-mnist --policies full,budgeted,random,dds --budget 0.5 --epochs "$EPOCHS" --seeds 1 \
-    --eval-every "$EPOCHS"
-echo "workspace: $DDS_WORKSPACE  (query it: .venv/bin/dds sql \"SELECT * FROM epochs\")"
+    --eval-every "$EPOCHS" --results "$DDS_WORKSPACE/main-job.jsonl"   # one JSON line per run, appended
+echo "workspace: $DDS_WORKSPACE  (query it: .venv/bin/dds sql \"SELECT * FROM epochs\"; every main job so far:"
+echo "  .venv/bin/dds bench-table $DDS_WORKSPACE/main-job.jsonl)"
