@@ -44,7 +44,7 @@ def rows_for(ws: Workspace, name: str, encoder: str, first_pass: bool, command: 
         d = load_inputs(ws, name, encoder)
         assert list(d["keys"]) == df["key"].tolist()
         fit = adapt.crossfit_adapters(d["img"], d["labels"], d["text"], folds=5, seed=0)
-        flags["cleanlab-first-pass"] = cleanlab_flags(labels, fit.probs)
+        flags["cleanlab-first-pass"] = cleanlab_flags(labels, fit.scores.dense()[1])
     out = []
     for method, flag in flags.items():
         if flag is None:

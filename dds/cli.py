@@ -142,6 +142,8 @@ def index(
     adapters: str = typer.Option("auto", "--adapters", help="auto (on for unaligned towers, off for CLIP), on, off."),
     folds: int = typer.Option(5, "--folds", help="Cross-fitting folds for the adapters."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed for folds and adapter training."),
+    backend: str = typer.Option("auto", "--backend", help="kNN search: auto (exact up to 100k rows per searched set "
+                                                          "on CPU, 2M on CUDA; ivf above), torch, faiss (exact), ivf."),
     device: str = DeviceOpt,
     workspace: Optional[str] = WorkspaceOpt,
     progress: bool = ProgressOpt,
@@ -149,9 +151,11 @@ def index(
     """Build the kNN graph and per-sample scores (density, consistency, joint, region)."""
     from dds._validate import check_choice, check_device, check_k_fits, check_min_int, check_positive_int
     from dds.pipeline.index import run_index
+    from dds.pipeline.knn import BACKENDS
 
     check_positive_int("--k", k)
     check_choice("--adapters", adapters, ("auto", "on", "off"))
+    check_choice("--backend", backend, BACKENDS)
     check_device(device)
     check_min_int("--folds", folds, 2, "cross-fitting")
     ws = _ws(workspace, write=True)
@@ -159,7 +163,7 @@ def index(
     counts = ws.split_samples(name, "train", ["label"])["label"].value_counts()
     check_k_fits(k, {str(classes[int(c)]): int(n) for c, n in counts.items()})
     summary = run_index(ws, name, encoder=encoder, k=k, adapters=adapters, folds=folds, seed=seed,
-                        device=device, progress=progress)
+                        device=device, backend=backend, progress=progress)
     _print_summary(f"dds index {name}", summary)
     _print_rows(ws, "SELECT region, count(*) AS n, round(avg(density), 3) AS density, "
                     "round(avg(consistency), 3) AS consistency, round(avg(joint), 3) AS joint, "
@@ -387,8 +391,11 @@ def bench_train(
     model: str = typer.Option("resnet20", "--model", "-m", help="Model name."),
     batch_size: int = typer.Option(128, "--batch-size", "-b", help="Training batch size."),
     samples: int = typer.Option(4096, "--samples", help="Train samples per timed loop epoch."),
-    cache: bool = typer.Option(True, "--cache/--no-cache", help="Cached split (RAM) or streaming from the shards."),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="--no-cache: also time the loop streaming from the "
+                                                                "shards, next to the cached split."),
     prefetch: int = typer.Option(2, "--prefetch", help="Batches built ahead in the 'prefetch on' loop row."),
+    decode_workers: int = typer.Option(1, "--decode-workers", help="With --no-cache: threads decoding the images "
+                                                                   "(0 = in the thread reading the shards)."),
     repeats: int = typer.Option(2, "--repeats", help="Interleaved repeats of each measurement (best kept)."),
     bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="Also time the bare step under bf16 autocast on cpu "
                                                              "(several times slower there; a quarter of the steps)."),
@@ -396,15 +403,19 @@ def bench_train(
     workspace: Optional[str] = WorkspaceOpt,
 ) -> None:
     """Trainer img/s side by side in one process: bare model step (fp32/bf16, contiguous/channels_last) vs dds
-    train's loop with prefetch off and on (data wait = share of the loop's time spent waiting for batches)."""
+    train's loop with prefetch off and on, and streamed with --no-cache (data wait = share of the loop's time
+    spent waiting for batches)."""
     from dds.train.bench import bench_train as run
 
     rows = run(_ws(workspace), name, model=model, batch_size=batch_size, samples=samples, cache=cache, device=device,
-               prefetch=prefetch, repeats=repeats, bf16=bf16)
+               prefetch=prefetch, repeats=repeats, bf16=bf16, decode_workers=decode_workers)
     header = ("what", "channels_last", "bf16", "steps", "img/s", "data wait", "vs bare")
 
     def what(r) -> str:
-        return "bare step" if r["what"] == "bare" else f"loop, prefetch {r['prefetch'] or 'off'}"
+        if r["what"] == "bare":
+            return "bare step"
+        workers = f", {decode_workers} decode threads" if r["source"] == "streamed" else ""
+        return f"loop ({r['source']}{workers}), prefetch {r['prefetch'] or 'off'}"
 
     lines = [(what(r), str(r["channels_last"]), str(r["bf16"]), str(r["steps"]), f"{r['img_s']:.1f}",
               "-" if r["data_share"] is None else f"{100 * r['data_share']:.1f} %",
@@ -412,9 +423,11 @@ def bench_train(
     widths = [max(len(x) for x in col) for col in zip(header, *lines)]
     for ln in [header, *lines]:
         typer.echo("  ".join(x.ljust(w) for x, w in zip(ln, widths)))
-    off, on = (next(r for r in rows if r["what"] == "loop" and bool(r["prefetch"]) is flag) for flag in (False, True))
-    typer.echo(f"loop img/s, prefetch on / off: {on['img_s'] / off['img_s']:.3f}   "
+    loops = {(r["source"], bool(r["prefetch"])): r["img_s"] for r in rows if r["what"] == "loop"}
+    typer.echo(f"loop img/s, prefetch on / off: {loops[('cached', True)] / loops[('cached', False)]:.3f}   "
                "(vs bare: over the bare step with the trainer's settings)")
+    if ("streamed", True) in loops:
+        typer.echo(f"loop img/s, streamed / cached (prefetch on): {loops[('streamed', True)] / loops[('cached', True)]:.3f}")
 
 
 @app.command("bench-embed")
@@ -452,8 +465,9 @@ def bench_index(
     classes: int = typer.Option(100, "--classes", help="Classes."),
     k: int = typer.Option(10, "--k", help="Neighbours per sample."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the synthetic data and of the stage."),
-    adapters: str = typer.Option("on", "--adapters", help="on (cross-fitted, as dds index trains them) or off "
-                                                          "(zero-shot: times the rest alone)."),
+    adapters: str = typer.Option("auto", "--adapters", help="auto (as dds index decides for these aligned "
+                                                            "synthetic towers, like CLIP's: zero-shot), on "
+                                                            "(cross-fitted adapters, as for lite0-minilm) or off."),
     backend: str = typer.Option("auto", "--backend", help="kNN backend: auto (as dds index: exact up to 100k rows "
                                                           "per searched set, ivf above), torch, faiss (exact), ivf."),
     device: str = DeviceOpt,
@@ -463,7 +477,7 @@ def bench_index(
     from dds.device import resolve_device
     from dds.pipeline.bench_index import bench_index as _bench
 
-    check_choice("--adapters", adapters, ("on", "off"))
+    check_choice("--adapters", adapters, ("auto", "on", "off"))
     check_device(device)
     _print_summary("dds bench-index", _bench(n=n, dim=dim, classes=classes, k=k, seed=seed,
                                              use_adapters=adapters == "on", backend=backend,

@@ -191,7 +191,10 @@ def run_audit(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", use_cl
     notes: list[str] = []
     susp = suspicion(df["label_posterior"].to_numpy())
     flags = None
-    if use_cleanlab:
+    if use_cleanlab and df["probs"].isna().any():
+        notes.append("cleanlab skipped: the scores table stores no class probabilities for this many samples x "
+                     "classes (dds index leaves probs null above PROBS_MAX_ELEMENTS)")
+    elif use_cleanlab:
         try:
             flags = cleanlab_flags(df["label"].to_numpy(), np.stack(df["probs"].to_numpy()))
         except Exception as e:  # cleanlab refusing these inputs is a note, not a failure of the audit

@@ -106,7 +106,7 @@ def bench_index(n: int, dim: int, classes: int, *, k: int = 10, seed: int = 0, u
         queries: rows (sampled) whose global neighbours are checked against exact search.
 
     Returns:
-        ``n``, ``dim``, ``classes``, ``k``, ``knn_backend``, ``{phase}_s`` (wall-clock seconds of
+        ``n``, ``dim``, ``classes``, ``k``, ``knn_backend``, ``adapters``, ``{phase}_s`` (wall-clock seconds of
         ``synthesise``, of each phase of :func:`index_arrays` and of ``exact_reference``, the exact
         search of the sampled rows), ``index_s`` (the stage's phases summed), ``peak_rss_gib`` (the
         process's peak resident memory so far), ``recall_at_k`` (global graph against exact, over
@@ -140,6 +140,7 @@ def bench_index(n: int, dim: int, classes: int, *, k: int = 10, seed: int = 0, u
     flagged = res["cols"]["region"] == "noisy"
     flipped = data["flipped"]
     return {"n": n, "dim": dim, "classes": classes, "k": k, "knn_backend": f"{res['knn_backend']} ({device})",
+            "adapters": "on (cross-fitted)" if use_adapters else "off (zero-shot)",
             **{f"{phase}_s": sec for phase, sec in seconds.items()},
             "index_s": round(sum(res["seconds"].values()), 2),
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),

@@ -15,9 +15,12 @@ adapter of the fold that did not see ``i`` (see :mod:`dds.pipeline.adapters`).
 * ``consistency``: ``cos[i, y_i]``, the image's agreement with its own label's prompt.
 * ``margin``: ``cos[i, y_i] - max_{c != y_i} cos[i, c]`` (negative: another class fits better).
 * ``knn_agreement``: share of the ``k`` global neighbours (any label, frozen space) carrying ``y_i``;
-  the global graph is exact up to :data:`dds.pipeline.knn.EXACT_MAX_ROWS` samples, approximate above.
+  the global graph is exact up to :data:`dds.pipeline.knn.EXACT_MAX_ROWS` samples, approximate above
+  (an inverted file, merged with the exact per-class graph: :func:`dds.pipeline.knn.merge_graphs`).
 * ``probs``: softmax of ``cos / tau`` over the classes (cross-fitted with adapters);
-  ``pred_label`` its argmax, ``prob_label`` its value at ``y_i``.
+  ``pred_label`` its argmax, ``prob_label`` its value at ``y_i``. Cosines and probabilities are
+  computed block by block and never held for all samples (:class:`~dds.pipeline.adapters.ClassScores`);
+  the table stores ``probs`` up to :data:`PROBS_MAX_ELEMENTS` (sample, class) entries, nulls above.
 * ``joint = (1 - density) * prob_label``: the product of the two marginals (paper-notes §2.5,
   "Formula 3"), high for samples that are sparse AND consistent, with the consistency marginal
   taken as the (cross-fitted) probability of the label rather than the min-max scaled cosine
@@ -68,6 +71,8 @@ REDUNDANT_FRACTION = 0.30  # redundant: the densest 30% of a label's non-noisy s
 # adapter passes after the first, each trained without the previous pass's suspects: pass 2 drops the
 # wide net of confident-learning suspects, pass 3 only the verdict's suspects of pass 2
 TRIM_PASSES = 2
+#: ``scores.probs`` is stored for at most this many (sample, class) entries (512 MiB), else left null
+PROBS_MAX_ELEMENTS = 1 << 27
 THRESHOLDS = {"suspect_below": verdict.SUSPECT_BELOW, "relabel_min": verdict.RELABEL_MIN,
               "augment_fraction": AUGMENT_FRACTION, "augment_min_prob": AUGMENT_MIN_PROB,
               "redundant_fraction": REDUNDANT_FRACTION}
@@ -136,9 +141,9 @@ def label_scores(cos: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> dict
     """Consistency, margin and label probabilities from class cosines and probabilities.
 
     Args:
-        cos: ``(N, C)`` cosine of each sample's image embedding to each class embedding.
-        probs: ``(N, C)`` class probabilities.
-        labels: ``(N,)`` ints in ``0..C-1``.
+        cos: ``(n, C)`` cosine of each sample's image embedding to each class embedding.
+        probs: ``(n, C)`` class probabilities.
+        labels: ``(n,)`` ints in ``0..C-1``.
 
     Returns:
         ``consistency`` ``cos[i, y_i]``, ``margin`` (own minus best other class; the own cosine when
@@ -155,6 +160,17 @@ def label_scores(cos: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> dict
         "prob_label": probs[rows, labels].astype(np.float32),
         "pred_label": probs.argmax(axis=1).astype(np.int32),
     }
+
+
+def label_scores_blocked(scores, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`label_scores` of every sample of ``scores`` (:class:`~dds.pipeline.adapters.ClassScores`),
+    computed block by block so no ``(N, C)`` array is held."""
+    out: dict[str, np.ndarray] = {}
+    for rows in scores.blocks():
+        part = label_scores(*scores.block(rows), labels[rows])
+        for name, v in part.items():
+            out.setdefault(name, np.empty(len(scores), v.dtype))[rows] = v
+    return out
 
 
 def joint_score(density: np.ndarray, prob_label: np.ndarray) -> np.ndarray:
@@ -208,18 +224,18 @@ def _timed(seconds: dict[str, float] | None, phase: str) -> Iterator[None]:
         seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - t
 
 
-def compute_scores(class_sims: np.ndarray, global_idx: np.ndarray, labels: np.ndarray, cos: np.ndarray,
-                   probs: np.ndarray, trim: np.ndarray | None = None,
-                   seconds: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+def compute_scores(class_sims: np.ndarray, global_idx: np.ndarray, labels: np.ndarray, scores,
+                   trim: np.ndarray | None = None, seconds: dict[str, float] | None = None) -> dict[str, np.ndarray]:
     """Every per-sample score column of ``scores.parquet`` (except identifiers) from the cores above.
 
     Args:
         class_sims: ``(N, k)`` similarities to same-label neighbours.
         global_idx: ``(N, k)`` indices of the global neighbours.
         labels: ``(N,)`` ints in ``0..C-1`` (the given labels; the injected truth is never an input).
-        cos: ``(N, C)`` class cosines; probs: ``(N, C)`` class probabilities.
+        scores: the class cosines and probabilities (:class:`~dds.pipeline.adapters.ClassScores`,
+            cross-fitted or zero-shot), made block by block.
         trim: ``(N,)`` bool, the first-pass suspects left out of the adapters' second pass; they do not
-            vote in the neighbour evidence either. None: found from ``probs`` (:func:`verdict.trim_mask`).
+            vote in the neighbour evidence either. None: found from ``scores`` (:func:`verdict.trim_mask`).
         seconds: when given, the seconds of the phases ``scores`` (density, consistency, agreement,
             joint), ``verdict`` and ``regions`` are added to it.
 
@@ -230,15 +246,14 @@ def compute_scores(class_sims: np.ndarray, global_idx: np.ndarray, labels: np.nd
     labels = np.asarray(labels)
     with _timed(seconds, "scores"):
         density = local_density(class_sims, labels)
-        out = label_scores(cos, probs, labels)
+        out = label_scores_blocked(scores, labels)
         out["density"] = density
         out["knn_agreement"] = knn_agreement(global_idx, labels)
         out["joint"] = joint_score(density, out["prob_label"])
     with _timed(seconds, "verdict"):
-        c = probs.shape[1]
         if trim is None:
-            trim = verdict.trim_mask(probs, verdict.neighbour_votes(global_idx, labels, c), labels)
-        v = verdict.static_verdict(probs, verdict.neighbour_votes(global_idx, labels, c, keep=~trim), labels)
+            trim = verdict.trim_mask(verdict.Views.held_out(scores, global_idx, labels), labels)
+        v = verdict.static_verdict(verdict.Views.held_out(scores, global_idx, labels, keep=~trim), labels)
         out["status"], out["label_fixed"] = v.status, v.label_fixed.astype(np.int32)
         out["label_posterior"] = v.label_posterior.astype(np.float32)
     with _timed(seconds, "regions"):
@@ -269,43 +284,46 @@ def index_arrays(img: np.ndarray, labels: np.ndarray, text: np.ndarray, *, k: in
         progress: show the adapters' progress bar.
 
     Returns:
-        ``class_sims``, ``class_idx``, ``global_sims``, ``global_idx`` (``(N, k)`` each), ``cos`` and
-        ``probs`` (``(N, C)``), ``trim`` (``(N,)`` bool or None), ``cols`` (:func:`compute_scores`),
+        ``class_sims``, ``class_idx``, ``global_sims``, ``global_idx`` (``(N, k)`` each), ``scores``
+        (:class:`~dds.pipeline.adapters.ClassScores`: class cosines and probabilities on demand), ``trim`` (``(N,)`` bool or None), ``cols`` (:func:`compute_scores`),
         ``knn_backend`` (str: the method of the global graph and of the largest class) and ``seconds``
         (phase -> wall-clock seconds: ``knn_class``, ``knn_global``, ``adapters``, ``scores``, ``verdict``,
         ``regions``).
     """
     from dds.pipeline import adapters as adapt
-    from dds.pipeline.knn import describe_backend, knn
+    from dds.pipeline.knn import describe_backend, knn, merge_graphs, resolve_backend
 
     seconds: dict[str, float] = {}
     with _timed(seconds, "knn_class"):
         class_sims, class_idx = knn(img, k, labels=labels, device=device, backend=backend, seed=seed)
     with _timed(seconds, "knn_global"):
         global_sims, global_idx = knn(img, k, device=device, backend=backend, seed=seed)
+        approximate = resolve_backend(backend, device, len(labels)) == "ivf"
+        if approximate:  # the exact same-label neighbours replace the ones the approximate search missed
+            global_sims, global_idx = merge_graphs((global_sims, global_idx), (class_sims, class_idx))
     largest = int(np.bincount(labels).max()) if len(labels) else 0
-    described = (f"global: {describe_backend(backend, device, len(labels))}; "
+    described = (f"global: {describe_backend(backend, device, len(labels))}"
+                 f"{' merged with the per-class graph' if approximate else ''}; "
                  f"per class: {describe_backend(backend, device, largest)}")
     with _timed(seconds, "adapters"):
         trim = None
         if use_adapters:  # trimmed passes: each trains without the previous pass's suspects (pipeline/verdict.py)
             fit = adapt.crossfit_adapters(img, labels, text, folds=folds, seed=seed, progress=progress, device=device)
+            trim = verdict.trim_mask(verdict.Views.held_out(fit.scores, global_idx, labels), labels)
             fold = fit.fold
-            trim = verdict.trim_mask(fit.probs, verdict.neighbour_votes(global_idx, labels, len(text)), labels)
             for p in range(TRIM_PASSES):
-                del fit  # its (N, C) outputs go before the next pass makes its own (ImageNet-1k: ~11 GB)
+                del fit  # its (N, S) embeddings go before the next pass makes its own (ImageNet-1k: 2.6 GB)
                 fit = adapt.crossfit_adapters(img, labels, text, folds=folds, seed=seed, progress=progress,
                                               device=device, fold=fold, train_mask=~trim)
-                if p + 1 < TRIM_PASSES:
-                    votes = verdict.neighbour_votes(global_idx, labels, len(text), keep=~trim)
-                    trim = verdict.static_verdict(fit.probs, votes, labels).status != "clean"
-            cos, probs = fit.cos, fit.probs
-            del fit  # its (N, S) adapted embeddings are not needed here
+                if p + 1 < TRIM_PASSES:  # (no reference to this pass's embeddings outlives the verdict)
+                    trim = verdict.static_verdict(verdict.Views.held_out(fit.scores, global_idx, labels, keep=~trim),
+                                                  labels).status != "clean"
+            scores = fit.scores
         else:
-            cos, probs = adapt.zero_shot(img, text)
-    cols = compute_scores(class_sims, global_idx, labels, cos, probs, trim=trim, seconds=seconds)
+            scores = adapt.zero_shot(img, text)
+    cols = compute_scores(class_sims, global_idx, labels, scores, trim=trim, seconds=seconds)
     return {"class_sims": class_sims, "class_idx": class_idx, "global_sims": global_sims, "global_idx": global_idx,
-            "cos": cos, "probs": probs, "trim": trim, "cols": cols, "knn_backend": described,
+            "scores": scores, "trim": trim, "cols": cols, "knn_backend": described,
             "seconds": {p: round(t, 3) for p, t in seconds.items()}}
 
 
@@ -427,11 +445,25 @@ def _knn_table(name: str, encoder: str, keys: np.ndarray, sims: np.ndarray, idx:
     })
 
 
-def _scores_table(name: str, encoder: str, keys: np.ndarray, labels: np.ndarray, cols: dict, probs: np.ndarray):
+def _probs_column(scores):
+    """The ``probs`` list column: each sample's class probabilities, or nulls when ``N x C`` exceeds
+    :data:`PROBS_MAX_ELEMENTS` (ImageNet-1k: 1.28M x 1000 would be 5 GB; ``prob_label`` and
+    ``pred_label`` are always stored)."""
     import pyarrow as pa
 
-    n, c = probs.shape
-    flat = pa.array(probs.astype(np.float32).ravel(), pa.float32())
+    n, c = len(scores), scores.num_classes
+    if n * c > PROBS_MAX_ELEMENTS:
+        return pa.nulls(n, pa.list_(pa.float32()))
+    probs = np.empty((n, c), np.float32)
+    for rows in scores.blocks():
+        probs[rows] = scores.block(rows)[1]
+    return pa.FixedSizeListArray.from_arrays(pa.array(probs.ravel(), pa.float32()), c).cast(pa.list_(pa.float32()))
+
+
+def _scores_table(name: str, encoder: str, keys: np.ndarray, labels: np.ndarray, cols: dict, scores):
+    import pyarrow as pa
+
+    n = len(keys)
     return pa.table({
         "dataset": pa.array([name] * n, pa.string()),
         "encoder": pa.array([encoder] * n, pa.string()),
@@ -442,7 +474,7 @@ def _scores_table(name: str, encoder: str, keys: np.ndarray, labels: np.ndarray,
         "region": pa.array(list(cols["region"]), pa.string()),
         "pred_label": pa.array(cols["pred_label"], pa.int32()),
         "prob_label": pa.array(cols["prob_label"], pa.float32()),
-        "probs": pa.FixedSizeListArray.from_arrays(flat, c).cast(pa.list_(pa.float32())),
+        "probs": _probs_column(scores),
         "status": pa.array(list(cols["status"]), pa.string()),
         "label_fixed": pa.array(cols["label_fixed"], pa.int32()),
         "label_posterior": pa.array(cols["label_posterior"], pa.float32()),
@@ -450,7 +482,8 @@ def _scores_table(name: str, encoder: str, keys: np.ndarray, labels: np.ndarray,
 
 
 def run_index(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", k: int = 10, adapters: str = "auto",
-              folds: int = 5, seed: int = 0, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+              folds: int = 5, seed: int = 0, device: str = "auto", backend: str = "auto",
+              progress: bool = True) -> dict[str, Any]:
     """Build the kNN graph and the per-sample scores of dataset ``name``'s train split.
 
     Args:
@@ -464,6 +497,8 @@ def run_index(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", k: int
         folds: cross-fitting folds for the adapters (>= 2).
         seed: seed of the folds, of adapter training and of the approximate kNN search (large N only).
         device: ``auto``, ``cpu`` or ``cuda`` (kNN and adapter training).
+        backend: kNN backend (:func:`dds.pipeline.knn.knn`); ``auto``: exact up to
+            :data:`dds.pipeline.knn.EXACT_MAX_ROWS` rows per searched set, approximate above.
         progress: show progress bars.
 
     Returns:
@@ -491,14 +526,14 @@ def run_index(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", k: int
         raise DdsError(f"'{name}' has {len(labels)} train samples, fewer than --folds {folds}; lower --folds")
     use = _use_adapters(adapters, bool(data["encoder_json"].get("aligned", False)))
     res = index_arrays(img, labels, text, k=k, use_adapters=use, folds=folds, seed=seed, device=dev,
-                       progress=progress)
+                       backend=backend, progress=progress)
     cols, trim, sec = res["cols"], res["trim"], res["seconds"]
 
     out = ws.index_dir(name, encoder)
     write_parquet(out / "knn.parquet", pa.concat_tables([
         _knn_table(name, encoder, keys, res["class_sims"], res["class_idx"], "class"),
         _knn_table(name, encoder, keys, res["global_sims"], res["global_idx"], "global")]))
-    write_parquet(out / "scores.parquet", _scores_table(name, encoder, keys, labels, cols, res["probs"]))
+    write_parquet(out / "scores.parquet", _scores_table(name, encoder, keys, labels, cols, res["scores"]))
     summary = {"dataset": name, "encoder": encoder, "n": int(len(labels)), "classes": int(len(text)), "k": k,
                "knn_backend": f"{res['knn_backend']} ({dev})",
                "knn_s": round(sec["knn_class"] + sec["knn_global"], 2),

@@ -145,6 +145,41 @@ def knn(x: np.ndarray, k: int, *, labels: np.ndarray | None = None, device: str 
     return sims, idx
 
 
+def merge_graphs(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
+                 block: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` most similar distinct neighbours among two candidate lists of the same rows.
+
+    ``dds index`` merges its approximate global graph with the exact per-class graph this way: most
+    of a sample's global neighbours carry its label (90 % on ``dds bench-index``'s data), and the
+    per-class search found those exactly, so the merge lifts the global graph's recall@10 on
+    1.28M x 512 x 1000 from 0.866 (ivf alone) to 0.987 (0.969 on the rows that have a neighbour of
+    another label) for 4 s.
+
+    Args:
+        a, b: ``(sims, idx)`` pairs, ``(N, ka)`` and ``(N, kb)``, as :func:`knn` returns them (``nan`` / ``-1``
+            for empty slots).
+        block: rows merged at a time.
+
+    Returns:
+        ``(sims, idx)``: ``(N, ka)`` float32 / int64, descending per row; a neighbour found by both counts once.
+    """
+    k, n = a[1].shape[1], len(a[1])
+    sims, idx = np.full((n, k), np.nan, np.float32), np.full((n, k), -1, np.int64)
+    for start in range(0, n, block):
+        rows = slice(start, min(n, start + block))
+        i = np.concatenate([a[1][rows], b[1][rows]], axis=1)
+        s = np.concatenate([a[0][rows], b[0][rows]], axis=1).astype(np.float32)
+        s = np.where((i >= 0) & np.isfinite(s), s, -np.inf)
+        order = np.argsort(i, axis=1, kind="stable")
+        i, s = np.take_along_axis(i, order, axis=1), np.take_along_axis(s, order, axis=1)
+        s[:, 1:][i[:, 1:] == i[:, :-1]] = -np.inf  # a neighbour listed twice counts once
+        top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        top_s, top_i = np.take_along_axis(s, top, axis=1), np.take_along_axis(i, top, axis=1)
+        found = np.isfinite(top_s)
+        sims[rows], idx[rows] = np.where(found, top_s, np.nan), np.where(found, top_i, -1)
+    return sims, idx
+
+
 def _padded(m: int, k: int, n: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Output arrays for ``m`` query rows searched among ``n`` rows (``m`` by default), and how many
     real neighbours each can have."""

@@ -10,11 +10,17 @@ Evidence. Two views of which class a sample belongs to, neither of which saw the
 
 ``evidence = (probs + votes) / 2``, equal weights: two views, no constant to tune.
 
+Memory. The evidence is never held for all samples at once: :class:`Views` serves it block by
+block (about ``2**22`` (row, class) entries), recomputing the adapter probabilities and the votes
+of each block, and every step below is a pass over the blocks that keeps only per-class sums, a
+``(C, C)`` count matrix and per-sample results. ImageNet-1k's 1.28M x 1000 would otherwise need
+several 10 GB arrays.
+
 Steps (:func:`static_verdict`; :func:`trim_mask` and the trimmed passes run in ``dds index``):
 
 1. **Trimming.** Adapters trained on noisy labels learn the noise (a class's flips pull its
    prompt towards the source class, most of all for pair-wise noise). A first pass marks the
-   confident-learning suspects (:func:`confident_suspects`, a wide net); ``dds index`` then trains
+   confident-learning suspects (:func:`trim_mask`, a wide net); ``dds index`` then trains
    the adapters again, cross-fitted on the same folds, *without* those samples, and recounts the
    neighbour votes without them; a third pass leaves out only the second pass's verdict suspects
    (steps 2-5), which gives back the clean samples the wide net caught. The suspects are only left
@@ -39,12 +45,14 @@ Steps (:func:`static_verdict`; :func:`trim_mask` and the trimmed passes run in `
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 
 SUSPECT_BELOW = 0.5  # suspect: posterior probability of the given label below this
 RELABEL_MIN = 0.9  # relabel: posterior of the new class at least this, and both views agree on it
 STATUSES = ("clean", "relabel", "suppress")
+BLOCK_ELEMENTS = 1 << 22  # (row, class) entries of evidence made at a time: 32 MiB of float64
 
 
 @dataclass
@@ -55,15 +63,50 @@ class Verdict:
         status: ``(N,)`` object array of ``clean``, ``relabel`` or ``suppress``.
         label_fixed: ``(N,)`` int64: the new label for ``relabel``, else the given label.
         label_posterior: ``(N,)`` float64 posterior probability that the given label is right.
-        posterior: ``(N, C)`` float64 posterior over the true class.
         transition: ``(C, C)`` estimated ``P(given j | true i)``.
     """
 
     status: np.ndarray
     label_fixed: np.ndarray
     label_posterior: np.ndarray
-    posterior: np.ndarray
     transition: np.ndarray
+
+
+@dataclass
+class Views:
+    """The two held-out views of ``n`` samples over ``num_classes`` classes, served block by block.
+
+    ``block(rows)`` returns ``(probs, votes)`` of the rows ``rows`` (a slice), both ``(b, C)``.
+    Build one with :meth:`dense` (arrays already in memory) or :meth:`held_out` (computed per block).
+    """
+
+    n: int
+    num_classes: int
+    block: Callable[[slice], tuple[np.ndarray, np.ndarray]]
+
+    @classmethod
+    def dense(cls, probs: np.ndarray, votes: np.ndarray) -> "Views":
+        """Views over ``(N, C)`` arrays of adapter probabilities and neighbour votes."""
+        probs, votes = np.asarray(probs), np.asarray(votes)
+        return cls(len(probs), probs.shape[1], lambda rows: (probs[rows], votes[rows]))
+
+    @classmethod
+    def held_out(cls, scores, idx: np.ndarray, labels: np.ndarray, keep: np.ndarray | None = None) -> "Views":
+        """Views made per block: ``scores`` (a :class:`dds.pipeline.adapters.ClassScores`) gives the
+        probabilities, the global neighbours ``idx`` (``(N, k)``) the votes, only ``keep`` voting."""
+        c = scores.num_classes
+        return cls(len(scores), c, lambda rows: (scores.block(rows)[1], neighbour_votes(idx[rows], labels, c, keep)))
+
+    def blocks(self) -> Iterator[slice]:
+        """Consecutive row slices covering all samples, about :data:`BLOCK_ELEMENTS` entries each."""
+        step = max(1, BLOCK_ELEMENTS // max(1, self.num_classes))
+        return (slice(a, min(self.n, a + step)) for a in range(0, self.n, step))
+
+    def evidence(self) -> Iterator[tuple[slice, np.ndarray, np.ndarray, np.ndarray]]:
+        """``(rows, probs, votes, evidence)`` per block (:func:`combine`)."""
+        for rows in self.blocks():
+            p, v = self.block(rows)
+            yield rows, p, v, combine(p, v)
 
 
 def neighbour_votes(idx: np.ndarray, labels: np.ndarray, num_classes: int,
@@ -71,71 +114,81 @@ def neighbour_votes(idx: np.ndarray, labels: np.ndarray, num_classes: int,
     """Share of each sample's neighbours carrying each label.
 
     Args:
-        idx: ``(N, k)`` neighbour indices (``-1`` = no neighbour).
-        labels: ``(N,)`` ints in ``0..C-1``.
+        idx: ``(m, k)`` neighbour indices into ``labels`` (``-1`` = no neighbour); any subset of rows.
+        labels: ``(N,)`` ints in ``0..C-1``, the labels of all samples.
         num_classes: ``C``.
         keep: ``(N,)`` bool; only these samples vote (None: all).
 
     Returns:
-        ``(N, C)`` float64 rows summing to 1; uniform for a sample without voting neighbours.
+        ``(m, C)`` float64 rows summing to 1; uniform for a sample without voting neighbours.
     """
     labels = np.asarray(labels, np.int64)
-    n, k = idx.shape
+    m, k = idx.shape
     valid = idx >= 0
     if keep is not None:
         valid &= np.asarray(keep, bool)[np.maximum(idx, 0)]
-    counts = np.zeros((n, num_classes))
-    rows = np.repeat(np.arange(n), k)[valid.ravel()]
-    np.add.at(counts, (rows, labels[np.maximum(idx, 0)].ravel()[valid.ravel()]), 1.0)
+    rows = np.repeat(np.arange(m), k)[valid.ravel()]
+    cells = rows * num_classes + labels[np.maximum(idx, 0)].ravel()[valid.ravel()]
+    counts = np.bincount(cells, minlength=m * num_classes).reshape(m, num_classes).astype(np.float64)
     total = counts.sum(axis=1, keepdims=True)
     return np.where(total > 0, counts / np.maximum(total, 1.0), 1.0 / num_classes)
 
 
 def combine(probs: np.ndarray, votes: np.ndarray) -> np.ndarray:
-    """The evidence: the mean of adapter probabilities and neighbour votes, ``(N, C)`` float64."""
+    """The evidence: the mean of adapter probabilities and neighbour votes, float64."""
     return (np.asarray(probs, np.float64) + np.asarray(votes, np.float64)) / 2.0
 
 
-def class_thresholds(evidence: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def class_thresholds(views: Views, labels: np.ndarray) -> np.ndarray:
     """``t_j``: mean evidence for class ``j`` over the samples labelled ``j`` (``inf`` for an empty label)."""
-    labels = np.asarray(labels)
-    out = np.full(evidence.shape[1], np.inf)
-    for j in np.unique(labels):
-        out[j] = evidence[labels == j, j].mean()
-    return out
+    labels = np.asarray(labels, np.int64)
+    total = np.zeros(views.num_classes)
+    for rows, _, _, ev in views.evidence():
+        y = labels[rows]
+        total += np.bincount(y, weights=ev[np.arange(len(y)), y], minlength=views.num_classes)
+    count = np.bincount(labels, minlength=views.num_classes)
+    return np.where(count > 0, total / np.maximum(count, 1), np.inf)
 
 
-def confident_labels(evidence: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Each sample's confident class: the highest-evidence class among those at or above ``t_j``; -1 if none."""
-    above = evidence >= class_thresholds(evidence, labels)[None, :]
+def confident_labels(evidence: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Each row's confident class: the highest-evidence class among those at or above ``t_j``; -1 if none."""
+    above = evidence >= thresholds[None, :]
     best = np.where(above, evidence, -np.inf).argmax(axis=1)
     return np.where(above.any(axis=1), best, -1)
 
 
-def confident_suspects(evidence: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Confident learning's off-diagonal: ``(N,)`` bool, the confident class exists and is not the label."""
-    conf = confident_labels(evidence, labels)
-    return (conf >= 0) & (conf != np.asarray(labels))
+def confident_joint(views: Views, labels: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Confident learning's counts and suspects.
+
+    Returns:
+        ``(joint, suspect)``: ``joint[j, i]`` (``(C, C)`` float64) counts samples labelled ``j`` whose
+        confident class is ``i``; ``suspect`` (``(N,)`` bool) marks the off-diagonal: a confident
+        class exists and is not the label.
+    """
+    labels = np.asarray(labels, np.int64)
+    c = views.num_classes
+    joint = np.zeros((c, c))
+    suspect = np.zeros(views.n, bool)
+    for rows, _, _, ev in views.evidence():
+        conf, y = confident_labels(ev, thresholds), labels[rows]
+        has = conf >= 0
+        joint += np.bincount(y[has] * c + conf[has], minlength=c * c).reshape(c, c)
+        suspect[rows] = has & (conf != y)
+    return joint, suspect
 
 
-def noise_transition(evidence: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def noise_transition(joint: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Estimated ``T[i, j] = P(given label j | true class i)`` from the confident joint.
 
-    ``joint[j, i]`` counts samples labelled ``j`` whose confident class is ``i``; each row is
-    rescaled to the number of samples labelled ``j`` (samples without a confident class are spread
-    like the counted ones), then every true class's column is normalised. A class that is never
-    anyone's confident class gets an identity row.
+    Each row of ``joint`` (:func:`confident_joint`) is rescaled to the number of samples labelled
+    ``j`` (samples without a confident class are spread like the counted ones), then every true
+    class's column is normalised. A class that is never anyone's confident class gets an identity row.
 
     Returns:
         ``(C, C)`` float64, rows summing to 1.
     """
-    labels = np.asarray(labels, np.int64)
-    c = evidence.shape[1]
-    conf = confident_labels(evidence, labels)
-    has = conf >= 0
-    joint = np.zeros((c, c))
-    np.add.at(joint, (labels[has], conf[has]), 1.0)
-    sizes = np.bincount(labels, minlength=c).astype(np.float64)
+    c = joint.shape[0]
+    sizes = np.bincount(np.asarray(labels, np.int64), minlength=c).astype(np.float64)
     row = joint.sum(axis=1, keepdims=True)
     joint = np.where(row > 0, joint / np.maximum(row, 1.0), 0.0) * sizes[:, None]
     col = joint.sum(axis=0)  # mass per true class
@@ -146,7 +199,7 @@ def noise_transition(evidence: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def label_posterior(evidence: np.ndarray, labels: np.ndarray, transition: np.ndarray) -> np.ndarray:
-    """``P(true i | x, given y) ∝ evidence_i · T[i, y]``; ``(N, C)`` float64 rows summing to 1.
+    """``P(true i | x, given y) ∝ evidence_i · T[i, y]`` for rows of evidence and their labels; rows sum to 1.
 
     A row whose products are all zero falls back to the evidence itself.
     """
@@ -156,33 +209,35 @@ def label_posterior(evidence: np.ndarray, labels: np.ndarray, transition: np.nda
     return np.where(total > 0, post / np.where(total > 0, total, 1.0), evidence)
 
 
-def trim_mask(probs: np.ndarray, votes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def trim_mask(views: Views, labels: np.ndarray) -> np.ndarray:
     """Samples to leave out of the second adapter pass: ``(N,)`` bool, the first-pass suspects."""
-    return confident_suspects(combine(probs, votes), labels)
+    return confident_joint(views, labels, class_thresholds(views, labels))[1]
 
 
-def static_verdict(probs: np.ndarray, votes: np.ndarray, labels: np.ndarray) -> Verdict:
+def static_verdict(views: Views, labels: np.ndarray) -> Verdict:
     """The verdict of every sample from held-out evidence and the given labels (module docstring).
 
     Args:
-        probs: ``(N, C)`` cross-fitted (or zero-shot) class probabilities.
-        votes: ``(N, C)`` neighbour label shares (:func:`neighbour_votes`).
+        views: the adapter probabilities and neighbour votes (:class:`Views`).
         labels: ``(N,)`` given labels in ``0..C-1``.
 
     Returns:
         A :class:`Verdict`.
     """
     labels = np.asarray(labels, np.int64)
-    rows = np.arange(len(labels))
-    evidence = combine(probs, votes)
-    t = noise_transition(evidence, labels)
-    post = label_posterior(evidence, labels, t)
-    suspect = post[rows, labels] < SUSPECT_BELOW
-    top = post.argmax(axis=1)
-    agree = (np.asarray(probs).argmax(axis=1) == top) & (np.asarray(votes).argmax(axis=1) == top)
-    relabel = suspect & (top != labels) & (post[rows, top] >= RELABEL_MIN) & agree
-    status = np.full(len(labels), "clean", dtype=object)
-    status[suspect] = "suppress"
-    status[relabel] = "relabel"
-    return Verdict(status=status, label_fixed=np.where(relabel, top, labels), label_posterior=post[rows, labels],
-                   posterior=post, transition=t)
+    t = noise_transition(confident_joint(views, labels, class_thresholds(views, labels))[0], labels)
+    status = np.full(views.n, "clean", dtype=object)
+    label_fixed, own = labels.copy(), np.empty(views.n)
+    for rows, p, v, ev in views.evidence():
+        y = labels[rows]
+        at = np.arange(len(y))
+        post = label_posterior(ev, y, t)
+        top = post.argmax(axis=1)
+        suspect = post[at, y] < SUSPECT_BELOW
+        agree = (p.argmax(axis=1) == top) & (v.argmax(axis=1) == top)
+        relabel = suspect & (top != y) & (post[at, top] >= RELABEL_MIN) & agree
+        status[rows][suspect] = "suppress"
+        status[rows][relabel] = "relabel"
+        label_fixed[rows] = np.where(relabel, top, y)
+        own[rows] = post[at, y]
+    return Verdict(status=status, label_fixed=label_fixed, label_posterior=own, transition=t)

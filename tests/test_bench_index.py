@@ -38,7 +38,8 @@ def test_bench_index_takes_the_approximate_path_above_the_threshold(monkeypatch)
 
     monkeypatch.setattr(knn_mod, "EXACT_MAX_ROWS", 1000)
     out = bench_index(3000, 16, 3, use_adapters=False, queries=500)  # classes of 1000 rows stay exact
-    assert out["knn_backend"].startswith("global: ivf (approximate: 219 lists, nprobe 16); per class: torch (exact)")
+    assert out["knn_backend"].startswith(
+        "global: ivf (approximate: 219 lists, nprobe 16) merged with the per-class graph; per class: torch (exact)")
     assert out["queries"] == 500 and out["recall_at_k"] > 0.9
     small = bench_index(900, 16, 3, use_adapters=False, queries=100)
     assert small["knn_backend"].startswith("global: torch (exact)") and small["recall_at_k"] == 1.0
@@ -48,7 +49,7 @@ def test_bench_index_command_prints_phases_and_recall():
     res = CliRunner().invoke(app, ["bench-index", "--n", "2000", "--dim", "32", "--classes", "10", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     for field in ("knn_class_s", "knn_global_s", "adapters_s", "verdict_s", "regions_s", "peak_rss_gib",
-                  "recall_at_k", "noise_precision"):
+                  "recall_at_k", "noise_precision", "off (zero-shot)"):
         assert field in res.output
     res = CliRunner().invoke(app, ["bench-index", "--n", "5", "--classes", "10"])
     assert isinstance(res.exception, DdsError) and "--n must be at least --classes (10), got 5" in str(res.exception)

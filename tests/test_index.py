@@ -9,6 +9,7 @@ import pytest
 from dds import catalog
 from dds.errors import DdsError
 from dds.pipeline import adapters as adapt
+from dds.pipeline import knn as knn_mod
 from dds.pipeline.index import (REGIONS, assign_regions, compute_scores, joint_score, knn_agreement,
                                 local_density, run_index)
 from dds.pipeline.knn import knn
@@ -110,6 +111,35 @@ def test_auto_is_exact_up_to_the_threshold_and_ivf_above(monkeypatch):
     assert calls == [("_search_torch", 40), ("_search_torch", 40), ("_search_ivf", 80)]
 
 
+def test_merge_graphs_keeps_the_best_distinct_neighbours():
+    a = (np.array([[0.9, 0.5, np.nan], [0.8, 0.7, 0.1]], np.float32), np.array([[3, 4, -1], [5, 6, 7]]))
+    b = (np.array([[0.95, 0.9], [0.75, np.nan]], np.float32), np.array([[7, 3], [6, -1]]))
+    s, i = knn_mod.merge_graphs(a, b)
+    assert i.tolist() == [[7, 3, 4], [5, 6, 7]]  # 3 found by both counts once; empty slots never win
+    np.testing.assert_allclose(s, [[0.95, 0.9, 0.5], [0.8, 0.7, 0.1]])
+    s, i = knn_mod.merge_graphs((a[0][:1, :1], a[1][:1, :1] * 0 - 1), (a[0][:1, :1] * np.nan, a[1][:1, :1] * 0 - 1))
+    assert i.tolist() == [[-1]] and np.isnan(s).all()
+
+
+def test_index_merges_the_approximate_global_graph_with_the_class_graph(monkeypatch):
+    """Above the exact threshold the global graph is ivf merged with the exact per-class graph: it finds
+    at least what ivf alone found, and every same-label neighbour the exact search would give."""
+    from dds.pipeline.bench_index import synthetic_embeddings
+    from dds.pipeline.index import index_arrays
+
+    d = synthetic_embeddings(3000, 16, 3, seed=0)
+    monkeypatch.setattr(knn_mod, "EXACT_MAX_ROWS", 1000)
+    res = index_arrays(d["img"], d["labels"], d["text"], k=5, use_adapters=False)
+    assert "merged with the per-class graph" in res["knn_backend"]
+    _, exact = knn(d["img"], 5, backend="torch")
+    _, alone = knn(d["img"], 5, backend="ivf")
+    hits = lambda idx: np.mean([len(set(a) & set(e)) for a, e in zip(idx, exact)])  # noqa: E731
+    assert hits(res["global_idx"]) >= hits(alone)
+    same = d["labels"][exact] == d["labels"][:, None]
+    for row in range(0, 3000, 97):
+        assert set(exact[row][same[row]]) <= set(res["global_idx"][row])
+
+
 def test_knn_rejects_bad_input():
     with pytest.raises(DdsError, match="unknown kNN backend 'annoy'; known: auto, torch, faiss, ivf"):
         knn(np.zeros((3, 2), np.float32), 1, backend="annoy")
@@ -174,11 +204,12 @@ def _clusters(n_per, C=3, D=24, Dt=8, seed=0):
 def test_crossfit_learns_unaligned_towers():
     img, labels, text = _clusters(60)
     fit = adapt.crossfit_adapters(img, labels, text, folds=3, seed=0, epochs=30, batch_size=64)
-    assert fit.u.shape == (180, 24) and fit.text.shape == (3, 3, 24) and fit.probs.shape == (180, 3)
+    cos, probs = fit.scores.dense()
+    assert fit.u.shape == (180, 24) and fit.text.shape == (3, 3, 24) and probs.shape == (180, 3)
     np.testing.assert_allclose(np.linalg.norm(fit.u, axis=1), 1, atol=1e-5)
-    np.testing.assert_allclose(fit.probs.sum(1), 1, atol=1e-5)
-    assert (fit.probs.argmax(1) == labels).mean() > 0.9
-    own = fit.cos[np.arange(180), labels]
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    assert (probs.argmax(1) == labels).mean() > 0.9
+    own = cos[np.arange(180), labels]
     np.testing.assert_allclose(own, np.einsum("ns,ns->n", fit.u, fit.text[fit.fold, labels]), atol=1e-5)
 
 
@@ -190,13 +221,14 @@ def test_crossfit_outputs_of_a_fold_do_not_depend_on_its_labels():
     flipped[fold == 0] = (flipped[fold == 0] + 1) % 3  # relabel every sample of fold 0
     b = adapt.crossfit_adapters(img, flipped, text, folds=3, seed=0, epochs=5, batch_size=32, fold=fold)
     held = fold == 0
-    np.testing.assert_allclose(a.probs[held], b.probs[held], atol=1e-6)  # fold 0 is scored by unseen adapters
-    assert not np.allclose(a.probs[~held], b.probs[~held], atol=1e-3)  # the others saw fold 0's labels
+    pa, pb = a.scores.dense()[1], b.scores.dense()[1]
+    np.testing.assert_allclose(pa[held], pb[held], atol=1e-6)  # fold 0 is scored by unseen adapters
+    assert not np.allclose(pa[~held], pb[~held], atol=1e-3)  # the others saw fold 0's labels
 
 
 def test_zero_shot_needs_aligned_towers():
     img = _unit(np.eye(3, 4, dtype=np.float32) + 0.1)
-    cos, probs = adapt.zero_shot(img, _unit(np.eye(3, 4, dtype=np.float32)))
+    cos, probs = adapt.zero_shot(img, _unit(np.eye(3, 4, dtype=np.float32))).dense()
     assert (probs.argmax(1) == [0, 1, 2]).all()
     with pytest.raises(DdsError, match="aligned"):
         adapt.zero_shot(img, np.ones((3, 5), np.float32))
@@ -225,8 +257,7 @@ def test_regions_on_constructed_points():
     x, labels, text = _constructed()
     class_sims, _ = knn(x, 3, labels=labels)
     _, global_idx = knn(x, 3)
-    cos, probs = adapt.zero_shot(x, text)
-    s = compute_scores(class_sims, global_idx, labels, cos, probs)
+    s = compute_scores(class_sims, global_idx, labels, adapt.zero_shot(x, text))
     region = s["region"]
     assert set(region) <= set(REGIONS)
     assert region[42] == "noisy" and region[43] == "noisy"  # the mislabelled images

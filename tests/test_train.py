@@ -137,15 +137,17 @@ def test_streaming_and_cache_yield_the_same_batches(ws):
     indices = rng.permutation(N_TRAIN)[:40].astype(np.int64)
     plan = EpochPlan(epoch=5, indices=indices, weights=rng.random(40).astype(np.float32),
                      aug=(rng.random(40) < 0.5).astype(np.uint8))
-    cached, streamed = open_split(ws, "tiny", "train", cache=True), open_split(ws, "tiny", "train", cache=False)
+    cached = open_split(ws, "tiny", "train", cache=True)
     aug = Augmenter(SIZE)
     a = list(cached.plan_batches(plan, seed=7, augmenter=aug, batch_size=16))
-    b = list(streamed.plan_batches(plan, seed=7, augmenter=aug, batch_size=16))
     assert [len(x["label"]) for x in a] == [16, 16, 8]
-    for x, y in zip(a, b, strict=True):
-        assert x["__key__"] == y["__key__"]
-        for field in ("image", "label", "index", "weight", "aug"):
-            assert torch.equal(x[field], y[field]), field
+    for workers in (0, 3):  # decoded in the reading thread, or in 3 decode threads: the same batches, in order
+        streamed = open_split(ws, "tiny", "train", cache=False, decode_workers=workers)
+        b = list(streamed.plan_batches(plan, seed=7, augmenter=aug, batch_size=16))
+        for x, y in zip(a, b, strict=True):
+            assert x["__key__"] == y["__key__"]
+            for field in ("image", "label", "index", "weight", "aug"):
+                assert torch.equal(x[field], y[field]), field
     assert torch.equal(torch.cat([x["index"] for x in a]), torch.from_numpy(indices))
     # other seed -> other augmentation
     c = next(iter(cached.plan_batches(plan, seed=8, augmenter=aug, batch_size=16)))
@@ -568,7 +570,11 @@ def test_bench_train_reports_bare_step_and_loop_side_by_side(ws):
         assert loop["channels_last"] and not loop["bf16"] and loop["steps"] == 8
         assert 0 <= loop["data_share"] < 1 and loop["img_s"] > 0
         assert loop["vs_bare"] == pytest.approx(loop["img_s"] / mine["img_s"], rel=1e-2)
-    assert all(r["img_s"] > 0 for r in rows)
+    assert all(r["img_s"] > 0 for r in rows) and {r["source"] for r in loops} == {"cached"}
+    streamed = bench_train(ws, "tiny", model="cnn3", batch_size=8, samples=64, device="cpu", repeats=1, bf16=False,
+                           cache=False, decode_workers=2)
+    assert [(r["source"], r["prefetch"]) for r in streamed if r["what"] == "loop"] == [
+        ("cached", 0), ("cached", 2), ("streamed", 2)]
 
 
 def test_relabelled_samples_train_on_the_corrected_label_and_history_records_it(tmp_path):

@@ -137,8 +137,9 @@ def run_bench(ws: Workspace, name: str, *, policies: list[str], budgets: list[fl
                                            "policy_options": options}).validate() for s in range(seeds)]
             plan.append((entry, b, cfgs))
     first = plan[0][2][0]
-    evaluated = open_split(ws, name, first.eval_split, cache=first.cache)  # a missing split fails before train decodes
-    data = (open_split(ws, name, "train", cache=first.cache), evaluated)
+    workers = first.decode_workers
+    evaluated = open_split(ws, name, first.eval_split, cache=first.cache, decode_workers=workers)  # fails before train decodes
+    data = (open_split(ws, name, "train", cache=first.cache, decode_workers=workers), evaluated)
     bench_id = f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
     commit = _git_commit()
     command = command or " ".join(["dds", *sys.argv[1:]])
@@ -281,7 +282,7 @@ def _append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
 
 def bench_train(ws: Workspace, name: str, *, model: str = "resnet20", batch_size: int = 128, samples: int = 4096,
                 cache: bool = True, device: str = "auto", repeats: int = 2, prefetch: int = 2,
-                bf16: bool = True) -> list[dict[str, Any]]:
+                bf16: bool = True, decode_workers: int = 1) -> list[dict[str, Any]]:
     """Trainer throughput, side by side in one process: the bare step against ``dds train``'s epoch loop.
 
     * bare step: forward + backward + SGD step on one fixed batch already on the device, for each
@@ -291,14 +292,17 @@ def bench_train(ws: Workspace, name: str, *, model: str = "resnet20", batch_size
       with a quarter of the steps (at least 3), measured once whatever ``repeats``;
     * loop: :func:`dds.train.loop._train_epoch` on a plan of ``samples`` train samples (base
       augmentation) with the trainer's own settings, once with batches built in the training
-      thread (prefetch 0) and once with ``prefetch`` batches built ahead in a background thread;
+      thread (prefetch 0) and once with ``prefetch`` batches built ahead in a background thread, both
+      on the split cached in RAM; with ``cache=False`` a third time, prefetching, streamed from the
+      shards with the images decoded in ``decode_workers`` threads (``source`` ``streamed``);
       ``data_share`` is the share of the loop's time the training thread waited for batches.
 
     Every measurement runs ``repeats`` times, interleaved, after a warm-up (one step per bare variant,
     two batches of the loop); the best rate is kept.
 
     Returns:
-        One dict per measurement: what ("bare" / "loop"), channels_last, bf16, prefetch (loop only),
+        One dict per measurement: what ("bare" / "loop"), source (loop only: cached / streamed),
+        channels_last, bf16, prefetch (loop only),
         steps, img_s, data_share (loop only), vs_bare (loop img/s over the bare step with the
         trainer's settings).
     """
@@ -317,12 +321,16 @@ def bench_train(ws: Workspace, name: str, *, model: str = "resnet20", batch_size
     check_positive_int("repeats", repeats)
     dev = resolve_device(device)
     info = ws.dataset_info(name)
-    train = open_split(ws, name, "train", cache=cache)
+    train = open_split(ws, name, "train", cache=True)
+    splits = {"cached": train}
+    if not cache:
+        splits["streamed"] = open_split(ws, name, "train", cache=False, decode_workers=decode_workers)
     m = min(samples, train.n)
     plan = make_plan(0, np.random.default_rng(0).permutation(train.n)[:m])
-    cfgs = {p: TrainConfig(dataset=name, model=model, batch_size=batch_size, epochs=1, device=device, cache=cache,
-                           prefetch=p).validate() for p in (0, prefetch)}
-    cfg = cfgs[0]
+    cfgs = {(p, src): TrainConfig(dataset=name, model=model, batch_size=batch_size, epochs=1, device=device,
+                                  cache=src == "cached", prefetch=p, decode_workers=decode_workers).validate()
+            for src in splits for p in ((0, prefetch) if src == "cached" else (prefetch,))}
+    cfg = cfgs[(0, "cached")]
     augmenter = Augmenter(train.image_size, train.channels)
     mean, std = channel_stats(train.mean, train.std, dev)
     first = next(iter(train.eval_batches(batch_size)))
@@ -358,30 +366,31 @@ def bench_train(ws: Workspace, name: str, *, model: str = "resnet20", batch_size
             torch.cuda.synchronize()
         return bare_steps(half) * len(y0) / (time.perf_counter() - t0)
 
-    def loop(p: int, epoch_plan=plan) -> tuple[float, float]:
+    def loop(key: tuple[int, str], epoch_plan=plan) -> tuple[float, float]:
         net, opt = new_model(cfg.channels_last)
-        _, t = _train_epoch(net, opt, train, epoch_plan, cfg=cfgs[p], device=dev, augmenter=augmenter,
+        _, t = _train_epoch(net, opt, splits[key[1]], epoch_plan, cfg=cfgs[key], device=dev, augmenter=augmenter,
                             steps_done=0, total_steps=10 ** 9, progress=False)
         spent = t["data_s"] + t["compute_s"]
         return len(epoch_plan.indices) / spent, t["data_s"] / spent
 
     variants = [(True, False), (False, False)] + ([(True, True), (False, True)] if dev.type == "cpu" and bf16 else [])
     best: dict[Any, float] = {}
-    share: dict[int, float] = {}
-    loop(0, make_plan(0, plan.indices[:2 * batch_size]))  # warm-up of the loop path (allocator, kernels)
+    share: dict[tuple[int, str], float] = {}
+    loop((0, "cached"), make_plan(0, plan.indices[:2 * batch_size]))  # warm-up of the loop path (allocator, kernels)
     for r in range(repeats):
         for v in variants:
             if r == 0 or not v[1]:  # bf16 variants: once
                 best[v] = max(best.get(v, 0.0), bare(*v))
-        for p in cfgs:
-            rate, s = loop(p)
-            if rate > best.get(("loop", p), 0.0):
-                best[("loop", p)], share[p] = rate, s
+        for key in cfgs:
+            rate, s = loop(key)
+            if rate > best.get(("loop", key), 0.0):
+                best[("loop", key)], share[key] = rate, s
     mine = (cfg.channels_last and dev.type == "cpu", cfg.amp and dev.type == "cuda")
     ref = best.get(mine, best[variants[0]])
-    rows = [{"what": "bare", "channels_last": cl, "bf16": bf, "prefetch": None, "steps": bare_steps(bf),
-             "img_s": round(best[(cl, bf)], 1), "data_share": None, "vs_bare": None} for cl, bf in variants]
-    rows += [{"what": "loop", "channels_last": mine[0], "bf16": mine[1], "prefetch": p, "steps": loop_steps,
-              "img_s": round(best[("loop", p)], 1), "data_share": round(share[p], 3),
-              "vs_bare": round(best[("loop", p)] / ref, 3)} for p in cfgs]
+    rows = [{"what": "bare", "source": None, "channels_last": cl, "bf16": bf, "prefetch": None,
+             "steps": bare_steps(bf), "img_s": round(best[(cl, bf)], 1), "data_share": None, "vs_bare": None}
+            for cl, bf in variants]
+    rows += [{"what": "loop", "source": key[1], "channels_last": mine[0], "bf16": mine[1], "prefetch": key[0],
+              "steps": loop_steps, "img_s": round(best[("loop", key)], 1), "data_share": round(share[key], 3),
+              "vs_bare": round(best[("loop", key)] / ref, 3)} for key in cfgs]
     return rows

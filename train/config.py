@@ -36,7 +36,8 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda when present, else cpu), cpu or cuda
     amp: bool = True  # bfloat16 autocast on cuda (ignored on cpu, where it was measured slower)
     channels_last: bool = True  # channels_last model and batches on cpu (resnet20 bare step ~1.2x faster here)
-    cache: bool = True  # decode every sample once into RAM; False streams the shards every epoch
+    cache: bool = True  # decode every sample once into RAM; False streams the shards every epoch ...
+    decode_workers: int = 1  # ... decoding the images in this many threads (0 = in the thread reading the shards)
     eval_split: str = "test"  # split evaluated every epoch (column test_acc): test, or val to pick constants on
     eval_every: int = 1  # evaluate on eval_split every this many epochs (and always after the last)
     eval_batch_size: int = 512  # samples per evaluation batch
@@ -56,6 +57,9 @@ class TrainConfig:
         if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int):
             raise DdsError(f"prefetch must be an integer (batches ahead, 0 = off), got {self.prefetch!r}")
         check_min_int("prefetch", self.prefetch, 0, "batches ahead, 0 = off")
+        if isinstance(self.decode_workers, bool) or not isinstance(self.decode_workers, int):
+            raise DdsError(f"decode_workers must be an integer (threads, 0 = none), got {self.decode_workers!r}")
+        check_min_int("decode_workers", self.decode_workers, 0, "threads, 0 = decode in the reading thread")
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("eval_split", self.eval_split, EVAL_SPLITS)
         check_choice("device", self.device, DEVICES)

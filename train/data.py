@@ -72,14 +72,33 @@ def reorder(src: Iterable[Sample], keys: np.ndarray, indices: np.ndarray) -> Ite
         yield {**buffer[key], "pos": pos, "index": int(index)}
 
 
-def decode(src: Iterable[Sample], channels: int, image_size: int) -> Iterator[Sample]:
-    """Yields the sample with ``image`` (uint8 ``(C, H, W)``) and ``label`` (int) instead of png/cls bytes."""
-    for sample in src:
+def decode(src: Iterable[Sample], channels: int, image_size: int, workers: int = 0) -> Iterator[Sample]:
+    """Yields the sample with ``image`` (uint8 ``(C, H, W)``) and ``label`` (int) instead of png/cls bytes.
+
+    With ``workers`` > 0 the images are decoded by that many threads (PIL and the resize release the
+    GIL), at most ``4 * workers`` samples ahead; the order stays the input order.
+    """
+    def one(sample: Sample) -> Sample:
         png, cls = sample.pop("png", None), sample.pop("cls", None)
         if png is None or cls is None:
             raise DdsError(f"sample '{sample['__key__']}' in shard {sample.get('shard')} lacks .png or .cls; "
                            "re-run `dds shard` for this dataset")
-        yield {**sample, "image": decode_png(png, channels, image_size), "label": int(cls.decode().strip())}
+        return {**sample, "image": decode_png(png, channels, image_size), "label": int(cls.decode().strip())}
+
+    if workers <= 0:
+        yield from map(one, src)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="dds-decode") as pool:
+        window: deque = deque()
+        for sample in src:
+            window.append(pool.submit(one, sample))
+            if len(window) >= 4 * workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
 
 
 def augment(src: Iterable[Sample], augmenter: Augmenter, codes: np.ndarray, weights: np.ndarray,
@@ -295,7 +314,11 @@ class _Split:
 
 
 class StreamingSplit(_Split):
-    """Reads the shards every epoch, decoding only the planned samples."""
+    """Reads the shards every epoch, decoding only the planned samples (in ``decode_workers`` threads)."""
+
+    def __init__(self, ws: Workspace, name: str, split: str, decode_workers: int = 0) -> None:
+        super().__init__(ws, name, split)
+        self.decode_workers = decode_workers
 
     def _plan_samples(self, indices: np.ndarray) -> Iterator[Sample]:
         keys = self.keys[indices]
@@ -303,11 +326,11 @@ class StreamingSplit(_Split):
         stages = open_tar(stages)  # dict(__key__, shard, png, cls) per sample, undecoded
         stages = filter_keys(stages, set(keys.tolist()))  # only this epoch's planned keys
         stages = reorder(stages, keys, indices)  # the same, in plan order, with pos and index
-        return decode(stages, self.channels, self.image_size)  # with image (C,H,W) uint8 and label
+        return decode(stages, self.channels, self.image_size, self.decode_workers)  # with image and label
 
     def eval_batches(self, batch_size: int) -> Iterator[Sample]:
         stages = open_tar(shard_list(self.ws, self.name, self.split))  # undecoded samples, idx order
-        return batched(decode(stages, self.channels, self.image_size), batch_size)  # decoded batches
+        return batched(decode(stages, self.channels, self.image_size, self.decode_workers), batch_size)
 
 
 class CachedSplit(_Split):
@@ -347,13 +370,14 @@ class CachedSplit(_Split):
                    "label": torch.from_numpy(self.labels[sl])}
 
 
-def open_split(ws: Workspace, name: str, split: str, *, cache: bool = True) -> _Split:
-    """The split as a :class:`CachedSplit` (``cache=True``) or a :class:`StreamingSplit`.
+def open_split(ws: Workspace, name: str, split: str, *, cache: bool = True, decode_workers: int = 0) -> _Split:
+    """The split as a :class:`CachedSplit` (``cache=True``) or a :class:`StreamingSplit` decoding in
+    ``decode_workers`` threads (0: in the thread that reads the shards).
 
     Raises:
         DdsError: the dataset is not sharded, or has no such split (the message says how to add it).
     """
-    return CachedSplit(ws, name, split) if cache else StreamingSplit(ws, name, split)
+    return CachedSplit(ws, name, split) if cache else StreamingSplit(ws, name, split, decode_workers)
 
 
 # ---------------------------------------------------------------- selector inputs

@@ -480,8 +480,8 @@ def _setup(ws: Workspace, cfg: TrainConfig, device: torch.device, data: tuple | 
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                           weight_decay=cfg.weight_decay)
     if data is None:
-        test = open_split(ws, cfg.dataset, cfg.eval_split, cache=cfg.cache)
-        train = open_split(ws, cfg.dataset, "train", cache=cfg.cache)
+        test = open_split(ws, cfg.dataset, cfg.eval_split, cache=cfg.cache, decode_workers=cfg.decode_workers)
+        train = open_split(ws, cfg.dataset, "train", cache=cfg.cache, decode_workers=cfg.decode_workers)
     else:
         train, test = data
     return sel, model, opt, train, test
