@@ -246,6 +246,8 @@ def train(
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run RUN_ID from its last checkpoint."),
     nproc: int = NprocOpt,
     device: str = DeviceOpt,
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast where it is fast (CUDA, or a CPU with "
+                                                          "AMX); --no-amp trains in fp32 everywhere."),
     workspace: Optional[str] = WorkspaceOpt,
     progress: bool = ProgressOpt,
 ) -> None:
@@ -257,7 +259,7 @@ def train(
         given = {"--policy": (policy, "dds"), "--budget": (budget, 0.5), "--epochs": (epochs, 12),
                  "--model": (model, "resnet20"), "--seed": (seed, 0), "--encoder": (encoder, "lite0-minilm"),
                  "--batch-size": (batch_size, 128), "--lr": (lr, 0.1), "--option": (option, []),
-                 "--eval-split": (eval_split, "test"), "--device": (device, "auto")}
+                 "--eval-split": (eval_split, "test"), "--device": (device, "auto"), "--no-amp": (amp, True)}
         changed = [flag for flag, (value, default) in given.items() if value != default]
         if changed:
             raise DdsError(f"--resume continues a run with its saved options; drop {', '.join(changed)}")
@@ -284,7 +286,7 @@ def train(
         else:
             cfg = TrainConfig(dataset=name, policy=policy, budget=budget, epochs=epochs, model=model, seed=seed,
                               encoder=encoder, batch_size=batch_size, lr=lr, device=device, eval_split=eval_split,
-                              policy_options=_parse_options(option))
+                              amp=amp, policy_options=_parse_options(option))
             result = run_train(ws, cfg, progress=progress, announce=announce)
     except KeyboardInterrupt:
         if not started:
@@ -329,6 +331,8 @@ def bench(
     eval_split: str = EvalSplitOpt,
     encoder: str = EncoderOpt,
     device: str = DeviceOpt,
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast where it is fast (CUDA, or a CPU with "
+                                                          "AMX); --no-amp trains in fp32 everywhere."),
     workspace: Optional[str] = WorkspaceOpt,
     progress: bool = ProgressOpt,
 ) -> None:
@@ -355,7 +359,7 @@ def bench(
         per_policy.setdefault(policy, {})[opt] = value
     rows = run_bench(ws, name, policies=names, budgets=budget_list, epochs=epochs, seeds=seeds, model=model,
                      base_config={"encoder": encoder, "device": device, "seed": first_seed, "eval_split": eval_split,
-                                  "eval_every": eval_every},
+                                  "eval_every": eval_every, "amp": amp},
                      policy_options=per_policy, progress=progress, results=results)
     typer.echo(format_bench_table(rows))
     typer.echo(f"accuracy: last epoch, on the {eval_split} split; lossless at = smallest spend with mean accuracy "
@@ -398,7 +402,7 @@ def bench_train(
                                                                    "(0 = in the thread reading the shards)."),
     repeats: int = typer.Option(2, "--repeats", help="Interleaved repeats of each measurement (best kept)."),
     bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="Also time the bare step under bf16 autocast on cpu "
-                                                             "(several times slower there; a quarter of the steps)."),
+                                                             "(what the trainer uses on CPUs with AMX)."),
     device: str = DeviceOpt,
     workspace: Optional[str] = WorkspaceOpt,
 ) -> None:

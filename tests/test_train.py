@@ -556,18 +556,20 @@ def test_cli_train_prints_the_run_id_refuses_resume_mismatch_and_hints_on_ctrl_c
 
 
 def test_bench_train_reports_bare_step_and_loop_side_by_side(ws):
+    from dds.device import cpu_has_amx
     from dds.train.bench import bench_train
 
     rows = bench_train(ws, "tiny", model="cnn3", batch_size=8, samples=64, device="cpu", repeats=1)
     bare = [r for r in rows if r["what"] == "bare"]
     assert {(r["channels_last"], r["bf16"]) for r in bare} == {(True, False), (False, False), (True, True), (False, True)}
-    # fp32: as many steps as the loop; bf16 (several times slower on cpu): a quarter of them, at least 3
-    assert {r["steps"] for r in bare if not r["bf16"]} == {8} and {r["steps"] for r in bare if r["bf16"]} == {3}
+    # fp32: as many steps as the loop; bf16 without AMX (several times slower): a quarter of them, at least 3
+    half = 8 if cpu_has_amx() else 3
+    assert {r["steps"] for r in bare if not r["bf16"]} == {8} and {r["steps"] for r in bare if r["bf16"]} == {half}
     loops = [r for r in rows if r["what"] == "loop"]
     assert [r["prefetch"] for r in loops] == [0, 2] and rows[-2:] == loops
-    mine = next(r for r in bare if r["channels_last"] and not r["bf16"])
+    mine = next(r for r in bare if r["channels_last"] and r["bf16"] == cpu_has_amx())  # the trainer's own setting
     for loop in loops:
-        assert loop["channels_last"] and not loop["bf16"] and loop["steps"] == 8
+        assert loop["channels_last"] and loop["bf16"] == cpu_has_amx() and loop["steps"] == 8
         assert 0 <= loop["data_share"] < 1 and loop["img_s"] > 0
         assert loop["vs_bare"] == pytest.approx(loop["img_s"] / mine["img_s"], rel=1e-2)
     assert all(r["img_s"] > 0 for r in rows) and {r["source"] for r in loops} == {"cached"}
@@ -575,6 +577,26 @@ def test_bench_train_reports_bare_step_and_loop_side_by_side(ws):
                            cache=False, decode_workers=2)
     assert [(r["source"], r["prefetch"]) for r in streamed if r["what"] == "loop"] == [
         ("cached", 0), ("cached", 2), ("streamed", 2)]
+
+
+def test_bf16_only_where_it_is_fast_and_fp32_elsewhere(tmp_path, monkeypatch):
+    """CPU bf16 autocast needs AMX; without it (or with amp off, or where cpuinfo is unreadable) training is fp32."""
+    from dds import device as D
+    from dds.train import loop as L
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags : fpu avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    assert D.cpu_has_amx(str(info))
+    info.write_text("processor : 0\nflags : fpu avx512f avx512_bf16\n")
+    assert not D.cpu_has_amx(str(info)) and not D.cpu_has_amx(str(tmp_path / "missing"))
+    cpu = torch.device("cpu")
+    for amx in (True, False):
+        monkeypatch.setattr(D, "cpu_has_amx", lambda amx=amx: amx)
+        assert D.uses_bf16(cpu, True) is amx and not D.uses_bf16(cpu, False)
+        with L._autocast(cpu, True):
+            out = torch.nn.Linear(4, 2)(torch.ones(1, 4))
+        assert out.dtype == (torch.bfloat16 if amx else torch.float32)
+    assert D.uses_bf16(torch.device("cuda"), True) and not D.uses_bf16(torch.device("cuda"), False)
 
 
 def test_relabelled_samples_train_on_the_corrected_label_and_history_records_it(tmp_path):

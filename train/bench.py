@@ -32,6 +32,7 @@ from dds._validate import check_fraction, check_positive_int
 from dds.distributed import from_env
 from dds.errors import DdsError
 from dds.train.config import TrainConfig
+from dds.device import cpu_has_amx, resolve_device, uses_bf16
 from dds.train.data import open_split
 from dds.train.loop import run_train
 from dds.workspace import Workspace, write_parquet
@@ -155,7 +156,7 @@ def run_bench(ws: Workspace, name: str, *, policies: list[str], budgets: list[fl
                                         "model": model, "eval_split": cfg.eval_split, "budget_spent": r["budget_spent"],
                                         "acc": r["test_acc"], "train_s": r["train_s"], "eval_s": r["eval_s"],
                                         "wall_s": r["wall_s"], "select_s": r["select_s"], "steps": r["steps"],
-                                        "run_id": r["run_id"]})
+                                        "bf16": uses_bf16(resolve_device(cfg.device), cfg.amp), "run_id": r["run_id"]})
         runs.append((entry, b, out))
     rows = summarise(runs)
     extra = {"bench_id": bench_id, "dataset": name, "seeds": int(seeds), "model": model, "eval_split": first.eval_split}
@@ -287,9 +288,9 @@ def bench_train(ws: Workspace, name: str, *, model: str = "resnet20", batch_size
 
     * bare step: forward + backward + SGD step on one fixed batch already on the device, for each
       variant of memory format (contiguous / channels_last) and, on CPU (unless ``bf16`` is
-      False), bf16 autocast; as many steps as the loop takes (at least 3). The CPU bf16 variants run
-      several times slower and the trainer does not use them there: they are shown for reference,
-      with a quarter of the steps (at least 3), measured once whatever ``repeats``;
+      False), bf16 autocast; as many steps as the loop takes (at least 3). The CPU bf16 variants are
+      measured once whatever ``repeats``; on a CPU without AMX, where they run several times slower
+      and the trainer does not use them, with a quarter of the steps (at least 3);
     * loop: :func:`dds.train.loop._train_epoch` on a plan of ``samples`` train samples (base
       augmentation) with the trainer's own settings, once with batches built in the training
       thread (prefetch 0) and once with ``prefetch`` batches built ahead in a background thread, both
@@ -344,7 +345,7 @@ def bench_train(ws: Workspace, name: str, *, model: str = "resnet20", batch_size
 
     def bare_steps(half: bool) -> int:
         full = max(3, loop_steps)
-        return max(3, full // 4) if half and dev.type == "cpu" else full
+        return max(3, full // 4) if half and dev.type == "cpu" and not cpu_has_amx() else full
 
     def bare(channels_last: bool, half: bool) -> float:
         net, opt = new_model(channels_last)
@@ -373,20 +374,21 @@ def bench_train(ws: Workspace, name: str, *, model: str = "resnet20", batch_size
         spent = t["data_s"] + t["compute_s"]
         return len(epoch_plan.indices) / spent, t["data_s"] / spent
 
+    mine = (cfg.channels_last and dev.type == "cpu", uses_bf16(dev, cfg.amp))  # the trainer's own settings
     variants = [(True, False), (False, False)] + ([(True, True), (False, True)] if dev.type == "cpu" and bf16 else [])
+    variants += [mine] if mine not in variants else []  # always measured: the loop's ratio is against it
     best: dict[Any, float] = {}
     share: dict[tuple[int, str], float] = {}
     loop((0, "cached"), make_plan(0, plan.indices[:2 * batch_size]))  # warm-up of the loop path (allocator, kernels)
     for r in range(repeats):
         for v in variants:
-            if r == 0 or not v[1]:  # bf16 variants: once
+            if r == 0 or not v[1] or v == mine:  # bf16 variants the trainer does not use: once
                 best[v] = max(best.get(v, 0.0), bare(*v))
         for key in cfgs:
             rate, s = loop(key)
             if rate > best.get(("loop", key), 0.0):
                 best[("loop", key)], share[key] = rate, s
-    mine = (cfg.channels_last and dev.type == "cpu", cfg.amp and dev.type == "cuda")
-    ref = best.get(mine, best[variants[0]])
+    ref = best[mine]
     rows = [{"what": "bare", "source": None, "channels_last": cl, "bf16": bf, "prefetch": None,
              "steps": bare_steps(bf), "img_s": round(best[(cl, bf)], 1), "data_share": None, "vs_bare": None}
             for cl, bf in variants]
