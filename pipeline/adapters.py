@@ -47,10 +47,7 @@ ZERO_SHOT_TAU = 0.01  # temperature for zero-shot probabilities (CLIP's logit sc
 #: fold x 4 epochs x 5 folds x 3 passes would take over an hour; every dataset of up to 125k samples
 #: (5 folds) trains on all its rows.
 MAX_TRAIN_ROWS = 100_000
-
-
-#: Rows per block of :meth:`ClassScores.block` callers: about ``2**22`` (row, class) entries at a time.
-BLOCK_ELEMENTS = 1 << 22
+APPLY_ROWS = 65_536  # held-out rows embedded by a fold's adapter at a time
 
 
 @dataclass
@@ -98,9 +95,10 @@ class ClassScores:
         return cos.numpy(), probs.numpy()
 
     def blocks(self) -> Iterator[slice]:
-        """Consecutive row slices covering all rows, about :data:`BLOCK_ELEMENTS` entries each."""
-        step = max(1, BLOCK_ELEMENTS // max(1, self.num_classes))
-        return (slice(a, min(len(self), a + step)) for a in range(0, len(self), step))
+        """Consecutive row slices covering all rows (:func:`dds.pipeline.verdict.row_blocks`)."""
+        from dds.pipeline.verdict import row_blocks
+
+        return row_blocks(len(self), self.num_classes)
 
     def dense(self) -> tuple[np.ndarray, np.ndarray]:
         """``(cos, probs)`` of every row, ``(N, C)`` each: for small data and tests only."""
@@ -279,10 +277,13 @@ def crossfit_adapters(img: np.ndarray, labels: np.ndarray, text: np.ndarray, *, 
             train = np.sort(np.random.default_rng(seed + f).choice(train, MAX_TRAIN_ROWS, replace=False))
         apply = train_adapter(img[train], labels[train], text, epochs=epochs, seed=seed + f, device=device,
                               **train_kw)
-        u_f, t_f, tau = apply(img[held])
-        if u is None:
-            u = np.zeros((len(img), u_f.shape[1]), np.float32)
-        u[held] = u_f
+        rows = np.flatnonzero(held)
+        for start in range(0, max(1, len(rows)), APPLY_ROWS):  # in chunks: no full copy of the fold's rows
+            part = rows[start:start + APPLY_ROWS]
+            u_f, t_f, tau = apply(img[part])
+            if u is None:
+                u = np.zeros((len(img), u_f.shape[1]), np.float32)
+            u[part] = u_f
         texts.append(t_f)
         taus.append(tau)
     return CrossFit(u=u, text=np.stack(texts), fold=fold, tau=np.array(taus))

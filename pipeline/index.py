@@ -285,7 +285,8 @@ def index_arrays(img: np.ndarray, labels: np.ndarray, text: np.ndarray, *, k: in
 
     Returns:
         ``class_sims``, ``class_idx``, ``global_sims``, ``global_idx`` (``(N, k)`` each), ``scores``
-        (:class:`~dds.pipeline.adapters.ClassScores`: class cosines and probabilities on demand), ``trim`` (``(N,)`` bool or None), ``cols`` (:func:`compute_scores`),
+        (:class:`~dds.pipeline.adapters.ClassScores`: class cosines and probabilities on demand),
+        ``trim`` (``(N,)`` bool or None), ``cols`` (:func:`compute_scores`),
         ``knn_backend`` (str: the method of the global graph and of the largest class) and ``seconds``
         (phase -> wall-clock seconds: ``knn_class``, ``knn_global``, ``adapters``, ``scores``, ``verdict``,
         ``regions``).

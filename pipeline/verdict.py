@@ -72,6 +72,12 @@ class Verdict:
     transition: np.ndarray
 
 
+def row_blocks(n: int, width: int) -> Iterator[slice]:
+    """Consecutive slices covering ``n`` rows of ``width`` entries, about :data:`BLOCK_ELEMENTS` entries each."""
+    step = max(1, BLOCK_ELEMENTS // max(1, width))
+    return (slice(a, min(n, a + step)) for a in range(0, n, step))
+
+
 @dataclass
 class Views:
     """The two held-out views of ``n`` samples over ``num_classes`` classes, served block by block.
@@ -98,9 +104,8 @@ class Views:
         return cls(len(scores), c, lambda rows: (scores.block(rows)[1], neighbour_votes(idx[rows], labels, c, keep)))
 
     def blocks(self) -> Iterator[slice]:
-        """Consecutive row slices covering all samples, about :data:`BLOCK_ELEMENTS` entries each."""
-        step = max(1, BLOCK_ELEMENTS // max(1, self.num_classes))
-        return (slice(a, min(self.n, a + step)) for a in range(0, self.n, step))
+        """Consecutive row slices covering all samples (:func:`row_blocks`)."""
+        return row_blocks(self.n, self.num_classes)
 
     def evidence(self) -> Iterator[tuple[slice, np.ndarray, np.ndarray, np.ndarray]]:
         """``(rows, probs, votes, evidence)`` per block (:func:`combine`)."""
