@@ -1,6 +1,8 @@
 """Device choice, shared by every stage: ``auto`` means CUDA when a GPU is visible, else the CPU."""
 from __future__ import annotations
 
+import functools
+
 from dds.errors import DdsError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -22,6 +24,7 @@ def resolve_device(name: str):
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
+@functools.lru_cache(maxsize=None)  # asked every training step: the file is read once per path
 def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """True when the CPU has AMX bf16 tiles (the ``amx_bf16`` flag of Linux's ``/proc/cpuinfo``).
 

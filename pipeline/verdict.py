@@ -241,8 +241,7 @@ def static_verdict(views: Views, labels: np.ndarray) -> Verdict:
         suspect = post[at, y] < SUSPECT_BELOW
         agree = (p.argmax(axis=1) == top) & (v.argmax(axis=1) == top)
         relabel = suspect & (top != y) & (post[at, top] >= RELABEL_MIN) & agree
-        status[rows][suspect] = "suppress"
-        status[rows][relabel] = "relabel"
+        status[rows] = np.where(relabel, "relabel", np.where(suspect, "suppress", "clean"))
         label_fixed[rows] = np.where(relabel, top, y)
         own[rows] = post[at, y]
     return Verdict(status=status, label_fixed=label_fixed, label_posterior=own, transition=t)

@@ -584,11 +584,11 @@ def test_bf16_only_where_it_is_fast_and_fp32_elsewhere(tmp_path, monkeypatch):
     from dds import device as D
     from dds.train import loop as L
 
-    info = tmp_path / "cpuinfo"
-    info.write_text("processor : 0\nflags : fpu avx512f avx512_bf16 amx_bf16 amx_tile\n")
-    assert D.cpu_has_amx(str(info))
-    info.write_text("processor : 0\nflags : fpu avx512f avx512_bf16\n")
-    assert not D.cpu_has_amx(str(info)) and not D.cpu_has_amx(str(tmp_path / "missing"))
+    amx, plain = tmp_path / "cpuinfo-amx", tmp_path / "cpuinfo-plain"
+    amx.write_text("processor : 0\nflags : fpu avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    assert D.cpu_has_amx(str(amx))
+    plain.write_text("processor : 0\nflags : fpu avx512f avx512_bf16\n")
+    assert not D.cpu_has_amx(str(plain)) and not D.cpu_has_amx(str(tmp_path / "missing"))
     cpu = torch.device("cpu")
     for amx in (True, False):
         monkeypatch.setattr(D, "cpu_has_amx", lambda amx=amx: amx)
