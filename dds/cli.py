@@ -403,6 +403,8 @@ def bench_train(
     repeats: int = typer.Option(2, "--repeats", help="Interleaved repeats of each measurement (best kept)."),
     bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="Also time the bare step under bf16 autocast on cpu "
                                                              "(what the trainer uses on CPUs with AMX)."),
+    results: Optional[str] = typer.Option(None, "--results", help="Append one JSON line per measurement row to this "
+                                                                  "file, with the command and git commit."),
     device: str = DeviceOpt,
     workspace: Optional[str] = WorkspaceOpt,
 ) -> None:
@@ -427,6 +429,10 @@ def bench_train(
     widths = [max(len(x) for x in col) for col in zip(header, *lines)]
     for ln in [header, *lines]:
         typer.echo("  ".join(x.ljust(w) for x, w in zip(ln, widths)))
+    if results:
+        from dds.train.bench import append_results
+
+        append_results(results, [{"dataset": name, "model": model, "batch_size": batch_size, **r} for r in rows])
     loops = {(r["source"], bool(r["prefetch"])): r["img_s"] for r in rows if r["what"] == "loop"}
     typer.echo(f"loop img/s, prefetch on / off: {loops[('cached', True)] / loops[('cached', False)]:.3f}   "
                "(vs bare: over the bare step with the trainer's settings)")

@@ -15,7 +15,7 @@ from dds.selector import AUG_LEVELS, list_policies
 from dds.train import (TrainConfig, create_augment, create_model, format_bench_table, list_augments, list_models,
                        load_sample_info, lr_at, open_split, resume_train, run_bench, run_train)
 from dds.train.bench import lossless_budget, parse_entry, summarise
-from dds.train.augment import Augmenter, epoch_aug_seeds
+from dds.train.augment import Augmenter, crop_flip_params, epoch_aug_seeds
 from dds.train.loop import history_columns
 from dds.workspace import Workspace
 
@@ -200,6 +200,22 @@ def test_augmenter_draws_from_its_own_generator_even_while_another_thread_draws(
     assert torch.equal(torch.get_rng_state(), after)   # nor was the main thread's stream disturbed
 
 
+@pytest.mark.parametrize("size,channels", [(28, 1), (16, 3), (40, 3)])
+def test_batched_augmentation_equals_the_per_sample_transforms(size, channels):
+    """Augmenter.batch (the gathered crop + flip for base codes at <= 32 px) is bit for bit the per-sample path,
+    for all-base batches and for batches mixing every strong code."""
+    aug = Augmenter(size, channels=channels)
+    images = torch.randint(0, 256, (24, channels, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(2))
+    seeds = epoch_aug_seeds(9, 1, 24)
+    for codes in (np.zeros(24, np.uint8), (np.arange(24) % (AUG_LEVELS + 1)).astype(np.uint8)):
+        expected = torch.stack([aug(images[i], int(codes[i]), int(seeds[i])) for i in range(24)])
+        got = aug.batch(images, codes, seeds)
+        assert got.dtype == torch.uint8 and torch.equal(got, expected)
+    flips = crop_flip_params(seeds, 5)[2]
+    assert 0 < flips.sum() < 24   # both branches of the flip are exercised
+
+
 def _strong_plan(n: int, m: int, epoch: int = 1):
     from dds.selector._base import make_plan
 
@@ -300,6 +316,11 @@ def test_prefetch_trains_the_same_epoch_as_the_training_thread(ws):
         _cfg(prefetch=-1).validate()
     with pytest.raises(DdsError, match="prefetch must be an integer"):
         _cfg(prefetch=1.5).validate()
+    from dds.train.loop import prefetch_depth
+
+    assert _cfg(prefetch=None).validate().prefetch is None   # the default: by device
+    assert prefetch_depth(None, torch.device("cpu")) == 0 and prefetch_depth(None, torch.device("cuda")) == 2
+    assert prefetch_depth(3, torch.device("cpu")) == 3 and prefetch_depth(0, torch.device("cuda")) == 0
 
 
 def test_no_test_split_is_an_error(tmp_path):

@@ -147,6 +147,7 @@ class Augmenter:
 
     def __init__(self, image_size: int, channels: int = 3, names: Sequence[str] = AUG_NAMES) -> None:
         base_name, strong_name = names
+        self._pad = 2 if base_name == "base" and image_size <= 32 else 0   # batched base path (see batch)
         self.transforms = [create_augment(base_name, image_size, channels)] + [
             create_augment(strong_name, image_size, channels, magnitude=k / AUG_LEVELS)
             for k in range(1, AUG_LEVELS + 1)]
@@ -154,6 +155,29 @@ class Augmenter:
             for leaf in _parts(t):
                 if type(leaf) in _DETERMINISTIC_KERNELS and "transform" not in vars(leaf):
                     leaf.transform = functools.partial(_unintercepted, leaf.transform)
+
+    def batch(self, images: torch.Tensor, codes: np.ndarray, seeds: np.ndarray) -> torch.Tensor:
+        """Augment a batch (uint8 ``(B, C, H, W)``): sample ``i`` with ``codes[i]`` under ``seeds[i]``.
+
+        Bit for bit ``torch.stack([self(images[i], codes[i], seeds[i]) for i in range(B)])``, but the
+        ``base`` samples of small images (crop with 2-px padding + flip, the usual case) are cropped and
+        flipped in one gather over the whole batch, with the parameters drawn from each sample's seed as
+        torchvision would draw them (:func:`crop_flip_params`): 26 us a sample instead of 185 on the
+        2-core CPU machine. Other codes, and larger images, run per sample.
+        """
+        codes = np.asarray(codes)
+        fast = (codes == 0) if self._pad else np.zeros(codes.shape[0], bool)
+        if fast.all():
+            return padded_crop_flip(images, *crop_flip_params(seeds, 2 * self._pad + 1), pad=self._pad)
+        out = torch.empty_like(images)
+        if fast.any():
+            idx = np.flatnonzero(fast)
+            out[torch.from_numpy(idx)] = padded_crop_flip(images[torch.from_numpy(idx)],
+                                                          *crop_flip_params(np.asarray(seeds)[idx], 2 * self._pad + 1),
+                                                          pad=self._pad)
+        for i in np.flatnonzero(~fast).tolist():
+            out[i] = self(images[i], int(codes[i]), int(seeds[i]))
+        return out
 
     def __call__(self, image: torch.Tensor, code: int, seed: int) -> torch.Tensor:
         """Augment ``image`` (uint8 ``(C, H, W)``) with the transform of ``code``, seeded by ``seed``.
@@ -165,6 +189,34 @@ class Augmenter:
         gen.manual_seed(int(seed))
         with _OwnGenerator(gen):
             return self.transforms[int(code)](image)
+
+
+def crop_flip_params(seeds: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(top, left, flip)`` of ``base``'s padded crop + flip for each seed: what ``v2.RandomCrop`` (two
+    ``randint(0, span)`` draws) and ``v2.RandomHorizontalFlip`` (flip when ``rand(1) < 0.5``) draw, in
+    that order, from a generator seeded with the sample's seed."""
+    n = len(seeds)
+    top, left, flip = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, bool)
+    gen = torch.Generator()
+    for i, s in enumerate(np.asarray(seeds).tolist()):
+        gen.manual_seed(int(s))
+        top[i] = int(torch.randint(0, span, size=(), generator=gen))
+        left[i] = int(torch.randint(0, span, size=(), generator=gen))
+        flip[i] = bool(torch.rand(1, generator=gen) < 0.5)
+    return top, left, flip
+
+
+def padded_crop_flip(images: torch.Tensor, top: np.ndarray, left: np.ndarray, flip: np.ndarray, *,
+                     pad: int) -> torch.Tensor:
+    """Zero-pad uint8 ``(B, C, H, W)`` by ``pad`` on every side, crop ``(H, W)`` at ``(top, left)`` per
+    sample and mirror the flipped ones: one gather for the whole batch."""
+    b, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    rows = torch.from_numpy(top)[:, None] + torch.arange(h)                       # (B, H)
+    ar = torch.arange(w)
+    cols = torch.from_numpy(left)[:, None] + torch.where(torch.from_numpy(flip)[:, None], w - 1 - ar, ar)
+    out = padded[torch.arange(b)[:, None, None], :, rows[:, :, None], cols[:, None, :]]   # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
 
 
 def _parts(t: Any) -> Iterator[Any]:

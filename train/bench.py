@@ -274,6 +274,13 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def append_results(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Append ``rows`` to the JSON-lines file ``path``, each with the command line and the git commit."""
+    command, commit = " ".join(["dds", *sys.argv[1:]]), _git_commit()
+    for row in rows:
+        _append_jsonl(path, {"command": command, "commit": commit, **row})
+
+
 def _append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

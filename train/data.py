@@ -3,11 +3,11 @@
 Streaming is a list of generator stages, each a plain function over an iterator of sample dicts
 with the sample ``__key__`` kept in every dict (STYLE rule 7)::
 
-    shard_list -> open_tar -> filter_keys -> reorder -> decode -> augment -> batched
+    shard_list -> open_tar -> filter_keys -> reorder -> decode -> batched -> augment
 
 The in-memory cache (:class:`CachedSplit`) decodes every sample of the split once into a uint8
-tensor ``(N, C, H, W)`` ordered by ``samples.idx`` and feeds the same ``augment -> batched`` tail,
-so both paths yield identical batches for a plan.
+tensor ``(N, C, H, W)`` ordered by ``samples.idx``, gathers each batch from it and feeds the same
+``augment`` tail (whole batches at a time), so both paths yield identical batches for a plan.
 
 :class:`Prefetcher` runs such a pipeline in a background thread a few batches ahead of the trainer.
 """
@@ -101,18 +101,20 @@ def decode(src: Iterable[Sample], channels: int, image_size: int, workers: int =
             yield window.popleft().result()
 
 
-def augment(src: Iterable[Sample], augmenter: Augmenter, codes: np.ndarray, weights: np.ndarray,
+def augment(batches: Iterable[Sample], augmenter: Augmenter, codes: np.ndarray, weights: np.ndarray,
             seeds: np.ndarray) -> Iterator[Sample]:
-    """Yields the sample with ``image`` augmented per its plan position ``pos`` and ``weight``/``aug`` added."""
-    for sample in src:
-        pos = sample["pos"]
-        image = augmenter(sample["image"], codes[pos], seeds[pos])
-        yield {**sample, "image": image, "weight": float(weights[pos]), "aug": int(codes[pos])}
+    """Yields each batch with ``image`` augmented per its samples' plan positions ``pos`` (dropped), and
+    ``weight``/``aug`` added: one :meth:`Augmenter.batch` call a batch."""
+    for batch in batches:
+        pos = batch.pop("pos").numpy()
+        yield {**batch, "image": augmenter.batch(batch["image"], codes[pos], seeds[pos]),
+               "weight": torch.from_numpy(np.asarray(weights[pos], dtype=np.float32)),
+               "aug": torch.from_numpy(np.asarray(codes[pos], dtype=np.uint8))}
 
 
 def batched(src: Iterable[Sample], batch_size: int) -> Iterator[Sample]:
     """Yields batch dicts: ``__key__`` (list), ``image`` uint8 ``(B, C, H, W)``, ``label`` int64 ``(B,)``
-    and, when the samples carry them, ``index`` int64, ``weight`` float32, ``aug`` uint8 ``(B,)``."""
+    and, when the samples carry them, ``index``, ``pos`` int64, ``weight`` float32, ``aug`` uint8 ``(B,)``."""
     buf: list[Sample] = []
     for sample in src:
         buf.append(sample)
@@ -127,7 +129,7 @@ def _collate(samples: list[Sample]) -> Sample:
     out: Sample = {"__key__": [s["__key__"] for s in samples],
                    "image": torch.stack([s["image"] for s in samples]),
                    "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64)}
-    for name, dtype in (("index", torch.int64), ("weight", torch.float32), ("aug", torch.uint8)):
+    for name, dtype in (("index", torch.int64), ("pos", torch.int64), ("weight", torch.float32), ("aug", torch.uint8)):
         if name in samples[0]:
             out[name] = torch.tensor([s[name] for s in samples], dtype=dtype)
     return out
@@ -301,11 +303,12 @@ class _Split:
             positions = np.asarray(positions, dtype=np.int64)
             end = int(positions.max()) + 1 if positions.size else 0
             seeds, take = epoch_aug_seeds(seed, plan.epoch, end)[positions], positions % max(m, 1)
-        samples = self._plan_samples(np.asarray(plan.indices, dtype=np.int64)[take])
-        return batched(augment(samples, augmenter, np.asarray(plan.aug)[take], np.asarray(plan.weights)[take], seeds),
-                       batch_size)
+        batches = self._plan_batches(np.asarray(plan.indices, dtype=np.int64)[take], batch_size)
+        return augment(batches, augmenter, np.asarray(plan.aug)[take], np.asarray(plan.weights)[take], seeds)
 
-    def _plan_samples(self, indices: np.ndarray) -> Iterator[Sample]:
+    def _plan_batches(self, indices: np.ndarray, batch_size: int) -> Iterator[Sample]:
+        """Unaugmented batches of the split's samples ``indices``, in that order, with ``pos`` (position
+        in ``indices``) and ``index``; see :func:`batched`."""
         raise NotImplementedError
 
     def eval_batches(self, batch_size: int) -> Iterator[Sample]:
@@ -320,13 +323,14 @@ class StreamingSplit(_Split):
         super().__init__(ws, name, split)
         self.decode_workers = decode_workers
 
-    def _plan_samples(self, indices: np.ndarray) -> Iterator[Sample]:
+    def _plan_batches(self, indices: np.ndarray, batch_size: int) -> Iterator[Sample]:
         keys = self.keys[indices]
         stages = shard_list(self.ws, self.name, self.split)  # dict(url, shard) per shard
         stages = open_tar(stages)  # dict(__key__, shard, png, cls) per sample, undecoded
         stages = filter_keys(stages, set(keys.tolist()))  # only this epoch's planned keys
         stages = reorder(stages, keys, indices)  # the same, in plan order, with pos and index
-        return decode(stages, self.channels, self.image_size, self.decode_workers)  # with image and label
+        stages = decode(stages, self.channels, self.image_size, self.decode_workers)  # with image and label
+        return batched(stages, batch_size)
 
     def eval_batches(self, batch_size: int) -> Iterator[Sample]:
         stages = open_tar(shard_list(self.ws, self.name, self.split))  # undecoded samples, idx order
@@ -358,10 +362,12 @@ class CachedSplit(_Split):
                            f"shards (e.g. {missing}); re-run `dds shard`")
         log.info("cached %s/%s: %d samples, %.1f MB", name, split, self.n, self.images.numel() / 1e6)
 
-    def _plan_samples(self, indices: np.ndarray) -> Iterator[Sample]:
-        for pos, i in enumerate(indices.tolist()):
-            yield {"__key__": self.keys[i], "image": self.images[i], "label": int(self.labels[i]),
-                   "pos": pos, "index": i}
+    def _plan_batches(self, indices: np.ndarray, batch_size: int) -> Iterator[Sample]:
+        for start in range(0, len(indices), batch_size):   # one gather a batch, no per-sample dicts
+            idx = indices[start:start + batch_size]
+            yield {"__key__": self.keys[idx].tolist(), "image": self.images[torch.from_numpy(idx)],
+                   "label": torch.from_numpy(self.labels[idx]), "index": torch.from_numpy(idx.copy()),
+                   "pos": torch.arange(start, start + len(idx))}
 
     def eval_batches(self, batch_size: int) -> Iterator[Sample]:
         for start in range(0, self.n, batch_size):

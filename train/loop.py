@@ -163,6 +163,14 @@ def _memory_format(device: torch.device, channels_last: bool) -> torch.memory_fo
     return torch.channels_last if channels_last and device.type == "cpu" else torch.contiguous_format
 
 
+def prefetch_depth(prefetch: int | None, device: torch.device) -> int:
+    """Batches to build ahead: ``prefetch``, or with None 2 on CUDA (the CPU is free while the GPU computes)
+    and 0 on the CPU, where the prefetching thread competes with the model for the same cores."""
+    if prefetch is not None:
+        return prefetch
+    return 2 if device.type == "cuda" else 0
+
+
 def epoch_steps(m: int, batch_size: int, world: int = 1) -> int:
     """Optimiser steps of an epoch of ``m`` planned samples (each rank trains its part in batches of
     ``batch_size / world``; all ranks take the same number of steps)."""
@@ -203,7 +211,7 @@ def _train_epoch(model, opt, train, plan, *, cfg: TrainConfig, device: torch.dev
     last step). A distributed rank trains its part (:func:`dds.distributed.part_positions`) in
     batches of ``batch_size / world``; step k of the run (1-based) runs at ``lr_at(k, total_steps)``.
 
-    With ``cfg.prefetch`` > 0 the batches are assembled and augmented by a :class:`Prefetcher`
+    With a prefetch depth > 0 (:func:`prefetch_depth`) the batches are assembled and augmented by a :class:`Prefetcher`
     thread up to that many batches ahead, while this thread computes; they are the same batches in
     the same order as without it. ``data_s`` is the time this thread waited for a batch (see TIMERS)."""
     from tqdm import tqdm
@@ -225,7 +233,8 @@ def _train_epoch(model, opt, train, plan, *, cfg: TrainConfig, device: torch.dev
     bar = tqdm(total=m, desc=f"epoch {plan.epoch + 1}/{cfg.epochs}", unit="img", disable=not progress)
     batches = train.plan_batches(plan, seed=cfg.seed, augmenter=augmenter,
                                  batch_size=cfg.batch_size // dist_.world, positions=positions)
-    feed = Prefetcher(batches, cfg.prefetch) if cfg.prefetch else contextlib.nullcontext(iter(batches))
+    depth = prefetch_depth(cfg.prefetch, device)
+    feed = Prefetcher(batches, depth) if depth else contextlib.nullcontext(iter(batches))
     done = 0
     with feed as batches:  # leaving it (end of the plan, an error, Ctrl-C) stops the prefetch thread
         while True:
