@@ -14,5 +14,5 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # torch/torchvision first and pinned: these releases install from local disk here; an unpinned
 # torch would pull a multi-GB CUDA build from the index.
-.venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/pip install -q --disable-pip-version-check --no-compile torch==2.14.1 torchvision==0.29.1
+.venv/bin/pip install -q --disable-pip-version-check --no-compile -e '.[test]'

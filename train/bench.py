@@ -265,13 +265,17 @@ def table_from_results(lines: list[dict[str, Any]]) -> str:
 
 
 def _git_commit() -> str | None:
-    """The commit of the dds source tree, when it is a git checkout (else None)."""
+    """The commit of the dds source tree, when it is a git checkout (else None); ``-dirty`` appended when
+    tracked files differ from it, so a result row never claims a commit it was not measured on."""
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    commit = out.stdout.strip()
+    return (commit + "-dirty" if dirty else commit) or None
 
 
 def append_results(path: str | Path, rows: list[dict[str, Any]]) -> None:
