@@ -94,12 +94,14 @@ class DdsConfig:
     loss_rescale: str = "none"          # pruned-epoch loss weights: none (1) | const (N/size) | is (importance)
     is_clip: float = 5.0                # upper clip of the importance weights (loss_rescale = is)
     noise_handling: str = "relabel"     # label verdict: relabel (train on label_fixed) | suppress | off
+    class_balance: bool = True          # pruned epochs: class quotas by class size (false: one global draw)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "warmup_epochs", check_int("warmup_epochs", self.warmup_epochs, 0))
         set_(self, "delta", check_real("delta", self.delta, 0.0, 1.0))
         set_(self, "anneal_exclude_noisy", check_bool("anneal_exclude_noisy", self.anneal_exclude_noisy))
+        set_(self, "class_balance", check_bool("class_balance", self.class_balance))
         set_(self, "eps", check_real("eps", self.eps, 0.0))
         set_(self, "loss_weight", check_real("loss_weight", self.loss_weight, 0.0))
         set_(self, "loss_momentum", check_real("loss_momentum", self.loss_momentum, 0.0, 1.0, hi_open=True))
@@ -214,6 +216,14 @@ def deflate_strong(losses: np.ndarray, aug: np.ndarray) -> np.ndarray:
     return out
 
 
+def global_quotas(keys_l: np.ndarray, size: int, layout: ClassLayout) -> np.ndarray:
+    """(C,) int64 per-class counts of the ``size`` largest keys over all classes: the quotas under which
+    the per-class cut selects one weighted sample of the whole split (a class gets what its samples'
+    weights win, not a share fixed by its size)."""
+    top = np.argpartition(keys_l, keys_l.shape[0] - size)[keys_l.shape[0] - size:] if size else np.empty(0, np.int64)
+    return np.bincount(layout.row[top], minlength=layout.num_classes).astype(np.int64)
+
+
 def noise_masks(info, handling: str) -> tuple[np.ndarray, np.ndarray]:
     """``(suppressed, relabelled)`` (N,) bool masks from the verdict (``info.status``) or, without
     one, the ``noisy`` region, under ``handling`` (see the module docstring)."""
@@ -325,7 +335,7 @@ class DdsPolicy(LossPolicy):
         keys_l = sampling_keys(pi_l, rng)
         cap = self._cap if self.cfg.eps > 0 else lay.class_counts(pi_l > 0)
         if size <= int(cap.sum()):
-            quotas = capped_quotas(size, lay.counts, cap)
+            quotas = capped_quotas(size, lay.counts, cap) if self.cfg.class_balance else global_quotas(keys_l, size, lay)
         else:   # fewer positive-pi samples than the epoch size: all of them, then zero-pi ones at random
             quotas = cap + capped_quotas(size - int(cap.sum()), lay.counts, lay.counts - cap)
             zero = pi_l <= 0

@@ -521,3 +521,26 @@ def test_dds_defaults_are_the_ones_the_readme_tuning_table_picked():
     paper = re.search(r"The paper's reconstruction \(paper-notes §3\) is `(.+?)`\.", readme, re.S).group(1)
     _, options = parse_entry("dds:" + ":".join(re.findall(r"-o (\S+)", paper)))
     assert DdsConfig(**options) != cfg and set(options) >= set(picked)
+
+
+def test_dds_without_class_balance_draws_one_global_sample():
+    """class_balance=false: a class whose samples all have high losses gets more than its size's share;
+    the epoch size, uniqueness and the suppression of noisy samples are kept."""
+    info = make_info(noisy_fraction=0.05)
+    noisy = info.region == NOISY
+    sizes = np.bincount(info.labels)
+    shares = {}
+    for balance in (True, False):
+        sel = Selector("dds", info, epochs=6, budget=0.5, seed=0, class_balance=balance)
+        got = np.zeros(sizes.size)
+        for e in range(6):
+            p = sel.plan(e)
+            assert np.unique(p.indices).size == len(p) == sel.epoch_sizes()[e]
+            if 0 < e < 5:
+                assert not noisy[p.indices].any()
+                got += np.bincount(info.labels[p.indices], minlength=sizes.size) / len(p)
+            # class 0 is hard: every one of its samples has the largest loss
+            sel.observe(p.indices, np.where(info.labels[p.indices] == 0, 5.0, 0.1).astype(np.float32))
+        shares[balance] = got[0] / 4
+    assert abs(shares[True] - sizes[0] / info.n) < 0.01
+    assert shares[False] > 1.5 * sizes[0] / info.n   # 0.45 against 0.25 (unseen samples compete early)
