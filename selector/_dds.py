@@ -9,8 +9,9 @@ warm-up, no strong augmentation by default; README, "Tuning dds on val"):
   ``anneal_exclude_noisy`` (default) the ``noisy`` region is left out (the paper's annealing is the
   full data; on noisy-label data re-admitting suspected mislabels at the end of training undoes the
   suppression, so we leave them out by default; set it false for the paper's behaviour);
-* pruned epochs in between: a class-balanced sample without replacement of the epoch size
-  (class c gets ``size * N_c / N``, largest remainder), drawn with probability
+* pruned epochs in between: a sample without replacement of the epoch size, class-balanced with
+  ``class_balance`` (class c gets ``size * N_c / N``, largest remainder) or, without it, one draw
+  over the whole split (a class gets what its samples' probabilities win), drawn with probability
   ``∝ pi_i ** sharpness``, ``pi_i = eps + joint_i ** prior_weight * lnorm_i ** loss_weight``, where
   ``lnorm`` is the per-sample training-loss EMA min-max normalised over the observed non-noisy
   samples; a sample never observed gets ``lnorm = 1`` with ``unseen='max'`` (optimistic: every
