@@ -1,8 +1,9 @@
 """``dds``: dynamic selection joined with augmentation (Yang et al., ICML 2025, arXiv 2505.03809).
 
 The "recommended reconstruction" of shared/research/paper-notes.md, sections 2.5-2.9, with the
-changes that won on ``val`` (optimistic unseen samples, a sharper draw, the linear loss term, no
-warm-up, no strong augmentation by default; README, "Tuning dds on val"):
+changes that won on ``val`` (optimistic unseen samples, a sharper draw, the linear loss term, one
+draw over the whole split instead of class quotas, no warm-up, no strong augmentation by default;
+README, "Tuning dds on val"):
 
 * epochs ``e < warmup_epochs``: full data, base augmentation, weight 1 (losses for every sample);
 * epochs ``e >= delta * E`` (annealing): full data, base augmentation, weight 1; with
@@ -77,7 +78,7 @@ AUG_BITS = AUG_LEVELS.bit_length()   # bits of a plan aug code
 class DdsConfig:
     """Options of ``dds``. The defaults are the best settings measured on ``val`` (README, "Tuning dds on
     val"); the paper's reconstruction (paper-notes section 3) is ``warmup_epochs=1 loss_weight=0.5
-    prior_weight=1 unseen=mean sharpness=1 strong_aug=top_q``."""
+    prior_weight=1 unseen=mean sharpness=1 strong_aug=top_q class_balance=true``."""
 
     warmup_epochs: int = 0              # first epochs on the full data, base augmentation, weight 1
     delta: float = 0.875                # annealing: epochs >= delta * epochs on the full data (1.0 = none)
@@ -95,7 +96,7 @@ class DdsConfig:
     loss_rescale: str = "none"          # pruned-epoch loss weights: none (1) | const (N/size) | is (importance)
     is_clip: float = 5.0                # upper clip of the importance weights (loss_rescale = is)
     noise_handling: str = "relabel"     # label verdict: relabel (train on label_fixed) | suppress | off
-    class_balance: bool = True          # pruned epochs: class quotas by class size (false: one global draw)
+    class_balance: bool = False         # pruned epochs: class quotas by class size (false: one global draw)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__

@@ -19,7 +19,7 @@ NOISY, AUGMENT = REGIONS.index("noisy"), REGIONS.index("augment")
 CLASS_SIZES = (150, 120, 110, 90, 80, 50)          # unequal on purpose
 BUDGET = {"full": 1.0, "infobatch": 1.0}            # policies that spend what they spend
 PAPER = dict(warmup_epochs=1, loss_weight=0.5, prior_weight=1.0, unseen="mean", sharpness=1.0,
-             strong_aug="top_q")                    # dds as paper-notes reconstructs it (not the defaults)
+             strong_aug="top_q", class_balance=True)   # dds as paper-notes reconstructs it (not the defaults)
 
 
 def make_info(class_sizes=CLASS_SIZES, noisy_fraction=0.1, seed=0, scores=True) -> SampleInfo:
@@ -125,7 +125,7 @@ def test_load_state_dict_rejects_other_runs():
 @pytest.mark.parametrize("policy", ["random", "dds"])
 def test_selection_is_class_balanced(policy):
     info = make_info(noisy_fraction=0.05)
-    sel = Selector(policy, info, epochs=8, budget=0.5, seed=0)
+    sel = Selector(policy, info, epochs=8, budget=0.5, seed=0, **({"class_balance": True} if policy == "dds" else {}))
     counts = np.bincount(info.labels)
     for e, p in enumerate(run(sel)):
         if policy == "dds" and (e == 0 or e >= 7):   # warm-up / annealing epochs
@@ -517,7 +517,7 @@ def test_dds_defaults_are_the_ones_the_readme_tuning_table_picked():
     cfg = DdsConfig()
     assert cfg.strong_aug == "none" and cfg.warmup_epochs == 0          # "selection only", no warm-up
     for key, value in picked.items():
-        assert str(getattr(cfg, key)) in (value, str(float(value)) if value[0].isdigit() else value), key
+        assert str(getattr(cfg, key)).lower() in (value, str(float(value)) if value[0].isdigit() else value), key
     paper = re.search(r"The paper's reconstruction \(paper-notes §3\) is `(.+?)`\.", readme, re.S).group(1)
     _, options = parse_entry("dds:" + ":".join(re.findall(r"-o (\S+)", paper)))
     assert DdsConfig(**options) != cfg and set(options) >= set(picked)
