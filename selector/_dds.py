@@ -73,7 +73,6 @@ STRONG_AUG = ("top_q", "region", "all", "none")
 LOSS_RESCALE = ("none", "const", "is")
 NOISE_HANDLING = ("relabel", "suppress", "off")
 UNSEEN = ("mean", "max")
-LOSS_NORM = ("minmax", "rank")
 AUG_BITS = AUG_LEVELS.bit_length()   # bits of a plan aug code
 
 
@@ -118,7 +117,7 @@ class DdsConfig:
         set_(self, "aug_strength", check_real("aug_strength", self.aug_strength, 0.0, 1.0))
         set_(self, "is_clip", check_real("is_clip", self.is_clip, 1.0))
         for name, choices in (("strong_aug", STRONG_AUG), ("loss_rescale", LOSS_RESCALE),
-                              ("noise_handling", NOISE_HANDLING), ("unseen", UNSEEN), ("loss_norm", LOSS_NORM)):
+                              ("noise_handling", NOISE_HANDLING), ("unseen", UNSEEN), ("loss_norm", tuple(LOSS_NORMS))):
             if getattr(self, name) not in choices:
                 raise DdsError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
@@ -160,48 +159,56 @@ def rank_term(ema: np.ndarray, seen: np.ndarray, exclude: np.ndarray, unseen: st
     return ln
 
 
-def loss_term(ema: np.ndarray, seen: np.ndarray, exclude: np.ndarray, exponent: float,
-              unseen: str = "mean", norm: str = "minmax") -> np.ndarray | float:
-    """``lnorm ** exponent``: the loss EMA min-max normalised over the observed, not excluded samples
-    (``norm='minmax'``) or its percentile rank among them (``norm='rank'``, :func:`rank_term`).
-
-    Args:
-        ema: (N,) float32 loss EMA.
-        seen: (N,) bool, observed at least once; unseen samples get the mean of ``lnorm`` over the
-            reference samples (observed and not excluded), or 1 (the largest) with ``unseen="max"``.
-        exclude: (N,) float32, 0 for samples that may define min, max and mean, +inf for the others
-            (noisy ones, whose losses are high because their labels are wrong).
-        exponent: c >= 0; 0 returns 1.0 (signal off).
-
-    Returns:
-        (N,) float32 in [0, 1], or the scalar 1.0 when off, nothing usable is observed yet, or all equal.
-    """
-    if exponent == 0:
-        return 1.0
-    if norm == "rank":
-        ln = rank_term(ema, seen, exclude, unseen)
-        if ln is None:
-            return 1.0
-        if exponent != 1:
-            np.power(ln, np.float32(exponent), out=ln)
-        return ln
+def minmax_term(ema: np.ndarray, seen: np.ndarray, exclude: np.ndarray, unseen: str) -> np.ndarray | None:
+    """(N,) float32 loss EMA min-max scaled over the reference samples (observed, not excluded), clipped
+    to [0, 1]; unseen samples get 1 (``unseen='max'``) or the reference mean; None when nothing usable
+    is observed yet or all reference values are equal."""
     all_seen = bool(seen.all())
     if all_seen:   # branch-free min/max: excluded samples are pushed to +-inf
         lo, hi = float(np.min(ema + exclude)), float(np.max(ema - exclude))
     else:
         ref = seen & (exclude == 0)
         if not ref.any():
-            return 1.0
+            return None
         lo = float(np.where(ref, ema, np.float32(np.inf)).min())
         hi = float(np.where(ref, ema, np.float32(-np.inf)).max())
     if not hi > lo:   # also catches "no reference sample" (lo = inf)
-        return 1.0
+        return None
     ln = ema - np.float32(lo)
     ln *= np.float32(1.0 / (hi - lo))
     np.clip(ln, 0.0, 1.0, out=ln)
     if not all_seen:
         fill = 1.0 if unseen == "max" else (float(np.dot(ref, ema)) / int(np.count_nonzero(ref)) - lo) / (hi - lo)
         np.copyto(ln, np.float32(fill), where=~seen)
+    return ln
+
+
+LOSS_NORMS = {"minmax": minmax_term, "rank": rank_term}
+
+
+def loss_term(ema: np.ndarray, seen: np.ndarray, exclude: np.ndarray, exponent: float,
+              unseen: str = "mean", norm: str = "minmax") -> np.ndarray | float:
+    """``lnorm ** exponent``: the loss EMA min-max scaled over the observed, not excluded samples
+    (``norm='minmax'``, :func:`minmax_term`) or its percentile rank among them (``'rank'``,
+    :func:`rank_term`).
+
+    Args:
+        ema: (N,) float32 loss EMA.
+        seen: (N,) bool, observed at least once; unseen samples get the mean of ``lnorm`` over the
+            reference samples (observed and not excluded), or 1 (the largest) with ``unseen="max"``.
+        exclude: (N,) float32, 0 for samples that may define the scale and the mean, +inf for the
+            others (noisy ones, whose losses are high because their labels are wrong).
+        exponent: c >= 0; 0 returns 1.0 (signal off).
+        norm: a key of ``LOSS_NORMS``.
+
+    Returns:
+        (N,) float32 in [0, 1], or the scalar 1.0 when off, nothing usable is observed yet, or all equal.
+    """
+    if exponent == 0:
+        return 1.0
+    ln = LOSS_NORMS[norm](ema, seen, exclude, unseen)
+    if ln is None:
+        return 1.0
     if exponent == 0.5:
         np.sqrt(ln, out=ln)
     elif exponent != 1:
