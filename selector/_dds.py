@@ -64,7 +64,7 @@ import numpy as np
 from dds.errors import DdsError
 from dds.selector._base import (AUG_LEVELS, AUGMENT, NOISY, RELABEL, SUPPRESS, EpochPlan, LossPolicy, anneal_start,
                                 check_bool, check_int, check_real, make_plan, register_policy)
-from dds.selector._core import (ClassLayout, LossEma, capped_quotas, even_sizes, sampling_keys, shuffle_order,
+from dds.selector._core import (ClassLayout, LossEma, capped_quotas, even_sizes, power_, sampling_keys, shuffle_order,
                                 shuffle_values, shuffled, top_k_mask, uniform_keys)
 
 log = logging.getLogger(__name__)
@@ -209,11 +209,7 @@ def loss_term(ema: np.ndarray, seen: np.ndarray, exclude: np.ndarray, exponent: 
     ln = LOSS_NORMS[norm](ema, seen, exclude, unseen)
     if ln is None:
         return 1.0
-    if exponent == 0.5:
-        np.sqrt(ln, out=ln)
-    elif exponent != 1:
-        np.power(ln, np.float32(exponent), out=ln)
-    return ln
+    return power_(ln, exponent)
 
 
 def augment_ramp(phase: np.ndarray) -> np.ndarray:
@@ -274,12 +270,19 @@ def deflate_strong(losses: np.ndarray, aug: np.ndarray) -> np.ndarray:
     return out
 
 
-def global_quotas(keys_l: np.ndarray, size: int, layout: ClassLayout) -> np.ndarray:
-    """(C,) int64 per-class counts of the ``size`` largest keys over all classes: the quotas under which
-    the per-class cut selects one weighted sample of the whole split (a class gets what its samples'
-    weights win, not a share fixed by its size)."""
-    top = np.argpartition(keys_l, keys_l.shape[0] - size)[keys_l.shape[0] - size:] if size else np.empty(0, np.int64)
-    return np.bincount(layout.row[top], minlength=layout.num_classes).astype(np.int64)
+def global_top(keys_l: np.ndarray, size: int) -> np.ndarray:
+    """Sorted positions of the ``size`` largest keys over the whole split (ties at the cut: the first
+    positions): one weighted sample of the split, where a class gets what its samples' weights win
+    rather than a share fixed by its size."""
+    n = keys_l.shape[0]
+    if size <= 0:
+        return np.empty(0, np.int64)
+    thr = np.partition(keys_l, n - size)[n - size]
+    take = keys_l > thr
+    missing = size - int(np.count_nonzero(take))
+    if missing:
+        take[np.flatnonzero(keys_l == thr)[:missing]] = True
+    return np.flatnonzero(take)
 
 
 def noise_masks(info, handling: str) -> tuple[np.ndarray, np.ndarray]:
@@ -389,16 +392,18 @@ class DdsPolicy(LossPolicy):
         lay, size = self._layout, int(self._sizes[epoch])
         pi_l = self._pi_layout()
         if self.cfg.sharpness != 1:   # the distribution drawn from (and importance-weighted against)
-            pi_l = pi_l ** np.float32(self.cfg.sharpness)
+            pi_l = power_(pi_l, self.cfg.sharpness)   # pi_l is a fresh array
         keys_l = sampling_keys(pi_l, rng)
         cap = self._cap if self.cfg.eps > 0 else lay.class_counts(pi_l > 0)
-        if size <= int(cap.sum()):
-            quotas = capped_quotas(size, lay.counts, cap) if self.cfg.class_balance else global_quotas(keys_l, size, lay)
+        if size <= int(cap.sum()) and not self.cfg.class_balance:
+            pos = global_top(keys_l, size)
+        elif size <= int(cap.sum()):
+            pos = lay.select(keys_l, capped_quotas(size, lay.counts, cap))
         else:   # fewer positive-pi samples than the epoch size: all of them, then zero-pi ones at random
             quotas = cap + capped_quotas(size - int(cap.sum()), lay.counts, lay.counts - cap)
             zero = pi_l <= 0
             keys_l[zero] = (uniform_keys(int(zero.sum()), rng) >> 9) | 1   # in [1, 2**23): below positive keys
-        pos = lay.select(keys_l, quotas)
+            pos = lay.select(keys_l, quotas)
         aug = self._strong(pos) * aug_codes(self._suit_l[pos], float(self._ramp[epoch]), self.cfg.aug_strength)
         weights = self._weights(pos, pi_l, size)
         ids = lay.order[pos]

@@ -10,8 +10,9 @@ import pytest
 from dds.errors import DdsError
 from dds.selector import (AUG_LEVELS, REGIONS, EpochPlan, SampleInfo, Selector, bench_plan, encode_regions, list_policies,
                           register_policy)
-from dds.selector._core import (ClassLayout, capped_quotas, even_sizes, largest_remainder, sampling_keys,
+from dds.selector._core import (ClassLayout, capped_quotas, even_sizes, largest_remainder, power_, sampling_keys,
                                 shuffle_values, top_k_mask)
+from dds.selector._dds import global_top
 from dds.selector._infobatch import infobatch_prune
 
 REPO = Path(__file__).resolve().parents[1]
@@ -404,6 +405,25 @@ def test_class_layout_select_is_exact_even_with_ties():
             mine = keys[pos][lay.row[pos] == c]
             rest = np.setdiff1d(np.flatnonzero(lay.row == c), pos)
             assert rest.size == 0 or mine.min() >= keys[rest].max()
+
+
+def test_global_top_is_exact_even_with_ties():
+    rng = np.random.default_rng(0)
+    for keys in (rng.integers(1, 6, 40).astype(np.uint32), np.full(40, 7, np.uint32), rng.permutation(40).astype(np.uint32)):
+        for size in (0, 1, 13, 40):
+            pos = global_top(keys, size)
+            assert pos.shape == (size,) and np.all(np.diff(pos) > 0)
+            rest = np.setdiff1d(np.arange(40), pos)
+            if size and rest.size:
+                assert keys[pos].min() >= keys[rest].max()
+                at_cut = np.flatnonzero(keys == keys[pos].min())   # ties at the cut: the first positions
+                assert np.array_equal(np.intersect1d(at_cut, pos), at_cut[:np.isin(at_cut, pos).sum()])
+
+
+@pytest.mark.parametrize("exponent", [1, 0.5, 2, 3, 4, 7, 16, 2.5, 0.25, 17])
+def test_power_matches_numpy(exponent):
+    x = np.random.default_rng(0).random(257, dtype=np.float32)
+    np.testing.assert_allclose(power_(x.copy(), exponent), x ** np.float32(exponent), rtol=2e-6)
 
 
 def test_sampling_keys_draw_proportionally_to_pi():
