@@ -270,21 +270,6 @@ def deflate_strong(losses: np.ndarray, aug: np.ndarray) -> np.ndarray:
     return out
 
 
-def global_top(keys_l: np.ndarray, size: int) -> np.ndarray:
-    """Sorted positions of the ``size`` largest keys over the whole split (ties at the cut: the first
-    positions): one weighted sample of the split, where a class gets what its samples' weights win
-    rather than a share fixed by its size."""
-    n = keys_l.shape[0]
-    if size <= 0:
-        return np.empty(0, np.int64)
-    thr = np.partition(keys_l, n - size)[n - size]
-    take = keys_l > thr
-    missing = size - int(np.count_nonzero(take))
-    if missing:
-        take[np.flatnonzero(keys_l == thr)[:missing]] = True
-    return np.flatnonzero(take)
-
-
 def noise_masks(info, handling: str) -> tuple[np.ndarray, np.ndarray]:
     """``(suppressed, relabelled)`` (N,) bool masks from the verdict (``info.status``) or, without
     one, the ``noisy`` region, under ``handling`` (see the module docstring)."""
@@ -395,8 +380,8 @@ class DdsPolicy(LossPolicy):
             pi_l = power_(pi_l, self.cfg.sharpness)   # pi_l is a fresh array
         keys_l = sampling_keys(pi_l, rng)
         cap = self._cap if self.cfg.eps > 0 else lay.class_counts(pi_l > 0)
-        if size <= int(cap.sum()) and not self.cfg.class_balance:
-            pos = global_top(keys_l, size)
+        if size <= int(cap.sum()) and not self.cfg.class_balance:   # one weighted draw over the whole split
+            pos = np.flatnonzero(top_k_mask(keys_l, size))
         elif size <= int(cap.sum()):
             pos = lay.select(keys_l, capped_quotas(size, lay.counts, cap))
         else:   # fewer positive-pi samples than the epoch size: all of them, then zero-pi ones at random

@@ -12,7 +12,6 @@ from dds.selector import (AUG_LEVELS, REGIONS, EpochPlan, SampleInfo, Selector, 
                           register_policy)
 from dds.selector._core import (ClassLayout, capped_quotas, even_sizes, largest_remainder, power_, sampling_keys,
                                 shuffle_values, top_k_mask)
-from dds.selector._dds import global_top
 from dds.selector._infobatch import infobatch_prune
 
 REPO = Path(__file__).resolve().parents[1]
@@ -407,11 +406,11 @@ def test_class_layout_select_is_exact_even_with_ties():
             assert rest.size == 0 or mine.min() >= keys[rest].max()
 
 
-def test_global_top_is_exact_even_with_ties():
+def test_global_draw_cut_is_exact_even_with_ties():
     rng = np.random.default_rng(0)
     for keys in (rng.integers(1, 6, 40).astype(np.uint32), np.full(40, 7, np.uint32), rng.permutation(40).astype(np.uint32)):
         for size in (0, 1, 13, 40):
-            pos = global_top(keys, size)
+            pos = np.flatnonzero(top_k_mask(keys, size))   # the global draw's cut (DdsPolicy.plan)
             assert pos.shape == (size,) and np.all(np.diff(pos) > 0)
             rest = np.setdiff1d(np.arange(40), pos)
             if size and rest.size:
