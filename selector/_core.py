@@ -28,29 +28,6 @@ def even_sizes(total: int, parts: int, cap: int | None = None) -> np.ndarray:
     return sizes
 
 
-def sloped_sizes(total: int, parts: int, slope: float, cap: int) -> np.ndarray:
-    """Split ``total`` into ``parts`` sizes that fall (``slope > 0``) or rise (``slope < 0``) linearly
-    across the parts with the same sum, each at least 1 and at most ``cap``.
-
-    Part p gets a share proportional to ``1 + slope * (1 - 2 p / (parts - 1))``: with ``slope=0.5``
-    the first part is 1.5 times the mean and the last 0.5 times; ``slope=0`` is :func:`even_sizes`.
-    A part over ``cap`` gets ``cap`` and its excess goes to the others (the sum is then
-    ``min(total, parts * cap)``).
-
-    Args:
-        total: what to share, ``parts <= total``; slope: in (-1, 1); cap: >= 1.
-
-    Returns:
-        (parts,) int64.
-    """
-    if parts <= 1 or slope == 0:
-        return even_sizes(total, parts, cap=cap)
-    total = min(int(total), parts * cap)
-    shape = 1.0 + slope * (1.0 - 2.0 * np.arange(parts) / (parts - 1))
-    weights = np.maximum(np.rint(shape * 1e6), 1).astype(np.int64)
-    return 1 + capped_quotas(total - parts, weights, np.full(parts, cap - 1, np.int64))
-
-
 def largest_remainder(total: int, counts: np.ndarray) -> np.ndarray:
     """Apportion ``total`` proportionally to integer ``counts`` (Hamilton / largest remainder).
 

@@ -64,7 +64,7 @@ import numpy as np
 from dds.errors import DdsError
 from dds.selector._base import (AUG_LEVELS, AUGMENT, NOISY, RELABEL, SUPPRESS, EpochPlan, LossPolicy, anneal_start,
                                 check_bool, check_int, check_real, make_plan, register_policy)
-from dds.selector._core import (ClassLayout, LossEma, capped_quotas, power_, sloped_sizes, sampling_keys, shuffle_order,
+from dds.selector._core import (ClassLayout, LossEma, capped_quotas, even_sizes, power_, sampling_keys, shuffle_order,
                                 shuffle_values, shuffled, top_k_mask, uniform_keys)
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,6 @@ class DdsConfig:
     noise_handling: str = "relabel"     # label verdict: relabel (train on label_fixed) | suppress | off
     class_balance: bool = False         # pruned epochs: class quotas by class size (false: one global draw)
     loss_norm: str = "rank"             # loss EMA -> [0, 1]: rank (percentile among observed clean samples) | minmax
-    volume_slope: float = 0.0           # pruned-epoch sizes: > 0 falling, < 0 rising linearly, same sum (0 = even)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -117,7 +116,6 @@ class DdsConfig:
         set_(self, "sharpness", check_real("sharpness", self.sharpness, 0.0, lo_open=True))
         set_(self, "aug_strength", check_real("aug_strength", self.aug_strength, 0.0, 1.0))
         set_(self, "is_clip", check_real("is_clip", self.is_clip, 1.0))
-        set_(self, "volume_slope", check_real("volume_slope", self.volume_slope, -1.0, 1.0, lo_open=True, hi_open=True))
         for name, choices in (("strong_aug", STRONG_AUG), ("loss_rescale", LOSS_RESCALE),
                               ("noise_handling", NOISE_HANDLING), ("unseen", UNSEEN), ("loss_norm", tuple(LOSS_NORMS))):
             if getattr(self, name) not in choices:
@@ -355,7 +353,7 @@ class DdsPolicy(LossPolicy):
         phase[:warm], phase[a0:] = 0, 2
         sizes = np.empty(e_all, np.int64)
         sizes[:warm], sizes[a0:] = n, n_anneal
-        sizes[warm:a0] = sloped_sizes(max(rest, 0), pruned, self.cfg.volume_slope, cap=n)
+        sizes[warm:a0] = even_sizes(max(rest, 0), pruned, cap=n)
         if pruned and sizes[warm:a0].mean() < 0.5 * self.total / e_all:
             log.warning("dds: warm-up and annealing leave the pruned epochs %.1f%% of the data each; consider "
                         "warmup_epochs=0 or delta=1.0", 100.0 * sizes[warm:a0].mean() / n)

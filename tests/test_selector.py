@@ -11,7 +11,7 @@ from dds.errors import DdsError
 from dds.selector import (AUG_LEVELS, REGIONS, EpochPlan, SampleInfo, Selector, bench_plan, encode_regions, list_policies,
                           register_policy)
 from dds.selector._core import (ClassLayout, capped_quotas, even_sizes, largest_remainder, power_, sampling_keys,
-                                shuffle_values, sloped_sizes, top_k_mask)
+                                shuffle_values, top_k_mask)
 from dds.selector._infobatch import infobatch_prune
 
 REPO = Path(__file__).resolve().parents[1]
@@ -388,16 +388,6 @@ def test_quota_helpers():
     assert q.tolist()[1] == 1 and q.sum() == 7 and (q <= [5, 1, 2]).all()
     with pytest.raises(ValueError):
         capped_quotas(9, counts, cap=np.array([5, 1, 2]))
-
-
-def test_sloped_sizes_keep_the_sum_and_fall_or_rise_linearly():
-    assert np.array_equal(sloped_sizes(15, 3, 0.0, cap=10), even_sizes(15, 3))
-    down, up = sloped_sizes(15000, 7, 0.5, cap=5000), sloped_sizes(15000, 7, -0.5, cap=5000)
-    assert down.sum() == up.sum() == 15000 and np.array_equal(down, up[::-1])
-    assert (np.diff(down) < 0).all() and abs(down[0] / down.mean() - 1.5) < 1e-3 and abs(down[-1] / down.mean() - 0.5) < 1e-3
-    capped = sloped_sizes(30000, 7, 0.9, cap=5000)       # the excess over the cap goes to the later parts
-    assert capped.sum() == 30000 and capped.max() == 5000 and (np.diff(capped) <= 0).all()
-    assert (sloped_sizes(7, 7, 0.99, cap=5) == 1).all()   # every part keeps at least one sample
 
 
 def test_class_layout_select_is_exact_even_with_ties():
