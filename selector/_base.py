@@ -73,8 +73,6 @@ class SampleInfo:
             instead of by the ``noisy`` region.
         label_fixed: (N,) int64 corrected labels (``label_fixed`` of ``scores``: the proposed label
             for ``relabel``, else the given one); required with ``status``.
-        label_posterior: (N,) float32 in [0, 1], the verdict's posterior probability that the given
-            label is right (``scores.label_posterior``); optional.
     """
 
     labels: np.ndarray
@@ -85,7 +83,6 @@ class SampleInfo:
     region: np.ndarray | None = None
     status: np.ndarray | None = None
     label_fixed: np.ndarray | None = None
-    label_posterior: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         labels = np.asarray(self.labels)
@@ -106,9 +103,6 @@ class SampleInfo:
         if self.region is not None and ((self.region < 0).any() or (self.region >= len(REGIONS)).any()):
             raise DdsError(f"region codes must lie in [0, {len(REGIONS)}); use encode_regions() on region names")
         self._set_optional("status", np.int8)
-        self._set_optional("label_posterior", np.float32)
-        if self.label_posterior is not None and ((self.label_posterior < 0).any() or (self.label_posterior > 1).any()):
-            raise DdsError("label_posterior must lie in [0, 1]; recompute the scores with `dds index NAME`")
         self._set_optional("label_fixed", np.int64)
         if (self.status is None) != (self.label_fixed is None):
             raise DdsError("status and label_fixed go together: give both or neither")

@@ -100,7 +100,6 @@ class DdsConfig:
     noise_handling: str = "relabel"     # label verdict: relabel (train on label_fixed) | suppress | off
     class_balance: bool = False         # pruned epochs: class quotas by class size (false: one global draw)
     loss_norm: str = "rank"             # loss EMA -> [0, 1]: rank (percentile among observed clean samples) | minmax
-    posterior_weight: float = 0.0       # exponent g on the verdict's label_posterior in pi (relabelled: 1; 0 = off)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -117,7 +116,6 @@ class DdsConfig:
         set_(self, "sharpness", check_real("sharpness", self.sharpness, 0.0, lo_open=True))
         set_(self, "aug_strength", check_real("aug_strength", self.aug_strength, 0.0, 1.0))
         set_(self, "is_clip", check_real("is_clip", self.is_clip, 1.0))
-        set_(self, "posterior_weight", check_real("posterior_weight", self.posterior_weight, 0.0))
         for name, choices in (("strong_aug", STRONG_AUG), ("loss_rescale", LOSS_RESCALE),
                               ("noise_handling", NOISE_HANDLING), ("unseen", UNSEEN), ("loss_norm", tuple(LOSS_NORMS))):
             if getattr(self, name) not in choices:
@@ -316,9 +314,6 @@ class DdsPolicy(LossPolicy):
         self._jkey_l = np.where(self._no_strong_l, 0, (self._joint_l + np.float32(0)).view(np.uint32) + 1)
         mult_l = np.where(self._noisy_l, np.float32(cfg.noisy_weight), np.float32(1))
         prior_l = self._joint_l ** np.float32(cfg.prior_weight) if cfg.prior_weight != 1 else self._joint_l
-        if cfg.posterior_weight > 0 and info.label_posterior is not None:   # doubtful given labels drawn less
-            post = np.where(relabel, np.float32(1), info.label_posterior)[lay.order]
-            mult_l = mult_l * post ** np.float32(cfg.posterior_weight)
         self._jm_l = prior_l * mult_l                     # pi = jm * loss_term + em
         self._suit_l = np.where(self._no_strong_l, np.float32(0), class_percentile(self._joint_l, lay))
         self._em_l = np.float32(cfg.eps) * mult_l

@@ -210,32 +210,6 @@ def test_dds_budget_too_small_for_warmup_and_annealing_is_reduced_then_refused()
                                    joint=np.ones(4), region=np.ones(4, np.int8)), epochs=10, budget=0.01)
 
 
-def test_dds_posterior_weight_draws_doubtful_given_labels_less_but_not_relabelled_ones():
-    base = make_info(noisy_fraction=0.0)
-    n = base.n
-    doubt = np.arange(n) % 4 == 0                       # the verdict is unsure of these given labels
-    status = np.where(np.arange(n) % 4 == 1, 1, 0).astype(np.int8)   # every 4th + 1 is relabelled
-    fixed = np.where(status == 1, (base.labels + 1) % 6, base.labels)
-    post = np.where(doubt | (status == 1), 0.3, 1.0)    # a relabelled sample's given label is doubtful too
-    info = SampleInfo(labels=base.labels, num_classes=6, density=base.density, consistency=base.consistency,
-                      joint=base.joint, region=base.region, status=status, label_fixed=fixed, label_posterior=post)
-
-    def shares(**kw):
-        sel = Selector("dds", info, epochs=8, budget=0.5, seed=0, **kw)
-        picked = np.zeros(n)
-        for e in range(7):                               # the pruned epochs; equal losses for everyone
-            p = sel.plan(e)
-            picked[p.indices] += 1
-            sel.observe(p.indices, np.ones(len(p), np.float32))
-        return picked[doubt].mean(), picked[status == 1].mean(), picked[~doubt & (status == 0)].mean()
-
-    on, off = shares(posterior_weight=2.0), shares()
-    assert on[0] < 0.5 * on[2] and off[0] > 0.8 * off[2]   # doubtful given labels drawn less only when on
-    assert on[1] > 0.8 * on[2]                               # relabelled samples train on a label the verdict trusts
-    with pytest.raises(DdsError, match="label_posterior must lie"):
-        SampleInfo(labels=base.labels, num_classes=6, label_posterior=np.full(n, 1.5))
-
-
 def test_dds_follows_the_label_verdict_suppress_relabel_and_never_augments_suspects():
     from dds.selector import STATUSES
 

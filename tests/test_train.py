@@ -5,8 +5,6 @@ import json
 import math
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from synth import write_dataset, write_scores
 import torch
@@ -462,16 +460,6 @@ def test_load_sample_info_joins_scores_in_idx_order(tmp_path):
     info = load_sample_info(ws, "scored", "enc")
     assert info.consistency.tolist() == list(range(11, -1, -1))  # key train-0000000 had consistency 11
     assert [REGIONS[c] for c in info.region] == regions[::-1]
-    assert info.status is None and info.label_posterior is None   # scores without the label verdict
-    path = ws.index_dir("scored", "enc") / "scores.parquet"
-    table = pq.read_table(path)
-    table = (table.append_column("status", pa.array(["clean"] * 12))
-             .append_column("label_fixed", table["label"])
-             .append_column("label_posterior", pa.array(np.linspace(0, 1, 12, dtype=np.float32))))
-    pq.write_table(table, path)
-    info = load_sample_info(ws, "scored", "enc")
-    np.testing.assert_allclose(info.label_posterior, np.linspace(0, 1, 12)[::-1], rtol=1e-6)   # idx order
-    assert (info.status == 0).all()
 
 
 def test_bench_rows_budgets_entries_and_table(ws):

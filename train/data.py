@@ -397,7 +397,7 @@ def load_sample_info(ws: Workspace, name: str, encoder: str, *, need_scores: boo
     Returns:
         ``dds.selector.SampleInfo``: labels int64 ``(N,)``, num_classes, and density, consistency,
         joint (float32 ``(N,)``) and region (int8 codes into ``REGIONS``) when scores exist, plus
-        status, label_fixed and label_posterior when the scores carry the label verdict.
+        status and label_fixed when the scores carry the label verdict.
 
     Args:
         need_scores: whether the policy reads scores; if not, scores that miss samples are ignored.
@@ -417,7 +417,7 @@ def load_sample_info(ws: Workspace, name: str, encoder: str, *, need_scores: boo
     if not path.exists():
         return SampleInfo(labels=labels, num_classes=num_classes)
     have = set(pq.read_schema(path).names)
-    verdict = [c for c in ("status", "label_fixed", "label_posterior") if c in have]   # older scores lack them
+    verdict = ["status", "label_fixed"] if {"status", "label_fixed"} <= have else []   # older scores lack them
     scores = pq.read_table(path, columns=["key", "label", "density", "consistency", "joint", "region",
                                           *verdict]).to_pandas()
     joined = samples[["key", "label"]].merge(scores, on="key", how="left", suffixes=("", "_scored"),
@@ -441,8 +441,6 @@ def load_sample_info(ws: Workspace, name: str, encoder: str, *, need_scores: boo
     if verdict:
         extra = {"status": encode_status(joined["status"].to_numpy()),
                  "label_fixed": joined["label_fixed"].to_numpy().astype(np.int64)}
-        if "label_posterior" in verdict:
-            extra["label_posterior"] = joined["label_posterior"].to_numpy(np.float32)
     return SampleInfo(labels=labels, num_classes=num_classes,
                       density=joined["density"].to_numpy(np.float32),
                       consistency=joined["consistency"].to_numpy(np.float32),
