@@ -110,7 +110,6 @@ class DdsConfig:
     is_clip: float = 5.0                # upper clip of the importance weights (loss_rescale = is)
     noise_handling: str = "relabel"     # label verdict: relabel (train on label_fixed) | suppress | off
     recheck: bool = True                # relabel: the model rechecks the suppressed samples after pruned epochs
-    recheck_min: float = 0.9            # recheck: restore or relabel where the model is at least this sure
     class_balance: bool = False         # pruned epochs: class quotas by class size (false: one global draw)
     loss_norm: str = "rank"             # loss EMA -> [0, 1]: rank (percentile among observed clean samples) | minmax
 
@@ -121,7 +120,6 @@ class DdsConfig:
         set_(self, "anneal_exclude_noisy", check_bool("anneal_exclude_noisy", self.anneal_exclude_noisy))
         set_(self, "class_balance", check_bool("class_balance", self.class_balance))
         set_(self, "recheck", check_bool("recheck", self.recheck))
-        set_(self, "recheck_min", check_real("recheck_min", self.recheck_min, 0.0, 1.0))
         set_(self, "eps", check_real("eps", self.eps, 0.0))
         set_(self, "loss_weight", check_real("loss_weight", self.loss_weight, 0.0))
         set_(self, "loss_momentum", check_real("loss_momentum", self.loss_momentum, 0.0, 1.0, hi_open=True))
@@ -417,7 +415,7 @@ class DdsPolicy(LossPolicy):
         """The model has never trained on a suppressed sample, so its prediction is held-out evidence:
         where it is at least ``RECHECK_MIN`` sure, the sample is restored (``clean``: it names the
         given label) or relabelled to the predicted class, for good; the budget left is re-shared."""
-        sure = (conf >= self.cfg.recheck_min) & (self._status[indices] == SUPPRESS)
+        sure = (conf >= RECHECK_MIN) & (self._status[indices] == SUPPRESS)
         if not sure.any():
             return
         idx, cls = indices[sure], pred[sure]

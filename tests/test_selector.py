@@ -240,67 +240,6 @@ def test_dds_follows_the_label_verdict_suppress_relabel_and_never_augments_suspe
         SampleInfo(labels=base.labels, num_classes=6, status=np.zeros(base.n, np.int8), label_fixed=fixed)
 
 
-def test_dds_recheck_restores_or_relabels_only_sure_suppressed_samples_and_keeps_the_budget_exact():
-    base = make_info(noisy_fraction=0.0)
-    status = np.zeros(base.n, np.int8)
-    status[::5] = 2                                                      # every fifth sample suppressed
-    info = SampleInfo(labels=base.labels, num_classes=6, density=base.density, consistency=base.consistency,
-                      joint=base.joint, region=base.region, status=status, label_fixed=base.labels)
-    kept = Selector("dds", info, epochs=8, budget=0.5, seed=0, recheck=False)
-    assert all(kept.probe(e) is None for e in range(8))
-    sel = Selector("dds", info, epochs=8, budget=0.5, seed=0, strong_aug="all")
-    assert sel.probe(7) is None                                          # annealing: nothing left to gain
-    p0 = sel.plan(0)
-    sel.observe(p0.indices, fake_losses(p0.indices, 0))
-    ask = sel.probe(0)
-    assert np.array_equal(ask, np.flatnonzero(status == 2))             # the suppressed, never trained on
-    k = ask.size
-    same_, other, unsure = ask[: k // 3], ask[k // 3: 2 * k // 3], ask[2 * k // 3:]
-    pred = base.labels[ask].copy()
-    pred[k // 3: 2 * k // 3] = (pred[k // 3: 2 * k // 3] + 1) % 6
-    conf = np.where(np.isin(ask, unsure), 0.89, 0.95).astype(np.float32)
-    sel.observe_probe(ask, pred, conf)
-    now = sel.status()
-    assert (now[same_] == 0).all() and (now[other] == 1).all() and (now[unsure] == 2).all()
-    assert (now[status == 0] == 0).all()                                 # the verdict's clean samples untouched
-    plans = [p0] + run(sel, start=1)
-    assert sel.spent() == sel.total_sample_steps                         # the budget re-shared, exactly
-    for p in plans[1:]:
-        assert not np.isin(p.indices, unsure).any()
-        assert np.array_equal(p.labels, np.where(np.isin(p.indices, other), (base.labels[p.indices] + 1) % 6,
-                                                 base.labels[p.indices]))   # relabelled: trained on the model's class
-        assert not (p.aug[np.isin(p.indices, other)] > 0).any()          # never strongly augmented
-    assert np.isin(np.concatenate([p.indices for p in plans[1:]]), other).any()
-    with pytest.raises(DdsError, match="probabilities"):
-        sel.observe_probe(ask[:1], pred[:1], np.array([1.5]))
-    with pytest.raises(DdsError, match="predicted classes"):
-        sel.observe_probe(ask[:1], np.array([6]), np.array([0.95]))
-
-
-def test_dds_recheck_state_resumes_to_identical_plans():
-    base = make_info(noisy_fraction=0.0)
-    status = np.where(np.arange(base.n) % 4 == 0, 2, 0).astype(np.int8)
-    info = SampleInfo(labels=base.labels, num_classes=6, density=base.density, consistency=base.consistency,
-                      joint=base.joint, region=base.region, status=status, label_fixed=base.labels)
-
-    def step(sel, e):
-        p = sel.plan(e)
-        sel.observe(p.indices, fake_losses(p.indices, e))
-        ask = sel.probe(e)
-        if ask is not None:   # a deterministic "model": sure about every other asked sample, one class on
-            sel.observe_probe(ask, (base.labels[ask] + 1) % 6, np.where(ask % 8 == 0, 0.99, 0.5))
-        return p
-
-    a = Selector("dds", info, epochs=8, budget=0.5, seed=3)
-    first = [step(a, e) for e in range(3)]
-    b = Selector("dds", info, epochs=8, budget=0.5, seed=3)
-    b.load_state_dict(pickle.loads(pickle.dumps(a.state_dict())))
-    assert np.array_equal(a.status(), b.status()) and (a.status() == 1).any()
-    rest_a, rest_b = [step(a, e) for e in range(3, 8)], [step(b, e) for e in range(3, 8)]
-    assert all(same(x, y) and np.array_equal(x.labels, y.labels) for x, y in zip(rest_a, rest_b))
-    assert a.spent() == b.spent() == a.total_sample_steps and len(first) == 3
-
-
 # ---- infobatch, by hand ----
 
 def test_infobatch_rule_by_hand():

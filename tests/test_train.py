@@ -636,7 +636,7 @@ def test_relabelled_samples_train_on_the_corrected_label_and_history_records_it(
     pq.write_table(t.append_column("status", pa.array(status)).append_column("label_fixed", pa.array(fixed, pa.int32())),
                    path)
     result = run_train(ws, _cfg(dataset="verdict", policy="dds", epochs=3, budget=0.6,
-                                policy_options={"strong_aug": "top_q", "recheck": False}), progress=False)
+                                policy_options={"strong_aug": "top_q"}), progress=False)
     h = _table(ws, f"SELECT epoch, key, selected, aug, label_used, status FROM history "
                    f"WHERE run_id = '{result['run_id']}' ORDER BY epoch, key")
     by_key = dict(zip(keys, fixed)), dict(zip(keys, status))
@@ -648,44 +648,6 @@ def test_relabelled_samples_train_on_the_corrected_label_and_history_records_it(
     assert not sel["status"].eq("suppress").any()      # no warm-up: suppressed samples are never trained on
     assert not sel.loc[sel["status"] != "clean", "aug"].eq("strong").any()  # suspects never strongly augmented
     assert h["label_used"][~h["selected"]].isna().all()
-
-
-def test_the_loop_rechecks_suppressed_samples_with_the_model_and_trains_them_on_its_answer(tmp_path, monkeypatch):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from dds.train import loop as L
-
-    ws = Workspace(tmp_path)
-    write_dataset(ws, "verdict", {"train": 48, "test": 8})
-    keys = [f"train-{i:07d}" for i in range(48)]
-    write_scores(ws, "verdict", "lite0-minilm", keys)
-    path = ws.index_dir("verdict", "lite0-minilm") / "scores.parquet"
-    t = pq.read_table(path)
-    label = np.asarray(t["label"])
-    status = np.array(["clean", "clean", "suppress"] * 16, dtype=object)
-    pq.write_table(t.append_column("status", pa.array(status)).append_column("label_fixed", pa.array(label, pa.int32())),
-                   path)
-    asked, real = [], L.predict
-
-    def sure_of_the_next_class(model, split, indices, **kw):   # the real forward pass, then a known answer
-        pred, conf = real(model, split, indices, **kw)
-        assert pred.shape == conf.shape == indices.shape and ((conf > 0) & (conf <= 1)).all()
-        asked.append(indices.copy())
-        return (split.labels[indices] + 1) % CLASSES, np.ones(len(indices), np.float32)
-
-    monkeypatch.setattr(L, "predict", sure_of_the_next_class)
-    result = run_train(ws, _cfg(dataset="verdict", policy="dds", epochs=4, budget=0.5), progress=False)
-    assert len(asked) == 1 and np.array_equal(asked[0], np.flatnonzero(status == "suppress"))  # after epoch 0 only
-    h = _table(ws, f"SELECT epoch, key, selected, label_used, status FROM history "
-                   f"WHERE run_id = '{result['run_id']}' ORDER BY epoch, key")
-    was = h["key"].map(dict(zip(keys, status))) == "suppress"
-    assert h.loc[(h["epoch"] == 0) & was, "status"].eq("suppress").all()
-    later = h[(h["epoch"] > 0) & was]
-    assert later["status"].eq("relabel").all()
-    trained = later[later["selected"]]
-    assert len(trained) and (trained["label_used"] == (trained["key"].map(dict(zip(keys, label))) + 1) % CLASSES).all()
-    assert result["budget_spent"] == pytest.approx(0.5, abs=1 / 48)
 
 
 def test_the_loop_trains_on_the_plan_labels(ws, monkeypatch):

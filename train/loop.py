@@ -558,7 +558,6 @@ def _epochs(out: _Writer, sel, model, net, opt, train, test, device, d: Dist, *,
     for epoch in range(start_epoch, cfg.epochs):
         t_start = time.perf_counter()
         plan = sel.plan(epoch)
-        status = sel.status()   # what this epoch trains under (a recheck after it may change it)
         check_same(d, plan, device)
         m_plan = len(plan.indices)
         state.total_steps = state.steps + _planned_steps(sel, epoch, m_plan, cfg, d.world)
@@ -602,7 +601,7 @@ def _epochs(out: _Writer, sel, model, net, opt, train, test, device, d: Dist, *,
             state.test_acc = test_acc
         if out.main:  # history and checkpoint are built only where they are written
             used = train.labels[plan.indices] if plan.labels is None else plan.labels
-            hist = history_columns(train.n, plan.indices, plan.weights, plan.aug, losses_np, used, status)
+            hist = history_columns(train.n, plan.indices, plan.weights, plan.aug, losses_np, used, sel.status())
             _write_epoch(out.ws, state.run_id, epoch, {"selected": int(np.count_nonzero(hist["selected"])), **row},
                          train.keys, hist)
             atomic_write_bytes(out.ws.run_dir(state.run_id) / "checkpoint.pt", _checkpoint_bytes(
