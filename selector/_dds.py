@@ -53,7 +53,7 @@ clean Fashion-MNIST with a random-weight encoder, 28 %). The model being trained
 suppressed sample, so its prediction on one is held out: after every pruned epoch (but the last
 epoch) the trainer scores the suppressed samples unaugmented (:meth:`DdsPolicy.probe` /
 :meth:`DdsPolicy.observe_probe`), and each one whose given label the model predicts with
-probability at least ``recheck_min`` is restored (``clean``) for the rest of the run. A wrong label
+probability at least ``RECHECK_MIN`` is restored (``clean``) for the rest of the run. A wrong label
 rarely coincides with a sure held-out prediction, so this only gives back; it never relabels (the
 model's own relabels were 80 % right where the verdict's are 94 %; README). A restored sample is
 unseen, so it is drawn soon, and the budget left is shared again over the remaining epochs: the
@@ -111,7 +111,6 @@ class DdsConfig:
     is_clip: float = 5.0                # upper clip of the importance weights (loss_rescale = is)
     noise_handling: str = "relabel"     # label verdict: relabel (train on label_fixed) | suppress | off
     recheck: bool = True                # restore suppressed samples the model predicts their given label for
-    recheck_min: float = 0.9            # recheck: the model's probability of the given label needed (0: its argmax)
     class_balance: bool = False         # pruned epochs: class quotas by class size (false: one global draw)
     loss_norm: str = "rank"             # loss EMA -> [0, 1]: rank (percentile among observed clean samples) | minmax
 
@@ -122,7 +121,6 @@ class DdsConfig:
         set_(self, "anneal_exclude_noisy", check_bool("anneal_exclude_noisy", self.anneal_exclude_noisy))
         set_(self, "class_balance", check_bool("class_balance", self.class_balance))
         set_(self, "recheck", check_bool("recheck", self.recheck))
-        set_(self, "recheck_min", check_real("recheck_min", self.recheck_min, 0.0, 1.0))
         set_(self, "eps", check_real("eps", self.eps, 0.0))
         set_(self, "loss_weight", check_real("loss_weight", self.loss_weight, 0.0))
         set_(self, "loss_momentum", check_real("loss_momentum", self.loss_momentum, 0.0, 1.0, hi_open=True))
@@ -138,6 +136,7 @@ class DdsConfig:
                 raise DdsError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
 
+RECHECK_MIN = 0.9   # recheck: restore where the model is this sure of the given label (the verdict's relabel bar)
 RANK_EXACT_MAX = 1 << 17   # rank_term: exact ranks up to this many reference samples, a fine histogram above
 
 
@@ -414,9 +413,8 @@ class DdsPolicy(LossPolicy):
 
     def observe_probe(self, indices: np.ndarray, pred: np.ndarray, conf: np.ndarray) -> None:
         """Restore, for good, the suppressed samples whose given label the model predicts with probability
-        at least ``recheck_min`` (held out: it never trained on them); the budget left is re-shared."""
-        sure = (conf >= self.cfg.recheck_min) & (pred == self.info.labels[indices])
-        sure &= self._status[indices] == SUPPRESS
+        at least ``RECHECK_MIN`` (held out: it never trained on them); the budget left is re-shared."""
+        sure = (conf >= RECHECK_MIN) & (pred == self.info.labels[indices]) & (self._status[indices] == SUPPRESS)
         if not sure.any():
             return
         self._status[indices[sure]] = CLEAN
