@@ -240,69 +240,6 @@ def test_dds_follows_the_label_verdict_suppress_relabel_and_never_augments_suspe
         SampleInfo(labels=base.labels, num_classes=6, status=np.zeros(base.n, np.int8), label_fixed=fixed)
 
 
-def test_dds_recheck_restores_only_suppressed_samples_the_model_is_sure_carry_their_label():
-    base = make_info(noisy_fraction=0.0)
-    status = np.zeros(base.n, np.int8)
-    status[::5] = 2                                                      # every fifth sample suppressed
-    status[1::5] = 1                                                     # and every fifth relabelled
-    fixed = np.where(status == 1, (base.labels + 1) % 6, base.labels)
-    info = SampleInfo(labels=base.labels, num_classes=6, density=base.density, consistency=base.consistency,
-                      joint=base.joint, region=base.region, status=status, label_fixed=fixed)
-    kept = Selector("dds", info, epochs=8, budget=0.5, seed=0, recheck=False)
-    assert all(kept.probe(e) is None for e in range(8))
-    sel = Selector("dds", info, epochs=8, budget=0.5, seed=0, strong_aug="all")
-    assert sel.probe(7) is None                                          # annealing: nothing left to gain
-    p0 = sel.plan(0)
-    sel.observe(p0.indices, fake_losses(p0.indices, 0))
-    ask = sel.probe(0)
-    assert np.array_equal(ask, np.flatnonzero(status == 2))             # the suppressed, never trained on
-    k = ask.size
-    same_, other, unsure = ask[: k // 3], ask[k // 3: 2 * k // 3], ask[2 * k // 3:]
-    pred = base.labels[ask].copy()
-    pred[k // 3: 2 * k // 3] = (pred[k // 3: 2 * k // 3] + 1) % 6       # sure of another class: stays out
-    conf = np.where(np.isin(ask, unsure), 0.89, 0.95).astype(np.float32)
-    sel.observe_probe(ask, pred, conf)
-    now = sel.status()
-    assert (now[same_] == 0).all() and (now[other] == 2).all() and (now[unsure] == 2).all()
-    assert np.array_equal(now[status != 2], status[status != 2])         # the verdict's other statuses untouched
-    assert np.array_equal(sel.probe(1), np.sort(np.r_[other, unsure]))  # the rest asked again
-    plans = [p0] + run(sel, start=1)
-    assert sel.spent() == sel.total_sample_steps                         # the budget re-shared, exactly
-    for p in plans[1:]:
-        assert not np.isin(p.indices, np.r_[other, unsure]).any()
-        assert np.array_equal(p.labels, fixed[p.indices])                # restored: their given label
-    assert np.isin(np.concatenate([p.indices for p in plans[1:]]), same_).any()
-    assert (plans[3].aug[np.isin(plans[3].indices, same_)] > 0).any()    # restored samples are clean ones again
-    with pytest.raises(DdsError, match="probabilities"):
-        sel.observe_probe(ask[:1], pred[:1], np.array([1.5]))
-    with pytest.raises(DdsError, match="predicted classes"):
-        sel.observe_probe(ask[:1], np.array([6]), np.array([0.95]))
-
-
-def test_dds_recheck_state_resumes_to_identical_plans():
-    base = make_info(noisy_fraction=0.0)
-    status = np.where(np.arange(base.n) % 4 == 0, 2, 0).astype(np.int8)
-    info = SampleInfo(labels=base.labels, num_classes=6, density=base.density, consistency=base.consistency,
-                      joint=base.joint, region=base.region, status=status, label_fixed=base.labels)
-
-    def step(sel, e):
-        p = sel.plan(e)
-        sel.observe(p.indices, fake_losses(p.indices, e))
-        ask = sel.probe(e)
-        if ask is not None:   # a deterministic "model": sure of the given label of every eighth sample
-            sel.observe_probe(ask, base.labels[ask], np.where(ask % 8 == 0, 0.99, 0.5))
-        return p
-
-    a = Selector("dds", info, epochs=8, budget=0.5, seed=3)
-    first = [step(a, e) for e in range(3)]
-    b = Selector("dds", info, epochs=8, budget=0.5, seed=3)
-    b.load_state_dict(pickle.loads(pickle.dumps(a.state_dict())))
-    assert np.array_equal(a.status(), b.status()) and ((a.status() == 0) & (status == 2)).any()
-    rest_a, rest_b = [step(a, e) for e in range(3, 8)], [step(b, e) for e in range(3, 8)]
-    assert all(same(x, y) for x, y in zip(rest_a, rest_b))
-    assert a.spent() == b.spent() == a.total_sample_steps and len(first) == 3
-
-
 # ---- infobatch, by hand ----
 
 def test_infobatch_rule_by_hand():
