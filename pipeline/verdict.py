@@ -8,14 +8,7 @@ Evidence. Two views of which class a sample belongs to, neither of which saw the
 * ``probs``: the cross-fitted adapter probabilities (:mod:`dds.pipeline.adapters`);
 * ``votes``: the labels of its ``k`` global neighbours in the frozen image space, as shares.
 
-``evidence = (probs + votes) / 2``, equal weights: two views, no constant to tune. A view that does
-not predict the given labels better than a label-blind guess (its mean probability of the given
-label is not above the class prior's, ``sum_c prior_c ** 2``) carries no evidence about them and is
-left out (:func:`view_weights`): an encoder too weak for the data, or adapters that collapsed,
-would otherwise make the verdict suspect many correctly labelled samples (a random-weight encoder
-on clean Fashion-MNIST: 28 %). Label noise alone does not trip this: even with 80 % symmetric flips
-a good view gives the given label about twice the prior's probability. Without any informative
-view every sample is ``clean``.
+``evidence = (probs + votes) / 2``, equal weights: two views, no constant to tune.
 
 Memory. The evidence is never held for all samples at once: :class:`Views` serves it block by
 block (about ``2**22`` (row, class) entries), recomputing the adapter probabilities and the votes
@@ -46,18 +39,15 @@ Steps (:func:`static_verdict`; :func:`trim_mask` and the trimmed passes run in `
    only overwhelming evidence flips the decision.
 5. **Relabel or suppress.** A suspect is relabelled to the posterior's top class when that class
    has posterior at least :data:`RELABEL_MIN` *and* both views (adapter argmax and neighbour
-   majority; of the informative ones only) name it; otherwise it is suppressed. ``RELABEL_MIN`` =
-   0.9 is the relabel accuracy we ask for: a calibrated posterior of 0.9 is right nine times in ten.
+   majority) name it; otherwise it is suppressed. ``RELABEL_MIN`` = 0.9 is the relabel accuracy we
+   ask for: a calibrated posterior of 0.9 is right nine times in ten.
 """
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 SUSPECT_BELOW = 0.5  # suspect: posterior probability of the given label below this
 RELABEL_MIN = 0.9  # relabel: posterior of the new class at least this, and both views agree on it
@@ -99,7 +89,6 @@ class Views:
     n: int
     num_classes: int
     block: Callable[[slice], tuple[np.ndarray, np.ndarray]]
-    weights: tuple[float, float] = (0.5, 0.5)   # of probs and votes in the evidence (:func:`view_weights`)
 
     @classmethod
     def dense(cls, probs: np.ndarray, votes: np.ndarray) -> "Views":
@@ -122,7 +111,7 @@ class Views:
         """``(rows, probs, votes, evidence)`` per block (:func:`combine`)."""
         for rows in self.blocks():
             p, v = self.block(rows)
-            yield rows, p, v, combine(p, v, self.weights)
+            yield rows, p, v, combine(p, v)
 
 
 def neighbour_votes(idx: np.ndarray, labels: np.ndarray, num_classes: int,
@@ -150,40 +139,9 @@ def neighbour_votes(idx: np.ndarray, labels: np.ndarray, num_classes: int,
     return np.where(total > 0, counts / np.maximum(total, 1.0), 1.0 / num_classes)
 
 
-def combine(probs: np.ndarray, votes: np.ndarray, weights: tuple[float, float] = (0.5, 0.5)) -> np.ndarray:
-    """The evidence: the weighted mean of adapter probabilities and neighbour votes (equal weights by
-    default), float64."""
-    return weights[0] * np.asarray(probs, np.float64) + weights[1] * np.asarray(votes, np.float64)
-
-
-def view_weights(views: Views, labels: np.ndarray) -> tuple[float, float]:
-    """Weights of the two views in the evidence: equal among the views whose mean probability of the
-    given label is above the class prior's (``sum_c prior_c ** 2``, a label-blind guess); 0 for the
-    others (logged). ``(0, 0)`` when neither view is informative."""
-    labels = np.asarray(labels, np.int64)
-    got = np.zeros(2)
-    for rows in views.blocks():
-        p, v = views.block(rows)
-        y = labels[rows]
-        at = np.arange(len(y))
-        got += (float(np.sum(p[at, y])), float(np.sum(v[at, y])))
-    got /= max(len(labels), 1)
-    prior = np.bincount(labels, minlength=views.num_classes) / max(len(labels), 1)
-    chance = float(np.sum(prior ** 2))
-    keep = got > chance
-    for name, ok, mean in zip(("adapter probabilities", "neighbour votes"), keep, got):
-        if not ok:
-            log.warning("the %s give the given labels a mean probability of %.3f, no more than a label-blind "
-                        "guess (%.3f): the label verdict leaves them out", name, mean, chance)
-    if keep.all():
-        return 0.5, 0.5
-    return float(keep[0]), float(keep[1])
-
-
-def informative(views: Views, labels: np.ndarray) -> Views | None:
-    """``views`` weighted by :func:`view_weights`; None when neither view is informative."""
-    weights = view_weights(views, labels)
-    return replace(views, weights=weights) if any(weights) else None
+def combine(probs: np.ndarray, votes: np.ndarray) -> np.ndarray:
+    """The evidence: the mean of adapter probabilities and neighbour votes, float64."""
+    return (np.asarray(probs, np.float64) + np.asarray(votes, np.float64)) / 2.0
 
 
 def class_thresholds(views: Views, labels: np.ndarray) -> np.ndarray:
@@ -257,11 +215,7 @@ def label_posterior(evidence: np.ndarray, labels: np.ndarray, transition: np.nda
 
 
 def trim_mask(views: Views, labels: np.ndarray) -> np.ndarray:
-    """Samples to leave out of the second adapter pass: ``(N,)`` bool, the first-pass suspects (none
-    without an informative view)."""
-    views = informative(views, labels)
-    if views is None:
-        return np.zeros(len(labels), bool)
+    """Samples to leave out of the second adapter pass: ``(N,)`` bool, the first-pass suspects."""
     return confident_joint(views, labels, class_thresholds(views, labels))[1]
 
 
@@ -276,10 +230,6 @@ def static_verdict(views: Views, labels: np.ndarray) -> Verdict:
         A :class:`Verdict`.
     """
     labels = np.asarray(labels, np.int64)
-    c, views = views.num_classes, informative(views, labels)
-    if views is None:   # no evidence about the labels: every sample as given
-        return Verdict(status=np.full(len(labels), "clean", dtype=object), label_fixed=labels.copy(),
-                       label_posterior=np.ones(len(labels)), transition=np.eye(c))
     t = noise_transition(confident_joint(views, labels, class_thresholds(views, labels))[0], labels)
     status = np.full(views.n, "clean", dtype=object)
     label_fixed, own = labels.copy(), np.empty(views.n)
@@ -289,8 +239,7 @@ def static_verdict(views: Views, labels: np.ndarray) -> Verdict:
         post = label_posterior(ev, y, t)
         top = post.argmax(axis=1)
         suspect = post[at, y] < SUSPECT_BELOW
-        wp, wv = views.weights   # a view left out has no say in the agreement either
-        agree = ((wp == 0) | (p.argmax(axis=1) == top)) & ((wv == 0) | (v.argmax(axis=1) == top))
+        agree = (p.argmax(axis=1) == top) & (v.argmax(axis=1) == top)
         relabel = suspect & (top != y) & (post[at, top] >= RELABEL_MIN) & agree
         status[rows] = np.where(relabel, "relabel", np.where(suspect, "suppress", "clean"))
         label_fixed[rows] = np.where(relabel, top, y)

@@ -174,27 +174,6 @@ def test_verdict_thresholds_follow_the_data():
     assert (clean.status == "clean").all() and np.allclose(clean.transition, np.eye(3))
 
 
-def test_verdict_leaves_out_a_view_no_better_than_a_label_blind_guess(caplog):
-    """Adapters no better than a guess must not make the verdict suspect clean samples;
-    the neighbour votes alone decide, and with no informative view every sample is clean."""
-    probs, votes, labels = _evidence_case()
-    good = V.static_verdict(V.Views.dense(probs, votes), labels)
-    collapsed = np.full((len(labels), 3), 0.05)                         # no better than a guess: never
-    collapsed[np.arange(len(labels)), (labels + 1) % 3] = 0.9            # the given label, always the next
-    flat = np.full_like(votes, 1 / 3)
-    assert V.view_weights(V.Views.dense(probs, votes), labels) == (0.5, 0.5)
-    with caplog.at_level("WARNING"):
-        assert V.view_weights(V.Views.dense(collapsed, votes), labels) == (0.0, 1.0)
-    assert "adapter probabilities" in caplog.text and "leaves them out" in caplog.text
-    alone = V.static_verdict(V.Views.dense(collapsed, votes), labels)
-    assert np.array_equal(alone.status, V.static_verdict(V.Views.dense(votes, votes), labels).status)
-    assert (alone.status[9:] == "clean").all()                         # the clean samples stay clean
-    assert (alone.status != "clean").sum() <= (good.status != "clean").sum() + 1
-    none = V.static_verdict(V.Views.dense(collapsed, flat), labels)
-    assert (none.status == "clean").all() and np.array_equal(none.label_fixed, labels)
-    assert not V.trim_mask(V.Views.dense(collapsed, flat), labels).any()
-
-
 def test_verdict_in_blocks_equals_one_block(monkeypatch):
     """The verdict streams its evidence in row blocks (no (N, C) array is held): tiny blocks give
     exactly the answer of one block, through the per-block adapter probabilities and votes."""
