@@ -240,6 +240,71 @@ def test_dds_follows_the_label_verdict_suppress_relabel_and_never_augments_suspe
         SampleInfo(labels=base.labels, num_classes=6, status=np.zeros(base.n, np.int8), label_fixed=fixed)
 
 
+def test_dds_recheck_restores_the_suppressed_samples_only_where_the_model_refutes_the_verdict():
+    base = make_info(noisy_fraction=0.0)
+    status = np.zeros(base.n, np.int8)
+    status[::5] = 2                                                      # every fifth sample suppressed
+    status[1::5] = 1                                                     # and every fifth relabelled
+    fixed = np.where(status == 1, (base.labels + 1) % 6, base.labels)
+    info = SampleInfo(labels=base.labels, num_classes=6, density=base.density, consistency=base.consistency,
+                      joint=base.joint, region=base.region, status=status, label_fixed=fixed)
+    kept = Selector("dds", info, epochs=8, budget=0.5, seed=0, recheck=False)
+    assert all(kept.probe(e) is None for e in range(8))
+
+    def checked(agree_share):
+        sel = Selector("dds", info, epochs=8, budget=0.5, seed=0, strong_aug="all")
+        assert [e for e in range(8) if sel.probe(e) is not None] == [3]   # once: the middle of pruned epochs 0-6
+        plans = run(sel, epochs=4)
+        ask = sel.probe(3)
+        assert np.array_equal(ask, np.flatnonzero(status == 2))         # the suppressed, never trained on
+        agree = np.arange(ask.size) < agree_share * ask.size
+        pred = np.where(agree, base.labels[ask], (base.labels[ask] + 1) % 6)
+        sel.observe_probe(ask, pred, np.full(ask.size, 0.6, np.float32))
+        return sel, plans + run(sel, start=4), ask[agree], ask[~agree]
+
+    sel, plans, same_, other = checked(0.4)                              # a minority: the verdict stands
+    assert np.array_equal(sel.status(), status) and sel.spent() == sel.total_sample_steps
+    sel, plans, same_, other = checked(0.7)                              # most: refuted, the agreeing restored
+    now = sel.status()
+    assert (now[same_] == 0).all() and (now[other] == 2).all()
+    assert np.array_equal(now[status != 2], status[status != 2])         # the verdict's other statuses untouched
+    assert sel.spent() == sel.total_sample_steps                         # the budget re-shared, exactly
+    for e, p in enumerate(plans[1:], start=1):
+        assert not np.isin(p.indices, other).any()
+        assert np.isin(p.indices, same_).any() == (e >= 4)               # back in training after the recheck
+        assert np.array_equal(p.labels, fixed[p.indices])                # restored: their given label
+    assert (plans[4].aug[np.isin(plans[4].indices, same_)] > 0).any()    # restored samples are clean ones again
+    with pytest.raises(DdsError, match="probabilities"):
+        sel.observe_probe(other[:1], base.labels[other[:1]], np.array([1.5]))
+    with pytest.raises(DdsError, match="predicted classes"):
+        sel.observe_probe(other[:1], np.array([6]), np.array([0.95]))
+
+
+def test_dds_recheck_state_resumes_to_identical_plans():
+    base = make_info(noisy_fraction=0.0)
+    status = np.where(np.arange(base.n) % 4 == 0, 2, 0).astype(np.int8)
+    info = SampleInfo(labels=base.labels, num_classes=6, density=base.density, consistency=base.consistency,
+                      joint=base.joint, region=base.region, status=status, label_fixed=base.labels)
+
+    def step(sel, e):
+        p = sel.plan(e)
+        sel.observe(p.indices, fake_losses(p.indices, e))
+        ask = sel.probe(e)
+        if ask is not None:   # a deterministic "model": the given label of three asked samples in four
+            sel.observe_probe(ask, np.where(ask % 16 != 0, base.labels[ask], (base.labels[ask] + 1) % 6),
+                              np.full(ask.size, 0.5))
+        return p
+
+    a = Selector("dds", info, epochs=8, budget=0.5, seed=3)
+    first = [step(a, e) for e in range(4)]
+    b = Selector("dds", info, epochs=8, budget=0.5, seed=3)
+    b.load_state_dict(pickle.loads(pickle.dumps(a.state_dict())))
+    assert np.array_equal(a.status(), b.status()) and ((a.status() == 0) & (status == 2)).any()
+    rest_a, rest_b = [step(a, e) for e in range(4, 8)], [step(b, e) for e in range(4, 8)]
+    assert all(same(x, y) for x, y in zip(rest_a, rest_b))
+    assert a.spent() == b.spent() == a.total_sample_steps and len(first) == 4
+
+
 # ---- infobatch, by hand ----
 
 def test_infobatch_rule_by_hand():
