@@ -416,13 +416,11 @@ class DdsPolicy(LossPolicy):
         samples, the verdict is refuted: those it agrees with are restored for good and the budget left
         is re-shared. Otherwise nothing changes. Only the predicted classes are used."""
         agree = pred == self.info.labels[indices]
-        if not np.count_nonzero(agree) * 2 > agree.size:
-            log.info("dds recheck: the model predicts the given label of %d of the %d suppressed samples; the "
-                     "label verdict stands", np.count_nonzero(agree), agree.size)
+        refuted = np.count_nonzero(agree) * 2 > agree.size
+        log.info("dds recheck: the model predicts the given label of %d of the %d suppressed samples: %s",
+                 np.count_nonzero(agree), agree.size, "restored" if refuted else "the verdict stands")
+        if not refuted:
             return
-        log.warning("dds recheck: the model predicts the given label of %d of the %d suppressed samples, so the "
-                    "label verdict does not hold for this data; they are restored. The encoder may be too weak "
-                    "for it: try a stronger one (dds embed NAME --encoder ...)", np.count_nonzero(agree), agree.size)
         self._status[indices[agree]] = CLEAN
         self._apply_status()
         pruned = np.flatnonzero(self._phase == 1)
