@@ -234,15 +234,6 @@ class Policy:
         for policies that take every label as given."""
         return None
 
-    def probe(self, epoch: int) -> np.ndarray | None:
-        """(K,) int64 indices of samples whose predictions the policy wants from the model as it is
-        after training ``epoch`` (unaugmented, eval mode), or None (the default: none)."""
-        return None
-
-    def observe_probe(self, indices: np.ndarray, pred: np.ndarray, conf: np.ndarray) -> None:
-        """Record the model's predictions on the samples :meth:`probe` asked for: (K,) int64 indices,
-        (K,) int64 predicted classes and (K,) float32 softmax probabilities of those classes."""
-
     def state_dict(self) -> dict:
         """Picklable state (numpy arrays / python scalars)."""
         return {}

@@ -47,19 +47,6 @@ with ``status == relabel`` are trained like clean ones on their corrected label 
 candidates too; ``'off'`` trains every sample on its given label with nothing suppressed. Without
 a verdict the ``noisy`` region is what is suppressed (``'off'`` turns that off too).
 
-Recheck (``recheck``, with a verdict and ``noisy_weight=0``): the static verdict is only as good as
-the frozen encoder; where its evidence is weak it suppresses many correctly labelled samples (on
-clean Fashion-MNIST with a random-weight encoder, 28 %), and nothing in the embeddings tells that
-apart from label noise. The model being trained can: it never sees a suppressed sample, so its
-prediction on one is held out. Once, after the middle pruned epoch, the trainer scores the
-suppressed samples unaugmented (:meth:`DdsPolicy.probe` / :meth:`DdsPolicy.observe_probe`). Where
-the verdict is right, most of their given labels are wrong and the model predicts them for a
-minority; where the model predicts the given label for most of them, the verdict is refuted for
-this dataset and the samples it agrees with are restored (``clean``) for the rest of the run.
-Nothing is ever relabelled by the model (its relabels were 80 % right where the verdict's are 94 %;
-README). Restored samples are unseen, so they are drawn soon, and the budget left is shared again
-over the remaining epochs: the spend stays exact.
-
 Budget: warm-up and annealing epochs are charged at their real size; the pruned epochs share the
 rest evenly, so the sizes sum to ``total_sample_steps`` exactly. If the budget cannot pay for the
 warm-up and annealing epochs plus one sample per pruned epoch, annealing epochs are turned into
@@ -75,8 +62,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from dds.errors import DdsError
-from dds.selector._base import (AUG_LEVELS, AUGMENT, CLEAN, NOISY, RELABEL, SUPPRESS, EpochPlan, LossPolicy,
-                                anneal_start, check_bool, check_int, check_real, make_plan, register_policy)
+from dds.selector._base import (AUG_LEVELS, AUGMENT, NOISY, RELABEL, SUPPRESS, EpochPlan, LossPolicy, anneal_start,
+                                check_bool, check_int, check_real, make_plan, register_policy)
 from dds.selector._core import (ClassLayout, LossEma, capped_quotas, even_sizes, power_, sampling_keys, shuffle_order,
                                 shuffle_values, shuffled, top_k_mask, uniform_keys)
 
@@ -111,7 +98,6 @@ class DdsConfig:
     loss_rescale: str = "none"          # pruned-epoch loss weights: none (1) | const (N/size) | is (importance)
     is_clip: float = 5.0                # upper clip of the importance weights (loss_rescale = is)
     noise_handling: str = "relabel"     # label verdict: relabel (train on label_fixed) | suppress | off
-    recheck: bool = True                # the model rechecks the suppressed samples once; may restore them
     class_balance: bool = False         # pruned epochs: class quotas by class size (false: one global draw)
     loss_norm: str = "rank"             # loss EMA -> [0, 1]: rank (percentile among observed clean samples) | minmax
 
@@ -121,7 +107,6 @@ class DdsConfig:
         set_(self, "delta", check_real("delta", self.delta, 0.0, 1.0))
         set_(self, "anneal_exclude_noisy", check_bool("anneal_exclude_noisy", self.anneal_exclude_noisy))
         set_(self, "class_balance", check_bool("class_balance", self.class_balance))
-        set_(self, "recheck", check_bool("recheck", self.recheck))
         set_(self, "eps", check_real("eps", self.eps, 0.0))
         set_(self, "loss_weight", check_real("loss_weight", self.loss_weight, 0.0))
         set_(self, "loss_momentum", check_real("loss_momentum", self.loss_momentum, 0.0, 1.0, hi_open=True))
@@ -316,38 +301,28 @@ class DdsPolicy(LossPolicy):
         super().__init__(info, cfg, epochs=epochs, total=total)
         lay = self._layout = ClassLayout(info.labels, info.num_classes)
         noisy, relabel = noise_masks(info, cfg.noise_handling)
-        self._verdict = bool(noisy.any() or relabel.any())   # else status() is None: every label as given
-        self._status = np.where(noisy, SUPPRESS, np.where(relabel, RELABEL, CLEAN)).astype(np.int8)
+        self._status = (np.where(noisy, SUPPRESS, np.where(relabel, RELABEL, 0)).astype(np.int8)
+                        if noisy.any() or relabel.any() else None)
         self._label_used = np.where(relabel, info.label_fixed, info.labels) if relabel.any() else None
-        # held-out recheck of the suppressed samples: only where they are never trained on
-        self._recheck = cfg.recheck and self._verdict and cfg.noisy_weight == 0
+        self._clean_idx = np.flatnonzero(~noisy)
+        self._noisy_l = noisy[lay.order]
+        self._no_strong_l = (noisy | relabel)[lay.order]   # suspects are never strongly augmented
+        self._exclude_l = np.where(self._noisy_l, np.float32(np.inf), np.float32(0))
         self._joint_l = info.joint[lay.order]
         self._region_l = info.region[lay.order]
-        self._percentile_l = class_percentile(self._joint_l, lay)
-        self._prior_l = self._joint_l ** np.float32(cfg.prior_weight) if cfg.prior_weight != 1 else self._joint_l
-        self._apply_status()
+        # strong-augmentation ranking: joint's float32 bits (monotone for x >= 0) + 1; suspects = 0 (never)
+        self._jkey_l = np.where(self._no_strong_l, 0, (self._joint_l + np.float32(0)).view(np.uint32) + 1)
+        mult_l = np.where(self._noisy_l, np.float32(cfg.noisy_weight), np.float32(1))
+        prior_l = self._joint_l ** np.float32(cfg.prior_weight) if cfg.prior_weight != 1 else self._joint_l
+        self._jm_l = prior_l * mult_l                     # pi = jm * loss_term + em
+        self._suit_l = np.where(self._no_strong_l, np.float32(0), class_percentile(self._joint_l, lay))
+        self._em_l = np.float32(cfg.eps) * mult_l
+        eligible = ~self._noisy_l if cfg.noisy_weight == 0 else np.ones(info.n, bool)
+        self._cap = lay.class_counts(eligible)          # pi > 0 exactly on these when eps > 0
         self._loss = LossEma(info.n, momentum=cfg.loss_momentum, slot=lay.slot)
         self._phase, self._sizes = self._schedule()
         self._ramp = augment_ramp(self._phase)
         self._id_bits = max(1, int(info.n - 1).bit_length())
-
-    def _apply_status(self) -> None:
-        """Derive the per-sample arrays that follow the statuses (at the start, and when a recheck
-        changes some)."""
-        lay, cfg = self._layout, self.cfg
-        noisy = self._status == SUPPRESS
-        self._clean_idx = np.flatnonzero(~noisy)
-        self._noisy_l = noisy[lay.order]
-        self._no_strong_l = (self._status != CLEAN)[lay.order]   # suspects are never strongly augmented
-        self._exclude_l = np.where(self._noisy_l, np.float32(np.inf), np.float32(0))
-        # strong-augmentation ranking: joint's float32 bits (monotone for x >= 0) + 1; suspects = 0 (never)
-        self._jkey_l = np.where(self._no_strong_l, 0, (self._joint_l + np.float32(0)).view(np.uint32) + 1)
-        mult_l = np.where(self._noisy_l, np.float32(cfg.noisy_weight), np.float32(1))
-        self._jm_l = self._prior_l * mult_l                     # pi = jm * loss_term + em
-        self._suit_l = np.where(self._no_strong_l, np.float32(0), self._percentile_l)
-        self._em_l = np.float32(cfg.eps) * mult_l
-        eligible = ~self._noisy_l if cfg.noisy_weight == 0 else np.ones(self.info.n, bool)
-        self._cap = lay.class_counts(eligible)          # pi > 0 exactly on these when eps > 0
 
     # ---- budget -> phases and sizes ----
 
@@ -384,57 +359,11 @@ class DdsPolicy(LossPolicy):
                         "warmup_epochs=0 or delta=1.0", 100.0 * sizes[warm:a0].mean() / n)
         return phase, sizes
 
-    def _resize(self, start: int) -> None:
-        """Share the budget left for epochs ``start..`` again after a recheck changed statuses:
-        annealing epochs take every eligible sample as far as the budget allows, pruned epochs the rest."""
-        phase, sizes, n = self._phase, self._sizes, self.info.n
-        rest = self.total - int(sizes[:start].sum())
-        pruned = np.flatnonzero(phase[start:] == 1) + start
-        anneal = np.flatnonzero(phase[start:] == 2) + start
-        eligible = int(self._clean_idx.size) if self.cfg.anneal_exclude_noisy else n
-        per_anneal = min(eligible, max(rest - pruned.size, 0) // max(anneal.size, 1))
-        sizes[anneal] = per_anneal
-        sizes[pruned] = even_sizes(rest - per_anneal * anneal.size, pruned.size, cap=n)
-
     def epoch_sizes(self) -> np.ndarray:
         return self._sizes.copy()
 
     def status(self) -> np.ndarray | None:
-        return self._status.copy() if self._verdict else None
-
-    # ---- held-out recheck of the suppressed samples ----
-
-    def probe(self, epoch: int) -> np.ndarray | None:
-        """The suppressed samples, once: after the middle pruned epoch (``recheck``)."""
-        pruned = np.flatnonzero(self._phase == 1)
-        if not self._recheck or pruned.size == 0 or epoch != pruned[pruned.size // 2] or epoch + 1 >= self.epochs:
-            return None
-        return np.flatnonzero(self._status == SUPPRESS)
-
-    def observe_probe(self, indices: np.ndarray, pred: np.ndarray, conf: np.ndarray) -> None:
-        """Where the model (never trained on them) predicts the given label of most of the suppressed
-        samples, the verdict is refuted: those it agrees with are restored for good and the budget left
-        is re-shared. Otherwise nothing changes. Only the predicted classes are used."""
-        agree = pred == self.info.labels[indices]
-        refuted = np.count_nonzero(agree) * 2 > agree.size
-        log.info("dds recheck: the model predicts the given label of %d of the %d suppressed samples: %s",
-                 np.count_nonzero(agree), agree.size, "restored" if refuted else "the verdict stands")
-        if not refuted:
-            return
-        self._status[indices[agree]] = CLEAN
-        self._apply_status()
-        pruned = np.flatnonzero(self._phase == 1)
-        self._resize(int(pruned[pruned.size // 2]) + 1)
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "status": self._status.copy(), "sizes": self._sizes.copy()}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        if "status" in state:
-            self._status[:] = state["status"]
-            self._sizes[:] = state["sizes"]
-            self._apply_status()
+        return None if self._status is None else self._status.copy()
 
     # ---- planning ----
 
@@ -442,9 +371,9 @@ class DdsPolicy(LossPolicy):
         phase = self._phase[epoch]
         if phase == 0:
             return self._labelled(make_plan(epoch, shuffle_order(self.info.n, rng)))
-        if phase == 2:   # every eligible sample, unless a recheck let in more than the budget pays for
+        if phase == 2:
             base = self._clean_idx if self.cfg.anneal_exclude_noisy else np.arange(self.info.n)
-            return self._labelled(make_plan(epoch, shuffled(base, rng)[:int(self._sizes[epoch])]))
+            return self._labelled(make_plan(epoch, shuffled(base, rng)))
         lay, size = self._layout, int(self._sizes[epoch])
         pi_l = self._pi_layout()
         if self.cfg.sharpness != 1:   # the distribution drawn from (and importance-weighted against)

@@ -128,39 +128,6 @@ class Selector:
         sample's label, or None when it takes every label as given (all but ``dds`` with a verdict)."""
         return self._policy.status()
 
-    def probe(self, epoch: int) -> np.ndarray | None:
-        """(K,) int64 indices of the samples whose predictions the policy wants from the model after
-        training ``epoch`` (score them unaugmented, in eval mode, and pass them to :meth:`observe_probe`),
-        or None. ``dds`` asks for its suppressed samples, which the model has never trained on."""
-        idx = self._policy.probe(self._check_epoch(epoch))
-        return None if idx is None or len(idx) == 0 else np.asarray(idx, np.int64)
-
-    def observe_probe(self, indices: Any, pred: Any, conf: Any) -> None:
-        """Record the model's predictions on the samples :meth:`probe` returned.
-
-        Args:
-            indices: (K,) sample indices; pred: (K,) predicted classes; conf: (K,) their softmax
-                probabilities (numpy, list or torch tensor on any device).
-
-        Raises:
-            DdsError: shapes differ, or an index, class or probability is out of range.
-        """
-        idx, cls, p = (_as_numpy(a).reshape(-1) for a in (indices, pred, conf))
-        if not idx.shape == cls.shape == p.shape:
-            raise DdsError(f"observe_probe got {idx.size} indices, {cls.size} predictions and {p.size} "
-                           "probabilities; pass one of each per index")
-        if idx.size == 0:
-            return
-        if idx.min() < 0 or idx.max() >= self.n:
-            raise DdsError(f"indices must lie in [0, {self.n}), got [{idx.min()}, {idx.max()}]")
-        if cls.min() < 0 or cls.max() >= self.info.num_classes:
-            raise DdsError(f"predicted classes must lie in [0, {self.info.num_classes}), got "
-                           f"[{cls.min()}, {cls.max()}]")
-        p = p.astype(np.float32, copy=False)
-        if not (np.isfinite(p).all() and p.min() >= 0 and p.max() <= 1):
-            raise DdsError("prediction probabilities must lie in [0, 1]")
-        self._policy.observe_probe(idx.astype(np.int64, copy=False), cls.astype(np.int64, copy=False), p)
-
     def spent(self) -> int:
         """Sample-steps planned so far (sum of the planned epochs' sizes)."""
         return int(self._sizes[self._sizes >= 0].sum())

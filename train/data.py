@@ -303,10 +303,10 @@ class _Split:
             positions = np.asarray(positions, dtype=np.int64)
             end = int(positions.max()) + 1 if positions.size else 0
             seeds, take = epoch_aug_seeds(seed, plan.epoch, end)[positions], positions % max(m, 1)
-        batches = self.sample_batches(np.asarray(plan.indices, dtype=np.int64)[take], batch_size)
+        batches = self._plan_batches(np.asarray(plan.indices, dtype=np.int64)[take], batch_size)
         return augment(batches, augmenter, np.asarray(plan.aug)[take], np.asarray(plan.weights)[take], seeds)
 
-    def sample_batches(self, indices: np.ndarray, batch_size: int) -> Iterator[Sample]:
+    def _plan_batches(self, indices: np.ndarray, batch_size: int) -> Iterator[Sample]:
         """Unaugmented batches of the split's samples ``indices``, in that order, with ``pos`` (position
         in ``indices``) and ``index``; see :func:`batched`."""
         raise NotImplementedError
@@ -323,7 +323,7 @@ class StreamingSplit(_Split):
         super().__init__(ws, name, split)
         self.decode_workers = decode_workers
 
-    def sample_batches(self, indices: np.ndarray, batch_size: int) -> Iterator[Sample]:
+    def _plan_batches(self, indices: np.ndarray, batch_size: int) -> Iterator[Sample]:
         keys = self.keys[indices]
         stages = shard_list(self.ws, self.name, self.split)  # dict(url, shard) per shard
         stages = open_tar(stages)  # dict(__key__, shard, png, cls) per sample, undecoded
@@ -362,7 +362,7 @@ class CachedSplit(_Split):
                            f"shards (e.g. {missing}); re-run `dds shard`")
         log.info("cached %s/%s: %d samples, %.1f MB", name, split, self.n, self.images.numel() / 1e6)
 
-    def sample_batches(self, indices: np.ndarray, batch_size: int) -> Iterator[Sample]:
+    def _plan_batches(self, indices: np.ndarray, batch_size: int) -> Iterator[Sample]:
         for start in range(0, len(indices), batch_size):   # one gather a batch, no per-sample dicts
             idx = indices[start:start + batch_size]
             yield {"__key__": self.keys[idx].tolist(), "image": self.images[torch.from_numpy(idx)],

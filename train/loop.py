@@ -8,7 +8,6 @@ Reads top to bottom like nanoGPT's train.py, but as functions. Per epoch::
         per_sample = cross_entropy(model(x), y, reduction="none")
         loss = weighted_mean(per_sample, batch weights); SGD step at lr_at(samples consumed)
     selector.observe(plan.indices, per_sample losses of the epoch)
-    selector.observe_probe(*predict(model, selector.probe(epoch)))   # only if the policy asks (dds)
     evaluate on the test split; write epochs/ and history/ parquet; checkpoint
 
 The LR schedule runs over the optimiser steps the run actually takes: before each epoch the
@@ -150,34 +149,6 @@ def evaluate(model: torch.nn.Module, split, *, device: torch.device, batch_size:
             logits = model(x)
         correct += (logits.argmax(1) == batch["label"].to(device, non_blocking=True)).sum()
     return all_sum(dist_, correct).item() / split.n
-
-
-def predict(model: torch.nn.Module, split, indices: np.ndarray, *, device: torch.device, batch_size: int,
-            amp: bool, channels_last: bool = False, dist_: Dist = Dist()) -> tuple[np.ndarray, np.ndarray]:
-    """The model's predicted class and its softmax probability for the samples ``indices`` of ``split``
-    (no augmentation): two ``(K,)`` arrays, int64 and float32, in the order of ``indices``.
-
-    In a distributed job each rank scores its part (:func:`dds.distributed.part_positions`) and
-    the parts are gathered, so every rank returns the same arrays.
-    """
-    model.eval()
-    k = len(indices)
-    mine = indices if not dist_.enabled else indices[part_positions(k, dist_.rank, dist_.world) % k]
-    mean, std = channel_stats(split.mean, split.std, device)
-    fmt = _memory_format(device, channels_last)
-    pred = torch.empty(len(mine), dtype=torch.int64, device=device)
-    conf = torch.empty(len(mine), dtype=torch.float32, device=device)
-    done = 0
-    with torch.no_grad():
-        for batch in split.sample_batches(np.asarray(mine, np.int64), batch_size):
-            x = normalize(batch["image"].to(device, non_blocking=True), mean, std).contiguous(memory_format=fmt)
-            with _autocast(device, amp):
-                logits = model(x)
-            p, c = torch.softmax(logits.float(), dim=1).max(dim=1)
-            b = len(c)
-            pred[done:done + b], conf[done:done + b] = c, p
-            done += b
-    return gather_part(dist_, pred, k).cpu().numpy(), gather_part(dist_, conf, k).cpu().numpy()
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -558,7 +529,6 @@ def _epochs(out: _Writer, sel, model, net, opt, train, test, device, d: Dist, *,
     for epoch in range(start_epoch, cfg.epochs):
         t_start = time.perf_counter()
         plan = sel.plan(epoch)
-        status = sel.status()   # what this epoch trains under (a recheck after it may change it)
         check_same(d, plan, device)
         m_plan = len(plan.indices)
         state.total_steps = state.steps + _planned_steps(sel, epoch, m_plan, cfg, d.world)
@@ -569,11 +539,6 @@ def _epochs(out: _Writer, sel, model, net, opt, train, test, device, d: Dist, *,
         t0 = time.perf_counter()
         losses_np = gather_part(d, losses, m_plan).cpu().numpy()  # one device -> host copy per epoch
         sel.observe(plan.indices, losses_np, plan.aug)
-        ask = sel.probe(epoch)
-        if ask is not None:   # selection overhead: a forward pass over the samples the policy asks about
-            sync_buffers(d, model)
-            sel.observe_probe(ask, *predict(model, train, ask, device=device, batch_size=cfg.eval_batch_size,
-                                            amp=cfg.amp, channels_last=cfg.channels_last, dist_=d))
         select_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         test_acc = None
@@ -602,7 +567,7 @@ def _epochs(out: _Writer, sel, model, net, opt, train, test, device, d: Dist, *,
             state.test_acc = test_acc
         if out.main:  # history and checkpoint are built only where they are written
             used = train.labels[plan.indices] if plan.labels is None else plan.labels
-            hist = history_columns(train.n, plan.indices, plan.weights, plan.aug, losses_np, used, status)
+            hist = history_columns(train.n, plan.indices, plan.weights, plan.aug, losses_np, used, sel.status())
             _write_epoch(out.ws, state.run_id, epoch, {"selected": int(np.count_nonzero(hist["selected"])), **row},
                          train.keys, hist)
             atomic_write_bytes(out.ws.run_dir(state.run_id) / "checkpoint.pt", _checkpoint_bytes(
