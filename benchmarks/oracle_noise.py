@@ -1,6 +1,6 @@
 """What is left to gain from better label-noise handling? `dds` trained under oracle label handling.
 
-    python benchmarks/oracle_noise.py -w WORKSPACE NAME --mode MODE [--seeds 1] [--epochs 12] [--results FILE]
+    python benchmarks/oracle_noise.py [-w WORKSPACE] NAME --mode MODE [--seeds 1] [--epochs 12] [--results FILE]
 
 Diagnostic only: it reads the injected truth (``label_orig``), which no product code path does, and
 nothing here feeds back into the method or its constants. NAME needs injected noise and its
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -58,13 +57,13 @@ def oracle_masks(mode: str, truth: np.ndarray):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("name")
-    ap.add_argument("-w", "--workspace", required=True)
+    ap.add_argument("-w", "--workspace", help="default: $DDS_WORKSPACE, else ./dds-work")
     ap.add_argument("--mode", choices=MODES, required=True)
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--results")
     args = ap.parse_args()
-    ws = Workspace(Path(args.workspace).resolve())
+    ws = Workspace.resolve(args.workspace)
     dds_policy.noise_masks = oracle_masks(args.mode, true_labels(ws, args.name))
     rows = run_bench(ws, args.name, policies=["dds"], budgets=[0.5], epochs=args.epochs, seeds=args.seeds,
                      base_config={"eval_split": "val", "eval_every": args.epochs}, progress=False,
