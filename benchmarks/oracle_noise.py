@@ -24,7 +24,7 @@ import sys
 import numpy as np
 
 import dds.selector._dds as dds_policy
-from dds.catalog import connect
+from dds.tables import load_train_samples
 from dds.train.bench import run_bench
 from dds.workspace import Workspace
 
@@ -33,9 +33,7 @@ MODES = ("verdict", "drop-residual", "truth")
 
 def true_labels(ws: Workspace, name: str) -> np.ndarray:
     """(N,) injected truth of the train split, in ``samples.idx`` order."""
-    rows = connect(ws).execute("SELECT label_orig FROM samples WHERE dataset = ? AND split = 'train' ORDER BY idx",
-                               [name]).fetchnumpy()
-    return np.asarray(rows["label_orig"], np.int64)
+    return load_train_samples(ws, name)["label_orig"].to_numpy(np.int64)
 
 
 def oracle_masks(mode: str, truth: np.ndarray):
