@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from dds.errors import DdsError
-from dds.workspace import Workspace
+from dds.workspace import Workspace, atomic_write_bytes
 
 app = typer.Typer(
     name="dds",
@@ -370,23 +370,25 @@ def bench(
 
 @app.command("bench-table")
 def bench_table(
-    files: list[str] = typer.Argument(..., help="JSON-lines files written by dds bench --results."),
+    files: list[str] = typer.Argument(None, help="JSON-lines files written by dds bench --results."),
+    update: list[str] = typer.Option([], "--update", "-u", help="Markdown file whose <!-- bench-table FILES --> "
+                                     "blocks are rebuilt from their results files (repeatable)."),
 ) -> None:
-    """Print a markdown table (mean ± std, spend, wall/full, lossless budget) from dds bench --results files."""
-    from dds.train.bench import table_from_results
+    """Markdown table of dds bench --results files; --update rebuilds the generated tables of a markdown file."""
+    from dds.train.bench import read_results, regenerate_tables, table_from_results
 
-    lines = []
-    for f in files:
-        path = Path(f)
-        if not path.is_file():
-            raise DdsError(f"no results file {f}; write one with dds bench NAME --results {f}")
-        try:
-            lines += [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        except json.JSONDecodeError as e:
-            raise DdsError(f"{f} is not a JSON-lines file ({e})") from None
-    if not lines:
-        raise DdsError("the results files hold no runs")
-    typer.echo(table_from_results(lines))
+    if not files and not update:
+        raise DdsError("give results files to print, or --update DOC.md to rebuild a document's tables")
+    if files:
+        typer.echo(table_from_results(read_results([Path(f) for f in files])))
+    for doc in map(Path, update):
+        if not doc.is_file():
+            raise DdsError(f"no markdown file {doc}")
+        text = regenerate_tables(doc)
+        changed = text != doc.read_text()
+        if changed:
+            atomic_write_bytes(doc, text.encode())
+        typer.echo(f"{doc}: {'tables rebuilt' if changed else 'tables already up to date'}")
 
 
 @app.command("bench-train")
