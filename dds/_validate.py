@@ -34,10 +34,12 @@ def check_min_int(name: str, value: int, low: int, why: str = "") -> int:
     return value
 
 
-def check_device(value: str, name: str = "--device") -> str:
-    """``value`` must be a device name of :data:`dds.device.DEVICES` (auto, cpu, cuda)."""
-    from dds.device import DEVICES
+#: device names every stage takes: ``auto`` is CUDA when a GPU is visible, else the CPU
+DEVICES = ("auto", "cpu", "cuda")
 
+
+def check_device(value: str, name: str = "--device") -> str:
+    """``value`` must be one of :data:`DEVICES`."""
     return check_choice(name, value, DEVICES)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import tarfile
-from pathlib import Path
 from typing import Iterable, Iterator
 
 from dds.errors import DdsError
@@ -73,7 +72,3 @@ def read_images(ws: Workspace, name: str, keys: Iterable[str], samples) -> dict[
                 out[key] = members["png"]
     return out
 
-
-def split_tars(ws: Workspace, name: str, split: str) -> list[Path]:
-    """The tar paths of one split, in shard order."""
-    return [r["url"] for r in shard_rows(ws, name, [split])]
