@@ -8,6 +8,7 @@ one sample at a time. Nothing here downloads: torchvision datasets are opened wi
 from __future__ import annotations
 
 import csv
+import difflib
 import inspect
 import io
 from pathlib import Path
@@ -157,8 +158,10 @@ def read_torchvision(ident: str, split: str | None) -> SourceData:
         raise DdsError(f"torchvision:{ident} has no ROOT; use torchvision:NAME:ROOT, e.g. torchvision:CIFAR10:/data/cifar")
     cls = getattr(tvd, name, None)
     if not isinstance(cls, type):
-        known = ", ".join(n for n in tvd.__all__ if n[0].isupper())
-        raise DdsError(f"torchvision has no dataset '{name}'; known: {known}")
+        known = [n for n in tvd.__all__ if n[0].isupper()]
+        close = [n for n in known if n.lower() == name.lower()] or difflib.get_close_matches(name, known, 1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise DdsError(f"torchvision has no dataset '{name}'; {hint}known: {', '.join(known)}")
     opened = {s: _torchvision_split(cls, root, s) for s in SPLITS}
     present = [s for s, ds in opened.items() if not isinstance(ds, str)]
     if not present:

@@ -128,11 +128,21 @@ def test_torchvision_never_downloads_and_names_what_is_wrong(tmp_path):
     ws = Workspace(tmp_path / "ws")
     with pytest.raises(DdsError, match="dds never downloads"):
         run_shard(ws, f"torchvision:FashionMNIST:{tmp_path / 'empty'}", progress=False)
-    with pytest.raises(DdsError, match="torchvision has no dataset 'Mnist'; known: .*MNIST"):
+    with pytest.raises(DdsError, match="torchvision has no dataset 'Mnist'; did you mean MNIST"):
         run_shard(ws, f"torchvision:Mnist:{tmp_path}", progress=False)
     with pytest.raises(DdsError, match="has no ROOT"):
         run_shard(ws, "torchvision:MNIST", progress=False)
     assert not (tmp_path / "empty").exists()
+
+
+def test_torchvision_image_folder_is_one_train_split(tmp_path):
+    for label, cls in enumerate(["b", "a"]):
+        _write_pngs(tmp_path / "folder" / cls, label, 3)
+    ws = Workspace(tmp_path / "ws")
+    out = run_shard(ws, f"torchvision:ImageFolder:{tmp_path / 'folder'}", name="tvf", progress=False)
+    assert out["splits"] == {"train": 6} and _info(ws, "tvf")["classes"] == ["a", "b"]
+    with pytest.raises(DdsError, match="has no 'test' split"):
+        run_shard(ws, f"torchvision:ImageFolder:{tmp_path / 'folder'}", split="test", progress=False)
 
 
 # ---------------------------------------------------------------- hf-disk:PATH
