@@ -92,15 +92,18 @@ def read_csv(file: str, split: str | None) -> SourceData:
     path = Path(file)
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-            columns = rows[0].keys() if rows else []
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = list(reader.fieldnames or [])
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DdsError(f"cannot read CSV {path} ({e}); give csv:FILE with a header line path,label[,split]") from None
     missing = [c for c in ("path", "label") if c not in columns]
     if missing:
-        raise DdsError(f"CSV {path} has no column {' or '.join(missing)} (it has: {', '.join(columns) or 'no rows'}); "
+        raise DdsError(f"CSV {path} has no column {' or '.join(missing)} (it has: {', '.join(columns) or 'none'}); "
                        "its first line must be path,label or path,label,split")
     where = f"CSV {path}"
+    if not rows:
+        raise DdsError(f"{where} has a header but no rows; add one line path,label per image")
     for n, r in enumerate(rows, 2):
         if not (r["path"] or "").strip() or not (r["label"] or "").strip():
             raise DdsError(f"{where}, line {n}: empty path or label; every row needs both")
