@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from dds._validate import parse_source
 from dds.cli import app
 from dds.errors import DdsError
 from dds.pipeline.embed import average_prompts, run_embed
@@ -56,6 +57,15 @@ def _info(ws: Workspace, name: str) -> dict:
 
 def _rejects(ws: Workspace, name: str) -> list[dict]:
     return pq.read_table(ws.dataset_dir(name) / "rejects.parquet").to_pylist()
+
+
+def test_source_forms_are_parsed_in_one_place():
+    assert parse_source("csv:data/list.csv") == ("csv", "data/list.csv")
+    assert parse_source("torchvision:CIFAR10:/data/c") == ("torchvision", "CIFAR10:/data/c")
+    assert parse_source("hf-disk:/data/hf") == ("hf-disk", "/data/hf")
+    assert parse_source("my/set.toml") == ("manifest-file", "my/set.toml")
+    with pytest.raises(DdsError, match="use csv:FILE"):
+        parse_source("csv:")
 
 
 # ---------------------------------------------------------------- csv:FILE
@@ -165,6 +175,8 @@ def test_hf_disk_dataset_dict_with_class_labels(tmp_path):
     assert _info(ws, "zoo")["classes"] == ["ant", "bee", "cow"]
     assert "label -1" in _rejects(ws, "zoo")[0]["reason"]
     assert _pipeline(ws, "zoo")["status"] == "done"
+    part(2, 50).save_to_disk(str(tmp_path / "one"))  # a single Dataset: the split asked for
+    assert run_shard(ws, f"hf-disk:{tmp_path / 'one'}", split="test", progress=False)["splits"] == {"test": 6}
 
 
 def test_hf_disk_without_the_datasets_package_says_how_to_install(tmp_path, monkeypatch):
@@ -194,6 +206,7 @@ def test_manifest_from_a_file_path_with_a_relative_root(tmp_path):
     assert out["dataset"] == "toy-file" and out["splits"] == {"train": 12, "test": 4}
     info = _info(ws, "toy-file")
     assert info["prompt_names"] == ["dark", "light"] and info["templates"] == ["a {} square."]
+    assert _pipeline(ws, "toy-file")["status"] == "done"
     with pytest.raises(DdsError, match="cannot read manifest file"):
         run_shard(ws, str(tmp_path / "absent.toml"), progress=False)
 
