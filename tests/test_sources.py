@@ -299,8 +299,11 @@ def test_a_few_repeated_test_images_are_dropped_and_recorded(tmp_path, caplog):
     rejects = _rejects(ws, "ds")
     assert sorted(Path(r["source"]).name for r in rejects) == ["dup_0.png", "dup_0.png"]
     assert all(r["split"] == "test" and "repeats train image train-" in r["reason"] for r in rejects)
-    kept = run_shard(ws, f"imagefolder:{folder}", overlap="keep", progress=False)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        kept = run_shard(ws, f"imagefolder:{folder}", overlap="keep", progress=False)
     assert kept["splits"] == {"train": 20, "test": 12} and kept["rejects"] == 0
+    assert "2 of the 12 test images of ds repeat train images exactly and count in test accuracy" in caplog.text
 
 
 def test_a_test_split_sharded_later_drops_images_of_the_kept_train_split(tmp_path):
