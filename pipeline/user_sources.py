@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image
 
 from dds.errors import DdsError
-from dds.pipeline.sources import DECODE_ERRORS, SPLITS, SourceData, SplitData, _header, _keep, _pick_splits
+from dds.pipeline.sources import (DECODE_ERRORS, SPLITS, SourceData, SplitData, _header, _keep, _load_bytes, _load_file,
+                                  _pick_splits)
 
 
 def read_user_source(scheme: str, ident: str, split: str | None) -> SourceData:
@@ -28,14 +29,20 @@ def read_user_source(scheme: str, ident: str, split: str | None) -> SourceData:
     return readers[scheme](ident, split)
 
 
-def _list_images(refs: list[str], labels: list[int], opener: Callable[[int], Image.Image]) -> SplitData:
+def _list_images(refs: list[str], labels: list[int], where: Callable[[int], bytes | Path]) -> SplitData:
     """A split of ``refs`` whose image headers are read now; an unreadable one becomes a reject.
+
+    Images are opened and decoded by the readers of :mod:`dds.pipeline.sources`, like an image folder's.
 
     Args:
         refs: (N,) where each sample comes from.
         labels: (N,) labels.
-        opener: opens sample i lazily (``Image.open``), so that listing reads headers only.
+        where: sample i's encoded image: its bytes or its file.
     """
+    def opener(i: int) -> Image.Image:  # lazily: listing reads the header only
+        data = where(i)
+        return Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+
     keep, modes, sizes, rejects = [], [], [], []
     for i, ref in enumerate(refs):
         try:
@@ -48,9 +55,8 @@ def _list_images(refs: list[str], labels: list[int], opener: Callable[[int], Ima
         sizes.append(size)
 
     def load(j: int) -> Image.Image:
-        with opener(keep[j]) as img:
-            img.load()
-            return img
+        data = where(keep[j])
+        return _load_bytes(data) if isinstance(data, bytes) else _load_file(data)
 
     return SplitData(labels=np.asarray([labels[i] for i in keep], np.int64), refs=[refs[i] for i in keep],
                      load=load, modes=modes, sizes=sizes, rejects=rejects)
@@ -117,7 +123,7 @@ def read_csv(file: str, split: str | None) -> SourceData:
     for s in _pick_splits(present, split, where):
         idx = [i for i, r in enumerate(rows) if r["split"] == s]
         files = [path.parent / rows[i]["path"].strip() for i in idx]
-        splits[s] = _list_images([str(p) for p in files], [labels[i] for i in idx], lambda i, f=files: Image.open(f[i]))
+        splits[s] = _list_images([str(p) for p in files], [labels[i] for i in idx], lambda i, f=files: f[i])
     return SourceData(kind="csv", default_name=path.stem, classes=classes, splits=splits)
 
 
@@ -183,8 +189,8 @@ def _torchvision_listing(ds: Any, where: str, split: str) -> SplitData:
     """Image files (``ds.samples``) get their headers read; in-memory arrays are alike, so sample 0 speaks for all."""
     labels = _torchvision_labels(ds)
     if isinstance(getattr(ds, "samples", None), list):
-        files = [p for p, _ in ds.samples]
-        return _list_images(files, labels, lambda i: Image.open(files[i]))
+        files = [Path(p) for p, _ in ds.samples]
+        return _list_images([str(p) for p in files], labels, lambda i: files[i])
     refs = [f"{where}#{split}/{i}" for i in range(len(ds))]
     first = ds[0][0]
     return SplitData(labels=np.asarray(labels, np.int64), refs=refs, load=lambda i: ds[i][0],
@@ -217,13 +223,13 @@ def _hf_split(ds: Any, image: str, label: str, where: str) -> SplitData:
     raw = ds.cast_column(image, HfImage(decode=False))
     labels = [int(y) for y in ds.with_format(None)[label]]
 
-    def opener(i: int) -> Image.Image:
+    def encoded(i: int) -> bytes | Path:
         cell = raw[i][image]
         if cell is None:
             raise ValueError("the row has no image")
-        return Image.open(io.BytesIO(cell["bytes"])) if cell.get("bytes") else Image.open(cell["path"])
+        return cell["bytes"] if cell.get("bytes") else Path(cell["path"])
 
-    return _list_images([f"{where}#{i}" for i in range(len(ds))], labels, opener)
+    return _list_images([f"{where}#{i}" for i in range(len(ds))], labels, encoded)
 
 
 def read_hf_disk(path: str, split: str | None) -> SourceData:
