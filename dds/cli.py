@@ -64,13 +64,34 @@ def _relaunch(nproc: int) -> None:
 def _print_summary(title: str, summary: dict) -> None:
     if _rank() != 0:  # under torchrun the ranks' results are the same: rank 0 prints
         return
-    from rich.console import Console
-    from rich.table import Table
+    _print_grid(None, [[str(k), v if isinstance(v, str) else json.dumps(v, default=str)] for k, v in summary.items()],
+                title)
 
-    table = Table(title=title, show_header=False)
-    for k, v in summary.items():
-        table.add_row(str(k), v if isinstance(v, str) else json.dumps(v, default=str))
-    Console().print(table)
+
+def _print_grid(header: list[str] | None, rows: list[list[str]], title: str | None) -> None:
+    """Print ``rows`` of text as a table: never read as markup, never cut.
+
+    A terminal gets a Rich table whose cells wrap; a pipe or a file gets aligned plain rows at full
+    width (``header`` first when given), so ids and paths can be copied whole.
+    """
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+        from rich.text import Text
+
+        out = Table(title=Text(title) if title else None, show_header=header is not None)
+        for name in header or (rows[0] if rows else []):
+            out.add_column(Text(name) if header else None, overflow="fold")
+        for row in rows:
+            out.add_row(*(Text(v) for v in row))
+        Console().print(out)
+        return
+    lines = ([header] if header is not None else []) + rows
+    widths = [max(len(x) for x in col) for col in zip(*lines)]
+    if title:
+        typer.echo(title)
+    for line in lines:
+        typer.echo("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())
 
 
 EvalSplitOpt = typer.Option("test", "--eval-split", help="Split to evaluate every epoch: test, or val (made by "
@@ -202,25 +223,29 @@ def _print_table(table, title: str | None, fmt: str) -> None:
     if fmt == "json":
         typer.echo(json.dumps(table.to_pylist(), default=str, indent=1))
         return
-    if fmt == "csv":
-        import pyarrow as pa
-        import pyarrow.csv as pacsv
+    rows = [list(row.values()) for row in table.to_pylist()]
+    if fmt == "csv":  # quoted only where CSV needs it, so `tail -1` of a one-column query is the bare value
+        import csv
+        import io
 
-        for i, field in enumerate(table.schema):  # CSV has no nested types: lists and structs as JSON text
-            if pa.types.is_nested(field.type):
-                text = [None if v is None else json.dumps(v, default=str) for v in table.column(i).to_pylist()]
-                table = table.set_column(i, field.name, pa.array(text, pa.string()))
-        pacsv.write_csv(table, sys.stdout.buffer)
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(table.column_names)
+        writer.writerows([_csv_value(v) for v in row] for row in rows)
+        typer.echo(buf.getvalue(), nl=False)
         return
-    from rich.console import Console
-    from rich.table import Table
+    _print_grid(table.column_names, [["" if v is None else str(v) for v in row] for row in rows], title)
 
-    out = Table(title=title)
-    for col in table.column_names:
-        out.add_column(col)
-    for row in table.to_pylist():
-        out.add_row(*("" if v is None else str(v) for v in row.values()))
-    Console().print(out)
+
+def _csv_value(v) -> str:
+    """One CSV field: empty for NULL, true/false for booleans, lists and structs as JSON text."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, dict)):
+        return json.dumps(v, default=str)
+    return str(v)
 
 
 @app.command()
