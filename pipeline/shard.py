@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from dds import catalog, generations
@@ -38,7 +38,7 @@ from dds.errors import DdsError
 from dds.manifests import DEFAULT_TEMPLATES
 from dds.pipeline.prompts import looks_like_ids, names_for, parse_class_names, parse_templates, read_text_file
 from dds.pipeline.sources import (DECODE_ERRORS, SPLITS, SourceData, SplitData, default_prompt_names, open_source,
-                                  target_mode, typical_size)
+                                  target_mode, to_8bit, typical_size)
 from dds.tables import REJECTS_SCHEMA, SAMPLES_SCHEMA, SHARDS_SCHEMA, check_disjoint_splits, check_shared
 from dds.workspace import Workspace, atomic_write_json, check_dataset_name, safe_default_name, write_parquet
 
@@ -215,14 +215,20 @@ def inject_noise(labels: np.ndarray, num_classes: int, fraction: float, kind: st
     return class_map_noise(labels, mapping or {}, fraction, seed)
 
 
-def encode_png(img: Image.Image, mode: str) -> bytes:
-    """PNG bytes of ``img`` converted to ``mode`` ("L" or "RGB"), with fixed settings (reproducible)."""
+def convert_image(img: Image.Image, mode: str) -> Image.Image:
+    """``img`` as ``mode`` ("L" or "RGB"); high-bit-depth grey keeps its range (:func:`to_8bit`)."""
+    img = to_8bit(img)
     if img.mode != mode:
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             img = img.convert("RGBA")  # alpha is dropped onto black, not mixed into the colours
         img = img.convert(mode)
+    return img
+
+
+def encode_png(img: Image.Image, mode: str) -> bytes:
+    """PNG bytes of ``img`` converted to ``mode`` (:func:`convert_image`), with fixed settings (reproducible)."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    convert_image(img, mode).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
 
 
@@ -313,7 +319,7 @@ def decoded(sd: SplitData, order: np.ndarray, on_error: Callable[[str, Exception
 
 
 def write_split(split: str, sd: SplitData, order: np.ndarray, labels: np.ndarray, *, mode: str, out_dir: Path,
-                shard_size: int, stats: bool, progress: bool, desc: str,
+                shard_size: int, stats: bool, progress: bool, desc: str, image_size: int,
                 drop: dict[str, str] | None = None) -> SplitResult:
     """Decode, PNG-encode and write the samples ``order`` of ``sd`` as tars in ``out_dir``.
 
@@ -322,6 +328,8 @@ def write_split(split: str, sd: SplitData, order: np.ndarray, labels: np.ndarray
         labels: (M,) training labels for ``order`` (after noise); ``sd.labels[order]`` is label_orig.
         mode: "L" or "RGB", the mode of every stored PNG.
         stats: accumulate per-channel pixel sums for mean/std.
+        image_size: the dataset's image size; the sums are taken over each image at that size, as
+            training sees it, so one huge image does not outweigh the rest (0: as stored).
         drop: ``image_sha`` -> train key of the images this split leaves out (each becomes a reject).
     """
     res = SplitResult()
@@ -336,6 +344,7 @@ def write_split(split: str, sd: SplitData, order: np.ndarray, labels: np.ndarray
         for i, img in decoded(sd, order, reject):
             bar.update(1)
             try:
+                img = convert_image(img, mode)
                 png = encode_png(img, mode)
             except DECODE_ERRORS as e:  # e.g. truncated pixel data PIL only meets when converting
                 reject(sd.refs[i], e)
@@ -347,7 +356,7 @@ def write_split(split: str, sd: SplitData, order: np.ndarray, labels: np.ndarray
                                                 f"(--overlap keep keeps it)"))
                 continue
             if stats:
-                _add_stats(res, img if img.mode == mode else img.convert(mode))
+                _add_stats(res, img, image_size)
             shard = writer.write(sample_key(split, i), png, label_of[i])
             for k, v in (("key", sample_key(split, i)), ("label", label_of[i]), ("label_orig", int(sd.labels[i])),
                          ("shard", shard), ("source", sd.refs[i]), ("image_sha", sha)):
@@ -357,7 +366,9 @@ def write_split(split: str, sd: SplitData, order: np.ndarray, labels: np.ndarray
     return res
 
 
-def _add_stats(res: SplitResult, img: Image.Image) -> None:
+def _add_stats(res: SplitResult, img: Image.Image, image_size: int) -> None:
+    if image_size and img.size != (image_size, image_size):
+        img = ImageOps.fit(img, (image_size, image_size))  # as training decodes it: resized, centre-cropped
     a = np.asarray(img, dtype=np.float64).reshape(img.height * img.width, -1) / 255.0
     if res.pixel_sum is None:
         res.pixel_sum, res.pixel_sq = np.zeros(a.shape[1]), np.zeros(a.shape[1])
@@ -469,16 +480,18 @@ def _write_generation(ws: Workspace, src: SourceData, name: str, source: str, *,
     prompts = _prompt_info(old, src, prompts, name)
     train_images = _train_images(_read_table(ds_dir / "samples.parquet")) if overlap == "drop" else None
     mapping = noise_map(noise_kind, list(src.classes), src.manifest.noise_map if src.manifest else None, source)
+    image_size = typical_size([sz for sd in src.splits.values() for sz in sd.sizes]) or old.get("image_size", 0)
     gen = generations.new_generation(ds_dir)
     try:
         results = _write_all_splits(src, gen, name, mode=mode, limit=limit, val=val, shard_size=shard_size,
                                     label_noise=label_noise, seed=seed, progress=progress,
-                                    noise=(noise_kind, mapping), train_images=train_images)
+                                    noise=(noise_kind, mapping), image_size=image_size, train_images=train_images)
         samples, shards = _write_tables(ds_dir, gen, name, results)
         check_disjoint_splits(samples, name)
         _link_kept_tars(ds_dir, gen, shards, results)
         info = _dataset_info(old, src, name, source, mode, results, label_noise, noise_kind, seed,
-                             dict(limit=limit, shard_size=shard_size, seed=seed, overlap=overlap), prompts)
+                             dict(limit=limit, shard_size=shard_size, seed=seed, overlap=overlap), prompts,
+                             image_size)
         atomic_write_json(gen / "dataset.json", info)
         write_parquet(gen / "dataset.parquet", pa.table({
             "name": [name], "num_samples": pa.array([sum(info["splits"].values())], pa.int64()),
@@ -518,7 +531,7 @@ def _open_checked(source: str, split: str | None, name: str | None, label_noise:
 def _write_all_splits(src: SourceData, gen: Path, name: str, *, mode: str, limit: int | None, val: int | None,
                       shard_size: int, label_noise: float, seed: int, progress: bool,
                       noise: tuple[str, dict[int, int] | None] = ("symmetric", None),
-                      train_images: dict[str, str] | None = None) -> dict[str, SplitResult]:
+                      image_size: int, train_images: dict[str, str] | None = None) -> dict[str, SplitResult]:
     """Write every split's tars into ``gen/shards``; returns the result per split.
 
     ``val`` carves a ``val`` split off train (:func:`carve_val`); it keeps the true labels, like test.
@@ -537,7 +550,7 @@ def _write_all_splits(src: SourceData, gen: Path, name: str, *, mode: str, limit
                       if part == "train" else orig)
             res = write_split(part, sd, order, labels, mode=mode, out_dir=gen / "shards", shard_size=shard_size,
                               stats=src.manifest is None, progress=progress, desc=f"shard {name}/{part}",
-                              drop=train_images if part != "train" else None)
+                              image_size=image_size, drop=train_images if part != "train" else None)
             if part == "train" and train_images is not None:
                 train_images = dict(zip(res.samples["image_sha"], res.samples["key"]))
             if res.repeated:
@@ -694,7 +707,7 @@ def _norm_stats(results: dict[str, SplitResult]) -> tuple[list[float], list[floa
 
 def _dataset_info(old: dict[str, Any], src: SourceData, name: str, source: str, mode: str,
                   results: dict[str, SplitResult], label_noise: float, noise_kind: str, seed: int,
-                  options: dict[str, Any], prompts: dict[str, list[str]]) -> dict[str, Any]:
+                  options: dict[str, Any], prompts: dict[str, list[str]], image_size: int) -> dict[str, Any]:
     """The new ``dataset.json``: this run's splits merged over the old file's other splits."""
     m = src.manifest
     splits = {s: n for s, n in old.get("splits", {}).items() if s not in results and s not in _dropped(results)}
@@ -713,8 +726,7 @@ def _dataset_info(old: dict[str, Any], src: SourceData, name: str, source: str, 
     else:
         stats = None if (old and "train" not in results and "mean" in old) else _norm_stats(results)
         mean, std = stats if stats else (old.get("mean", [0.5]), old.get("std", [0.5]))
-        sizes = [sz for sd in src.splits.values() for sz in sd.sizes]
-        info.update(mean=mean, std=std, image_size=typical_size(sizes) or old.get("image_size", 0))
+        info.update(mean=mean, std=std, image_size=image_size)
     return info
 
 
