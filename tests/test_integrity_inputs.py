@@ -137,16 +137,13 @@ def test_sql_csv_quotes_only_where_csv_needs_it(tmp_path):
 
 
 def test_class_names_are_drawn_literally_in_figures():
-    from dds.train.report import _png, fig_class_rates, fig_examples
+    from dds.train.report import _png as figure_png
+    from dds.train.report import fig_class_rates, fig_examples
 
     classes = ["$\\x$", "a$b", "[c]"]
-    assert _png(fig_class_rates(np.full((2, 3), 0.5), np.zeros((2, 3)), classes))[:4] == b"\x89PNG"
-    grid = {"noisy": [(_png_bytes(), f"{c} p=0.50") for c in classes]}
-    assert _png(fig_examples(grid))[:4] == b"\x89PNG"
-
-
-def _png_bytes() -> bytes:
-    return _png(np.zeros((4, 4), np.uint8))
+    assert figure_png(fig_class_rates(np.full((2, 3), 0.5), np.zeros((2, 3)), classes))[:4] == b"\x89PNG"
+    grid = {"noisy": [(_png(np.zeros((4, 4), np.uint8)), f"{c} p=0.50") for c in classes]}
+    assert figure_png(fig_examples(grid))[:4] == b"\x89PNG"
 
 
 # ---------------------------------------------------------------- case 10: labels and corrupt shards

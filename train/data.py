@@ -83,7 +83,7 @@ def decode(src: Iterable[Sample], channels: int, image_size: int, workers: int =
 
     def one(sample: Sample) -> Sample:
         png, cls = sample.pop("png", None), sample.pop("cls", None)
-        where = f"sample '{sample['__key__']}' in shard {sample.get('url', sample.get('shard'))}"
+        where = f"sample '{sample['__key__']}' in shard {sample['url']}"
         if png is None or cls is None:
             raise DdsError(f"{where} lacks .png or .cls; re-run `dds shard` for this dataset")
         try:
