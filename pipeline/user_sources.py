@@ -73,12 +73,15 @@ def _class_index(raw: list[str], where: str) -> tuple[list[str], list[int]]:
     """Classes and labels from raw label strings: all integers -> classes "0".."max"; else sorted names.
 
     Raises:
-        DdsError: a negative integer label.
+        DdsError: a negative integer label, or one that makes more classes than there are rows.
     """
     if all(r.lstrip("-").isdigit() for r in raw):
         ints = [int(r) for r in raw]
         if min(ints) < 0:
             raise DdsError(f"{where}: label {min(ints)} is negative; labels are class numbers from 0 or class names")
+        if max(ints) >= len(ints):
+            raise DdsError(f"{where}, line {ints.index(max(ints)) + 2}: label {max(ints)} makes {max(ints) + 1} "
+                           f"classes for {len(ints)} rows; integer labels are class numbers 0..C-1: fix that label")
         return [str(c) for c in range(max(ints) + 1)], ints
     classes = sorted(set(raw))
     pos = {c: i for i, c in enumerate(classes)}

@@ -173,6 +173,15 @@ def test_a_label_far_above_the_sample_count_is_refused_naming_the_sample(tmp_pat
     assert not (tmp_path / "ws" / "datasets" / "big").exists()
 
 
+def test_a_csv_label_far_above_the_row_count_is_refused_naming_the_line(tmp_path):
+    src = _folder(tmp_path / "img")
+    rows = [f"{p.relative_to(tmp_path).as_posix()},{i % 2}" for i, p in enumerate(sorted(src.rglob("*.png")))]
+    rows[3] = rows[3].rsplit(",", 1)[0] + "," + "9" * 20
+    (tmp_path / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DdsError, match=r"line 5: label 9{20} makes 10{20} classes for 6 rows"):
+        run_shard(Workspace(tmp_path / "ws"), f"csv:{tmp_path / 'labels.csv'}", progress=False)
+
+
 def test_a_20_digit_label_is_a_reject_not_an_overflow(tmp_path):
     source = _tar_source(tmp_path, [str(i % 3).encode() for i in range(11)] + [b"9" * 20])
     ws = Workspace(tmp_path / "ws")
