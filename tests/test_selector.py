@@ -525,12 +525,12 @@ def test_strong_augmentation_alone_does_not_raise_selection_probability():
     assert np.array_equal(deflate_strong(losses, np.ones(4, np.uint8)), losses)   # nothing to compare with
 
 
-def test_dds_defaults_are_the_ones_the_readme_tuning_table_picked():
+def test_dds_defaults_are_the_ones_the_docs_tuning_table_picked():
     import re
 
     from dds.selector import DdsConfig
     from dds.train.bench import parse_entry
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "experiments.md").read_text() + (REPO / "docs" / "selector.md").read_text()
     row = next(line for line in readme.splitlines() if "the defaults)" in line and line.startswith("| **selection"))
     picked = dict(kv.split("=") for kv in re.findall(r"`([^`]+)`", row)[0].split())
     cfg = DdsConfig()
