@@ -200,3 +200,37 @@ def test_two_gloo_processes_train_disjoint_parts_that_cover_each_plan(tmp_path):
         assert padding in (0, 1) and len(set(p0) & set(p1)) == padding
     for rank in ranks:   # every rank observed every rank's losses: the selectors agree with one process
         _assert_same_state(state_to_numpy(rank["state"])["selector"], sel.state_dict())
+
+
+# ---------------------------------------------------------------- the examples, on tiny generated images
+
+
+@pytest.fixture()
+def counted_updates(monkeypatch) -> list[int]:
+    """Batch sizes of every ``DropIn.update`` call: proof that the example's loss went through the drop-in."""
+    calls: list[int] = []
+    update = DropIn.update
+    monkeypatch.setattr(DropIn, "update", lambda self, loss: calls.append(len(loss)) or update(self, loss))
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    return calls
+
+
+def test_plain_pytorch_example_with_a_timm_model(counted_updates, tmp_path):
+    import plain_loop
+
+    out = plain_loop.main(["--synthetic", "48", "--epochs", "2", "--batch-size", "16"])
+    assert out["budget_spent"] == 0.5 and sum(counted_updates) == 48 and 0 <= out["test_acc"] <= 1
+    emb = np.random.default_rng(0).normal(size=(48, 8)) + np.arange(48)[:, None] % 4 * 3
+    np.save(tmp_path / "emb.npy", emb)
+    counted_updates.clear()
+    out = plain_loop.main(["--synthetic", "48", "--epochs", "2", "--batch-size", "16", "--embeddings",
+                           str(tmp_path / "emb.npy")])
+    assert out["budget_spent"] == 0.5 and sum(counted_updates) == 48
+
+
+def test_hugging_face_trainer_example(counted_updates):
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate (pip install '.[test]')")
+    import hf_trainer
+
+    out = hf_trainer.main(["--synthetic", "48", "--epochs", "2", "--batch-size", "16"])
+    assert out["budget_spent"] == 0.5 and sum(counted_updates) == 48 and 0 <= out["test_acc"] <= 1
