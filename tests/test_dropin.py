@@ -100,6 +100,31 @@ def test_dropin_plans_equal_the_selector_as_dds_train_drives_it(ws, policy, scor
     _assert_same_state(ds.selector.state_dict(), sel.state_dict())
 
 
+def test_dropin_selects_what_dds_train_selected_from_the_losses_it_logged(ws):
+    """A real ``dds train`` run; its history's per-sample losses replayed through the drop-in's update()."""
+    from dds.catalog import query
+    from dds.train import TrainConfig, run_train
+
+    cfg = TrainConfig(dataset="tiny", policy="dds", budget=0.5, epochs=3, model="cnn3", batch_size=16, seed=3)
+    run_id = run_train(ws, cfg, progress=False)["run_id"]
+    hist = query(ws, f"SELECT epoch, key, selected, loss FROM history WHERE run_id = '{run_id}' ORDER BY epoch, key")
+    idx = {k: i for i, k in enumerate(ws.split_samples("tiny", "train", ["key"])["key"])}
+    loss = np.zeros((3, N), np.float32)
+    selected: list[set] = [set(), set(), set()]
+    for e, key, sel, value in zip(*(hist[c].to_pylist() for c in ("epoch", "key", "selected", "loss"))):
+        if sel:
+            loss[e, idx[key]] = value
+            selected[e].add(idx[key])
+    ds = DropIn(IndexSet(load_sample_info(ws, "tiny", ENCODER).labels), "dds", epochs=3, budget=0.5, seed=3,
+                scores=workspace_scores("tiny", ENCODER, workspace=str(ws.root)))
+    for epoch in range(3):
+        seen = []
+        for x, _ in DataLoader(ds, batch_size=16, sampler=ds.sampler):
+            seen += x.tolist()
+            ds.update(torch.from_numpy(loss[epoch, x.numpy()]))
+        assert set(seen) == selected[epoch] and len(seen) == len(selected[epoch])
+
+
 def test_the_verdict_reaches_the_loss_through_the_labels(ws):
     ds = DropIn(IndexSet(load_sample_info(ws, "tiny", ENCODER).labels), epochs=3,
                 scores=workspace_scores("tiny", ENCODER, workspace=str(ws.root)))
