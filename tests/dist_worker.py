@@ -71,4 +71,7 @@ def dropin(out: Path) -> None:
 
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
-    {"selector": selector, "dropin": dropin}[mode](out) if mode != "train" else train(out, sys.argv[3])
+    if mode == "train":
+        train(out, sys.argv[3])
+    else:
+        {"selector": selector, "dropin": dropin}[mode](out)
