@@ -186,8 +186,9 @@ def run_audit(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", use_cl
     Returns:
         {"ranking": pandas DataFrame (rank, key, label, pred_label, suspicion, prob_label, region,
         status, label_fixed, noisy_truth (bool or None), cleanlab_flag (bool or None)) most suspicious
-        first, "classes": [class name by label], "has_noise": bool, "metrics": {"ranking": {...}, "noisy_region": {...}, "cleanlab": {...}}
-        (without injected noise only "noisy_region", the suspected share), "notes": [str]}.
+        first, "classes": [class name by label], "has_noise": bool, "metrics": {"ranking": {...},
+        "noisy_region": {...}, "cleanlab": {...}} (without injected noise only "noisy_region", the
+        suspected share), "notes": [str]}.
 
     Raises:
         DdsError: no such dataset or no scores.
