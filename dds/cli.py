@@ -79,9 +79,11 @@ EvalSplitOpt = typer.Option("test", "--eval-split", help="Split to evaluate ever
 
 @app.command()
 def shard(
-    source: str = typer.Argument(..., help="A manifest name (fashion-mnist), imagefolder:PATH (one sub-folder per "
-                                           "class, or train/ and test/ each with class folders) or tar:GLOB "
-                                           "(WebDataset shards with .cls labels)."),
+    source: str = typer.Argument(..., help="A manifest name (fashion-mnist) or FILE.toml, imagefolder:PATH (one "
+                                           "sub-folder per class, or train/ and test/ each with class folders), "
+                                           "tar:GLOB (WebDataset shards with .cls labels), csv:FILE (path,label[,split]), "
+                                           "torchvision:NAME:ROOT (local files, never downloaded) or hf-disk:PATH "
+                                           "(a datasets save_to_disk folder). See docs/sources.md."),
     name: Optional[str] = typer.Option(None, "--name", "-n", help="Dataset name in the workspace [default: derived from SOURCE]."),
     split: Optional[str] = typer.Option(None, "--split", help="train or test [default: every split the source has]."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Keep a class-stratified subset of N samples per split."),
@@ -93,6 +95,14 @@ def shard(
                                    "drawn other class; pairflip: round(F*n_c) of each class c to (c+1) mod C; "
                                    "asymmetric: round(F*n_c) of each class along the manifest's noise_map."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed for --limit and --label-noise."),
+    class_names: Optional[Path] = typer.Option(None, "--class-names", help="File naming the classes for text prompts "
+                                               "('id name' or 'id,name' lines, or a JSON object), e.g. ImageNet "
+                                               "synset -> name."),
+    templates: Optional[Path] = typer.Option(None, "--templates", help="File of prompt templates, one per line, "
+                                             "with {} for the class name (a prompt ensemble)."),
+    overlap: str = typer.Option("drop", "--overlap", help="Test/val images that repeat a train image exactly: drop "
+                                "(leave them out, listed in rejects) or keep. A split mostly made of train images "
+                                "is refused either way."),
     workspace: Optional[str] = WorkspaceOpt,
     progress: bool = ProgressOpt,
 ) -> None:
@@ -102,7 +112,7 @@ def shard(
     # run_shard checks every option (dds._validate) and that the workspace is writable
     summary = run_shard(Workspace.resolve(workspace), source, name=name, split=split, limit=limit, val=val,
                         shard_size=shard_size, label_noise=label_noise, noise_kind=noise_kind, seed=seed,
-                        progress=progress)
+                        class_names=class_names, templates=templates, overlap=overlap, progress=progress)
     _print_summary(f"dds shard {source}", summary)
 
 

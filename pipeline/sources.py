@@ -23,7 +23,7 @@ from PIL import Image
 
 from dds._validate import parse_source
 from dds.errors import DdsError
-from dds.manifests import Manifest, get_manifest, list_manifests
+from dds.manifests import Manifest, add_manifest, get_manifest, list_manifests
 
 #: what reading or decoding a corrupt image or tar member raises (PIL's UnidentifiedImageError is an
 #: OSError, a bad label a ValueError); any other exception is a bug and propagates
@@ -61,7 +61,8 @@ class SourceData:
 
 
 def open_source(source: str, *, split: str | None = None, name: str | None = None) -> SourceData:
-    """List ``source`` (a manifest name, ``imagefolder:PATH`` or ``tar:GLOB``).
+    """List ``source``: a manifest name or ``.toml`` file, ``imagefolder:PATH``, ``tar:GLOB``, or a user source
+    (``csv:FILE``, ``torchvision:NAME:ROOT``, ``hf-disk:PATH``: :mod:`dds.pipeline.user_sources`).
 
     Args:
         source: the SOURCE argument of ``dds shard``.
@@ -74,6 +75,12 @@ def open_source(source: str, *, split: str | None = None, name: str | None = Non
     scheme, ident = parse_source(source)
     if scheme == "manifest":
         return read_manifest(get_manifest(ident), split)
+    if scheme == "manifest-file":
+        return read_manifest(add_manifest(ident), split)
+    if scheme in ("csv", "torchvision", "hf-disk"):
+        from dds.pipeline.user_sources import read_user_source
+
+        return read_user_source(scheme, ident, split)
     if scheme == "imagefolder":
         return read_imagefolder(Path(ident), split)
     manifest = get_manifest(name) if name and name in list_manifests() else None
