@@ -545,7 +545,7 @@ def _gallery_html(issues, images: dict[str, bytes], csv_name: str) -> str:
         img = f"<img class='thumb' alt='{esc(r.key)}' src='{_data_uri(png)}'>" if png else ""
         change = (f"{esc(r.given_class)} &rarr; <b>{esc(r.suggested_class)}</b>" if r.suggested_label != r.given_label
                   else f"{esc(r.given_class)} (no other label suggested)")
-        rows.append(f"<tr><td>{r.rank}</td><td>{img}</td><td>{change}</td><td>{r.label_posterior:.3f}</td>"
+        rows.append(f"<tr><td>{r.rank}</td><td>{img}</td><td>{change}</td><td>{r.label_posterior:.2g}</td>"
                     f"<td>{esc(str(r.status))}</td><td><code>{esc(r.key)}</code><br><small>{esc(str(r.source))}</small>"
                     "</td></tr>")
     return ("<h3>label issues</h3><p>The train samples most likely mislabelled: lowest posterior probability that "
