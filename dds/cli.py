@@ -549,12 +549,15 @@ def bench_dist(
 @app.command()
 def report(
     run_ids: list[str] = typer.Argument(..., metavar="RUN_ID...", help="Runs to show, or dds bench ids (all their "
-                                        "runs, plus accuracy against budget): the curves show all, the "
-                                        "joint, per-class and example figures the first."),
-    out: str = typer.Option("dds-report", "--out", "-o", help="Folder for the PNGs and index.html."),
-    epoch: Optional[int] = typer.Option(None, "--epoch", help="Epoch (1-based) whose selection the joint figure "
-                                        "marks (default: the most selective one)."),
+                                        "runs, plus accuracy against budget): the curves show all, each policy "
+                                        "the selection of its first run, the dataset part (examples, label "
+                                        "issues) that of the dds run."),
+    out: str = typer.Option("dds-report", "--out", "-o", help="Folder for the PNGs, label_issues.csv and index.html."),
+    epoch: Optional[int] = typer.Option(None, "--epoch", help="Epoch whose selection the joint figures mark, "
+                                        "0-based as in the epochs and history tables (default: each run's most "
+                                        "selective one)."),
     per_region: int = typer.Option(8, "--per-region", help="Example images per region."),
+    issues: int = typer.Option(24, "--issues", help="Rows of the label-issue gallery (and label_issues.csv)."),
     workspace: Optional[str] = WorkspaceOpt,
 ) -> None:
     """Write PNG figures and one self-contained HTML page (figures inlined) for one or more runs."""
@@ -562,9 +565,8 @@ def report(
     from dds.train.report import write_report
 
     check_positive_int("--per-region", per_region)
-    check_positive_int("--epoch", epoch)
-    result = write_report(_ws(workspace), run_ids, out, epoch=None if epoch is None else epoch - 1,
-                          per_region=per_region)
+    check_positive_int("--issues", issues)
+    result = write_report(_ws(workspace), run_ids, out, epoch=epoch, per_region=per_region, top_issues=issues)
     for note in result["notes"]:
         typer.echo(f"note: {note}")
     typer.echo(f"report: {result['html']} ({len(result['figures'])} figures)")
@@ -597,7 +599,11 @@ def audit(
 
 
 def _print_audit(result: dict, top: int) -> None:
-    ranking = result["ranking"].head(top)
+    from dds.pipeline.audit import named_labels
+
+    ranking = result["ranking"].head(top).copy()
+    for c in ("label", "pred_label", "label_fixed"):   # "3 Dress": the number for dds sql, the name for people
+        ranking[c] = named_labels(ranking[c].to_numpy(), result["classes"])
     cols = ["rank", "key", "label", "pred_label", "suspicion", "status", "label_fixed"] + \
         [c for c in ("noisy_truth", "cleanlab_flag") if ranking[c].notna().any()]
     typer.echo("most likely mislabelled (suspicion = 1 - posterior probability of the given label):")

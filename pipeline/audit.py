@@ -123,6 +123,11 @@ def suspicion(label_posterior: np.ndarray) -> np.ndarray:
     return 1.0 - np.asarray(label_posterior, np.float64)
 
 
+def named_labels(labels: np.ndarray, classes: list[str]) -> list[str]:
+    """Labels as the audit prints them, number and class name: ``[3, 0]`` -> ``["3 Dress", "0 T-shirt/top"]``."""
+    return [f"{y} {classes[y]}" for y in np.asarray(labels, np.int64)]
+
+
 def cleanlab_flags(labels: np.ndarray, probs: np.ndarray) -> np.ndarray | None:
     """cleanlab's ``find_label_issues`` on out-of-sample probabilities; None when cleanlab is missing.
 
@@ -181,8 +186,9 @@ def run_audit(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", use_cl
     Returns:
         {"ranking": pandas DataFrame (rank, key, label, pred_label, suspicion, prob_label, region,
         status, label_fixed, noisy_truth (bool or None), cleanlab_flag (bool or None)) most suspicious
-        first, "has_noise": bool, "metrics": {"ranking": {...}, "noisy_region": {...}, "cleanlab": {...}}
-        (without injected noise only "noisy_region", the suspected share), "notes": [str]}.
+        first, "classes": [class name by label], "has_noise": bool, "metrics": {"ranking": {...},
+        "noisy_region": {...}, "cleanlab": {...}} (without injected noise only "noisy_region", the
+        suspected share), "notes": [str]}.
 
     Raises:
         DdsError: no such dataset or no scores.
@@ -224,4 +230,5 @@ def run_audit(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", use_cl
     ranking["cleanlab_flag"] = flags if flags is not None else None
     ranking = ranking.iloc[np.argsort(-susp, kind="stable")].reset_index(drop=True)
     ranking.insert(0, "rank", np.arange(1, len(ranking) + 1))
-    return {"ranking": ranking, "has_noise": has_noise, "metrics": metrics, "notes": notes}
+    return {"ranking": ranking, "classes": list(ws.dataset_info(name)["classes"]), "has_noise": has_noise,
+            "metrics": metrics, "notes": notes}

@@ -1,13 +1,11 @@
-"""Tests of dds report, dds audit, dds export and examples/plain_loop.py on a tiny synthetic workspace."""
+"""Tests of dds report, dds audit, dds export on a tiny synthetic workspace."""
 from __future__ import annotations
 
+import csv
 import json
-import os
 import re
-import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +18,15 @@ from typer.testing import CliRunner
 
 from dds.cli import app
 from dds.errors import DdsError
-from dds.pipeline.audit import auroc, cleanlab_flags, flag_metrics, precision_recall_at_k, run_audit
-from dds.train import TrainConfig, run_train
+from dds.pipeline.audit import auroc, cleanlab_flags, flag_metrics, named_labels, precision_recall_at_k, run_audit
+from dds.train import TrainConfig, run_bench, run_train
 from dds.selector._core import capped_quotas
 from dds.train.export import coreset_weights, run_export, select_coreset, selection_stats
-from dds.train.report import (budget_curve, class_rates, default_epoch, pick_examples, suspects_by_epoch,
+from dds.train.report import (ISSUE_COLUMNS, POLICY_COLORS, budget_curve, class_rates, default_epoch, fig_budget,
+                              fig_curves, label_issues, pick_examples, policy_colors, suspects_by_epoch,
                               write_report)
 from dds.workspace import Workspace
 
-REPO = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST, SIZE, CLASSES, ENC = 64, 16, 8, 4, "tiny-clip"
 FLIPPED = set(range(0, N_TRAIN, 5))  # 13 injected label flips
 
@@ -50,7 +48,8 @@ def _write_dataset(ws: Workspace, name: str) -> None:
             stem, idx = f"{split}-{s // 40:06d}", range(s, min(n, s + 40))
             _tar(d / "shards" / f"{stem}.tar", [(f"{split}-{i:07d}", int(labels[i])) for i in idx], rng)
             samples += [{"dataset": name, "key": f"{split}-{i:07d}", "split": split, "label": int(labels[i]),
-                         "label_orig": int(orig[i]) if split == "train" else int(labels[i]), "shard": stem, "idx": i}
+                         "label_orig": int(orig[i]) if split == "train" else int(labels[i]), "shard": stem, "idx": i,
+                         "source": f"/data/tiny/{split}/{i}.png"}
                         for i in idx]
             shards.append({"dataset": name, "split": split, "shard": stem, "path": f"shards/{stem}.tar",
                            "count": len(idx), "sha256": ""})
@@ -95,12 +94,22 @@ def runs(ws) -> list[str]:
     return [run_train(ws, TrainConfig(policy=p, **base), progress=False)["run_id"] for p in ("dds", "random")]
 
 
+@pytest.fixture(scope="module")
+def bench(ws) -> str:
+    """A bench of full and dds, one seed of 2 epochs each; returns its bench id."""
+    base = dict(batch_size=16, encoder=ENC, num_threads=1)
+    run_bench(ws, "tiny", policies=["full", "dds"], budgets=[0.5], epochs=2, seeds=1, model="cnn3", base_config=base,
+              progress=False)
+    return sorted(p.stem for p in (ws.root / "bench").glob("*.parquet"))[-1]
+
+
 # ---------------------------------------------------------------- report
 
 def test_report_writes_non_empty_figures_and_a_self_contained_page(ws, runs, tmp_path):
-    result = write_report(ws, runs, tmp_path / "rep")
+    result = write_report(ws, runs, tmp_path / "rep", top_issues=5)
     names = sorted(Path(p).name for p in result["figures"])
-    assert names == ["class_rates.png", "curves.png", "examples.png", "joint.png", "suspects.png"]
+    assert names == ["curves.png", "dds-class_rates.png", "dds-joint.png", "dds-suspects.png", "examples.png",
+                     "random-class_rates.png", "random-joint.png"]   # one selection section per policy
     assert any("against the injected flips: precision" in n for n in result["notes"])   # the dds run's verdict
     for p in result["figures"]:
         data = Path(p).read_bytes()
@@ -110,23 +119,97 @@ def test_report_writes_non_empty_figures_and_a_self_contained_page(ws, runs, tmp
         assert arr.shape[0] > 200 and arr.shape[1] > 200 and arr.std() > 5  # something drawn
     page = Path(result["html"]).read_text()
     refs = re.findall(r"""(?:src|href)\s*=\s*['"]([^'"]+)['"]""", page)
-    assert len(refs) == 5
+    assert len(refs) == 7 + 5 + 1   # the figures, a thumbnail per label issue, the link to the CSV
     for ref in refs:  # every reference is a data URI (or a file next to the page)
         assert ref.startswith("data:image/png;base64,") or (Path(result["html"]).parent / ref).exists()
     for ref in refs:
-        import base64
+        if ref.startswith("data:"):
+            import base64
 
-        assert base64.b64decode(ref.split(",", 1)[1])[:4] == b"\x89PNG"
+            assert base64.b64decode(ref.split(",", 1)[1])[:4] == b"\x89PNG"
+    assert "label_issues.csv" in refs and Path(result["csv"]).name == "label_issues.csv"
     assert all(r in page for r in runs)
+
+
+def test_report_of_a_bench_has_a_section_per_policy_and_a_label_issue_gallery(ws, bench, tmp_path):
+    result = write_report(ws, [bench], tmp_path / "rep", top_issues=10)
+    page = Path(result["html"]).read_text()
+    sections = dict(re.findall(r"<h2>([^<]+)</h2>(.*?)(?=<h2>|</body>)", page, re.S))
+    assert list(sections) == ["comparison", "policy full", "policy dds", "dataset tiny"]
+    assert "alt='budget'" in sections["comparison"] and "alt='curves'" in sections["comparison"]
+    # the dds run's selection is shown, full (everything selected) gets a note instead
+    assert "alt='dds-joint'" in sections["policy dds"] and "alt='dds-class_rates'" in sections["policy dds"]
+    assert "<img" not in sections["policy full"] and "trains on every sample every epoch" in sections["policy full"]
+    with open(result["csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == ISSUE_COLUMNS and [int(r["rank"]) for r in rows] == list(range(1, 11))
+    posterior = [float(r["label_posterior"]) for r in rows]
+    assert posterior == sorted(posterior)   # most likely mislabelled first
+    flipped = [r for r in rows if int(r["key"].split("-")[1]) in FLIPPED]
+    assert len(flipped) >= 5   # most injected flips have the lowest posterior in the synthetic scores
+    for r in rows:   # a flip's suggested label is the true one (by class name); the others keep theirs
+        i = int(r["key"].split("-")[1])
+        assert r["source"] == f"/data/tiny/train/{i}.png" and r["source"] in sections["dataset tiny"]
+        if r in flipped:
+            assert r["given_class"] == f"c{(i % CLASSES + 1) % CLASSES}" and r["suggested_class"] == f"c{i % CLASSES}"
+            assert f"{r['given_class']} &rarr; <b>{r['suggested_class']}</b>" in sections["dataset tiny"]
+        else:
+            assert r["given_class"] == r["suggested_class"] == f"c{i % CLASSES}"
+    gallery = sections["dataset tiny"].split("label issues", 1)[1]
+    assert gallery.count("<img class='thumb'") == 10 and "href='label_issues.csv'" in gallery
+
+
+def test_label_issues_suggest_the_verdicts_correction_else_the_prediction():
+    import pandas as pd
+
+    df = pd.DataFrame({"key": ["a", "b", "c", "d"], "source": ["a.png", "b.png", "c.png", "d.png"],
+                       "label": [0, 1, 2, 0], "pred_label": [2, 0, 2, 0], "status": ["relabel", "suppress", "clean",
+                                                                                     "clean"],
+                       "label_fixed": [1, 1, 2, 0], "label_posterior": [0.1, 0.05, 0.9, 0.6]})
+    out = label_issues(df, ["zero", "one", "two"], top=3)
+    assert tuple(out.columns) == ISSUE_COLUMNS and out["key"].tolist() == ["b", "a", "d"]
+    # b: no correction, the prediction (0); a: the verdict's label_fixed (1) wins over pred_label (2)
+    assert out["suggested_label"].tolist() == [0, 1, 0] and out["suggested_class"].tolist() == ["zero", "one", "zero"]
+    assert out["given_class"].tolist() == ["one", "zero", "zero"] and out["rank"].tolist() == [1, 2, 3]
+
+
+def test_policy_colors_are_fixed_and_shared_by_every_figure():
+    import pandas as pd
+    from matplotlib.colors import to_rgba
+
+    colors = policy_colors(["random", "dds:strong_aug=top_q", "dds", "full", "dds:x=1"])
+    assert colors["dds"] == POLICY_COLORS["dds"] and colors["full"] == POLICY_COLORS["full"]
+    assert policy_colors(["dds"])["dds"] == colors["dds"]   # the same whatever else is shown
+    assert len(set(colors.values())) == 5
+    curve = {"epoch": np.arange(2), "spent": np.array([0.25, 0.5]), "wall": np.array([1.0, 2.0]),
+             "acc": np.array([0.5, 0.6]), "loss": np.array([1.0, 0.8])}
+    fig = fig_curves([{**curve, "entry": "dds"}, {**curve, "entry": "random"}, {**curve, "entry": "dds"}], colors)
+    lines = [ln for ax in fig.axes for ln in ax.get_lines()]
+    assert len(lines) == 3 * 6   # accuracy and loss against epoch, budget and wall-clock, per run
+    assert {to_rgba(ln.get_color()) for ln in lines} == {to_rgba(colors["dds"]), to_rgba(colors["random"])}
+    rows = pd.DataFrame({"policy": ["full", "dds", "random"], "budget_spent": [1.0, 0.5, 0.5],
+                         "acc_mean": [0.9, 0.88, 0.85], "acc_std": [0.01] * 3})
+    fig = fig_budget(rows, colors)
+    drawn = {to_rgba(ln.get_color()) for ln in fig.axes[0].get_lines()}
+    assert {to_rgba(colors[p]) for p in ("full", "dds", "random")} <= drawn
 
 
 def test_report_errors_are_one_line(ws, runs, tmp_path):
     with pytest.raises(DdsError, match="unknown run id 'nope'"):
         write_report(ws, ["nope"], tmp_path)
-    with pytest.raises(DdsError, match="--epoch must be in"):
+    with pytest.raises(DdsError, match=r"--epoch must be in \[0, 2\] .*0-based"):
         write_report(ws, runs[:1], tmp_path, epoch=7)
+    res = CliRunner().invoke(app, ["report", runs[0], "--epoch", "3", "-w", str(ws.root), "--out", str(tmp_path)])
+    assert isinstance(res.exception, DdsError) and "[0, 2]" in str(res.exception)
     res = CliRunner().invoke(app, ["report", "nope", "-w", str(ws.root), "--out", str(tmp_path)])
     assert isinstance(res.exception, DdsError) and "\n" not in str(res.exception)
+
+
+def test_report_epochs_are_0_based_like_the_tables(ws, runs, tmp_path):
+    res = CliRunner().invoke(app, ["report", runs[0], "--epoch", "0", "--issues", "2", "-w", str(ws.root),
+                                   "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "selection of epoch 0 " in (tmp_path / "index.html").read_text()
 
 
 def test_suspects_by_epoch_hand_computed():
@@ -205,6 +288,15 @@ def test_audit_without_cleanlab_is_a_note(ws, monkeypatch):
     res = CliRunner().invoke(app, ["audit", "tiny", "-e", ENC, "--top", "3", "-w", str(ws.root)])
     assert res.exit_code == 0, res.output
     assert "pip install 'dds[audit]'" in res.output and "auroc" in res.output
+
+
+def test_audit_prints_class_names(ws):
+    assert named_labels(np.array([3, 0]), ["a", "b", "c", "Dress"]) == ["3 Dress", "0 a"]
+    res = CliRunner().invoke(app, ["audit", "tiny", "-e", ENC, "--top", "4", "--no-cleanlab", "-w", str(ws.root)])
+    assert res.exit_code == 0, res.output
+    rows = re.findall(r"^\s*\d+\s+train-\d+\s+(\d) (c\d)\s+(\d) (c\d)\s+[0-9.]+\s+\w+\s+(\d) (c\d)", res.output, re.M)
+    assert len(rows) == 4, res.output   # label, pred_label and label_fixed as "number name"
+    assert all(name == f"c{num}" for row in rows for num, name in zip(row[::2], row[1::2]))
 
 
 def test_audit_without_scores_is_an_error(ws):
@@ -300,41 +392,3 @@ def test_export_writes_the_budget_and_shards_that_dds_shard_reads_back(ws, runs,
     assert (back["split"] == "train").sum() == len(table) and (back["split"] == "test").sum() == N_TEST
     assert json.loads((ws.dataset_dir("core") / "dataset.json").read_text())["classes"] == \
         [f"c{i}" for i in range(CLASSES)]
-
-
-# ---------------------------------------------------------------- drop-in example
-
-def _example(*args: str) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, str(REPO / "examples" / "plain_loop.py"), *args], capture_output=True,
-                         text=True, env=env, timeout=60)
-    assert res.returncode == 0, res.stderr
-    assert time.perf_counter() - t0 < 30
-    return res.stdout
-
-
-def _epochs(out: str) -> list[dict]:
-    pat = (r"epoch (\d+)/\d+: (\d+) samples \((\d+) strong\), (\d+) losses observed, test acc ([0-9.]+)")
-    rows = [dict(zip(("epoch", "planned", "strong", "observed", "acc"), map(float, m.groups())))
-            for m in re.finditer(pat, out)]
-    assert rows, out
-    return rows
-
-
-def test_example_plain_loop_learns_without_scores():
-    out = _example("--limit", "500", "--epochs", "3", "--policy", "random", "--budget", "0.5")
-    rows = _epochs(out)
-    assert [r["planned"] for r in rows] == [250, 250, 250] and "budget spent 0.500" in out
-    assert all(r["observed"] == r["planned"] for r in rows)  # random plans distinct samples: all observed
-    assert rows[-1]["acc"] > 0.25, out  # chance is 0.1: weights, labels and images stay together
-
-
-def test_example_plain_loop_reads_dds_scores(ws):
-    out = _example("--limit", "64", "--epochs", "3", "--policy", "dds", "--workspace", str(ws.root),
-                   "--dataset", "tiny", "--encoder", ENC, "--batch-size", "16", "-o", "strong_aug=top_q")
-    rows = _epochs(out)
-    assert len(rows) == 3 and all(0 < r["observed"] <= r["planned"] for r in rows)
-    assert sum(r["strong"] for r in rows) > 0  # -o strong_aug=top_q: the most suitable are strongly augmented
-    spent = float(re.search(r"budget spent ([0-9.]+)", out).group(1))
-    assert spent == pytest.approx(sum(r["planned"] for r in rows) / (3 * 64), abs=1e-3)
