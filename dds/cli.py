@@ -30,14 +30,12 @@ EncoderOpt = typer.Option("lite0-minilm", "--encoder", "-e",
                           help="Encoder name: lite0-minilm (offline pair), openclip:ARCH/PRETRAINED "
                                "(open_clip tag or local checkpoint), tiny-clip (random, for tests).")
 DeviceOpt = typer.Option("auto", "--device", help="auto (cuda when present), cpu or cuda.")
-ProgressOpt = typer.Option(None, "--progress/--no-progress", help="Progress bars [default: when stderr is a "
-                                                                   "terminal; elsewhere a few plain log lines].")
 NprocOpt = typer.Option(1, "--nproc", min=1, help="Processes on this machine: N > 1 runs this same command under "
                                                   "torchrun (one process per GPU with --device cuda, gloo on CPU).")
 
 
 def _progress(flag: Optional[bool]) -> bool:
-    """Resolve --progress/--no-progress: bars when stderr is a terminal unless told otherwise.
+    """--progress/--no-progress as given, else bars only when stderr is a terminal.
 
     Without bars (a CI log, a file) the library's INFO lines take their place on the main rank: one
     per epoch, shard or stage, never a redraw.
@@ -46,6 +44,10 @@ def _progress(flag: Optional[bool]) -> bool:
     if not bars and _rank() == 0:
         logging.getLogger("dds").setLevel(logging.INFO)
     return bars
+
+
+ProgressOpt = typer.Option(None, "--progress/--no-progress", callback=_progress,
+                           help="Progress bars [default: when stderr is a terminal; elsewhere plain log lines].")
 
 
 def _ws(path: Optional[str], *, write: bool = False) -> Workspace:
@@ -134,7 +136,7 @@ def shard(
     # run_shard checks every option (dds._validate) and that the workspace is writable
     summary = run_shard(Workspace.resolve(workspace), source, name=name, split=split, limit=limit, val=val,
                         shard_size=shard_size, label_noise=label_noise, noise_kind=noise_kind, seed=seed,
-                        progress=_progress(progress))
+                        progress=progress)
     _print_summary(f"dds shard {source}", summary)
 
 
@@ -162,7 +164,7 @@ def embed(
     ws.dataset_info(name)
     _relaunch(nproc)
     summary = run_embed(ws, name, encoder=encoder, batch_size=batch_size, splits=splits,
-                        num_workers=workers, device=device, progress=_progress(progress))
+                        num_workers=workers, device=device, progress=progress)
     _print_summary(f"dds embed {name}", summary)
 
 
@@ -195,7 +197,7 @@ def index(
     counts = ws.split_samples(name, "train", ["label"])["label"].value_counts()
     check_k_fits(k, {str(classes[int(c)]): int(n) for c, n in counts.items()})
     summary = run_index(ws, name, encoder=encoder, k=k, adapters=adapters, folds=folds, seed=seed,
-                        device=device, backend=backend, progress=_progress(progress))
+                        device=device, backend=backend, progress=progress)
     _print_summary(f"dds index {name}", summary)
     _print_rows(ws, "SELECT region, count(*) AS n, round(avg(density), 3) AS density, "
                     "round(avg(consistency), 3) AS consistency, round(avg(joint), 3) AS joint, "
@@ -319,13 +321,13 @@ def train(
 
     try:
         if resume:
-            result = resume_train(ws, resume, progress=_progress(progress), dataset=name, announce=announce)
+            result = resume_train(ws, resume, progress=progress, dataset=name, announce=announce)
         else:
             cfg = TrainConfig(dataset=name, policy=policy, budget=budget, epochs=epochs, model=model, seed=seed,
                               encoder=encoder, batch_size=batch_size, device=device, eval_split=eval_split,
                               amp=amp, policy_options=_parse_options(option),
                               **_recipe(optimizer, lr, weight_decay, label_smoothing))
-            result = run_train(ws, cfg, progress=_progress(progress), announce=announce)
+            result = run_train(ws, cfg, progress=progress, announce=announce)
     except KeyboardInterrupt:
         if not started:
             raise
@@ -406,7 +408,7 @@ def bench(
                      base_config={"encoder": encoder, "device": device, "seed": first_seed, "eval_split": eval_split,
                                   "eval_every": eval_every, "amp": amp,
                                   **_recipe(optimizer, lr, weight_decay, label_smoothing)},
-                     policy_options=per_policy, progress=_progress(progress), results=results)
+                     policy_options=per_policy, progress=progress, results=results)
     typer.echo(format_bench_table(rows))
     typer.echo(f"accuracy: last epoch, on the {eval_split} split; lossless at = smallest spend with mean accuracy "
                "within 0.1 points of full")
@@ -638,11 +640,20 @@ def export(
     _print_summary(f"dds export {run_id}", result)
 
 
+class _LogFormat(logging.Formatter):
+    """Progress lines (INFO, shown when there are no bars) as the bare message; warnings and errors
+    keep their level and logger."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return record.getMessage() if record.levelno == logging.INFO else super().format(record)
+
+
 def main() -> None:
     """Console entry point: DdsError becomes one line on stderr and exit status 2."""
     # under torchrun the ranks log the same warnings: rank 0 shows them, the others only errors
-    logging.basicConfig(level=logging.WARNING if _rank() == 0 else logging.ERROR,
-                        format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogFormat("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING if _rank() == 0 else logging.ERROR, handlers=[handler])
     try:
         app()
     except DdsError as e:

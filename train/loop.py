@@ -464,9 +464,8 @@ def _run(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, *, run_id
         start_epoch = ckpt["epoch"] + 1
         log.info("resuming %s at epoch %d", state.run_id, start_epoch)
     if d.is_main:
-        log.info("run %s: %s on %s, %d train / %d %s samples, budget %d sample-steps, device %s (resume with "
-                 "`dds train %s --resume %s`)", state.run_id, cfg.policy, cfg.dataset, train.n, test.n,
-                 cfg.eval_split, state.total_sample_steps, device, cfg.dataset, state.run_id)
+        log.info("run %s: %s, %s, %d train / %d %s samples, budget %d sample-steps, %s", state.run_id,
+                 cfg.model, cfg.optimizer, train.n, test.n, cfg.eval_split, state.total_sample_steps, device)
     net = model
     if d.enabled:  # gradients averaged over the ranks; the checkpoint keeps the bare model's state
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
