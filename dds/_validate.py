@@ -34,10 +34,12 @@ def check_min_int(name: str, value: int, low: int, why: str = "") -> int:
     return value
 
 
-def check_device(value: str, name: str = "--device") -> str:
-    """``value`` must be a device name of :data:`dds.device.DEVICES` (auto, cpu, cuda)."""
-    from dds.device import DEVICES
+#: device names every stage takes: ``auto`` is CUDA when a GPU is visible, else the CPU
+DEVICES = ("auto", "cpu", "cuda")
 
+
+def check_device(value: str, name: str = "--device") -> str:
+    """``value`` must be one of :data:`DEVICES`."""
     return check_choice(name, value, DEVICES)
 
 
@@ -81,19 +83,28 @@ def check_choice(name: str, value: str, choices: list[str] | tuple[str, ...]) ->
     return value
 
 
+#: the ``scheme:`` prefixes of a SOURCE, with the form each takes (for messages)
+SOURCE_SCHEMES = {"imagefolder": "imagefolder:PATH", "tar": "tar:GLOB", "csv": "csv:FILE",
+                  "torchvision": "torchvision:NAME:ROOT", "hf-disk": "hf-disk:PATH"}
+
+
 def parse_source(source: str) -> tuple[str, str]:
-    """Split ``scheme:identifier`` (``imagefolder:PATH``, ``tar:GLOB``); a bare word is a manifest name.
+    """Split ``scheme:identifier`` (``imagefolder:PATH``, ``tar:GLOB``, ``csv:FILE``, ``torchvision:NAME:ROOT``,
+    ``hf-disk:PATH``); a path ending in ``.toml`` is a manifest file, any other bare word a manifest name.
 
     Returns:
-        ``(scheme, identifier)`` with scheme in ``manifest``, ``imagefolder``, ``tar``.
+        ``(scheme, identifier)`` with scheme ``manifest``, ``manifest-file`` or one of :data:`SOURCE_SCHEMES`.
     """
+    forms = ", ".join(SOURCE_SCHEMES.values())
+    if source.endswith(".toml"):
+        return "manifest-file", source
     if ":" not in source:
         if not source:
-            raise DdsError("empty SOURCE; give a manifest name (fashion-mnist), imagefolder:PATH or tar:GLOB")
+            raise DdsError(f"empty SOURCE; give a manifest name (fashion-mnist), a manifest file (.toml) or {forms}")
         return "manifest", source
     scheme, ident = source.split(":", 1)
-    if scheme not in ("imagefolder", "tar"):
-        raise DdsError(f"unknown source scheme '{scheme}:'; known: imagefolder:PATH, tar:GLOB, or a manifest name")
+    if scheme not in SOURCE_SCHEMES:
+        raise DdsError(f"unknown source scheme '{scheme}:'; known: {forms}, a manifest name or a .toml manifest file")
     if not ident:
-        raise DdsError(f"source '{source}' has no path after '{scheme}:'")
+        raise DdsError(f"source '{source}' has no path after '{scheme}:'; use {SOURCE_SCHEMES[scheme]}")
     return scheme, ident

@@ -12,10 +12,13 @@ duckdb CLI; it can be rebuilt at any time.
 from __future__ import annotations
 
 import logging
+import re
+import tempfile
+from pathlib import Path
 
 from dds.errors import DdsError
 from dds.tables import TABLES, stale_run_ids, table_files
-from dds.workspace import Workspace
+from dds.workspace import Workspace, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +28,18 @@ LOCKED_DOWN = {"enable_external_access": False, "autoload_known_extensions": Fal
                "lock_configuration": True}
 
 
+#: the command that writes each table's files: what to re-run when one is unreadable
+_WRITERS = {"datasets": "dds shard", "samples": "dds shard", "shards": "dds shard", "rejects": "dds shard",
+            "embeddings": "dds embed", "text_embeddings": "dds embed", "knn": "dds index", "scores": "dds index",
+            "runs": "dds train", "epochs": "dds train", "history": "dds train", "bench": "dds bench"}
+
+
 def _dataset(ws: Workspace, name: str):
-    """A pyarrow dataset of table ``name``: its files under one schema (missing columns null), or empty."""
+    """A pyarrow dataset of table ``name``: its files under one schema (missing columns null), or empty.
+
+    Raises:
+        DdsError: a file of the table is not readable parquet (the message names it).
+    """
     import pyarrow as pa
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
@@ -35,7 +48,14 @@ def _dataset(ws: Workspace, name: str):
     files = table_files(ws, name)
     if not files:
         return declared.empty_table()
-    schema = pa.unify_schemas([declared, *(pq.read_schema(f) for f in files)], promote_options="permissive")
+    schemas = []
+    for f in files:
+        try:
+            schemas.append(pq.read_schema(f))
+        except (pa.ArrowException, OSError) as e:
+            raise DdsError(f"table {name} is unreadable: {f} is not a parquet file ({str(e).splitlines()[0]}); "
+                           f"move it away and re-run {_WRITERS[name]}") from None
+    schema = pa.unify_schemas([declared, *schemas], promote_options="permissive")
     return pads.dataset([str(f) for f in files], schema=schema, format="parquet")
 
 
@@ -57,15 +77,27 @@ def _runs_table(ws: Workspace):
 
 def connect(ws: Workspace):
     """An in-memory, locked-down DuckDB connection with every catalog view defined (no file lock taken)."""
+    return _connect(ws)[0]
+
+
+def _connect(ws: Workspace):
+    """:func:`connect`, and the tables left without a view because a file of theirs is unreadable
+    (name -> the DdsError naming the file): queries that need them fail, the others run."""
     import duckdb
 
     con = duckdb.connect(":memory:")
+    unreadable: dict[str, DdsError] = {}
     for name in TABLES:
-        con.register(f"_{name}_arrow", _runs_table(ws) if name == "runs" else _dataset(ws, name))
+        try:
+            data = _runs_table(ws) if name == "runs" else _dataset(ws, name)
+        except DdsError as e:
+            unreadable[name] = e
+            continue
+        con.register(f"_{name}_arrow", data)
         con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}_arrow")
     for key, value in LOCKED_DOWN.items():
         con.execute(f"SET {key} = {str(value).lower()}")
-    return con
+    return con, unreadable
 
 
 _DUCKDB_TYPES = {"string": "VARCHAR", "int32": "INTEGER", "int64": "BIGINT", "float": "FLOAT", "double": "DOUBLE",
@@ -80,11 +112,19 @@ def _duckdb_type(t) -> str:
     return _DUCKDB_TYPES[str(t)]
 
 
+def _glob_escape(path: str) -> str:
+    """``path`` matched literally by a DuckDB glob: each of ``[ ] * ? { }`` becomes a one-character class."""
+    return re.sub(r"([\[\]*?{}])", r"[\1]", path)
+
+
 def view_sql(ws: Workspace, name: str) -> str:
-    """``CREATE OR REPLACE VIEW`` for ``catalog.duckdb``: over the table's parquet glob, or empty with its columns."""
+    """``CREATE OR REPLACE VIEW`` for ``catalog.duckdb``: over the table's parquet glob, or empty with its columns.
+
+    Only the table's own pattern is a glob; the workspace path in front of it is matched literally.
+    """
     table = TABLES[name]
     if table_files(ws, name):
-        glob = (ws.root / table.pattern).as_posix().replace("'", "''")
+        glob = (_glob_escape(ws.root.as_posix()) + "/" + table.pattern).replace("'", "''")
         body = f"SELECT * FROM read_parquet('{glob}', union_by_name = true)"
     else:
         body = "SELECT " + ", ".join(f"NULL::{_duckdb_type(f.type)} AS {f.name}" for f in table.schema) + " WHERE false"
@@ -94,21 +134,26 @@ def view_sql(ws: Workspace, name: str) -> str:
 def refresh(ws: Workspace) -> None:
     """Rebuild the views in ``catalog.duckdb`` (for users who open it with the duckdb CLI).
 
-    A catalog locked by another process is left as it is: ``dds sql`` does not depend on it.
+    The views are written to a new database in a temporary folder, which then replaces the file in the
+    workspace atomically: a reader holding the old file keeps it, and DuckDB never opens a database
+    under the workspace path (it reads a ``?`` in a database path as options). A view whose files
+    are unreadable is left out with a warning: ``dds sql`` names the file when a query needs it.
     """
     import duckdb
 
     ws.root.mkdir(parents=True, exist_ok=True)
-    try:
-        con = duckdb.connect(str(ws.catalog_path))
-    except duckdb.IOException as e:  # held by another writer; views are rebuilt on its next refresh
-        log.warning("catalog %s is locked, views not refreshed: %s", ws.catalog_path, e)
-        return
-    try:
-        for name in TABLES:
-            con.execute(view_sql(ws, name))
-    finally:
-        con.close()
+    with tempfile.TemporaryDirectory(prefix="dds-catalog-") as tmp:
+        built = Path(tmp) / ws.catalog_path.name
+        con = duckdb.connect(str(built))
+        try:
+            for name in TABLES:
+                try:
+                    con.execute(view_sql(ws, name))
+                except duckdb.Error as e:
+                    log.warning("catalog view %s not refreshed: %s", name, str(e).splitlines()[0])
+        finally:
+            con.close()
+        atomic_write_bytes(ws.catalog_path, built.read_bytes())
 
 
 _QUERIES = {"SELECT", "EXPLAIN"}
@@ -127,7 +172,7 @@ def query_all(ws: Workspace, sql: str) -> list:
     import duckdb
 
     ws.check_exists()
-    con = connect(ws)
+    con, unreadable = _connect(ws)
     try:
         try:
             statements = con.extract_statements(sql)
@@ -142,6 +187,9 @@ def query_all(ws: Workspace, sql: str) -> list:
         try:
             return [con.sql(st.query).to_arrow_table() for st in statements]
         except duckdb.Error as e:
+            missing = re.search(r"Table with name (\w+) does not exist", str(e))
+            if missing and missing.group(1).lower() in unreadable:
+                raise unreadable[missing.group(1).lower()] from None
             raise DdsError(f"query failed: {str(e).splitlines()[0]}") from None
     finally:
         con.close()

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from dds.errors import DdsError
-from dds.workspace import Workspace
+from dds.workspace import Workspace, atomic_write_bytes
 
 app = typer.Typer(
     name="dds",
@@ -79,13 +79,34 @@ def _relaunch(nproc: int) -> None:
 def _print_summary(title: str, summary: dict) -> None:
     if _rank() != 0:  # under torchrun the ranks' results are the same: rank 0 prints
         return
-    from rich.console import Console
-    from rich.table import Table
+    _print_grid(None, [[str(k), v if isinstance(v, str) else json.dumps(v, default=str)] for k, v in summary.items()],
+                title)
 
-    table = Table(title=title, show_header=False)
-    for k, v in summary.items():
-        table.add_row(str(k), v if isinstance(v, str) else json.dumps(v, default=str))
-    Console().print(table)
+
+def _print_grid(header: list[str] | None, rows: list[list[str]], title: str | None) -> None:
+    """Print ``rows`` of text as a table: never read as markup, never cut.
+
+    A terminal gets a Rich table whose cells wrap; a pipe or a file gets aligned plain rows at full
+    width (``header`` first when given), so ids and paths can be copied whole.
+    """
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+        from rich.text import Text
+
+        out = Table(title=Text(title) if title else None, show_header=header is not None)
+        for name in header or (rows[0] if rows else []):
+            out.add_column(Text(name) if header else None, overflow="fold")
+        for row in rows:
+            out.add_row(*(Text(v) for v in row))
+        Console().print(out)
+        return
+    lines = ([header] if header is not None else []) + rows
+    widths = [max(len(x) for x in col) for col in zip(*lines)]
+    if title:
+        typer.echo(title)
+    for line in lines:
+        typer.echo("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())
 
 
 ModelOpt = typer.Option("resnet20", "--model", "-m", help="Model: resnet20, cnn3, resnet18, resnet50, or timm:NAME "
@@ -113,9 +134,11 @@ EvalSplitOpt = typer.Option("test", "--eval-split", help="Split to evaluate ever
 
 @app.command()
 def shard(
-    source: str = typer.Argument(..., help="A manifest name (fashion-mnist), imagefolder:PATH (one sub-folder per "
-                                           "class, or train/ and test/ each with class folders) or tar:GLOB "
-                                           "(WebDataset shards with .cls labels)."),
+    source: str = typer.Argument(..., help="A manifest name (fashion-mnist) or FILE.toml, imagefolder:PATH (one "
+                                           "sub-folder per class, or train/ and test/ each with class folders), "
+                                           "tar:GLOB (WebDataset shards with .cls labels), csv:FILE (path,label[,split]), "
+                                           "torchvision:NAME:ROOT (local files, never downloaded) or hf-disk:PATH "
+                                           "(a datasets save_to_disk folder). See docs/sources.md."),
     name: Optional[str] = typer.Option(None, "--name", "-n", help="Dataset name in the workspace [default: derived from SOURCE]."),
     split: Optional[str] = typer.Option(None, "--split", help="train or test [default: every split the source has]."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Keep a class-stratified subset of N samples per split."),
@@ -127,6 +150,14 @@ def shard(
                                    "drawn other class; pairflip: round(F*n_c) of each class c to (c+1) mod C; "
                                    "asymmetric: round(F*n_c) of each class along the manifest's noise_map."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed for --limit and --label-noise."),
+    class_names: Optional[Path] = typer.Option(None, "--class-names", help="File naming the classes for text prompts "
+                                               "('id name' or 'id,name' lines, or a JSON object), e.g. ImageNet "
+                                               "synset -> name."),
+    templates: Optional[Path] = typer.Option(None, "--templates", help="File of prompt templates, one per line, "
+                                             "with {} for the class name (a prompt ensemble)."),
+    overlap: str = typer.Option("drop", "--overlap", help="Test/val images that repeat a train image exactly: drop "
+                                "(leave them out, listed in rejects) or keep. A split mostly made of train images "
+                                "is refused either way."),
     workspace: Optional[str] = WorkspaceOpt,
     progress: bool = ProgressOpt,
 ) -> None:
@@ -136,7 +167,7 @@ def shard(
     # run_shard checks every option (dds._validate) and that the workspace is writable
     summary = run_shard(Workspace.resolve(workspace), source, name=name, split=split, limit=limit, val=val,
                         shard_size=shard_size, label_noise=label_noise, noise_kind=noise_kind, seed=seed,
-                        progress=progress)
+                        class_names=class_names, templates=templates, overlap=overlap, progress=progress)
     _print_summary(f"dds shard {source}", summary)
 
 
@@ -226,25 +257,29 @@ def _print_table(table, title: str | None, fmt: str) -> None:
     if fmt == "json":
         typer.echo(json.dumps(table.to_pylist(), default=str, indent=1))
         return
-    if fmt == "csv":
-        import pyarrow as pa
-        import pyarrow.csv as pacsv
+    rows = [list(row.values()) for row in table.to_pylist()]
+    if fmt == "csv":  # quoted only where CSV needs it, so `tail -1` of a one-column query is the bare value
+        import csv
+        import io
 
-        for i, field in enumerate(table.schema):  # CSV has no nested types: lists and structs as JSON text
-            if pa.types.is_nested(field.type):
-                text = [None if v is None else json.dumps(v, default=str) for v in table.column(i).to_pylist()]
-                table = table.set_column(i, field.name, pa.array(text, pa.string()))
-        pacsv.write_csv(table, sys.stdout.buffer)
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(table.column_names)
+        writer.writerows([_csv_value(v) for v in row] for row in rows)
+        typer.echo(buf.getvalue(), nl=False)
         return
-    from rich.console import Console
-    from rich.table import Table
+    _print_grid(table.column_names, [["" if v is None else str(v) for v in row] for row in rows], title)
 
-    out = Table(title=title)
-    for col in table.column_names:
-        out.add_column(col)
-    for row in table.to_pylist():
-        out.add_row(*("" if v is None else str(v) for v in row.values()))
-    Console().print(out)
+
+def _csv_value(v) -> str:
+    """One CSV field: empty for NULL, true/false for booleans, lists and structs as JSON text."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, dict)):
+        return json.dumps(v, default=str)
+    return str(v)
 
 
 @app.command()
@@ -420,23 +455,25 @@ def bench(
 
 @app.command("bench-table")
 def bench_table(
-    files: list[str] = typer.Argument(..., help="JSON-lines files written by dds bench --results."),
+    files: list[str] = typer.Argument(None, help="JSON-lines files written by dds bench --results."),
+    update: list[str] = typer.Option([], "--update", "-u", help="Markdown file whose <!-- bench-table FILES --> "
+                                     "blocks are rebuilt from their results files (repeatable)."),
 ) -> None:
-    """Print a markdown table (mean ± std, spend, wall/full, lossless budget) from dds bench --results files."""
-    from dds.train.bench import table_from_results
+    """Markdown table of dds bench --results files; --update rebuilds the generated tables of a markdown file."""
+    from dds.train.bench import read_results, regenerate_tables, table_from_results
 
-    lines = []
-    for f in files:
-        path = Path(f)
-        if not path.is_file():
-            raise DdsError(f"no results file {f}; write one with dds bench NAME --results {f}")
-        try:
-            lines += [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        except json.JSONDecodeError as e:
-            raise DdsError(f"{f} is not a JSON-lines file ({e})") from None
-    if not lines:
-        raise DdsError("the results files hold no runs")
-    typer.echo(table_from_results(lines))
+    if not files and not update:
+        raise DdsError("give results files to print, or --update DOC.md to rebuild a document's tables")
+    if files:
+        typer.echo(table_from_results(read_results([Path(f) for f in files])))
+    for doc in map(Path, update):
+        if not doc.is_file():
+            raise DdsError(f"no markdown file {doc}")
+        text = regenerate_tables(doc)
+        changed = text != doc.read_text()
+        if changed:
+            atomic_write_bytes(doc, text.encode())
+        typer.echo(f"{doc}: {'tables rebuilt' if changed else 'tables already up to date'}")
 
 
 @app.command("bench-train")

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import functools
 
+from dds._validate import DEVICES, check_device
 from dds.errors import DdsError
 
-DEVICES = ("auto", "cpu", "cuda")
+__all__ = ["DEVICES", "cpu_has_amx", "resolve_device", "uses_bf16"]
 
 
 def resolve_device(name: str):
@@ -15,8 +16,6 @@ def resolve_device(name: str):
         DdsError: an unknown name, or ``cuda`` asked for where no CUDA GPU is visible.
     """
     import torch
-
-    from dds._validate import check_device
 
     check_device(name, "device")
     if name == "cuda" and not torch.cuda.is_available():

@@ -86,8 +86,23 @@ def get_manifest(name: str) -> Manifest:
 
 
 def add_manifest(path: str | Path) -> Manifest:
-    """Register the manifest in TOML file ``path`` (replacing one of the same name)."""
-    m = manifest_from_dict(tomllib.loads(Path(path).read_text()))
+    """Register the manifest in TOML file ``path`` (replacing one of the same name).
+
+    A relative ``root`` is taken from the file's folder, so a manifest can sit next to its data.
+
+    Raises:
+        DdsError: the file is missing or not valid TOML, or its fields do not agree.
+    """
+    path = Path(path)
+    try:
+        d = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise DdsError(f"cannot read manifest file {path} ({e.strerror}); give the path of a .toml manifest") from None
+    except tomllib.TOMLDecodeError as e:
+        raise DdsError(f"manifest file {path} is not valid TOML ({e}); see data_manifests/fashion-mnist.toml") from None
+    if d.get("root") and not Path(d["root"]).is_absolute():
+        d["root"] = str(path.parent / d["root"])
+    m = manifest_from_dict(d)
     list_manifests()
     _MANIFESTS[m.name] = m
     return m

@@ -8,30 +8,59 @@ from __future__ import annotations
 
 import os
 import tarfile
-from pathlib import Path
+import zlib
 from typing import Iterable, Iterator
 
 from dds.errors import DdsError
 from dds.workspace import Workspace
 
 
+#: the largest label a ``.cls`` may give: labels are int32 in the samples table
+MAX_LABEL = 2**31 - 1
+
+
+def parse_label(data: bytes) -> int:
+    """A ``.cls`` member as a class index.
+
+    Raises:
+        ValueError: not a decimal integer, or beyond ``MAX_LABEL``.
+    """
+    text = data.decode("ascii").strip()
+    label = int(text)
+    if abs(label) > MAX_LABEL:
+        raise ValueError(f"label {text[:24]}{'...' if len(text) > 24 else ''} is beyond {MAX_LABEL}")
+    return label
+
+
 def iter_tar_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {extension: bytes})`` for each sample of a WebDataset tar, in tar order.
 
     The key is the member name up to the first dot (``train-0000042.png`` -> ``train-0000042``).
+    The tar must be whole: it ends with the end-of-archive blocks every tar writer adds.
+
+    Raises:
+        DdsError: the tar is truncated or corrupt (the message names it and the last member read).
     """
-    key, members = None, {}
-    with tarfile.open(path, "r|*") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            k, _, ext = os.path.basename(m.name).partition(".")
-            data = tf.extractfile(m).read()
-            if k != key:
-                if key is not None:
-                    yield key, members
-                key, members = k, {}
-            members[ext.lower()] = data
+    key, members, last = None, {}, None
+    try:
+        with tarfile.open(path, "r|") as tf:
+            for m in tf:
+                last = m.name
+                if not m.isfile():
+                    continue
+                k, _, ext = os.path.basename(m.name).partition(".")
+                data = tf.extractfile(m).read()
+                if k != key:
+                    if key is not None:
+                        yield key, members
+                    key, members = k, {}
+                members[ext.lower()] = data
+            if tf.offset + 2 * tarfile.BLOCKSIZE > os.path.getsize(path):  # stream mode ends silently on a cut
+                raise tarfile.ReadError("no end-of-archive marker: the file is cut short")
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        where = f"after member {last}" if last else "at its start"
+        raise DdsError(f"shard {path} is truncated or corrupt {where} ({e}); re-run `dds shard` for this "
+                       "dataset") from None
     if key is not None:
         yield key, members
 
@@ -73,7 +102,3 @@ def read_images(ws: Workspace, name: str, keys: Iterable[str], samples) -> dict[
                 out[key] = members["png"]
     return out
 
-
-def split_tars(ws: Workspace, name: str, split: str) -> list[Path]:
-    """The tar paths of one split, in shard order."""
-    return [r["url"] for r in shard_rows(ws, name, [split])]

@@ -95,19 +95,24 @@ def _shard_batches(task: ShardTask, preprocess, image_size: int, batch_size: int
     """Decode the batches ``b`` of one shard with ``b % num_workers == worker``.
 
     Yields each such batch as a dict (see :func:`_decode_batch`), then ``{"shard", "end": True, "seen"}``
-    with the number of samples this worker found in the tar (every worker reads the whole tar).
+    with the number of samples this worker found in the tar (every worker reads the whole tar), or
+    ``{"shard", "error"}`` for a tar that is cut short or corrupt (raised in the main process).
     """
     raw, current, seen = [], -1, 0
-    for i, sample in enumerate(iter_tar_samples(task.path)):
-        seen += 1
-        b = i // batch_size
-        if b % num_workers != worker:
-            continue
-        if b != current and raw:
-            yield _decode_batch(task, current, raw, preprocess, image_size)
-            raw = []
-        current = b
-        raw.append(sample)
+    try:
+        for i, sample in enumerate(iter_tar_samples(task.path)):
+            seen += 1
+            b = i // batch_size
+            if b % num_workers != worker:
+                continue
+            if b != current and raw:
+                yield _decode_batch(task, current, raw, preprocess, image_size)
+                raw = []
+            current = b
+            raw.append(sample)
+    except DdsError as e:  # one line for the user, not a DataLoader worker's traceback
+        yield {"shard": task.stem, "error": str(e)}
+        return
     if raw:
         yield _decode_batch(task, current, raw, preprocess, image_size)
     yield {"shard": task.stem, "end": True, "seen": seen}
@@ -270,6 +275,8 @@ def embed_shards(ws: Workspace, name: str, encoder, tasks: list[ShardTask], *, b
     bar = _bar(sum(t.count for t in tasks), progress, f"embed {name}")
     t0 = time.perf_counter()
     for item in loader:
+        if "error" in item:
+            raise DdsError(item["error"])
         st = states[item["shard"]]
         if item.get("end"):
             st.ends, st.seen = st.ends + 1, item["seen"]

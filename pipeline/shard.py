@@ -7,8 +7,10 @@ generation (:mod:`dds.generations`): the new tars, hard links to the kept splits
 whose rows of the split(s) written are replaced (so sharding ``--split test`` after ``train`` keeps
 train); one atomic rename then makes it the dataset, so a kill leaves either all old or all new.
 Tars are byte-for-byte reproducible (fixed tar headers, fixed PNG settings): a re-run gives the same
-keys, labels and sha256s. Each sample's ``image_sha`` (hash of its stored PNG) lets a test or val
-split that repeats the train images be refused.
+keys, labels and sha256s. Each sample's ``image_sha`` (hash of its stored PNG) finds the test or val
+images that repeat train images: a few are dropped from the evaluation split (``overlap="drop"``,
+each recorded in ``rejects``) or kept with a warning (``"keep"``); a split made mostly of train
+images is refused. ``--class-names`` / ``--templates`` files set the prompts ``dds embed`` uses.
 """
 from __future__ import annotations
 
@@ -27,21 +29,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from dds import catalog, generations
 from dds._validate import check_choice, check_fraction, check_positive_int
 from dds.errors import DdsError
 from dds.manifests import DEFAULT_TEMPLATES
+from dds.pipeline.prompts import looks_like_ids, names_for, parse_class_names, parse_templates, read_text_file
 from dds.pipeline.sources import (DECODE_ERRORS, SPLITS, SourceData, SplitData, default_prompt_names, open_source,
-                                  target_mode, typical_size)
-from dds.tables import REJECTS_SCHEMA, SAMPLES_SCHEMA, SHARDS_SCHEMA, check_disjoint_splits
+                                  target_mode, to_8bit, typical_size)
+from dds.tables import REJECTS_SCHEMA, SAMPLES_SCHEMA, SHARDS_SCHEMA, check_disjoint_splits, check_shared
 from dds.workspace import Workspace, atomic_write_json, check_dataset_name, safe_default_name, write_parquet
 
 log = logging.getLogger(__name__)
 
 NOISE_KINDS = ("symmetric", "pairflip", "asymmetric")
+#: what to do with test/val images that repeat train images exactly: leave them out, or keep them
+OVERLAP_MODES = ("drop", "keep")
 PNG_COMPRESS_LEVEL = 6  # fixed so that re-runs give identical bytes
 
 
@@ -210,14 +215,20 @@ def inject_noise(labels: np.ndarray, num_classes: int, fraction: float, kind: st
     return class_map_noise(labels, mapping or {}, fraction, seed)
 
 
-def encode_png(img: Image.Image, mode: str) -> bytes:
-    """PNG bytes of ``img`` converted to ``mode`` ("L" or "RGB"), with fixed settings (reproducible)."""
+def convert_image(img: Image.Image, mode: str) -> Image.Image:
+    """``img`` as ``mode`` ("L" or "RGB"); high-bit-depth grey keeps its range (:func:`to_8bit`)."""
+    img = to_8bit(img)
     if img.mode != mode:
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             img = img.convert("RGBA")  # alpha is dropped onto black, not mixed into the colours
         img = img.convert(mode)
+    return img
+
+
+def encode_png(img: Image.Image, mode: str) -> bytes:
+    """PNG bytes of ``img`` converted to ``mode`` (:func:`convert_image`), with fixed settings (reproducible)."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    convert_image(img, mode).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
 
 
@@ -290,6 +301,7 @@ class SplitResult:
                                                                              "source", "image_sha")})
     shards: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[tuple[str, str]] = field(default_factory=list)  # (source, reason)
+    repeated: int = 0  # images left out because they repeat a train image
     pixel_sum: np.ndarray | None = None  # (channels,) float64 sums of pixel values in [0, 1]
     pixel_sq: np.ndarray | None = None
     pixel_n: int = 0
@@ -307,7 +319,8 @@ def decoded(sd: SplitData, order: np.ndarray, on_error: Callable[[str, Exception
 
 
 def write_split(split: str, sd: SplitData, order: np.ndarray, labels: np.ndarray, *, mode: str, out_dir: Path,
-                shard_size: int, stats: bool, progress: bool, desc: str) -> SplitResult:
+                shard_size: int, stats: bool, progress: bool, desc: str, image_size: int,
+                drop: dict[str, str] | None = None) -> SplitResult:
     """Decode, PNG-encode and write the samples ``order`` of ``sd`` as tars in ``out_dir``.
 
     Args:
@@ -315,6 +328,9 @@ def write_split(split: str, sd: SplitData, order: np.ndarray, labels: np.ndarray
         labels: (M,) training labels for ``order`` (after noise); ``sd.labels[order]`` is label_orig.
         mode: "L" or "RGB", the mode of every stored PNG.
         stats: accumulate per-channel pixel sums for mean/std.
+        image_size: the dataset's image size; the sums are taken over each image at that size, as
+            training sees it, so one huge image does not outweigh the rest (0: as stored).
+        drop: ``image_sha`` -> train key of the images this split leaves out (each becomes a reject).
     """
     res = SplitResult()
     writer = TarShardWriter(out_dir, split, shard_size)
@@ -328,15 +344,22 @@ def write_split(split: str, sd: SplitData, order: np.ndarray, labels: np.ndarray
         for i, img in decoded(sd, order, reject):
             bar.update(1)
             try:
+                img = convert_image(img, mode)
                 png = encode_png(img, mode)
             except DECODE_ERRORS as e:  # e.g. truncated pixel data PIL only meets when converting
                 reject(sd.refs[i], e)
                 continue
+            sha = image_sha(png)
+            if drop and sha in drop:
+                res.repeated += 1
+                res.rejects.append((sd.refs[i], f"repeats train image {drop[sha]} exactly; left out of {split} "
+                                                f"(--overlap keep keeps it)"))
+                continue
             if stats:
-                _add_stats(res, img if img.mode == mode else img.convert(mode))
+                _add_stats(res, img, image_size)
             shard = writer.write(sample_key(split, i), png, label_of[i])
             for k, v in (("key", sample_key(split, i)), ("label", label_of[i]), ("label_orig", int(sd.labels[i])),
-                         ("shard", shard), ("source", sd.refs[i]), ("image_sha", image_sha(png))):
+                         ("shard", shard), ("source", sd.refs[i]), ("image_sha", sha)):
                 res.samples[k].append(v)
         bar.update(len(order) - bar.n)
     res.shards = writer.close()
@@ -344,7 +367,9 @@ def write_split(split: str, sd: SplitData, order: np.ndarray, labels: np.ndarray
     return res
 
 
-def _add_stats(res: SplitResult, img: Image.Image) -> None:
+def _add_stats(res: SplitResult, img: Image.Image, image_size: int) -> None:
+    if image_size and img.size != (image_size, image_size):
+        img = ImageOps.fit(img, (image_size, image_size))  # as training decodes it: resized, centre-cropped
     a = np.asarray(img, dtype=np.float64).reshape(img.height * img.width, -1) / 255.0
     if res.pixel_sum is None:
         res.pixel_sum, res.pixel_sq = np.zeros(a.shape[1]), np.zeros(a.shape[1])
@@ -357,7 +382,7 @@ def _add_stats(res: SplitResult, img: Image.Image) -> None:
 
 
 def _check_options(split: str | None, limit: int | None, val: int | None, shard_size: int, label_noise: float,
-                   noise_kind: str) -> None:
+                   noise_kind: str, overlap: str) -> None:
     if split is not None:
         check_choice("--split", split, SPLITS)
     check_positive_int("--limit", limit)
@@ -367,6 +392,7 @@ def _check_options(split: str | None, limit: int | None, val: int | None, shard_
     check_positive_int("--shard-size", shard_size)
     check_fraction("--label-noise", label_noise, allow_zero=True, allow_one=False)
     check_choice("--noise-kind", noise_kind, NOISE_KINDS)
+    check_choice("--overlap", overlap, OVERLAP_MODES)
     if split == "test" and label_noise > 0:
         raise DdsError("label noise is only injected into the train split; drop --label-noise when sharding --split test")
 
@@ -382,7 +408,8 @@ def _choose(sd: SplitData, split: str, limit: int | None, seed: int) -> np.ndarr
 
 def run_shard(ws: Workspace, source: str, *, name: str | None = None, split: str | None = None,
               limit: int | None = None, val: int | None = None, shard_size: int = 5000, label_noise: float = 0.0,
-              noise_kind: str = "symmetric", seed: int = 0, progress: bool = True) -> dict[str, Any]:
+              noise_kind: str = "symmetric", seed: int = 0, class_names: str | Path | None = None,
+              templates: str | Path | None = None, overlap: str = "drop", progress: bool = True) -> dict[str, Any]:
     """Shard ``source`` into dataset ``name`` of workspace ``ws`` (see the module docstring).
 
     Args:
@@ -399,6 +426,13 @@ def run_shard(ws: Workspace, source: str, *, name: str | None = None, split: str
             ``pairflip`` (exactly ``round(F*n_c)`` of every class ``c`` to ``(c+1) mod C``) or ``asymmetric``
             (the same per class along the manifest's ``noise_map``; unmapped classes stay clean).
         seed: seed of ``limit`` and ``label_noise``.
+        class_names: a file naming the classes for prompts (``id name`` or ``id,name`` lines, or a JSON
+            object; :func:`dds.pipeline.prompts.parse_class_names`), e.g. ImageNet synset -> name.
+            Stored as ``prompt_names`` in ``dataset.json``; ``classes`` keep the source's ids.
+        templates: a file of prompt templates, one per line with ``{}`` for the class name.
+        overlap: ``drop`` leaves the test/val images that repeat a train image exactly out of that
+            split (each one a ``rejects`` row), ``keep`` keeps them (with a warning). Either way a split
+            most of whose images are train images is refused.
         progress: show a tqdm bar while writing.
 
     Returns:
@@ -409,15 +443,17 @@ def run_shard(ws: Workspace, source: str, *, name: str | None = None, split: str
         DdsError: bad options, a missing/empty source, or a split that does not fit the dataset's other splits.
     """
     t0 = time.perf_counter()
-    _check_options(split, limit, val, shard_size, label_noise, noise_kind)
+    _check_options(split, limit, val, shard_size, label_noise, noise_kind, overlap)
     if name is not None:
         check_dataset_name(name)
     src = _open_checked(source, split, name, label_noise, val)
+    prompts = _given_prompts(src, class_names, templates)
     ws.check_writable()  # after the source is listed (bad sources create nothing), before any image is written
     name = name or safe_default_name(src.default_name)
     with ws.lock(name):
         results = _write_generation(ws, src, name, source, limit=limit, val=val, shard_size=shard_size,
-                                    label_noise=label_noise, noise_kind=noise_kind, seed=seed, progress=progress)
+                                    label_noise=label_noise, noise_kind=noise_kind, seed=seed, progress=progress,
+                                    prompts=prompts, overlap=overlap)
     ds_dir = ws.dataset_dir(name)
     catalog.refresh(ws)
     return {
@@ -425,6 +461,7 @@ def run_shard(ws: Workspace, source: str, *, name: str | None = None, split: str
         "splits": {s: len(r.samples["key"]) for s, r in results.items()},
         "shards": {s: len(r.shards) for s, r in results.items()},
         "rejects": sum(len(r.rejects) for r in results.values()),
+        "repeated_dropped": {s: r.repeated for s, r in results.items() if r.repeated},
         "noise_flipped": int(sum(np.sum(np.asarray(r.samples["label"]) != np.asarray(r.samples["label_orig"]))
                                  for r in results.values())),
         "seconds": round(time.perf_counter() - t0, 2),
@@ -435,23 +472,27 @@ def run_shard(ws: Workspace, source: str, *, name: str | None = None, split: str
 
 def _write_generation(ws: Workspace, src: SourceData, name: str, source: str, *, limit: int | None,
                       val: int | None, shard_size: int, label_noise: float, noise_kind: str, seed: int,
-                      progress: bool) -> dict[str, SplitResult]:
+                      progress: bool, prompts: dict[str, list[str]], overlap: str) -> dict[str, SplitResult]:
     """Write a new generation of dataset ``name`` and commit it (the caller holds the dataset lock)."""
     ds_dir = ws.dataset_dir(name)
     old = _read_json(ds_dir / "dataset.json")
     mode = _dataset_mode(src)
     _check_compatible(old, src, mode, name)
+    prompts = _prompt_info(old, src, prompts, name)
+    train_images = _train_images(_read_table(ds_dir / "samples.parquet")) if overlap == "drop" else None
     mapping = noise_map(noise_kind, list(src.classes), src.manifest.noise_map if src.manifest else None, source)
+    image_size = typical_size([sz for sd in src.splits.values() for sz in sd.sizes]) or old.get("image_size", 0)
     gen = generations.new_generation(ds_dir)
     try:
         results = _write_all_splits(src, gen, name, mode=mode, limit=limit, val=val, shard_size=shard_size,
                                     label_noise=label_noise, seed=seed, progress=progress,
-                                    noise=(noise_kind, mapping))
+                                    noise=(noise_kind, mapping), image_size=image_size, train_images=train_images)
         samples, shards = _write_tables(ds_dir, gen, name, results)
         check_disjoint_splits(samples, name)
         _link_kept_tars(ds_dir, gen, shards, results)
         info = _dataset_info(old, src, name, source, mode, results, label_noise, noise_kind, seed,
-                             dict(limit=limit, shard_size=shard_size, seed=seed))
+                             dict(limit=limit, shard_size=shard_size, seed=seed, overlap=overlap), prompts,
+                             image_size)
         atomic_write_json(gen / "dataset.json", info)
         write_parquet(gen / "dataset.parquet", pa.table({
             "name": [name], "num_samples": pa.array([sum(info["splits"].values())], pa.int64()),
@@ -459,7 +500,8 @@ def _write_generation(ws: Workspace, src: SourceData, name: str, source: str, *,
             "classes": pa.array([info["classes"]], pa.list_(pa.string())), "source": [source]}))
         # derived files of changed tars go before the commit: a kill in between only costs a re-embed
         _invalidate_derived(ds_dir, _changed_shards(_read_table(ds_dir / "shards.parquet"), shards),
-                            classes_changed=bool(old) and old.get("classes") != info["classes"])
+                            prompts_changed=bool(old) and any(old.get(k) != info[k]
+                                                              for k in ("classes", "prompt_names", "templates")))
         generations.commit(ds_dir, gen)
     except BaseException:
         shutil.rmtree(gen, ignore_errors=True)
@@ -489,13 +531,17 @@ def _open_checked(source: str, split: str | None, name: str | None, label_noise:
 
 def _write_all_splits(src: SourceData, gen: Path, name: str, *, mode: str, limit: int | None, val: int | None,
                       shard_size: int, label_noise: float, seed: int, progress: bool,
-                      noise: tuple[str, dict[int, int] | None] = ("symmetric", None)) -> dict[str, SplitResult]:
+                      noise: tuple[str, dict[int, int] | None] = ("symmetric", None),
+                      image_size: int, train_images: dict[str, str] | None = None) -> dict[str, SplitResult]:
     """Write every split's tars into ``gen/shards``; returns the result per split.
 
     ``val`` carves a ``val`` split off train (:func:`carve_val`); it keeps the true labels, like test.
+    With ``train_images`` (``image_sha`` -> key of the dataset's train images; None keeps repeats),
+    test and val leave out the images that repeat a train image: the train split written here
+    (written first) replaces the dataset's old one.
     """
     results = {}
-    for s, sd in src.splits.items():
+    for s, sd in sorted(src.splits.items(), key=lambda kv: kv[0] != "train"):
         parts = {s: _choose(sd, s, limit, seed)}
         if s == "train" and val:
             parts["train"], parts["val"] = carve_val(sd.labels, parts["train"], val, seed)
@@ -504,11 +550,55 @@ def _write_all_splits(src: SourceData, gen: Path, name: str, *, mode: str, limit
             labels = (inject_noise(orig, len(src.classes), label_noise, noise[0], seed, noise[1])
                       if part == "train" else orig)
             res = write_split(part, sd, order, labels, mode=mode, out_dir=gen / "shards", shard_size=shard_size,
-                              stats=src.manifest is None, progress=progress, desc=f"shard {name}/{part}")
+                              stats=src.manifest is None, progress=progress, desc=f"shard {name}/{part}",
+                              image_size=image_size, drop=train_images if part != "train" else None)
+            if part == "train" and train_images is not None:
+                train_images = dict(zip(res.samples["image_sha"], res.samples["key"]))
+            if res.repeated:
+                n = res.repeated + len(res.samples["key"])
+                check_shared(part, res.repeated, n, name)
+                log.warning("left %d of the %d %s images of %s out: they repeat train images exactly (listed in "
+                            "rejects; --overlap keep keeps them)", res.repeated, n, part, name)
             if part == s:
                 res.rejects[:0] = sd.rejects  # found while listing, before those found while decoding
             results[part] = res
     return results
+
+
+def _train_images(samples: pa.Table | None) -> dict[str, str]:
+    """``image_sha`` -> key of the train samples of a samples table (empty without one)."""
+    if samples is None or "image_sha" not in samples.schema.names:
+        return {}
+    rows = samples.filter(pc.equal(samples["split"], "train")).select(["image_sha", "key"]).to_pylist()
+    return {r["image_sha"]: r["key"] for r in rows if r["image_sha"] is not None}
+
+
+def _given_prompts(src: SourceData, class_names: str | Path | None, templates: str | Path | None) -> dict[str, list[str]]:
+    """``prompt_names`` and/or ``templates`` read from the ``--class-names`` / ``--templates`` files given."""
+    out = {}
+    if class_names is not None:
+        mapping = parse_class_names(read_text_file(class_names, "class-names"), str(class_names))
+        out["prompt_names"] = names_for(list(src.classes), mapping, str(class_names))
+    if templates is not None:
+        out["templates"] = parse_templates(read_text_file(templates, "templates"), str(templates))
+    return out
+
+
+def _prompt_info(old: dict[str, Any], src: SourceData, given: dict[str, list[str]], name: str) -> dict[str, list[str]]:
+    """The dataset's ``prompt_names`` and ``templates``: from the files given, else the manifest's, else the
+    dataset's own (names only while its classes are the same), else the defaults. Warns when the
+    names look like ids (``n01440764``, ``7``)."""
+    m = src.manifest
+    same_classes = old.get("classes") == list(src.classes)
+    names = (given.get("prompt_names") or (list(m.prompt_names) if m else None)
+             or (old.get("prompt_names") if same_classes else None) or default_prompt_names(src.classes))
+    templates = (given.get("templates") or (list(m.templates) if m else None) or old.get("templates")
+                 or list(DEFAULT_TEMPLATES))
+    if looks_like_ids(names):
+        log.warning("the class names of %s look like ids (%s, ...), so prompts such as %r tell a text encoder "
+                    "nothing; give readable names with --class-names FILE (lines 'id name')",
+                    name, ", ".join(names[:3]), templates[0].format(names[0]))
+    return {"prompt_names": names, "templates": templates}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -618,15 +708,14 @@ def _norm_stats(results: dict[str, SplitResult]) -> tuple[list[float], list[floa
 
 def _dataset_info(old: dict[str, Any], src: SourceData, name: str, source: str, mode: str,
                   results: dict[str, SplitResult], label_noise: float, noise_kind: str, seed: int,
-                  options: dict[str, Any]) -> dict[str, Any]:
+                  options: dict[str, Any], prompts: dict[str, list[str]], image_size: int) -> dict[str, Any]:
     """The new ``dataset.json``: this run's splits merged over the old file's other splits."""
     m = src.manifest
     splits = {s: n for s, n in old.get("splits", {}).items() if s not in results and s not in _dropped(results)}
     splits.update({s: len(r.samples["key"]) for s, r in results.items()})
     info: dict[str, Any] = {
         "name": name, "source": source, "manifest": m.name if m else None, "classes": list(src.classes),
-        "prompt_names": list(m.prompt_names) if m else default_prompt_names(src.classes),
-        "templates": list(m.templates) if m else list(DEFAULT_TEMPLATES),
+        "prompt_names": prompts["prompt_names"], "templates": prompts["templates"],
         "channels": 1 if mode == "L" else 3,
         "splits": dict(sorted(splits.items(), key=lambda kv: (SPLITS + (kv[0],)).index(kv[0]))),
         "label_noise": (_noise_info(src, source, label_noise, noise_kind, seed) if "train" in results
@@ -638,8 +727,7 @@ def _dataset_info(old: dict[str, Any], src: SourceData, name: str, source: str, 
     else:
         stats = None if (old and "train" not in results and "mean" in old) else _norm_stats(results)
         mean, std = stats if stats else (old.get("mean", [0.5]), old.get("std", [0.5]))
-        sizes = [sz for sd in src.splits.values() for sz in sd.sizes]
-        info.update(mean=mean, std=std, image_size=typical_size(sizes) or old.get("image_size", 0))
+        info.update(mean=mean, std=std, image_size=image_size)
     return info
 
 
@@ -652,12 +740,13 @@ def _noise_info(src: SourceData, source: str, fraction: float, kind: str, seed: 
     return info
 
 
-def _invalidate_derived(ds_dir: Path, changed: set[str], *, classes_changed: bool) -> None:
-    """Delete embeddings / scores made from tars that changed: later stages would otherwise reuse them."""
+def _invalidate_derived(ds_dir: Path, changed: set[str], *, prompts_changed: bool) -> None:
+    """Delete embeddings / scores made from tars (or classes, prompt names, templates) that changed:
+    later stages would otherwise reuse them."""
     removed = [p for stem in changed for p in ds_dir.glob(f"embed/*/shards/{stem}.parquet")]
-    if any(stem.startswith("train-") for stem in changed) or classes_changed:
+    if any(stem.startswith("train-") for stem in changed) or prompts_changed:
         removed += [p for f in ("knn.parquet", "scores.parquet") for p in ds_dir.glob(f"index/*/{f}")]
-    if classes_changed:
+    if prompts_changed:
         removed += list(ds_dir.glob("embed/*/text.parquet"))
     for p in removed:
         p.unlink()

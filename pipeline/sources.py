@@ -23,7 +23,8 @@ from PIL import Image
 
 from dds._validate import parse_source
 from dds.errors import DdsError
-from dds.manifests import Manifest, get_manifest, list_manifests
+from dds.manifests import Manifest, add_manifest, get_manifest, list_manifests
+from dds.shards import parse_label
 
 #: what reading or decoding a corrupt image or tar member raises (PIL's UnidentifiedImageError is an
 #: OSError, a bad label a ValueError); any other exception is a bug and propagates
@@ -61,7 +62,8 @@ class SourceData:
 
 
 def open_source(source: str, *, split: str | None = None, name: str | None = None) -> SourceData:
-    """List ``source`` (a manifest name, ``imagefolder:PATH`` or ``tar:GLOB``).
+    """List ``source``: a manifest name or ``.toml`` file, ``imagefolder:PATH``, ``tar:GLOB``, or a user source
+    (``csv:FILE``, ``torchvision:NAME:ROOT``, ``hf-disk:PATH``: :mod:`dds.pipeline.user_sources`).
 
     Args:
         source: the SOURCE argument of ``dds shard``.
@@ -74,6 +76,12 @@ def open_source(source: str, *, split: str | None = None, name: str | None = Non
     scheme, ident = parse_source(source)
     if scheme == "manifest":
         return read_manifest(get_manifest(ident), split)
+    if scheme == "manifest-file":
+        return read_manifest(add_manifest(ident), split)
+    if scheme in ("csv", "torchvision", "hf-disk"):
+        from dds.pipeline.user_sources import read_user_source
+
+        return read_user_source(scheme, ident, split)
     if scheme == "imagefolder":
         return read_imagefolder(Path(ident), split)
     manifest = get_manifest(name) if name and name in list_manifests() else None
@@ -144,12 +152,31 @@ def _image_exts() -> set[str]:
     return {ext.lower() for ext in Image.registered_extensions()}
 
 
-def _class_dirs(path: Path) -> list[Path]:
-    return sorted((p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+def _loops_back(path: Path, root: Path) -> bool:
+    """Whether ``path`` is a symlink to ``root``, to a folder inside it or to one of its ancestors:
+    walking it would list the same images again (``self -> .`` would become a class of every image)."""
+    if not path.is_symlink():
+        return False
+    target, top = path.resolve(), root.resolve()
+    return target == top or top in target.parents or target in top.parents
+
+
+def _class_dirs(path: Path, root: Path) -> list[Path]:
+    """The class folders in ``path`` (a split folder of the image folder ``root``), by name; symlinks
+    that loop back into ``root`` are not followed."""
+    dirs = []
+    for p in sorted(path.iterdir(), key=lambda p: p.name):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        if _loops_back(p, root):
+            log.warning("not following %s: a symlink back into %s", p, root)
+            continue
+        dirs.append(p)
+    return dirs
 
 
 def _is_split_layout(root: Path) -> bool:
-    return any((root / s).is_dir() and _class_dirs(root / s) for s in SPLITS)
+    return any((root / s).is_dir() and _class_dirs(root / s, root) for s in SPLITS)
 
 
 def _header(open_fn: Callable[[], Image.Image]) -> tuple[str, tuple[int, int]]:
@@ -170,9 +197,9 @@ def read_imagefolder(root: Path, split: str | None) -> SourceData:
     if _is_split_layout(root):
         present = [s for s in SPLITS if (root / s).is_dir()]
         bases = {s: root / s for s in _pick_splits(present, split, f"imagefolder {root}")}
-        classes = sorted({d.name for s in present for d in _class_dirs(root / s)})
+        classes = sorted({d.name for s in present for d in _class_dirs(root / s, root)})
     else:
-        dirs = _class_dirs(root)
+        dirs = _class_dirs(root, root)
         if not dirs:
             raise DdsError(f"imagefolder {root} has no class folders; put images in {root}/CLASS/ or {root}/train/CLASS/")
         bases = {split or "train": root}
@@ -284,6 +311,7 @@ def read_tars(pattern: str, split: str | None, manifest: Manifest | None) -> Sou
     else:
         all_labels = np.concatenate([sd.labels for sd, _ in listed.values()])
         classes = _tar_classes(all_labels, [entry for _, names in listed.values() for entry in names])
+        _check_class_count(len(classes), [sd for sd, _ in listed.values()])
     splits = {}
     for s, (sd, _) in listed.items():
         bad = (sd.labels < 0) | (sd.labels >= len(classes))
@@ -308,7 +336,7 @@ def _list_tar_split(paths: list[str], reader: _TarReader) -> tuple[SplitData, li
                 missing = [m for m, ok in ((".cls", "cls" in members), ("image", ext is not None)) if not ok]
                 if missing:
                     raise ValueError(f"sample has no {' or '.join(missing)} member")
-                label = int(reader.read(path, members["cls"]).decode("ascii").strip())
+                label = parse_label(reader.read(path, members["cls"]))
                 data = reader.read(path, members[ext])
                 mode, size = _header(lambda: Image.open(io.BytesIO(data)))
                 text = reader.read(path, members["txt"]).decode("utf-8").strip() if "txt" in members else None
@@ -345,6 +373,21 @@ def _tar_classes(labels: np.ndarray, names: list[tuple[int, str]]) -> list[str]:
     return [str(i) for i in range(n)]
 
 
+def _check_class_count(num_classes: int, splits: list[SplitData]) -> None:
+    """Refuse more classes (largest ``.cls`` + 1) than samples: such a label is not a class index.
+
+    Raises:
+        DdsError: naming the sample with the largest label and its value.
+    """
+    n = sum(len(sd.labels) for sd in splits)
+    if num_classes <= n:
+        return
+    sd = max((sd for sd in splits if len(sd.labels)), key=lambda sd: sd.labels.max())
+    i = int(np.argmax(sd.labels))
+    raise DdsError(f"{sd.refs[i]} has label {sd.labels[i]}, which makes {num_classes} classes for {n} samples; "
+                   ".cls labels are class indices 0..C-1: fix that label or remove the sample")
+
+
 def _load_bytes(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as img:
         img.load()
@@ -362,9 +405,28 @@ def _keep(sd: SplitData, mask: np.ndarray) -> SplitData:
                      sizes=[sd.sizes[i] for i in idx] if sd.sizes else [], rejects=sd.rejects)
 
 
+#: greyscale modes of more than 8 bits and the value each one's white has (I and F: see :func:`to_8bit`)
+HIGH_BIT_WHITE = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
 def target_mode(modes: list[str]) -> str:
-    """"L" when every image is greyscale ("L"), else "RGB" (every other mode is converted to RGB)."""
-    return "L" if modes and all(m == "L" for m in modes) else "RGB"
+    """"L" when every image is greyscale ("L" or a high-bit-depth grey mode), else "RGB" (every other
+    mode is converted to RGB)."""
+    return "L" if modes and all(m == "L" or m in HIGH_BIT_WHITE for m in modes) else "RGB"
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """A high-bit-depth greyscale image (modes of :data:`HIGH_BIT_WHITE`) as an "L" image, its range kept:
+    values are scaled by the mode's white (65535 for 16 bits, 1.0 for float), not clipped at 255.
+
+    32-bit ``I`` and float ``F`` images whose values go beyond that white are scaled by their own
+    maximum; negative values become black. Any other image is returned as it is.
+    """
+    if img.mode not in HIGH_BIT_WHITE:
+        return img
+    a = np.asarray(img, dtype=np.float64)
+    white = max(HIGH_BIT_WHITE[img.mode], float(a.max()) if a.size else 0.0)
+    return Image.fromarray(np.clip(np.rint(a * (255.0 / white)), 0, 255).astype(np.uint8), "L")
 
 
 def typical_size(sizes: list[tuple[int, int]]) -> int:

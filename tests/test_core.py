@@ -130,7 +130,7 @@ def test_sql_configuration_is_locked(tmp_path, stmt):
 def test_sql_prints_every_statement_and_names_a_missing_workspace(tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["sql", "SELECT 1 AS a; SELECT 2 AS b", "--format", "csv", "-w", str(tmp_path)])
-    assert res.exit_code == 0 and res.output.split() == ['"a"', "1", '"b"', "2"], res.output
+    assert res.exit_code == 0 and res.output.split() == ["a", "1", "b", "2"], res.output
     with pytest.raises(DdsError, match="does not exist"):
         catalog.query(Workspace(tmp_path / "typo"), "SELECT 1")
     (tmp_path / "file").write_text("x")
@@ -246,9 +246,9 @@ def test_cli_sql_formats_and_one_line_errors(tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads(res.output) == [{"a": 1, "b": "x"}]
     res = runner.invoke(app, ["sql", "SELECT 2 AS n", "--format", "csv", "-w", str(tmp_path)])
-    assert res.exit_code == 0 and res.output.split() == ['"n"', "2"]
+    assert res.exit_code == 0 and res.output.split() == ["n", "2"]
     res = runner.invoke(app, ["sql", "SELECT [1, 2] AS l, {'k': 'v'} AS s", "--format", "csv", "-w", str(tmp_path)])
-    assert res.exit_code == 0 and res.output.splitlines() == ['"l","s"', '"[1, 2]","{""k"": ""v""}"'], res.output
+    assert res.exit_code == 0 and res.output.splitlines() == ['l,s', '"[1, 2]","{""k"": ""v""}"'], res.output
 
 
 def test_cli_main_prints_one_line_and_exits_2(tmp_path):

@@ -17,6 +17,7 @@ import datetime
 import json
 import logging
 import math
+import re
 import secrets
 import subprocess
 import sys
@@ -237,7 +238,7 @@ def table_from_results(lines: list[dict[str, Any]]) -> str:
     for x in lines:
         key = (x["dataset"], x["epochs"], x.get("eval_split", "test"))
         groups.setdefault(key, {}).setdefault((x["policy"], x["budget"]), []).append(x)
-    out = ["| dataset | epochs | policy | budget | seeds | accuracy % (per seed) | mean ± std | spent | wall/full | "
+    out = ["| dataset | epochs | policy | budget | runs | accuracy % (per run, by seed) | mean ± std | spent | wall/full | "
            "lossless at |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (dataset, epochs, split), entries in groups.items():
         full = entries.get(("full", None), [])
@@ -262,6 +263,38 @@ def table_from_results(lines: list[dict[str, Any]]) -> str:
                        f"{np.mean(accs):.2f} ± {np.std(accs):.2f} | {np.mean([x['budget_spent'] for x in xs]):.3f} | "
                        f"{f'{np.mean(ratios):.3f}' if ratios else 'n/a'} | {lossless} |")
     return "\n".join(out)
+
+
+def read_results(paths: list[Path]) -> list[dict[str, Any]]:
+    """The rows of ``dds bench --results`` JSON-lines files.
+
+    Raises:
+        DdsError: a file is missing, is not JSON lines, or no file holds a row.
+    """
+    rows = []
+    for path in paths:
+        if not path.is_file():
+            raise DdsError(f"no results file {path}; write one with dds bench NAME --results {path}")
+        try:
+            rows += [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        except json.JSONDecodeError as e:
+            raise DdsError(f"{path} is not a JSON-lines file ({e})") from None
+    if not rows:
+        raise DdsError(f"{', '.join(map(str, paths))}: the results files hold no runs")
+    return rows
+
+
+#: a generated table in a markdown file: the files after ``bench-table`` are relative to that file's folder
+TABLE_BLOCK = re.compile(r"(<!-- bench-table (?P<files>[^>]*?) -->\n)(?P<body>.*?)(<!-- /bench-table -->)", re.S)
+
+
+def regenerate_tables(doc: Path) -> str:
+    """The text of markdown file ``doc`` with every ``<!-- bench-table FILE... -->`` block rebuilt from its files."""
+    def build(m: re.Match) -> str:
+        paths = [doc.parent / f for f in m["files"].split()]
+        return f"{m[1]}{table_from_results(read_results(paths))}\n{m[4]}"
+
+    return TABLE_BLOCK.sub(build, doc.read_text())
 
 
 def _git_commit() -> str | None:

@@ -43,12 +43,12 @@ def shard_list(ws: Workspace, name: str, split: str) -> Iterator[Sample]:
 
 
 def open_tar(src: Iterable[Sample]) -> Iterator[Sample]:
-    """Yields ``dict(__key__, shard, png=bytes, cls=bytes)``: the members of one sample, undecoded."""
+    """Yields ``dict(__key__, shard, url, png=bytes, cls=bytes)``: the members of one sample, undecoded."""
     from dds.shards import iter_tar_samples
 
     for shard in src:
         for key, members in iter_tar_samples(shard["url"]):  # sequential read: members in tar order
-            yield {"__key__": key, "shard": shard["shard"], **members}
+            yield {"__key__": key, "shard": shard["shard"], "url": shard["url"], **members}
 
 
 def filter_keys(src: Iterable[Sample], keys: set[str]) -> Iterator[Sample]:
@@ -78,12 +78,19 @@ def decode(src: Iterable[Sample], channels: int, image_size: int, workers: int =
     With ``workers`` > 0 the images are decoded by that many threads (PIL and the resize release the
     GIL), at most ``4 * workers`` samples ahead; the order stays the input order.
     """
+    from dds.pipeline.sources import DECODE_ERRORS
+    from dds.shards import parse_label
+
     def one(sample: Sample) -> Sample:
         png, cls = sample.pop("png", None), sample.pop("cls", None)
+        where = f"sample '{sample['__key__']}' in shard {sample['url']}"
         if png is None or cls is None:
-            raise DdsError(f"sample '{sample['__key__']}' in shard {sample.get('shard')} lacks .png or .cls; "
-                           "re-run `dds shard` for this dataset")
-        return {**sample, "image": decode_png(png, channels, image_size), "label": int(cls.decode().strip())}
+            raise DdsError(f"{where} lacks .png or .cls; re-run `dds shard` for this dataset")
+        try:
+            return {**sample, "image": decode_png(png, channels, image_size), "label": parse_label(cls)}
+        except DECODE_ERRORS as e:  # a corrupt PNG stream or label: the tar no longer holds what dds shard wrote
+            raise DdsError(f"{where} is unreadable ({type(e).__name__}: {e}); re-run `dds shard` for this "
+                           "dataset") from None
 
     if workers <= 0:
         yield from map(one, src)

@@ -253,7 +253,8 @@ def fig_class_rates(selected_rate: np.ndarray, strong_rate: np.ndarray, classes:
     fig, axes = plt.subplots(1, 2, figsize=(12, 1.5 + 0.35 * max(e, 4)))
     for ax, rate, title in ((axes[0], selected_rate, "selected"), (axes[1], strong_rate, "strongly augmented")):
         im = ax.imshow(rate, aspect="auto", vmin=0, vmax=1, cmap="viridis", origin="upper")
-        ax.set_xticks(range(c), [str(x)[:10] for x in classes], rotation=45, ha="right", fontsize=7)
+        ax.set_xticks(range(c), [str(x)[:10] for x in classes], rotation=45, ha="right", fontsize=7,
+                      parse_math=False)  # class names are literal text: a '$' is not mathtext
         ax.set_yticks(range(e), [str(i + 1) for i in range(e)], fontsize=7)
         ax.set_ylabel("epoch")
         ax.set_title(f"share of each class {title}")
@@ -296,7 +297,7 @@ def fig_examples(grid: dict[str, list[tuple[bytes, str]]]):
                 with Image.open(io.BytesIO(items[j][0])) as im:
                     arr = np.asarray(im.convert("RGB"))
                 ax.imshow(arr, cmap=None)
-                ax.set_title(items[j][1], fontsize=6)
+                ax.set_title(items[j][1], fontsize=6, parse_math=False)  # a class name, literally
         axes[r, 0].text(-0.15, 0.5, f"{name}\n{EXAMPLE_RANKING[name][2]}", transform=axes[r, 0].transAxes,
                         ha="right", va="center", fontsize=7)
     fig.tight_layout()
