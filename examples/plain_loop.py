@@ -1,159 +1,105 @@
-"""The dds selector in a plain PyTorch training loop: no dds trainer, no re-sharding.
+"""A plain PyTorch training loop with a timm model, on half the data chosen by ``dds.selector.DropIn``.
 
-The dataset returns each sample's index with the sample, so everything the plan says about a sample
-is read by that index: its loss weight (``weights[idx]``), its augmentation (base or strong, the
-transforms of ``dds.train.augment``) and, once per epoch, its observed loss. Nothing is sliced by
-batch number, so any sampler or ``DataLoader`` setting keeps weights and samples together.
+The lines marked ``# dds`` are all that differs from the same loop without selection (docs/dropin.md
+counts them). Without scores ``dds`` selects by the training losses; ``--embeddings`` adds density,
+kNN agreement and the label verdict from your own (N, D) image embeddings (a ``.npy`` file)::
 
-Without scores it runs policies that need none (``random``, ``infobatch``, ``ucb``, ``full``)::
-
-    python examples/plain_loop.py --policy infobatch --limit 2000 --epochs 4
-
-With a dds workspace (``dds shard fashion-mnist``, ``dds embed``, ``dds index``) it reads the
-scores table and can run ``dds``: the keys ``train-0000042`` name the position in the IDX file::
-
-    python examples/plain_loop.py --policy dds --workspace dds-work --dataset fashion-mnist --encoder lite0-minilm
+    python examples/plain_loop.py                          # Fashion-MNIST (apt-get install dataset-fashion-mnist)
+    python examples/plain_loop.py --embeddings emb.npy     # row i = the embedding of train image i
+    python examples/plain_loop.py --synthetic 256 --epochs 2   # tiny generated images, no files needed
 """
 from __future__ import annotations
 
 import argparse
 import gzip
-import time
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from dds.pipeline.sources import parse_idx
-from dds.selector import SampleInfo, Selector, encode_regions
-from dds.selector.torch import PlanSampler, weighted_mean
-from dds.train.augment import Augmenter
-from dds.train.bench import parse_entry
+from dds.selector import DropIn  # dds
 
 ROOT = Path("/usr/share/datasets/fashion-mnist")
 
 
-def read_idx(split: str, root: Path = ROOT) -> tuple[np.ndarray, np.ndarray]:
-    """Images uint8 (N, H, W) and labels int64 (N,) of ``train`` or ``test`` (``t10k``)."""
-    stem = "train" if split == "train" else "t10k"
-    images = parse_idx(gzip.decompress((root / f"{stem}-images-idx3-ubyte.gz").read_bytes()), "images")
-    labels = parse_idx(gzip.decompress((root / f"{stem}-labels-idx1-ubyte.gz").read_bytes()), "labels")
-    return images, labels.astype(np.int64)
-
-
 class Images(Dataset):
-    """``ds[i] -> (x float (1, H, W), label, i)``, normalised by ``mean``/``std``.
+    """``ds[i] -> (x float (1, H, W) in [-1, 1], label)`` from uint8 images (N, H, W) and int labels (N,)."""
 
-    A training dataset augments each sample as the current plan says (:meth:`use`).
-    """
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: float, std: float, train: bool) -> None:
-        self.x, self.y = torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels)
-        self.mean, self.std, self.train = mean, std, train
-        size = images.shape[-1]
-        self.augment = Augmenter(size, channels=1).transforms  # indexed by plan.aug code (0 base, 1.. strong)
-        self.weights = torch.zeros(len(labels))  # (N,) this epoch's loss weight of each sample
-        self.aug = np.zeros(len(labels), np.int64)  # (N,) this epoch's augmentation code of each sample
-
-    def use(self, plan) -> None:
-        """Read the plan's per-sample weights and augmentation codes (by sample index)."""
-        self.weights.zero_()
-        self.weights[torch.from_numpy(plan.indices)] = torch.from_numpy(plan.weights.astype(np.float32))
-        self.aug[:] = 0
-        self.aug[plan.indices] = plan.aug
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images, self.targets = torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
     def __len__(self) -> int:
-        return len(self.y)
+        return len(self.targets)
 
-    def __getitem__(self, i: int):
-        x = self.augment[self.aug[i]](self.x[i]) if self.train else self.x[i]
-        return (x.float() / 255.0 - self.mean) / self.std, self.y[i], i
-
-
-def scores_info(workspace: str, dataset: str, encoder: str, limit: int) -> tuple[np.ndarray, SampleInfo]:
-    """IDX positions and SampleInfo of the first ``limit`` scored samples (labels as dds trained them)."""
-    import pyarrow.parquet as pq
-
-    from dds.workspace import Workspace
-
-    ws = Workspace.resolve(workspace)
-    scores = pq.read_table(ws.index_dir(dataset, encoder) / "scores.parquet").to_pandas()
-    scores = scores.sort_values("key").head(limit)
-    positions = scores["key"].str.split("-").str[1].astype(int).to_numpy()  # train-0000042 -> 42
-    info = SampleInfo(labels=scores["label"].to_numpy(), num_classes=len(ws.dataset_info(dataset)["classes"]),
-                      density=scores["density"].to_numpy(), consistency=scores["consistency"].to_numpy(),
-                      joint=scores["joint"].to_numpy(), region=encode_regions(scores["region"].to_numpy()))
-    return positions, info
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i].unsqueeze(0).float() / 127.5 - 1.0, self.targets[i]
 
 
-def make_model(channels: int, size: int, num_classes: int) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(32 * (size // 4) ** 2, num_classes))
+def fashion_mnist(split: str, limit: int) -> Images:
+    """The first ``limit`` images of the ``train`` or ``test`` IDX files under ``ROOT``."""
+    stem = "train" if split == "train" else "t10k"
+
+    def read(what: str, dims: int) -> np.ndarray:
+        return parse_idx(gzip.decompress((ROOT / f"{stem}-{what}-idx{dims}-ubyte.gz").read_bytes()), what)[:limit]
+
+    return Images(read("images", 3), read("labels", 1))
+
+
+def synthetic(n: int, classes: int = 4, size: int = 16, seed: int = 0) -> Images:
+    """``n`` noisy grey squares whose brightness says the class."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    pixels = rng.normal(40 + 180 * labels / (classes - 1), 30, (size, size, n)).T
+    return Images(np.clip(pixels, 0, 255).astype(np.uint8), labels)
 
 
 @torch.inference_mode()
-def accuracy(model: nn.Module, ds: Dataset) -> float:
+def accuracy(model: torch.nn.Module, ds: Dataset) -> float:
     model.eval()
-    correct = sum((model(x).argmax(1) == t).sum().item() for x, t, _ in DataLoader(ds, batch_size=512))
+    correct = sum((model(x).argmax(1) == y).sum().item() for x, y in DataLoader(ds, batch_size=256))
     return correct / len(ds)
 
 
-def main(argv: list[str] | None = None) -> float:
+def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--policy", default="random", help="random, infobatch, ucb, full; dds needs --workspace")
-    p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument("--model", default="resnet10t", help="any timm model name")
+    p.add_argument("--budget", type=float, default=0.5, help="fraction of epochs x N sample-steps to spend")
     p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--limit", type=int, default=5000, help="first N train (and N // 5 test) images")
+    p.add_argument("--limit", type=int, default=5000, help="first N Fashion-MNIST train (and N // 5 test) images")
+    p.add_argument("--synthetic", type=int, metavar="N", help="train on N generated images instead")
+    p.add_argument("--embeddings", type=Path, help="(N, D) .npy image embeddings of the train images")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workspace", help="a dds workspace with scores (optional)")
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--encoder", default="lite0-minilm")
-    p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a policy option, e.g. -o strong_aug=top_q (repeatable; values as in dds train -o)")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
-    images, labels = read_idx("train")
-    if args.workspace:  # the scored samples, with the labels dds trains on
-        positions, info = scores_info(args.workspace, args.dataset, args.encoder, args.limit)
-        images, labels = images[positions], info.labels
+    if args.synthetic:
+        train, test = synthetic(args.synthetic), synthetic(max(1, args.synthetic // 4), seed=1)
     else:
-        images, labels = images[:args.limit], labels[:args.limit]
-        info = SampleInfo(labels=labels, num_classes=int(labels.max()) + 1)
-    pixels = images.astype(np.float64) / 255.0  # normalisation from the train images
-    mean, std = float(pixels.mean()), float(pixels.std())
-    train = Images(images, labels, mean, std, train=True)
-    test_x, test_y = read_idx("test")
-    n_test = max(1, args.limit // 5)
-    test = Images(test_x[:n_test], test_y[:n_test], mean, std, train=False)
+        train, test = fashion_mnist("train", args.limit), fashion_mnist("test", max(1, args.limit // 5))
+    classes = int(train.targets.max()) + 1
+    model = timm.create_model(args.model, pretrained=False, num_classes=classes, in_chans=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
-    model = make_model(1, images.shape[-1], info.num_classes)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    _, options = parse_entry(":".join([args.policy, *args.option]))
-    sel = Selector(args.policy, info, epochs=args.epochs, budget=args.budget, seed=args.seed, **options)
-    losses = torch.zeros(info.n)  # (N,) last loss of each sample this epoch, kept where the loss is
+    scores = None if args.embeddings is None else np.load(args.embeddings)
+    train = DropIn(train, "dds", epochs=args.epochs, budget=args.budget, scores=scores, seed=args.seed)  # dds
+    loader = DataLoader(train, batch_size=args.batch_size, sampler=train.sampler)  # dds: sampler= for shuffle=True
     for epoch in range(args.epochs):
-        t0 = time.perf_counter()
         model.train()
-        plan = sel.plan(epoch)                                   # indices (shuffled), weights, aug
-        train.use(plan)                                          # per-sample weight and augmentation
-        for x, y, idx in DataLoader(train, sampler=PlanSampler(plan), batch_size=args.batch_size):
-            per_sample = F.cross_entropy(model(x), y, reduction="none")
-            weighted_mean(per_sample, train.weights[idx]).backward()
-            opt.step()
+        for x, y in loader:
+            per_sample = F.cross_entropy(model(x), y, reduction="none")  # dds: reduction="none"
+            loss = train.update(per_sample)  # dds: the plan's weighted mean; the losses go to the selector
             opt.zero_grad(set_to_none=True)
-            losses[idx] = per_sample.detach()                    # no host sync per batch
-        seen = np.unique(plan.indices)
-        sel.observe(seen, losses[torch.from_numpy(seen)], train.aug[seen])   # once per epoch, with the views' codes
+            loss.backward()
+            opt.step()
         acc = accuracy(model, test)
-        print(f"epoch {epoch + 1}/{args.epochs}: {len(plan.indices)} samples ({int(np.count_nonzero(plan.aug))} strong), "
-              f"{len(seen)} losses observed, test acc {acc:.4f}, {time.perf_counter() - t0:.1f} s")
-    print(f"budget spent {sel.spent() / (args.epochs * info.n):.3f} of {args.budget}")
-    return acc
+        print(f"epoch {epoch + 1}/{args.epochs}: test acc {acc:.4f}")
+    spent = train.selector.spent() / (args.epochs * len(train))
+    print(f"budget spent {spent:.3f} of {args.budget}")
+    return {"test_acc": acc, "budget_spent": spent}
 
 
 if __name__ == "__main__":

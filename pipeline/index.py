@@ -261,6 +261,47 @@ def compute_scores(class_sims: np.ndarray, global_idx: np.ndarray, labels: np.nd
     return out
 
 
+def image_scores(img: np.ndarray, labels: np.ndarray, num_classes: int, *, k: int = 10,
+                 device: str = "cpu") -> dict[str, np.ndarray]:
+    """Scores from image embeddings alone, for data without class-prompt (text) embeddings.
+
+    The same cores as :func:`compute_scores`, with the global neighbours' label votes as the only
+    held-out view: ``knn_agreement`` stands in for the label probability, so ``joint =
+    (1 - density) * knn_agreement``, and the verdict (:func:`verdict.static_verdict`) reads the
+    votes alone.
+
+    Args:
+        img: ``(N, D)`` image embeddings (rows are L2-normalised here).
+        labels: ``(N,)`` ints in ``0..C-1``.
+        num_classes: ``C``.
+        k: neighbours per sample, in the per-class and the global graph.
+        device: ``cpu`` or ``cuda`` (the kNN search).
+
+    Returns:
+        Columns density, knn_agreement, joint (float32), status (object: clean / relabel / suppress),
+        label_fixed (int64) and region (object), each ``(N,)``.
+    """
+    from dds.pipeline.knn import knn
+
+    img = np.asarray(img, dtype=np.float32)
+    img = img / np.maximum(np.linalg.norm(img, axis=1, keepdims=True), 1e-12)
+    labels = np.asarray(labels, np.int64)
+    class_sims, _ = knn(img, k, labels=labels, device=device)
+    _, global_idx = knn(img, k, device=device)
+    density = local_density(class_sims, labels)
+    agreement = knn_agreement(global_idx, labels)
+
+    def votes(rows: slice) -> tuple[np.ndarray, np.ndarray]:   # one view, served as both
+        v = verdict.neighbour_votes(global_idx[rows], labels, num_classes)
+        return v, v
+
+    v = verdict.static_verdict(verdict.Views(len(labels), num_classes, votes), labels)
+    joint = joint_score(density, agreement)
+    return {"density": density, "knn_agreement": agreement, "joint": joint, "status": v.status,
+            "label_fixed": v.label_fixed.astype(np.int64),
+            "region": assign_regions(density, joint, agreement, v.status != "clean", labels)}
+
+
 def index_arrays(img: np.ndarray, labels: np.ndarray, text: np.ndarray, *, k: int = 10, use_adapters: bool = True,
                  folds: int = 5, seed: int = 0, device: str = "cpu", backend: str = "auto",
                  progress: bool = False) -> dict[str, Any]:

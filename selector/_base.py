@@ -197,7 +197,9 @@ class Policy:
 
     Class attributes:
         Config: the policy's options dataclass (one documented default per field).
-        needs_scores: whether ``SampleInfo`` must carry joint, consistency and region.
+        needs_scores: whether the policy reads joint, consistency and region when ``SampleInfo`` carries
+            them (``dds train`` then requires ``dds index``); which options cannot run without them,
+            :meth:`scores_required` says.
         uses_budget: False for policies whose spend does not follow the budget (``full``; see
             :meth:`spends_budget` for policies where it depends on the options).
     """
@@ -211,6 +213,11 @@ class Policy:
         self.cfg = cfg
         self.epochs = epochs
         self.total = total
+
+    @classmethod
+    def scores_required(cls, cfg: Any) -> list[str]:
+        """The options of ``cfg`` that cannot run without scores (empty: the policy runs on losses alone)."""
+        return []
 
     @classmethod
     def spends_budget(cls, cfg: Any) -> bool:

@@ -277,7 +277,8 @@ def noise_masks(info, handling: str) -> tuple[np.ndarray, np.ndarray]:
     if handling == "off":
         return np.zeros(n, bool), np.zeros(n, bool)
     if info.status is None:
-        return info.region == NOISY, np.zeros(n, bool)
+        noisy = np.zeros(n, bool) if info.region is None else info.region == NOISY
+        return noisy, np.zeros(n, bool)
     relabel = info.status == RELABEL
     suppress = info.status == SUPPRESS
     if handling == "suppress":
@@ -287,7 +288,9 @@ def noise_masks(info, handling: str) -> tuple[np.ndarray, np.ndarray]:
 
 @register_policy("dds")
 class DdsPolicy(LossPolicy):
-    """The paper's method (see the module docstring). Needs ``joint``, ``consistency`` and ``region``.
+    """The paper's method (see the module docstring). Reads ``joint``, ``region`` and the verdict when
+    ``SampleInfo`` has them; without scores it selects by the losses alone (joint taken as 1, no
+    region, nothing suppressed), which the defaults allow (:meth:`scores_required`).
 
     Per-sample arrays are kept in class layout (``ClassLayout``): class blocks are contiguous, so a
     pruned epoch is planned with a few vector passes, one row-wise partition for the per-class
@@ -296,6 +299,11 @@ class DdsPolicy(LossPolicy):
 
     Config = DdsConfig
     needs_scores = True
+
+    @classmethod
+    def scores_required(cls, cfg: DdsConfig) -> list[str]:
+        return ([f"prior_weight={cfg.prior_weight:g}"] if cfg.prior_weight > 0 else []) + (
+            [f"strong_aug={cfg.strong_aug}"] if cfg.strong_aug != "none" else [])
 
     def __init__(self, info, cfg, *, epochs: int, total: int) -> None:
         super().__init__(info, cfg, epochs=epochs, total=total)
@@ -308,8 +316,9 @@ class DdsPolicy(LossPolicy):
         self._noisy_l = noisy[lay.order]
         self._no_strong_l = (noisy | relabel)[lay.order]   # suspects are never strongly augmented
         self._exclude_l = np.where(self._noisy_l, np.float32(np.inf), np.float32(0))
-        self._joint_l = info.joint[lay.order]
-        self._region_l = info.region[lay.order]
+        joint = np.ones(info.n, np.float32) if info.joint is None else info.joint   # no scores: loss only
+        self._joint_l = joint[lay.order]
+        self._region_l = None if info.region is None else info.region[lay.order]
         # strong-augmentation ranking: joint's float32 bits (monotone for x >= 0) + 1; suspects = 0 (never)
         self._jkey_l = np.where(self._no_strong_l, 0, (self._joint_l + np.float32(0)).view(np.uint32) + 1)
         mult_l = np.where(self._noisy_l, np.float32(cfg.noisy_weight), np.float32(1))

@@ -30,7 +30,9 @@ class Selector:
 
     Args:
         policy: a registered policy name (``list_policies()``: dds, full, infobatch, random, ucb).
-        info: the static per-sample inputs; ``dds`` needs joint, consistency and region.
+        info: the static per-sample inputs; ``dds`` reads joint, region and the verdict when given and
+            runs on losses alone without them (its options ``prior_weight > 0`` and ``strong_aug``
+            need them).
         epochs: training epochs E.
         budget: fraction of full-data sample-steps (``epochs * N``) the whole run may spend, warm-up
             and annealing included, in (0, 1]. Policies that do not follow the budget (``full``;
@@ -50,7 +52,7 @@ class Selector:
 
     Raises:
         DdsError: budget outside (0, 1], bad epochs/seed, unknown policy or option, bad option value,
-            or ``dds`` without scores.
+            or options that need scores without them.
     """
 
     def __init__(self, policy: str, info: SampleInfo, *, epochs: int, budget: float = 1.0, seed: int = 0,
@@ -64,8 +66,10 @@ class Selector:
             raise DdsError(f"budget must be in (0, 1], got {budget!r}")
         cls = get_policy(policy)
         self.config = make_config(policy, cls.Config, dict(policy_options))
-        if cls.needs_scores and not info.has_scores:
-            raise DdsError(f"policy {policy} needs scores (joint, consistency, region): run `dds index NAME` first")
+        required = cls.scores_required(self.config)
+        if required and not info.has_scores:
+            raise DdsError(f"policy {policy} needs scores (joint, consistency, region) for {', '.join(required)}: "
+                           "run `dds index NAME` first, or leave these options at their defaults")
         self.policy, self.info, self.n = policy, info, info.n
         self.budget = float(budget)
         if not cls.spends_budget(self.config) and self.budget < 1.0:

@@ -1,10 +1,11 @@
-"""Torch helpers for ``EpochPlan``s: a sampler that replays a plan and the weighted loss mean.
+"""Torch helpers for ``EpochPlan``s: a sampler that replays a plan, the weighted loss mean, and selector
+state in the form ``torch.save``/``torch.load(weights_only=True)`` keep.
 
 Importing this module imports torch; ``dds.selector`` itself does not.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -59,3 +60,27 @@ def weighted_mean(per_sample_loss: torch.Tensor, weights: torch.Tensor | np.ndar
     if per_sample_loss.numel() == 0:
         raise ValueError("weighted_mean of an empty batch")
     return (per_sample_loss * weights).sum() / per_sample_loss.numel()
+
+
+def state_to_torch(obj: Any) -> Any:
+    """numpy arrays and scalars -> tensors and python scalars (what ``torch.load(weights_only=True)`` reads)."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: state_to_torch(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [state_to_torch(v) for v in obj]
+    return obj
+
+
+def state_to_numpy(obj: Any) -> Any:
+    """Inverse of :func:`state_to_torch` for the selector state (every tensor back to a numpy array)."""
+    if torch.is_tensor(obj):
+        return obj.numpy()
+    if isinstance(obj, dict):
+        return {k: state_to_numpy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [state_to_numpy(v) for v in obj]
+    return obj

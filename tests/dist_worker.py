@@ -5,6 +5,9 @@ Modes:
         saves its selector state and its part positions to OUT/rank{R}.pkl.
     train OUT WORKSPACE: ``run_train`` of the tiny dataset stopped after one epoch; rank 0 writes the
         run id to OUT/run_id.
+    dropin OUT: three epochs of ``DropIn`` (rank and world size given explicitly) over a dataset whose
+        x is the sample index; each rank saves the indices its loader yielded per epoch and its
+        ``state_dict`` to OUT/rank{R}.pkl.
 """
 import pickle
 import sys
@@ -47,6 +50,28 @@ def train(out: Path, workspace: str) -> None:
         (out / "run_id").write_text(result["run_id"])
 
 
+def dropin(out: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from dds.selector import DropIn
+
+    d = init("cpu")
+    n = 41
+    data = [(torch.tensor(float(i)), i % 3) for i in range(n)]
+    ds = DropIn(data, "dds", epochs=3, budget=0.5, seed=2, labels=[y for _, y in data], rank=d.rank,
+                world_size=d.world)
+    seen = []
+    for _ in range(3):
+        seen.append([])
+        for x, _ in DataLoader(ds, batch_size=4, sampler=ds.sampler):
+            seen[-1] += x.long().tolist()
+            ds.update(torch.from_numpy(fake_losses(x.long().numpy())))
+    (out / f"rank{d.rank}.pkl").write_bytes(pickle.dumps({"seen": seen, "state": ds.state_dict()}))
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
-    selector(out) if mode == "selector" else train(out, sys.argv[3])
+    if mode == "train":
+        train(out, sys.argv[3])
+    else:
+        {"selector": selector, "dropin": dropin}[mode](out)

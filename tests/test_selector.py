@@ -321,9 +321,24 @@ def test_ucb_takes_unseen_first_then_the_highest_scores():
 
 # ---- errors ----
 
-def test_dds_without_scores_is_refused():
-    with pytest.raises(DdsError, match=r"policy dds needs scores .*run `dds index NAME` first"):
-        Selector("dds", make_info(scores=False), epochs=4, budget=0.5)
+@pytest.mark.parametrize("option", [{"prior_weight": 1.0}, {"strong_aug": "top_q"}])
+def test_dds_options_that_read_scores_are_refused_without_them(option):
+    with pytest.raises(DdsError, match=r"policy dds needs scores .* for (prior_weight=1|strong_aug=top_q): run "
+                                       r"`dds index NAME` first"):
+        Selector("dds", make_info(scores=False), epochs=4, budget=0.5, **option)
+
+
+def test_dds_without_scores_selects_by_loss_alone():
+    """The defaults read only losses: without scores dds plans the budget and favours high losses."""
+    info = make_info(scores=False)
+    sel = Selector("dds", info, epochs=4, budget=0.5, seed=1)
+    p0 = sel.plan(0)
+    assert sel.status() is None and p0.labels is None and not p0.aug.any()
+    losses = np.linspace(0.0, 1.0, info.n, dtype=np.float32)   # sample i's loss grows with i
+    sel.observe(np.arange(info.n), losses)
+    p1 = sel.plan(1)
+    assert np.median(p1.indices) > 0.6 * info.n        # the draw leans to the high losses
+    assert sel.epoch_sizes().sum() == sel.total_sample_steps == round(0.5 * 4 * info.n)
 
 
 @pytest.mark.parametrize("budget", [0, 1.5, -0.1, "half"])
@@ -525,12 +540,12 @@ def test_strong_augmentation_alone_does_not_raise_selection_probability():
     assert np.array_equal(deflate_strong(losses, np.ones(4, np.uint8)), losses)   # nothing to compare with
 
 
-def test_dds_defaults_are_the_ones_the_readme_tuning_table_picked():
+def test_dds_defaults_are_the_ones_the_docs_tuning_table_picked():
     import re
 
     from dds.selector import DdsConfig
     from dds.train.bench import parse_entry
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "experiments.md").read_text() + (REPO / "docs" / "selector.md").read_text()
     row = next(line for line in readme.splitlines() if "the defaults)" in line and line.startswith("| **selection"))
     picked = dict(kv.split("=") for kv in re.findall(r"`([^`]+)`", row)[0].split())
     cfg = DdsConfig()

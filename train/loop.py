@@ -46,6 +46,7 @@ from dds.distributed import (Dist, all_sum, broadcast_object, check_same, device
                              part_size, sync_buffers)
 from dds.distributed import init as dist_init
 from dds.errors import DdsError
+from dds.selector.torch import state_to_numpy, state_to_torch
 from dds.train.augment import AUG_NAMES, Augmenter, channel_stats, code_magnitude, normalize
 from dds.train.config import TrainConfig
 from dds.train.data import Prefetcher, load_sample_info, open_split
@@ -276,33 +277,9 @@ def _train_epoch(model, opt, train, plan, *, cfg: TrainConfig, device: torch.dev
     return losses, timing
 
 
-def _to_torch(obj: Any) -> Any:
-    """numpy arrays and scalars -> tensors and python scalars (what ``torch.load(weights_only=True)`` reads)."""
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(obj))
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, dict):
-        return {k: _to_torch(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_torch(v) for v in obj]
-    return obj
-
-
-def _to_numpy(obj: Any) -> Any:
-    """Inverse of :func:`_to_torch` for the selector state (every tensor back to a numpy array)."""
-    if torch.is_tensor(obj):
-        return obj.numpy()
-    if isinstance(obj, dict):
-        return {k: _to_numpy(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_numpy(v) for v in obj]
-    return obj
-
-
 def _checkpoint_bytes(**state: Any) -> bytes:
     buf = io.BytesIO()
-    torch.save(_to_torch(state), buf)
+    torch.save(state_to_torch(state), buf)
     return buf.getvalue()
 
 
@@ -458,7 +435,7 @@ def _run(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, *, run_id
     else:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])  # moves the momentum buffers to the parameters' device
-        sel.load_state_dict(_to_numpy(ckpt["selector"]))
+        sel.load_state_dict(state_to_numpy(ckpt["selector"]))
         torch.set_rng_state(ckpt["torch_rng"])
         state = RunState(**ckpt["state"])
         start_epoch = ckpt["epoch"] + 1
