@@ -194,3 +194,24 @@ def test_dependencies_are_lower_bounds_and_constraints_pin_each_of_them():
     assert newer["duckdb"].contains("2.9.0") and newer["typer"].contains("0.40.0")   # kept, not downgraded
     setup = (ROOT / "scripts" / "setup.sh").read_text()
     assert "torch==2.14.1 torchvision==0.29.1" in setup and "-c constraints.txt -e '.[test]'" in setup
+
+
+def test_shard_logs_one_line_per_split(tmp_path, caplog):
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    from dds.pipeline.shard import run_shard
+
+    for split, n, shift in (("train", 3, 0), ("test", 2, 7)):   # test images differ from every train image
+        for c in ("a", "b"):
+            (tmp_path / "img" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((8, 8), 40 * i + (c == "b") * 120 + shift, np.uint8)).save(
+                    tmp_path / "img" / split / c / f"{i}.png")
+    with caplog.at_level(logging.INFO, logger="dds"):
+        run_shard(Workspace(tmp_path / "ws"), f"imagefolder:{tmp_path / 'img'}", name="toy", progress=False)
+    lines = [r.getMessage() for r in caplog.records if r.name == "dds.pipeline.shard"]
+    assert "shard toy/train: 6 images in 1 tars, 0 rejected" in lines
+    assert "shard toy/test: 4 images in 1 tars, 0 rejected" in lines
