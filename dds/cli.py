@@ -30,9 +30,24 @@ EncoderOpt = typer.Option("lite0-minilm", "--encoder", "-e",
                           help="Encoder name: lite0-minilm (offline pair), openclip:ARCH/PRETRAINED "
                                "(open_clip tag or local checkpoint), tiny-clip (random, for tests).")
 DeviceOpt = typer.Option("auto", "--device", help="auto (cuda when present), cpu or cuda.")
-ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
 NprocOpt = typer.Option(1, "--nproc", min=1, help="Processes on this machine: N > 1 runs this same command under "
                                                   "torchrun (one process per GPU with --device cuda, gloo on CPU).")
+
+
+def _progress(flag: Optional[bool]) -> bool:
+    """--progress/--no-progress as given, else bars only when stderr is a terminal.
+
+    Without bars (a CI log, a file) the library's INFO lines take their place on the main rank: one
+    per epoch, shard or stage, never a redraw.
+    """
+    bars = sys.stderr.isatty() if flag is None else flag
+    if not bars and _rank() == 0:
+        logging.getLogger("dds").setLevel(logging.INFO)
+    return bars
+
+
+ProgressOpt = typer.Option(None, "--progress/--no-progress", callback=_progress,
+                           help="Progress bars [default: when stderr is a terminal; elsewhere plain log lines].")
 
 
 def _ws(path: Optional[str], *, write: bool = False) -> Workspace:
@@ -92,6 +107,25 @@ def _print_grid(header: list[str] | None, rows: list[list[str]], title: str | No
         typer.echo(title)
     for line in lines:
         typer.echo("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())
+
+
+ModelOpt = typer.Option("resnet20", "--model", "-m", help="Model: resnet20, cnn3, resnet18, resnet50, or timm:NAME "
+                                                          "(any timm architecture, random init, e.g. timm:convnext_atto).")
+OptimizerOpt = typer.Option("sgd", "--optimizer", help="sgd (Nesterov momentum 0.9) or adamw.")
+LrOpt = typer.Option(None, "--lr", help="Peak learning rate of the cosine schedule over the run's steps "
+                                        "[default: 0.1 with sgd, 0.001 with adamw].")
+WeightDecayOpt = typer.Option(5e-4, "--weight-decay", help="Weight decay on every parameter.")
+LabelSmoothingOpt = typer.Option(0.1, "--label-smoothing", help="Cross-entropy label smoothing, in [0, 1).")
+
+
+def _recipe(optimizer: str, lr: Optional[float], weight_decay: float, label_smoothing: float) -> dict:
+    """The optimiser fields of a TrainConfig from the CLI options; --lr defaults by optimiser."""
+    from dds._validate import check_choice
+    from dds.train.config import DEFAULT_LR
+
+    check_choice("--optimizer", optimizer, tuple(DEFAULT_LR))
+    return {"optimizer": optimizer, "lr": DEFAULT_LR[optimizer] if lr is None else lr,
+            "weight_decay": weight_decay, "label_smoothing": label_smoothing}
 
 
 EvalSplitOpt = typer.Option("test", "--eval-split", help="Split to evaluate every epoch: test, or val (made by "
@@ -271,11 +305,14 @@ def train(
     budget: float = typer.Option(0.5, "--budget", help="Fraction of full-data sample-steps the whole run may spend, "
                                                        "warm-up and annealing included."),
     epochs: int = typer.Option(12, "--epochs", help="Training epochs."),
-    model: str = typer.Option("resnet20", "--model", "-m", help="Model name: resnet20, cnn3, resnet18, resnet50."),
+    model: str = ModelOpt,
     seed: int = typer.Option(0, "--seed", help="Seed for the model, the selector and augmentation."),
     encoder: str = EncoderOpt,
     batch_size: int = typer.Option(128, "--batch-size", "-b", help="Training batch size."),
-    lr: float = typer.Option(0.1, "--lr", help="Peak learning rate (cosine schedule over the run's steps)."),
+    optimizer: str = OptimizerOpt,
+    lr: Optional[float] = LrOpt,
+    weight_decay: float = WeightDecayOpt,
+    label_smoothing: float = LabelSmoothingOpt,
     option: list[str] = typer.Option([], "--option", "-o", help="Policy option KEY=VALUE (repeatable), e.g. -o loss_weight=0.5."),
     eval_split: str = EvalSplitOpt,
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run RUN_ID from its last checkpoint."),
@@ -293,7 +330,9 @@ def train(
     if resume:
         given = {"--policy": (policy, "dds"), "--budget": (budget, 0.5), "--epochs": (epochs, 12),
                  "--model": (model, "resnet20"), "--seed": (seed, 0), "--encoder": (encoder, "lite0-minilm"),
-                 "--batch-size": (batch_size, 128), "--lr": (lr, 0.1), "--option": (option, []),
+                 "--batch-size": (batch_size, 128), "--optimizer": (optimizer, "sgd"), "--lr": (lr, None),
+                 "--weight-decay": (weight_decay, 5e-4), "--label-smoothing": (label_smoothing, 0.1),
+                 "--option": (option, []),
                  "--eval-split": (eval_split, "test"), "--device": (device, "auto"), "--no-amp": (amp, True)}
         changed = [flag for flag, (value, default) in given.items() if value != default]
         if changed:
@@ -320,8 +359,9 @@ def train(
             result = resume_train(ws, resume, progress=progress, dataset=name, announce=announce)
         else:
             cfg = TrainConfig(dataset=name, policy=policy, budget=budget, epochs=epochs, model=model, seed=seed,
-                              encoder=encoder, batch_size=batch_size, lr=lr, device=device, eval_split=eval_split,
-                              amp=amp, policy_options=_parse_options(option))
+                              encoder=encoder, batch_size=batch_size, device=device, eval_split=eval_split,
+                              amp=amp, policy_options=_parse_options(option),
+                              **_recipe(optimizer, lr, weight_decay, label_smoothing))
             result = run_train(ws, cfg, progress=progress, announce=announce)
     except KeyboardInterrupt:
         if not started:
@@ -329,6 +369,9 @@ def train(
         typer.echo(f"dds: interrupted; resume with: dds train {name} --resume {started[0]}", err=True)
         sys.exit(130)
     _print_summary("dds train", result)
+    if _rank() == 0:
+        typer.echo(f"model weights: {ws.run_dir(result['run_id']) / 'checkpoint.pt'} "
+                   "(load with dds.train.load_trained; docs/training.md)")
 
 
 def _parse_options(pairs: list[str]) -> dict:
@@ -356,7 +399,11 @@ def bench(
     epochs: int = typer.Option(12, "--epochs", help="Training epochs per run."),
     seeds: int = typer.Option(3, "--seeds", help="Seeds per entry and budget (FIRST..FIRST+N-1)."),
     first_seed: int = typer.Option(0, "--first-seed", min=0, help="First seed."),
-    model: str = typer.Option("resnet20", "--model", "-m", help="Model name."),
+    model: str = ModelOpt,
+    optimizer: str = OptimizerOpt,
+    lr: Optional[float] = LrOpt,
+    weight_decay: float = WeightDecayOpt,
+    label_smoothing: float = LabelSmoothingOpt,
     option: list[str] = typer.Option([], "--option", "-o", help="Option of every entry of one policy, POLICY.KEY=VALUE "
                                                                 "(repeatable), e.g. -o dds.warmup_epochs=0."),
     results: Optional[str] = typer.Option(None, "--results", help="Append one JSON line per run to this file "
@@ -394,13 +441,16 @@ def bench(
         per_policy.setdefault(policy, {})[opt] = value
     rows = run_bench(ws, name, policies=names, budgets=budget_list, epochs=epochs, seeds=seeds, model=model,
                      base_config={"encoder": encoder, "device": device, "seed": first_seed, "eval_split": eval_split,
-                                  "eval_every": eval_every, "amp": amp},
+                                  "eval_every": eval_every, "amp": amp,
+                                  **_recipe(optimizer, lr, weight_decay, label_smoothing)},
                      policy_options=per_policy, progress=progress, results=results)
     typer.echo(format_bench_table(rows))
     typer.echo(f"accuracy: last epoch, on the {eval_split} split; lossless at = smallest spend with mean accuracy "
                "within 0.1 points of full")
     typer.echo(f"per-sample history: dds sql \"SELECT * FROM history WHERE run_id = '{rows[0]['run_ids'][0]}' LIMIT 10\""
                f" -w {ws.root}")
+    typer.echo(f"model weights: {ws.root / 'runs'}/RUN_ID/checkpoint.pt, one per run (ids: dds sql \"SELECT run_id, "
+               "policy, seed FROM runs\"); load with dds.train.load_trained (docs/training.md)")
 
 
 @app.command("bench-table")
@@ -633,11 +683,20 @@ def export(
     _print_summary(f"dds export {run_id}", result)
 
 
+class _LogFormat(logging.Formatter):
+    """Progress lines (INFO, shown when there are no bars) as the bare message; warnings and errors
+    keep their level and logger."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return record.getMessage() if record.levelno == logging.INFO else super().format(record)
+
+
 def main() -> None:
     """Console entry point: DdsError becomes one line on stderr and exit status 2."""
     # under torchrun the ranks log the same warnings: rank 0 shows them, the others only errors
-    logging.basicConfig(level=logging.WARNING if _rank() == 0 else logging.ERROR,
-                        format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogFormat("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING if _rank() == 0 else logging.ERROR, handlers=[handler])
     try:
         app()
     except DdsError as e:

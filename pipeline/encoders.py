@@ -18,6 +18,10 @@ import contextlib
 import difflib
 import logging
 import os
+import socket
+import threading
+import urllib.request
+from urllib.parse import urlsplit
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable
@@ -36,6 +40,7 @@ OPENCLIP_PREFIX = "openclip:"
 OPENCLIP_PATTERN = "openclip:ARCH/PRETRAINED"
 OFFLINE_HINT = ("offline alternatives: --encoder lite0-minilm (weights ship in pip packages), or "
                 "openclip:ARCH/PATH with a local checkpoint file, or openclip:local-dir:DIR")
+HUB_PROBE_S = 3.0  # seconds to open a connection to the weights' host before calling it unreachable
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -326,6 +331,46 @@ def _hub_offline() -> bool:
     return env or bool(hc.HF_HUB_OFFLINE)
 
 
+def _go_offline() -> None:
+    """Offline mode for the rest of the process: the hub client then reads its cache and never retries."""
+    import huggingface_hub.constants as hc
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    hc.HF_HUB_OFFLINE = True
+
+
+def reachable(url: str, timeout: float = HUB_PROBE_S) -> bool:
+    """Whether a TCP connection to the host of ``url`` (or to the proxy that serves it) opens within
+    ``timeout`` seconds, name lookup included; the probe runs in a daemon thread so a hanging DNS
+    lookup cannot hold the caller longer."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        via = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = via.hostname or "", via.port or 80
+    opened: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            opened.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(opened)
+
+
+def _weights_url(cfg: dict[str, Any]) -> str:
+    """Where an open_clip pretrained tag downloads from: its hub repo on the HF endpoint, or its url."""
+    import huggingface_hub.constants as hc
+
+    return f"{hc.ENDPOINT}/{cfg['hf_hub']}" if cfg.get("hf_hub") else cfg.get("url", "")
+
+
 def _tag_is_cached(cfg: dict[str, Any]) -> bool:
     """Whether the weights of an open_clip pretrained tag are already on disk (HF cache or url cache)."""
     import huggingface_hub
@@ -363,9 +408,15 @@ def _check_openclip_weights(arch: str, pretrained: str) -> str:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
         raise DdsError(f"'{pretrained}' is neither an open_clip tag for {arch} (tags: {tags}) nor an existing "
                        f"checkpoint file; {OFFLINE_HINT}")
+    url = _weights_url(cfg)
+    why = "HF_HUB_OFFLINE is set"
+    if not _hub_offline() and url and not reachable(url):
+        _go_offline()  # a cached copy then loads without the hub client's minute of retries
+        why = f"{urlsplit(url).hostname} cannot be reached"
     if _hub_offline() and not _tag_is_cached(cfg):
-        raise DdsError(f"weights for openclip:{arch}/{pretrained} are not cached and HF_HUB_OFFLINE is set, so "
-                       f"they cannot be downloaded; {OFFLINE_HINT}")
+        raise DdsError(f"weights for openclip:{arch}/{pretrained} ({url}) are not cached and {why}, so they cannot "
+                       "be downloaded; use --encoder lite0-minilm (weights ship in pip packages), or a local checkpoint "
+                       f"copied from a machine with internet: --encoder openclip:{arch}//PATH/TO/open_clip_pytorch_model.bin")
     return f"open_clip {arch} pretrained tag {pretrained} ({cfg.get('hf_hub') or cfg.get('url')})"
 
 

@@ -363,6 +363,7 @@ def write_split(split: str, sd: SplitData, order: np.ndarray, labels: np.ndarray
                 res.samples[k].append(v)
         bar.update(len(order) - bar.n)
     res.shards = writer.close()
+    log.info("%s: %d images in %d tars, %d rejected", desc, len(res.samples["key"]), len(res.shards), len(res.rejects))
     return res
 
 

@@ -15,4 +15,5 @@ PY=${PYTHON:-python3}
 # torch/torchvision first and pinned: these releases install from local disk here; an unpinned
 # torch would pull a multi-GB CUDA build from the index.
 .venv/bin/pip install -q --disable-pip-version-check --no-compile torch==2.14.1 torchvision==0.29.1
-.venv/bin/pip install -q --disable-pip-version-check --no-compile -e '.[test]'
+# then dds with exactly the versions the tests ran with (constraints.txt; pyproject.toml has lower bounds only)
+.venv/bin/pip install -q --disable-pip-version-check --no-compile -c constraints.txt -e '.[test]'

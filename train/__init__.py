@@ -2,11 +2,11 @@
 
 Importing this package imports torch; ``dds.train.config`` alone does not.
 """
-from dds.train.augment import create_augment, list_augments, register_augment
+from dds.train.augment import create_augment, list_augments, normalize, register_augment
 from dds.train.bench import format_bench_table, run_bench
 from dds.train.config import TrainConfig
 from dds.train.data import load_sample_info, open_split
-from dds.train.loop import lr_at, resume_train, run_train
+from dds.train.loop import load_trained, lr_at, resume_train, run_train
 from dds.train.models import create_model, list_models, register_model
 
 __all__ = [
@@ -17,7 +17,9 @@ __all__ = [
     "list_augments",
     "list_models",
     "load_sample_info",
+    "load_trained",
     "lr_at",
+    "normalize",
     "open_split",
     "register_augment",
     "register_model",

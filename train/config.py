@@ -9,6 +9,7 @@ from dds._validate import check_choice, check_fraction, check_min_int, check_pos
 from dds.errors import DdsError
 
 SCHEDULES = ("cosine", "constant")
+DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}  # optimiser -> the peak LR the CLI uses when --lr is not given
 EVAL_SPLITS = ("test", "val")
 from dds.device import DEVICES  # noqa: E402
 
@@ -21,13 +22,14 @@ class TrainConfig:
     policy: str = "dds"  # selection policy: dds, full, budgeted, random, infobatch, ucb (dds.selector.list_policies())
     budget: float = 0.5  # fraction of full-data sample-steps (epochs * N) the whole run may spend, in (0, 1]
     epochs: int = 12  # passes of the selector; each epoch trains on the samples the selector plans
-    model: str = "resnet20"  # model name (dds.train.list_models())
+    model: str = "resnet20"  # model name (dds.train.list_models()) or timm:NAME (any timm architecture, random init)
     seed: int = 0  # seeds model init, the selector and the per-epoch augmentation streams
     batch_size: int = 128  # samples per optimiser step (the last batch of an epoch may be smaller)
-    lr: float = 0.1  # peak learning rate of SGD
-    momentum: float = 0.9  # SGD momentum (Nesterov when `nesterov`)
-    nesterov: bool = True  # Nesterov momentum
-    weight_decay: float = 5e-4  # L2 weight decay, applied to every parameter
+    optimizer: str = "sgd"  # sgd (momentum, Nesterov) or adamw (decoupled weight decay)
+    lr: float = 0.1  # peak learning rate (DEFAULT_LR: 0.1 suits sgd, adamw wants about 1e-3)
+    momentum: float = 0.9  # SGD momentum (Nesterov when `nesterov`); unused by adamw
+    nesterov: bool = True  # Nesterov momentum; unused by adamw
+    weight_decay: float = 5e-4  # weight decay, applied to every parameter (L2 for sgd, decoupled for adamw)
     label_smoothing: float = 0.1  # cross-entropy label smoothing, in [0, 1)
     schedule: str = "cosine"  # LR schedule over the run's sample-steps: cosine (to 0) or constant
     warmup: float = 0.0  # fraction of the run's sample-steps with a linear LR warm-up from 0, in [0, 1)
@@ -63,6 +65,7 @@ class TrainConfig:
         if isinstance(self.decode_workers, bool) or not isinstance(self.decode_workers, int):
             raise DdsError(f"decode_workers must be an integer (threads, 0 = none), got {self.decode_workers!r}")
         check_min_int("decode_workers", self.decode_workers, 0, "threads, 0 = decode in the reading thread")
+        check_choice("optimizer", self.optimizer, tuple(DEFAULT_LR))
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("eval_split", self.eval_split, EVAL_SPLITS)
         check_choice("device", self.device, DEVICES)

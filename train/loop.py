@@ -32,6 +32,7 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -282,16 +283,46 @@ def _checkpoint_bytes(**state: Any) -> bytes:
     return buf.getvalue()
 
 
+def _read_checkpoint(path: Path, what: str) -> dict[str, Any]:
+    try:  # weights_only: tensors, containers and scalars only, so a crafted file cannot run code
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError or RuntimeError for files it refuses
+        raise DdsError(f"{what} is not a dds checkpoint ({type(e).__name__})") from None
+
+
 def _load_checkpoint(ws: Workspace, run_id: str) -> dict[str, Any] | None:
     """The run's last checkpoint, or None when it stopped before its first epoch ended."""
     path = ws.run_dir(run_id) / "checkpoint.pt"
     if not path.exists():
         return None
-    try:  # weights_only: tensors, containers and scalars only, so a crafted file cannot run code
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError or RuntimeError for files it refuses
-        raise DdsError(f"checkpoint of run '{run_id}' is not a dds checkpoint ({type(e).__name__}); "
-                       "it cannot be resumed") from None
+    return _read_checkpoint(path, f"checkpoint of run '{run_id}' (it cannot be resumed)")
+
+
+def load_trained(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model a run trained, from its ``runs/RUN_ID/checkpoint.pt``, on the CPU in eval mode.
+
+    The checkpoint is rewritten after every epoch: once the run is ``done`` it holds the final weights.
+
+    Returns:
+        ``(model, card)``; ``card`` holds what inputs need: ``classes`` (names by label), ``channels``,
+        ``image_size``, ``mean`` and ``std`` (uint8 ``(B, C, S, S)`` images go through
+        :func:`dds.train.augment.normalize` with them), and ``config`` (the run's :class:`TrainConfig` as a dict).
+
+    Raises:
+        DdsError: no such file, or a file that is not a checkpoint of this version of dds.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DdsError(f"no checkpoint at {path}; a run writes it to WORKSPACE/runs/RUN_ID/checkpoint.pt")
+    ckpt = _read_checkpoint(path, str(path))
+    if "card" not in ckpt:
+        raise DdsError(f"{path} was written by an older dds, without the dataset's classes and geometry; train the "
+                       "run again to load it with load_trained")
+    card = {**ckpt["card"], "config": json.loads(ckpt["config"])}
+    cfg = TrainConfig.from_dict(card["config"])
+    model = create_model(cfg.model, len(card["classes"]), card["channels"], card["image_size"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), card
 
 
 def _write_run(ws: Workspace, cfg: TrainConfig, state: RunState, status: str) -> None:
@@ -410,9 +441,8 @@ def _run(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, *, run_id
         start_epoch = ckpt["epoch"] + 1
         log.info("resuming %s at epoch %d", state.run_id, start_epoch)
     if d.is_main:
-        log.info("run %s: %s on %s, %d train / %d %s samples, budget %d sample-steps, device %s (resume with "
-                 "`dds train %s --resume %s`)", state.run_id, cfg.policy, cfg.dataset, train.n, test.n,
-                 cfg.eval_split, state.total_sample_steps, device, cfg.dataset, state.run_id)
+        log.info("run %s: %s, %s, %d train / %d %s samples, budget %d sample-steps, %s", state.run_id,
+                 cfg.model, cfg.optimizer, train.n, test.n, cfg.eval_split, state.total_sample_steps, device)
     net = model
     if d.enabled:  # gradients averaged over the ranks; the checkpoint keeps the bare model's state
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -444,8 +474,19 @@ def _train_locked(out: _Writer, sel, model, net, opt, train, test, device, d: Di
     return state.summary(status)
 
 
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over every parameter of ``model``: SGD (momentum, Nesterov) or AdamW.
+
+    The LR given here is the peak; the loop sets each step's LR from :func:`lr_at`.
+    """
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
+
+
 def _setup(ws: Workspace, cfg: TrainConfig, device: torch.device, data: tuple | None) -> tuple:
-    """Selector, model (on ``device``), SGD optimiser, train and evaluation splits of a run.
+    """Selector, model (on ``device``), optimiser, train and evaluation splits of a run.
 
     The selector and the model come first: they are cheap and reject unknown names before any
     decoding; then the evaluation split (``cfg.eval_split``; its absence is an error), then train.
@@ -464,8 +505,7 @@ def _setup(ws: Workspace, cfg: TrainConfig, device: torch.device, data: tuple | 
         torch.manual_seed(cfg.seed)
         model = create_model(cfg.model, len(info["classes"]), int(info["channels"]), int(info["image_size"]))
     model.to(device=device, memory_format=_memory_format(device, cfg.channels_last))
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                          weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model, cfg)
     if data is None:
         test = open_split(ws, cfg.dataset, cfg.eval_split, cache=cfg.cache, decode_workers=cfg.decode_workers)
         train = open_split(ws, cfg.dataset, "train", cache=cfg.cache, decode_workers=cfg.decode_workers)
@@ -487,6 +527,19 @@ class _Writer:
             catalog.refresh(self.ws)
 
 
+def epoch_line(policy: str, epoch: int, epochs: int, row: dict[str, Any]) -> str:
+    """One log line per epoch: samples trained, mean loss, accuracy when evaluated, training img/s, seconds.
+
+    ``row`` is the epoch's row of the ``epochs`` table (sample_steps, train_loss, test_acc, data_s,
+    compute_s, wall_s); img/s counts the time spent on batches (data_s + compute_s).
+    """
+    acc = "" if row["test_acc"] is None else f", acc {row['test_acc']:.4f}"
+    busy = row["data_s"] + row["compute_s"]
+    rate = row["sample_steps"] / busy if busy > 0 else 0.0
+    return (f"{policy} epoch {epoch + 1}/{epochs}: {row['sample_steps']} samples, loss {row['train_loss']:.4f}{acc}, "
+            f"{rate:.0f} img/s, {row['wall_s']:.1f} s")
+
+
 def _planned_steps(sel, epoch: int, m: int, cfg: TrainConfig, world: int) -> int:
     """Steps of ``epoch`` (``m`` planned samples) plus the steps the selector expects after it."""
     later = sel.epoch_sizes()[epoch + 1:]
@@ -503,6 +556,8 @@ def _epochs(out: _Writer, sel, model, net, opt, train, test, device, d: Dist, *,
     """
     cfg, state = out.cfg, out.state
     augmenter = Augmenter(train.image_size, train.channels)
+    card = {"classes": list(out.ws.dataset_info(cfg.dataset)["classes"]), "channels": train.channels,
+            "image_size": train.image_size, "mean": train.mean, "std": train.std}  # what load_trained needs
     for epoch in range(start_epoch, cfg.epochs):
         t_start = time.perf_counter()
         plan = sel.plan(epoch)
@@ -548,11 +603,10 @@ def _epochs(out: _Writer, sel, model, net, opt, train, test, device, d: Dist, *,
             _write_epoch(out.ws, state.run_id, epoch, {"selected": int(np.count_nonzero(hist["selected"])), **row},
                          train.keys, hist)
             atomic_write_bytes(out.ws.run_dir(state.run_id) / "checkpoint.pt", _checkpoint_bytes(
-                config=cfg.to_json(), epoch=epoch, model=model.state_dict(), optimizer=opt.state_dict(),
+                config=cfg.to_json(), card=card, epoch=epoch, model=model.state_dict(), optimizer=opt.state_dict(),
                 selector=sel.state_dict(), torch_rng=torch.get_rng_state(), state=dataclasses.asdict(state)))
         out.run("running")
-        log.info("epoch %d/%d: %d sample-steps, loss %.4f, test_acc %s, %.1f s", epoch + 1, cfg.epochs, m,
-                 row["train_loss"], "-" if test_acc is None else f"{test_acc:.4f}", row["wall_s"])
+        log.info("%s", epoch_line(cfg.policy, epoch, cfg.epochs, row))
         if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.epochs:
             return "stopped"
     return "done"

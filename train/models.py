@@ -1,18 +1,22 @@
-"""Model registry: small CIFAR-style nets for 28-32 px images, torchvision ResNets for larger ones.
+"""Model registry: small CIFAR-style nets for 28-32 px images, torchvision ResNets for larger ones,
+and any timm architecture as ``timm:NAME``.
 
 Every entry is ``factory(num_classes, in_channels, image_size) -> nn.Module`` returning logits
 ``(B, num_classes)`` for inputs ``(B, in_channels, image_size, image_size)`` float32.
 """
 from __future__ import annotations
 
+import difflib
 from typing import Callable
 
 import torch
 from torch import nn
 
+from dds.errors import DdsError
 from dds.registry import Registry
 
 MODELS: Registry[nn.Module] = Registry("model")
+TIMM_PREFIX = "timm:"
 
 
 def register_model(name: str) -> Callable:
@@ -21,7 +25,7 @@ def register_model(name: str) -> Callable:
 
 
 def list_models() -> list[str]:
-    """Names of the registered models, sorted."""
+    """Names of the registered models, sorted (``timm:NAME`` stands for every timm architecture)."""
     return MODELS.names()
 
 
@@ -29,15 +33,47 @@ def create_model(name: str, num_classes: int, in_channels: int, image_size: int)
     """Build the model ``name`` with freshly initialised weights (no pretrained weights).
 
     Args:
-        name: a registered model name (:func:`list_models`).
+        name: a registered model name (:func:`list_models`), or ``timm:NAME`` for any architecture in
+            ``timm.list_models()`` (e.g. ``timm:resnet18``, ``timm:convnext_atto``).
         num_classes: size of the output layer.
         in_channels: 1 for grey, 3 for RGB.
         image_size: input side in pixels.
 
     Raises:
-        DdsError: unknown ``name`` (the message lists the known models).
+        DdsError: unknown ``name`` (the message lists the known models, or close timm names).
     """
+    if name.startswith(TIMM_PREFIX):
+        return timm_model(name[len(TIMM_PREFIX):], num_classes, in_channels, image_size)
     return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+
+
+def timm_model(arch: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """The timm architecture ``arch``, random init, its head and stem sized for the dataset.
+
+    Architectures with a fixed input size (ViTs, Swin) are built for ``image_size``; the others
+    (conv nets) take any size. One blank image goes through the model, so an architecture too deep
+    for small images fails here, before any data is decoded.
+
+    Raises:
+        DdsError: ``arch`` is not a timm architecture, or it does not fit this input.
+    """
+    import timm
+    from timm.models import get_pretrained_cfg_value
+
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise DdsError(f"timm has no model '{arch}'{hint}; see timm.list_models(), e.g. --model timm:resnet18")
+    size = {"img_size": image_size} if get_pretrained_cfg_value(arch, "fixed_input_size") else {}
+    try:
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels, **size)
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, in_channels, image_size, image_size))
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DdsError(f"timm model {arch} does not fit {in_channels}-channel {image_size}-px images ({first}); "
+                       "pick another --model") from None
+    return model.train()
 
 
 class BasicBlock(nn.Module):
