@@ -201,7 +201,6 @@ class Workspace:
             DdsError: another process holds the lock (exclusively, or at all when asking for it exclusively).
         """
         import fcntl
-        import secrets
 
         folder = self.dataset_dir(target) if isinstance(target, str) else Path(target)
         what = what or (f"dataset '{target}'" if isinstance(target, str) else str(folder))

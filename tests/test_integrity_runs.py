@@ -247,8 +247,8 @@ def test_a_run_that_fills_the_disk_is_marked_failed_with_the_reason(ws, monkeypa
         """A disk with no room from the first checkpoint on: its partial file holds the last free bytes."""
         f = real_open(path, mode, *a, **kw)
         path = Path(path)
-        partial = [p for p in path.parent.glob("checkpoint.pt*.tmp")]
-        if "w" in mode and (path.name.startswith("checkpoint.pt") or partial):
+        partial = [p for p in path.parent.iterdir() if "checkpoint.pt" in p.name and p.name.endswith(".tmp")]
+        if "w" in mode and ("checkpoint.pt" in path.name or partial):
             write = f.write
 
             def full(data):
@@ -266,7 +266,7 @@ def test_a_run_that_fills_the_disk_is_marked_failed_with_the_reason(ws, monkeypa
     assert row["status"] == "failed" and "No space left on device" in row["reason"]
     got = query(ws, "SELECT status, reason FROM runs").to_pylist()
     assert got == [{"status": "failed", "reason": "OSError: [Errno 28] No space left on device"}]
-    assert not list(ws.run_dir(run_id).glob("*.tmp"))
+    assert not [p for p in ws.run_dir(run_id).iterdir() if p.name.endswith(".tmp")]
 
 
 @pytest.mark.parametrize("command, patch, kept", [

@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import secrets
 import shutil
 import tarfile
 from pathlib import Path
@@ -39,7 +38,7 @@ from dds.errors import DdsError
 from dds.selector._core import capped_quotas
 from dds.shards import iter_tar_samples, shard_rows
 from dds.tables import check_run_data, load_history, load_run, load_scores, load_train_samples
-from dds.workspace import Workspace, write_parquet
+from dds.workspace import Workspace, temp_path, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +144,10 @@ def write_subset_shards(ws: Workspace, dataset: str, samples, keys: list[str], o
     """
     out.mkdir(parents=True, exist_ok=True)
     classes = ws.dataset_info(dataset)["classes"]
-    tmp = f".{secrets.token_hex(4)}.tmp"  # each tar is written under a unique name, renamed when complete
     wanted = dict(zip(samples["key"], samples["label"]))
     wanted = {k: int(wanted[k]) for k in keys}
     stems = set(samples.loc[samples["key"].isin(wanted), "shard"])
-    written, tar, count = [], None, 0
+    written, tar, tmp, count = [], None, None, 0
     for row in shard_rows(ws, dataset, ["train"]):
         if row["shard"] not in stems:
             continue
@@ -158,7 +156,8 @@ def write_subset_shards(ws: Workspace, dataset: str, samples, keys: list[str], o
                 continue
             if tar is None:
                 written.append(str(out / f"train-{len(written):06d}.tar"))
-                tar = tarfile.open(written[-1] + tmp, "w", format=tarfile.USTAR_FORMAT)
+                tmp = temp_path(Path(written[-1]))
+                tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
             label = wanted[key]
             for ext, data in (("png", members["png"]), ("cls", str(label).encode()),
                               ("txt", str(classes[label]).encode())):
@@ -166,14 +165,15 @@ def write_subset_shards(ws: Workspace, dataset: str, samples, keys: list[str], o
             count += 1
             if count % shard_size == 0:
                 tar.close()
-                os.replace(written[-1] + tmp, written[-1])
+                os.replace(tmp, written[-1])
                 tar = None
     if tar is not None:
         tar.close()
-        os.replace(written[-1] + tmp, written[-1])
+        os.replace(tmp, written[-1])
     for test in [r["url"] for r in shard_rows(ws, dataset, ["test"])]:
-        shutil.copyfile(test, str(out / test.name) + tmp)
-        os.replace(str(out / test.name) + tmp, out / test.name)
+        tmp = temp_path(out / test.name)
+        shutil.copyfile(test, tmp)
+        os.replace(tmp, out / test.name)
         written.append(str(out / test.name))
     return written
 
