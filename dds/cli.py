@@ -2,12 +2,13 @@
 command and prints the result. Heavy libraries (torch, open_clip) are imported inside commands."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
@@ -128,6 +129,16 @@ def _recipe(optimizer: str, lr: Optional[float], weight_decay: float, label_smoo
             "weight_decay": weight_decay, "label_smoothing": label_smoothing}
 
 
+@contextlib.contextmanager
+def _on_interrupt(kept: str) -> Iterator[None]:
+    """Ctrl-C inside the block: one line saying what was kept and how to go on (``kept``), exit status 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        typer.echo(f"dds: interrupted; {kept}", err=True)
+        sys.exit(130)
+
+
 EvalSplitOpt = typer.Option("test", "--eval-split", help="Split to evaluate every epoch: test, or val (made by "
                                                       "dds shard --val) to pick constants without touching test.")
 
@@ -165,9 +176,11 @@ def shard(
     from dds.pipeline.shard import run_shard
 
     # run_shard checks every option (dds._validate) and that the workspace is writable
-    summary = run_shard(Workspace.resolve(workspace), source, name=name, split=split, limit=limit, val=val,
-                        shard_size=shard_size, label_noise=label_noise, noise_kind=noise_kind, seed=seed,
-                        class_names=class_names, templates=templates, overlap=overlap, progress=progress)
+    with _on_interrupt("the dataset was left as it was (the half-written generation is discarded); run the "
+                       "same dds shard command again"):
+        summary = run_shard(Workspace.resolve(workspace), source, name=name, split=split, limit=limit, val=val,
+                            shard_size=shard_size, label_noise=label_noise, noise_kind=noise_kind, seed=seed,
+                            class_names=class_names, templates=templates, overlap=overlap, progress=progress)
     _print_summary(f"dds shard {source}", summary)
 
 
@@ -194,8 +207,9 @@ def embed(
     ws = _ws(workspace, write=True)
     ws.dataset_info(name)
     _relaunch(nproc)
-    summary = run_embed(ws, name, encoder=encoder, batch_size=batch_size, splits=splits,
-                        num_workers=workers, device=device, progress=progress)
+    with _on_interrupt(f"the shards embedded so far are kept; run dds embed {name} again to embed the rest"):
+        summary = run_embed(ws, name, encoder=encoder, batch_size=batch_size, splits=splits,
+                            num_workers=workers, device=device, progress=progress)
     _print_summary(f"dds embed {name}", summary)
 
 
@@ -227,8 +241,10 @@ def index(
     classes = ws.dataset_info(name)["classes"]
     counts = ws.split_samples(name, "train", ["label"])["label"].value_counts()
     check_k_fits(k, {str(classes[int(c)]): int(n) for c, n in counts.items()})
-    summary = run_index(ws, name, encoder=encoder, k=k, adapters=adapters, folds=folds, seed=seed,
-                        device=device, backend=backend, progress=progress)
+    with _on_interrupt(f"the previous index of {name} ({encoder}), if any, is still the one in use; run dds "
+                       f"index {name} again to rebuild it"):
+        summary = run_index(ws, name, encoder=encoder, k=k, adapters=adapters, folds=folds, seed=seed,
+                            device=device, backend=backend, progress=progress)
     _print_summary(f"dds index {name}", summary)
     _print_rows(ws, "SELECT region, count(*) AS n, round(avg(density), 3) AS density, "
                     "round(avg(consistency), 3) AS consistency, round(avg(joint), 3) AS joint, "
@@ -364,9 +380,15 @@ def train(
                               **_recipe(optimizer, lr, weight_decay, label_smoothing))
             result = run_train(ws, cfg, progress=progress, announce=announce)
     except KeyboardInterrupt:
-        if not started:
-            raise
-        typer.echo(f"dds: interrupted; resume with: dds train {name} --resume {started[0]}", err=True)
+        if started:
+            typer.echo(f"dds: interrupted; run {started[0]} is kept at its last finished epoch; resume with: "
+                       f"dds train {name} --resume {started[0]}", err=True)
+        elif resume:
+            typer.echo(f"dds: interrupted; run {resume} is unchanged (training had not begun); resume with: "
+                       f"dds train {name} --resume {resume}", err=True)
+        else:
+            typer.echo("dds: interrupted; nothing was written (the run had not started); run the same command again",
+                       err=True)
         sys.exit(130)
     _print_summary("dds train", result)
     if _rank() == 0:
@@ -433,6 +455,8 @@ def bench(
     except ValueError:
         raise DdsError(f"--budgets takes comma-separated numbers, got '{budgets}'") from None
     ws = _ws(workspace)
+    if results:
+        ws.check_output(results, "--results")
     per_policy: dict[str, dict] = {}
     for key, value in _parse_options(option).items():
         policy, dot, opt = key.partition(".")
@@ -500,7 +524,10 @@ def bench_train(
     spent waiting for batches)."""
     from dds.train.bench import bench_train as run
 
-    rows = run(_ws(workspace), name, model=model, batch_size=batch_size, samples=samples, cache=cache, device=device,
+    ws = _ws(workspace)
+    if results:
+        ws.check_output(results, "--results")
+    rows = run(ws, name, model=model, batch_size=batch_size, samples=samples, cache=cache, device=device,
                prefetch=prefetch, repeats=repeats, bf16=bf16, decode_workers=decode_workers)
     header = ("what", "channels_last", "bf16", "steps", "img/s", "data wait", "vs bare")
 
@@ -637,7 +664,10 @@ def audit(
     from dds.pipeline.audit import run_audit
 
     check_positive_int("--top", top)
-    result = run_audit(_ws(workspace), name, encoder=encoder, use_cleanlab=cleanlab)
+    ws = _ws(workspace)
+    if out:
+        ws.check_output(out, "--out")
+    result = run_audit(ws, name, encoder=encoder, use_cleanlab=cleanlab)
     _print_audit(result, top)
     if out:
         import pyarrow as pa

@@ -1,4 +1,4 @@
-"""Dataset generations: every ``dds shard`` writes a complete new generation, then switches to it at once.
+"""Generations: every ``dds shard`` (and ``dds index``) writes a complete new generation, then switches to it at once.
 
 A dataset folder holds one folder per generation (``gen-ID/``: tars, tables, dataset.json) and a
 symlink ``current -> gen-ID``. The names readers open (``dataset.json``, ``samples.parquet``,
@@ -12,6 +12,14 @@ after the commit, and half-written ones by the next writer. Writers hold the dat
 A dataset written before generations existed (real files in the dataset folder), or copied by a
 tool that followed the links, is adopted first: its files are moved into a generation without
 changing what readers see.
+
+An index folder (``index/ENCODER/``) works the same way with :data:`INDEX_LINKED`: ``dds index``
+writes the kNN graph, the scores and ``index.json`` into a new generation and switches to all
+three at once, so a kill between two of them leaves the previous consistent triple in use.
+
+A dataset generation also has a content id (:func:`content_id`, ``dataset.json``'s
+``generation``): a hash of its samples table, so a run can tell whether the data it trained on is
+still the data in use (re-sharding the same source with the same options gives the same id).
 """
 from __future__ import annotations
 
@@ -23,7 +31,29 @@ from pathlib import Path
 
 #: what a generation holds; each is a fixed link in the dataset folder
 LINKED = ("dataset.json", "dataset.parquet", "samples.parquet", "shards.parquet", "rejects.parquet", "shards")
+#: what an index generation holds; each is a fixed link in the index folder
+INDEX_LINKED = ("knn.parquet", "scores.parquet", "index.json")
 CURRENT = "current"
+#: the samples columns whose content makes a dataset generation's id
+CONTENT_COLUMNS = ("split", "idx", "key", "label", "label_orig", "image_sha")
+
+
+def content_id(samples) -> str:
+    """The id of a dataset generation: 16 hex digits of a hash of its samples table's content.
+
+    Args:
+        samples: the samples table (pyarrow or pandas); of :data:`CONTENT_COLUMNS` those it has are
+            hashed, row by row in (split, idx) order, so the same samples give the same id.
+    """
+    import hashlib
+
+    import pandas as pd
+    import pyarrow as pa
+
+    df = samples.to_pandas() if isinstance(samples, pa.Table) else samples
+    df = df[[c for c in CONTENT_COLUMNS if c in df.columns]].sort_values(["split", "idx"])
+    rows = pd.util.hash_pandas_object(df, index=False).to_numpy()
+    return hashlib.sha256(rows.tobytes()).hexdigest()[:16]
 
 
 def current_generation(ds_dir: Path) -> Path | None:
@@ -32,20 +62,23 @@ def current_generation(ds_dir: Path) -> Path | None:
     return ds_dir / os.readlink(link) if link.is_symlink() else None
 
 
-def new_generation(ds_dir: Path) -> Path:
-    """Create an empty generation folder (with ``shards/``) beside the one in use; nothing reads it yet."""
+def new_generation(ds_dir: Path, names: tuple[str, ...] = LINKED) -> Path:
+    """Create an empty generation folder (with ``shards/`` if ``names`` has it) beside the one in use;
+    nothing reads it yet. Its name (``gen-YYYYmmdd-HHMMSS-XXXXXX``) is unique."""
     ds_dir.mkdir(parents=True, exist_ok=True)
-    adopt_legacy(ds_dir)
+    adopt_legacy(ds_dir, names)
     remove_unused(ds_dir)
     gen = ds_dir / f"gen-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-    (gen / "shards").mkdir(parents=True)
+    gen.mkdir()
+    if "shards" in names:
+        (gen / "shards").mkdir()
     return gen
 
 
-def commit(ds_dir: Path, gen: Path) -> None:
+def commit(ds_dir: Path, gen: Path, names: tuple[str, ...] = LINKED) -> None:
     """Make ``gen`` the generation in use (one atomic rename), then delete the others."""
     _fsync_tree(gen)
-    for name in LINKED:  # the fixed links; for a new dataset they point at nothing until `current` exists
+    for name in names:  # the fixed links; for a new dataset they point at nothing until `current` exists
         link = ds_dir / name
         if not link.is_symlink():
             os.symlink(f"{CURRENT}/{name}", link)
@@ -64,14 +97,14 @@ def remove_unused(ds_dir: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def adopt_legacy(ds_dir: Path) -> None:
-    """Move the real files of a dataset written before generations into ``gen-legacy``.
+def adopt_legacy(ds_dir: Path, names: tuple[str, ...] = LINKED) -> None:
+    """Move the real files (``names``) of a folder written before generations into ``gen-legacy``.
 
     Each step leaves readers the same content: the tables are hard-linked into the generation and
     ``current`` is set before any name in the dataset folder becomes a link; ``shards/`` is moved
     by one rename and linked right after.
     """
-    real = [n for n in LINKED if (ds_dir / n).exists() and not (ds_dir / n).is_symlink()]
+    real = [n for n in names if (ds_dir / n).exists() and not (ds_dir / n).is_symlink()]
     if not real:
         return
     current = ds_dir / CURRENT
@@ -122,7 +155,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _fsync_tree(gen: Path) -> None:
     """The generation's files reach the disk before ``current`` names it."""
-    for p in [gen / "shards", gen]:
+    for p in [*(d for d in gen.iterdir() if d.is_dir()), gen]:
         for f in p.iterdir():
             if f.is_file():
                 fd = os.open(f, os.O_RDONLY)

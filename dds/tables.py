@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from dds.errors import DdsError
-from dds.workspace import Workspace
+from dds.workspace import Workspace, pid_alive
 
 _s, _i32, _i64, _f32, _f64, _b = pa.string(), pa.int32(), pa.int64(), pa.float32(), pa.float64(), pa.bool_()
 
@@ -41,7 +40,8 @@ REJECTS_SCHEMA = _schema(("dataset", _s), ("source", _s), ("reason", _s), ("spli
 
 TABLES: dict[str, Table] = {
     "datasets": Table("datasets/*/dataset.parquet", _schema(
-        ("name", _s), ("num_samples", _i64), ("num_classes", _i32), ("classes", pa.list_(_s)), ("source", _s))),
+        ("name", _s), ("num_samples", _i64), ("num_classes", _i32), ("classes", pa.list_(_s)), ("source", _s),
+        ("generation", _s))),
     "samples": Table("datasets/*/samples.parquet", SAMPLES_SCHEMA),
     "shards": Table("datasets/*/shards.parquet", SHARDS_SCHEMA),
     "rejects": Table("datasets/*/rejects.parquet", REJECTS_SCHEMA),
@@ -62,7 +62,8 @@ TABLES: dict[str, Table] = {
         ("status", _s), ("config", _s), ("model", _s), ("budget_spent", _f64), ("sample_steps", _i64),
         ("total_sample_steps", _i64), ("steps", _i64), ("total_steps", _i64), ("follows_budget", _b),
         ("epochs_done", _i32), ("test_acc", _f64), ("data_s", _f64), ("compute_s", _f64), ("select_s", _f64),
-        ("eval_s", _f64), ("wall_s", _f64), ("train_s", _f64), ("updated", _s), ("pid", _i64), ("host", _s))),
+        ("eval_s", _f64), ("wall_s", _f64), ("train_s", _f64), ("updated", _s), ("pid", _i64), ("host", _s),
+        ("dataset_generation", _s), ("index_generation", _s), ("reason", _s))),
     "epochs": Table("runs/*/epochs/*.parquet", _schema(
         ("run_id", _s), ("epoch", _i32), ("selected", _i64), ("sample_steps", _i64), ("train_loss", _f64),
         ("test_acc", _f64), ("wall_s", _f64), ("data_s", _f64), ("compute_s", _f64), ("select_s", _f64),
@@ -149,19 +150,9 @@ def stale_run_ids(rows: list[dict], host: str | None = None) -> set[str]:
     stale = set()
     for r in rows:
         if r.get("status") == "running" and r.get("pid") is not None and r.get("host") == host:
-            if not _pid_alive(int(r["pid"])):
+            if not pid_alive(int(r["pid"])):
                 stale.add(r["run_id"])
     return stale
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def load_run(ws: Workspace, run_id: str) -> dict[str, Any]:
@@ -217,3 +208,70 @@ def load_scores(ws: Workspace, dataset: str, encoder: str):
 
     path = ws.index_dir(dataset, encoder) / "scores.parquet"
     return pq.read_table(path).to_pandas() if path.exists() else None
+
+
+# ---------------------------------------------------------------- generations a run is bound to
+
+def dataset_generation(ws: Workspace, name: str, split: str | None = None) -> str:
+    """The id of dataset ``name``'s generation in use (:func:`dds.generations.content_id`).
+
+    Args:
+        split: None for the whole dataset (``dataset.json``'s ``generation``, or for a dataset sharded
+            before ids were recorded the same hash of its samples table); a split name for the id of
+            that split's rows alone (what ``dds index`` records for the train samples it scored).
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from dds.generations import content_id
+
+    info = ws.dataset_info(name)
+    if split is None and info.get("generation"):
+        return info["generation"]
+    samples = pq.read_table(ws.dataset_dir(name) / "samples.parquet")
+    return content_id(samples if split is None else samples.filter(pc.equal(samples["split"], split)))
+
+
+def index_info(ws: Workspace, name: str, encoder: str) -> dict[str, Any]:
+    """``index.json`` of ``name`` under ``encoder`` (its ``generation`` and ``train_generation``), or {}."""
+    path = ws.index_dir(name, encoder) / "index.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def check_index_current(ws: Workspace, name: str, encoder: str) -> None:
+    """Refuse scores computed on other train samples than the dataset's generation in use holds.
+
+    Raises:
+        DdsError: ``index.json`` records a train generation other than the current one.
+    """
+    made_on = index_info(ws, name, encoder).get("train_generation")
+    now = dataset_generation(ws, name, "train")
+    if made_on and made_on != now:
+        raise DdsError(f"the scores of '{name}' ({encoder}) were computed on train samples of generation {made_on}, "
+                       f"but the dataset now holds {now} (re-sharded since); run `dds index {name} --encoder "
+                       f"{encoder}` again")
+
+
+def check_run_data(ws: Workspace, run: dict[str, Any]) -> None:
+    """Refuse to resume a run, or read its dataset or scores, when they are no longer the generations
+    it trained on.
+
+    Args:
+        run: a :func:`load_run` row (run_id, dataset, config's encoder, dataset_generation and
+            index_generation); runs that recorded no generation (older runs) pass.
+
+    Raises:
+        DdsError: the dataset was re-sharded, or its index rebuilt, since the run trained on it.
+    """
+    ds, rid = run["dataset"], run["run_id"]
+    used, now = run.get("dataset_generation"), dataset_generation(ws, ds)
+    if used and used != now:
+        raise DdsError(f"run {rid} trained on generation {used} of dataset '{ds}', but '{ds}' now holds generation "
+                       f"{now} (re-sharded since), so its data is not the run's: re-shard '{ds}' back to the data "
+                       f"the run used, or start a new run (dds train {ds})")
+    encoder = run["config"].get("encoder", "lite0-minilm")
+    used, now = run.get("index_generation"), index_info(ws, ds, encoder).get("generation")
+    if used and used != now:
+        raise DdsError(f"run {rid} selected by index generation {used} of '{ds}' ({encoder}), but the index now "
+                       f"holds {now or 'nothing'} (`dds index` ran since), so its scores are not the run's: start a "
+                       f"new run (dds train {ds})")

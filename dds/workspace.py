@@ -5,10 +5,10 @@ Layout (all data is parquet, written by atomic rename; ``catalog.duckdb`` holds 
     WORKSPACE/
       catalog.duckdb                      views over the parquet files below
       datasets/NAME/
-        .lock                             taken by `dds shard` (one writer per dataset)
+        .lock                             taken by `dds shard` (exclusive), `dds train` and `dds index` (shared)
         current -> gen-ID                 the generation in use, swapped by one atomic rename
         gen-ID/                           one complete generation written by `dds shard`:
-          dataset.json, dataset.parquet   name, classes, manifest, source, per-split counts
+          dataset.json, dataset.parquet   name, classes, manifest, source, per-split counts, generation (content id)
           shards/SPLIT-000000.tar         WebDataset shards (KEY.png + KEY.cls)
           shards.parquet                  shard index: split, shard, path, count, sha256
           samples.parquet                 one row per sample (samples table)
@@ -17,15 +17,22 @@ Layout (all data is parquet, written by atomic rename; ``catalog.duckdb`` holds 
         embed/ENCODER_SLUG/
           encoder.json                    encoder name, weights, dim, normalisation
           text.parquet                    one row per class: prompt-averaged text embedding
-          shards/SHARD.parquet            one per shard: key, label, vector
+          shards/SHARD.parquet            one per shard: key, label, vector (+ sha256 of the tar embedded)
         index/ENCODER_SLUG/
-          knn.parquet, scores.parquet
+          .lock                           taken by `dds index`
+          current -> gen-ID               the index generation in use, as for the dataset
+          gen-ID/                         knn.parquet, scores.parquet, index.json, written by one `dds index`
+          knn.parquet, scores.parquet,    fixed links into current/
+          index.json
       runs/RUN_ID/
         .lock                             taken by the process training the run
-        run.json, run.parquet             runs table row (config as json)
+        run.json, run.parquet             runs table row (config as json, generations trained on, reason)
         epochs/EPOCH.parquet              epochs table rows
         history/EPOCH.parquet             history table rows
-        checkpoint.pt
+        checkpoint.pt, checkpoint.json    the last checkpoint and its sha256 (verified by --resume)
+
+No output option (``--out``, ``--shards``, ``--results``) may point into ``datasets/``, ``runs/``,
+``bench/`` or ``catalog.duckdb`` (:meth:`Workspace.check_output`).
 """
 from __future__ import annotations
 
@@ -158,19 +165,40 @@ class Workspace:
             raise DdsError(f"no run '{run_id}' in workspace {self.root}{hint}")
         return run_id
 
+    def check_output(self, path: str | os.PathLike, option: str) -> Path:
+        """``path`` resolved, for an output option (``--out``, ``--shards``): never one of the workspace's own files.
+
+        Raises:
+            DdsError: the path is, or lies inside, the workspace's ``datasets/`` (shards, tables,
+                embeddings, index), ``runs/``, ``bench/`` or ``catalog.duckdb``.
+        """
+        out = Path(path).resolve()
+        for own in ("datasets", "runs", "bench", "catalog.duckdb"):
+            base = (self.root / own).resolve()
+            if out == base or base in out.parents:
+                raise DdsError(f"{option} {path} lies inside the workspace's own {own} (which dds reads and would "
+                               f"overwrite); give a path outside {base}")
+        return out
+
     @contextlib.contextmanager
-    def lock(self, target: str | os.PathLike, what: str | None = None) -> Iterator[Path]:
-        """Hold an exclusive lock on a dataset (by name) or a folder (a path, e.g. ``ws.run_dir(id)``).
+    def lock(self, target: str | os.PathLike, what: str | None = None, *, shared: bool = False,
+             holder: str | None = None) -> Iterator[Path]:
+        """Hold a lock on a dataset (by name) or a folder (a path, e.g. ``ws.run_dir(id)``).
 
         The lock is ``fcntl.flock`` on ``FOLDER/.lock``: it is released when the block ends or the
-        process dies (kill -9 included), so a crashed holder never leaves a stale lock.
+        process dies (kill -9 included), so a crashed holder never leaves a stale lock. Writers take
+        it exclusively; readers that must not see the data replaced under them (a training run on its
+        dataset) take it ``shared``: any number of them at once, and no writer meanwhile. Each holder
+        leaves a note ``FOLDER/.lock.PID.X`` saying who it is, so a refusal names the holders.
 
         Args:
             target: a dataset name, or the folder to lock (created if missing).
             what: how the error names the locked thing (default: ``dataset NAME`` / the folder).
+            shared: take the lock shared instead of exclusive.
+            holder: who holds it, for other processes' errors (e.g. ``run ID``); the pid is added.
 
         Raises:
-            DdsError: another process holds the lock.
+            DdsError: another process holds the lock (exclusively, or at all when asking for it exclusively).
         """
         import fcntl
 
@@ -178,23 +206,22 @@ class Workspace:
         what = what or (f"dataset '{target}'" if isinstance(target, str) else str(folder))
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / ".lock"
+        note = folder / f".lock.{os.getpid()}.{secrets.token_hex(3)}"
         with open(path, "a+") as f:
             try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
-                f.seek(0)
-                holder = f.read().strip()
-                raise DdsError(f"{what} is in use by another dds process{f' ({holder})' if holder else ''}; "
+                holders = "; ".join(lock_holders(folder))
+                raise DdsError(f"{what} is in use by another dds process{f' ({holders})' if holders else ''}; "
                                "wait for it to finish, then try again") from None
-            f.seek(0)
-            f.truncate()
-            f.write(f"pid {os.getpid()}")
-            f.flush()
+            if not shared:  # no one else holds it: notes left by killed holders go
+                for old in folder.glob(".lock.*"):
+                    old.unlink(missing_ok=True)
+            note.write_text(f"{holder + ', ' if holder else ''}pid {os.getpid()}")
             try:
                 yield path
             finally:
-                f.seek(0)
-                f.truncate()
+                note.unlink(missing_ok=True)
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def dataset_info(self, name: str) -> dict[str, Any]:
@@ -243,6 +270,28 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically, so readers never see half a file."""
     _atomic_write(path, lambda f: f.write(data))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def lock_holders(folder: Path) -> list[str]:
+    """The notes of the live processes holding ``folder``'s lock (see :meth:`Workspace.lock`)."""
+    out = []
+    for note in sorted(folder.glob(".lock.*")):
+        pid = note.name.split(".")[2]
+        with contextlib.suppress(OSError):
+            if pid.isdigit() and pid_alive(int(pid)):
+                out.append(note.read_text().strip())
+    return out
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from dds.errors import DdsError
+from dds.tables import check_index_current
 from dds.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -191,8 +192,9 @@ def run_audit(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", use_cl
         suspected share), "notes": [str]}.
 
     Raises:
-        DdsError: no such dataset or no scores.
+        DdsError: no such dataset, no scores, or scores computed on an earlier generation of the dataset.
     """
+    check_index_current(ws, name, encoder)
     df = load_audit_inputs(ws, name, encoder)
     notes: list[str] = []
     susp = suspicion(df["label_posterior"].to_numpy())

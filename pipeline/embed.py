@@ -15,6 +15,7 @@ The decode stream is a list of generator stages, each yielding what its comment 
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import tarfile
@@ -95,8 +96,9 @@ def _shard_batches(task: ShardTask, preprocess, image_size: int, batch_size: int
     """Decode the batches ``b`` of one shard with ``b % num_workers == worker``.
 
     Yields each such batch as a dict (see :func:`_decode_batch`), then ``{"shard", "end": True, "seen"}``
-    with the number of samples this worker found in the tar (every worker reads the whole tar), or
-    ``{"shard", "error"}`` for a tar that is cut short or corrupt (raised in the main process).
+    with the number of samples this worker found in the tar (every worker reads the whole tar) and, from
+    worker 0, the tar's ``sha256``; or ``{"shard", "error"}`` for a tar that is cut short or corrupt
+    (raised in the main process).
     """
     raw, current, seen = [], -1, 0
     try:
@@ -115,7 +117,11 @@ def _shard_batches(task: ShardTask, preprocess, image_size: int, batch_size: int
         return
     if raw:
         yield _decode_batch(task, current, raw, preprocess, image_size)
-    yield {"shard": task.stem, "end": True, "seen": seen}
+    end = {"shard": task.stem, "end": True, "seen": seen}
+    if worker == 0:  # the sha256 of the bytes embedded, recorded with the vectors (see _is_done)
+        with open(task.path, "rb") as f:
+            end["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+    yield end
 
 
 def _make_dataset(tasks: list[ShardTask], preprocess, image_size: int, batch_size: int):
@@ -206,7 +212,9 @@ def shard_tasks(ws: Workspace, name: str, splits: tuple[str, ...]) -> list[Shard
 
 
 def _is_done(path: Path, task: ShardTask) -> bool:
-    """An output parquet exists and was embedded from the same tar (sha256 in its metadata)."""
+    """An output parquet exists and was embedded from the same tar: the sha256 of the bytes it was
+    embedded from (in its metadata) is the one ``shards.parquet`` lists, so a tar damaged when it
+    was embedded and repaired by `dds shard` since is embedded again."""
     import pyarrow.parquet as pq
 
     if not path.exists():
@@ -251,6 +259,7 @@ class _ShardState:
     parts: dict[int, tuple] = field(default_factory=dict)  # batch index -> (keys, labels, vectors)
     ends: int = 0  # workers that finished reading this shard's tar
     seen: int = 0
+    sha256: str = ""  # of the tar's bytes as read
 
 
 def embed_shards(ws: Workspace, name: str, encoder, tasks: list[ShardTask], *, batch_size: int,
@@ -279,7 +288,7 @@ def embed_shards(ws: Workspace, name: str, encoder, tasks: list[ShardTask], *, b
             raise DdsError(item["error"])
         st = states[item["shard"]]
         if item.get("end"):
-            st.ends, st.seen = st.ends + 1, item["seen"]
+            st.ends, st.seen, st.sha256 = st.ends + 1, item["seen"], item.get("sha256") or st.sha256
             if st.ends == n_workers:
                 _finish_shard(st, out, dataset, encoder, meta, stats)
                 del states[item["shard"]]
@@ -308,7 +317,10 @@ def _finish_shard(st: _ShardState, out: Path, dataset: str, encoder, meta: dict,
     labels = [y for b in order for y in st.parts[b][1]]
     vecs = np.concatenate([st.parts[b][2] for b in order]) if order else np.zeros((0, encoder.dim))
     table = vectors_table(dataset, encoder.name, keys, labels, vecs)
-    table = table.replace_schema_metadata({**meta, SHA_META: st.task.sha256.encode()})
+    if st.task.sha256 and st.sha256 != st.task.sha256:
+        log.warning("shard %s differs from its sha256 in shards.parquet (changed or damaged since dds shard); "
+                    "repair it with dds shard, then dds embed embeds it again", st.task.stem)
+    table = table.replace_schema_metadata({**meta, SHA_META: st.sha256.encode()})
     write_parquet(out / f"{st.task.stem}.parquet", table)
     log.info("embedded shard %s: %d vectors", st.task.stem, len(keys))
 

@@ -2,7 +2,9 @@
 
 Reads the train split's image embeddings, class-prompt embeddings and ``encoder.json`` written by
 ``dds embed``; writes ``index/{slug(encoder)}/knn.parquet`` and ``scores.parquet`` (the catalog's
-``knn`` and ``scores`` tables) and ``index.json`` (the settings), each atomically.
+``knn`` and ``scores`` tables) and ``index.json`` (the settings, the index generation and the
+generation of the train samples it scored) as one generation (:mod:`dds.generations`): all three are
+switched at once, so a kill mid-way leaves the previous consistent three in use.
 
 Scores (paper-notes §2.3-2.5). ``f_i`` is the frozen image embedding, ``y_i`` the training label
 (possibly noisy), ``cos[i, c]`` the cosine of sample ``i``'s adapted (or, for aligned encoders
@@ -51,16 +53,19 @@ verdict has no tuned constant (see :mod:`dds.pipeline.verdict`).
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
 
+from dds import generations
 from dds.device import resolve_device
 from dds.errors import DdsError
 from dds.pipeline import verdict
 from dds.selector import REGIONS
+from dds.tables import dataset_generation
 from dds.workspace import Workspace, atomic_write_json, write_parquet
 
 log = logging.getLogger(__name__)
@@ -547,47 +552,67 @@ def run_index(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", k: int
         Summary: dataset, encoder, n, classes, k, knn_backend, knn_s, adapters, folds, adapters_s,
         phases_s (phase -> seconds, :func:`index_arrays`), seconds, regions (region -> count),
         status (status -> count), trimmed (samples left out of the adapters' last pass), out (index
-        folder).
+        folder), generation (of this index) and train_generation (of the train samples it scored).
 
     Raises:
-        DdsError: bad arguments, or the dataset was not sharded / embedded with ``encoder``.
+        DdsError: bad arguments, the dataset was not sharded / embedded with ``encoder``, or another
+            process is re-sharding the dataset or indexing it with ``encoder``.
     """
-    import pyarrow as pa
-
     from dds import catalog
 
-    t0 = time.perf_counter()
     if k < 1:
         raise DdsError(f"k must be a positive integer, got {k}")
     if folds < 2:
         raise DdsError(f"folds must be at least 2 (cross-fitting), got {folds}")
+    t0 = time.perf_counter()
     dev = str(resolve_device(device))
-    data = load_inputs(ws, name, encoder)
+    ws.dataset_info(name)
+    with ws.lock(name, shared=True, holder=f"dds index {name}"):  # the data stays the same while it is read
+        train_gen = dataset_generation(ws, name, "train")
+        data = load_inputs(ws, name, encoder)
+        out = ws.index_dir(name, encoder)
+        with ws.lock(out, f"index of '{name}' ({encoder})"):  # one `dds index` per dataset and encoder at a time
+            summary = _build(name, encoder, data, out, train_gen, k=k, adapters=adapters, folds=folds, seed=seed,
+                             device=dev, backend=backend, progress=progress, t0=t0)
+    catalog.refresh(ws)
+    log.info("indexed %d samples of %s with %s in %.1f s: %s", summary["n"], name, encoder, summary["seconds"],
+             summary["regions"])
+    return summary
+
+
+def _build(name: str, encoder: str, data: dict[str, Any], out, train_gen: str, *, k: int, adapters: str,
+           folds: int, seed: int, device: str, backend: str, progress: bool, t0: float) -> dict[str, Any]:
+    """Compute the index of :func:`load_inputs`' ``data``, then write and commit it as one generation of ``out``."""
+    import pyarrow as pa
+
     keys, labels, img, text = data["keys"], data["labels"], data["img"], data["text"]
     if len(labels) < folds:
         raise DdsError(f"'{name}' has {len(labels)} train samples, fewer than --folds {folds}; lower --folds")
     use = _use_adapters(adapters, bool(data["encoder_json"].get("aligned", False)))
-    res = index_arrays(img, labels, text, k=k, use_adapters=use, folds=folds, seed=seed, device=dev,
+    res = index_arrays(img, labels, text, k=k, use_adapters=use, folds=folds, seed=seed, device=device,
                        backend=backend, progress=progress)
     cols, trim, sec = res["cols"], res["trim"], res["seconds"]
 
-    out = ws.index_dir(name, encoder)
-    write_parquet(out / "knn.parquet", pa.concat_tables([
-        _knn_table(name, encoder, keys, res["class_sims"], res["class_idx"], "class"),
-        _knn_table(name, encoder, keys, res["global_sims"], res["global_idx"], "global")]))
-    write_parquet(out / "scores.parquet", _scores_table(name, encoder, keys, labels, cols, res["scores"]))
+    gen = generations.new_generation(out, generations.INDEX_LINKED)
     summary = {"dataset": name, "encoder": encoder, "n": int(len(labels)), "classes": int(len(text)), "k": k,
-               "knn_backend": f"{res['knn_backend']} ({dev})",
+               "knn_backend": f"{res['knn_backend']} ({device})",
                "knn_s": round(sec["knn_class"] + sec["knn_global"], 2),
                "adapters": "on (cross-fitted)" if use else "off (zero-shot)", "folds": folds if use else 0,
                "adapters_s": round(sec["adapters"], 2), "phases_s": sec, "seed": seed,
                "regions": {r: int((cols["region"] == r).sum()) for r in REGIONS},
                "status": {st: int((cols["status"] == st).sum()) for st in verdict.STATUSES},
                "trimmed": int(trim.sum()) if trim is not None else 0,
-               "thresholds": THRESHOLDS, "out": str(out)}
-    summary["seconds"] = round(time.perf_counter() - t0, 2)
-    atomic_write_json(out / "index.json", summary)
-    catalog.refresh(ws)
-    log.info("indexed %d samples of %s with %s in %.1f s: %s", len(labels), name, encoder, summary["seconds"],
-             summary["regions"])
+               "thresholds": THRESHOLDS, "out": str(out), "generation": gen.name,
+               "train_generation": train_gen}
+    try:
+        write_parquet(gen / "knn.parquet", pa.concat_tables([
+            _knn_table(name, encoder, keys, res["class_sims"], res["class_idx"], "class"),
+            _knn_table(name, encoder, keys, res["global_sims"], res["global_idx"], "global")]))
+        write_parquet(gen / "scores.parquet", _scores_table(name, encoder, keys, labels, cols, res["scores"]))
+        summary["seconds"] = round(time.perf_counter() - t0, 2)
+        atomic_write_json(gen / "index.json", summary)
+        generations.commit(out, gen, generations.INDEX_LINKED)
+    except BaseException:
+        shutil.rmtree(gen, ignore_errors=True)
+        raise
     return summary

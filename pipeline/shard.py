@@ -478,6 +478,7 @@ def _write_generation(ws: Workspace, src: SourceData, name: str, source: str, *,
     old = _read_json(ds_dir / "dataset.json")
     mode = _dataset_mode(src)
     _check_compatible(old, src, mode, name)
+    _check_kept_rows(old, src, ds_dir, name)
     prompts = _prompt_info(old, src, prompts, name)
     train_images = _train_images(_read_table(ds_dir / "samples.parquet")) if overlap == "drop" else None
     mapping = noise_map(noise_kind, list(src.classes), src.manifest.noise_map if src.manifest else None, source)
@@ -493,11 +494,13 @@ def _write_generation(ws: Workspace, src: SourceData, name: str, source: str, *,
         info = _dataset_info(old, src, name, source, mode, results, label_noise, noise_kind, seed,
                              dict(limit=limit, shard_size=shard_size, seed=seed, overlap=overlap), prompts,
                              image_size)
+        info["generation"] = generations.content_id(samples)
         atomic_write_json(gen / "dataset.json", info)
         write_parquet(gen / "dataset.parquet", pa.table({
             "name": [name], "num_samples": pa.array([sum(info["splits"].values())], pa.int64()),
             "num_classes": pa.array([len(info["classes"])], pa.int32()),
-            "classes": pa.array([info["classes"]], pa.list_(pa.string())), "source": [source]}))
+            "classes": pa.array([info["classes"]], pa.list_(pa.string())), "source": [source],
+            "generation": [info["generation"]]}))
         # derived files of changed tars go before the commit: a kill in between only costs a re-embed
         _invalidate_derived(ds_dir, _changed_shards(_read_table(ds_dir / "shards.parquet"), shards),
                             prompts_changed=bool(old) and any(old.get(k) != info[k]
@@ -623,6 +626,26 @@ def _check_compatible(old: dict[str, Any], src: SourceData, mode: str, name: str
     if old.get("channels", channels) != channels:
         raise DdsError(f"dataset '{name}' has split(s) {', '.join(kept)} with {old['channels']} channel(s), but these "
                        f"images give {channels}; shard every split again (omit --split) or use another --name")
+
+
+def _check_kept_rows(old: dict[str, Any], src: SourceData, ds_dir: Path, name: str) -> None:
+    """The splits this write keeps must still have all their rows in the samples table it merges with.
+
+    Raises:
+        DdsError: ``dataset.json`` lists a kept split whose rows are gone from ``samples.parquet``
+            (e.g. the file was deleted): writing would silently drop them.
+    """
+    kept = {s: n for s, n in old.get("splits", {}).items()
+            if s not in src.splits and not (s == "val" and "train" in src.splits)}
+    if not kept:
+        return
+    path = ds_dir / "samples.parquet"
+    have = pc.value_counts(pq.read_table(path, columns=["split"])["split"]).to_pylist() if path.exists() else []
+    have = {c["values"]: c["counts"] for c in have}
+    short = [f"{s} ({have.get(s, 0)} of {n} rows)" for s, n in kept.items() if have.get(s, 0) != n]
+    if short:
+        raise DdsError(f"dataset '{name}' lists split(s) {', '.join(short)} that samples.parquet no longer holds; "
+                       "sharding only some splits would drop them: shard every split again (omit --split)")
 
 
 def _dropped(results: dict[str, SplitResult]) -> list[str]:

@@ -3,6 +3,7 @@ synthetic PNGs written as WebDataset tars plus the contract's parquet/json files
 `dds shard`), with the tiny random CLIP; one test loads the offline lite0-minilm pair."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -66,7 +67,7 @@ def make_dataset(ws: Workspace, name: str = "toy", counts: dict[str, list[int]] 
                     out[split].append((key, label, pix))
                     idx += 1
             shards.append(dict(dataset=name, split=split, shard=stem, path=f"shards/{stem}.tar", count=n,
-                               sha256=f"sha-{stem}"))
+                               sha256=hashlib.sha256(path.read_bytes()).hexdigest()))
     write_parquet(ddir / "shards.parquet", {k: [r[k] for r in shards] for k in shards[0]})
     write_parquet(ddir / "samples.parquet", {k: [r[k] for r in samples] for k in samples[0]})
     atomic_write_json(ddir / "dataset.json", {

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -36,8 +37,8 @@ from dds._validate import check_choice, check_fraction, check_positive_int
 from dds.errors import DdsError
 from dds.selector._core import capped_quotas
 from dds.shards import iter_tar_samples, shard_rows
-from dds.tables import load_history, load_run, load_scores, load_train_samples
-from dds.workspace import Workspace, write_parquet
+from dds.tables import check_run_data, load_history, load_run, load_scores, load_train_samples
+from dds.workspace import Workspace, temp_path, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -139,14 +140,14 @@ def write_subset_shards(ws: Workspace, dataset: str, samples, keys: list[str], o
     """Write the train samples ``keys`` as ``out/train-{i:06d}.tar`` and copy the dataset's test tars.
 
     Each sample keeps its key and PNG bytes; ``.cls`` is its training label and ``.txt`` its class name.
-    Returns the paths written.
+    Every tar is written under a unique temporary name and renamed once complete. Returns the paths written.
     """
     out.mkdir(parents=True, exist_ok=True)
     classes = ws.dataset_info(dataset)["classes"]
     wanted = dict(zip(samples["key"], samples["label"]))
     wanted = {k: int(wanted[k]) for k in keys}
     stems = set(samples.loc[samples["key"].isin(wanted), "shard"])
-    written, tar, count = [], None, 0
+    written, tar, tmp, count = [], None, None, 0
     for row in shard_rows(ws, dataset, ["train"]):
         if row["shard"] not in stems:
             continue
@@ -155,7 +156,8 @@ def write_subset_shards(ws: Workspace, dataset: str, samples, keys: list[str], o
                 continue
             if tar is None:
                 written.append(str(out / f"train-{len(written):06d}.tar"))
-                tar = tarfile.open(written[-1], "w", format=tarfile.USTAR_FORMAT)
+                tmp = temp_path(Path(written[-1]))
+                tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
             label = wanted[key]
             for ext, data in (("png", members["png"]), ("cls", str(label).encode()),
                               ("txt", str(classes[label]).encode())):
@@ -163,11 +165,15 @@ def write_subset_shards(ws: Workspace, dataset: str, samples, keys: list[str], o
             count += 1
             if count % shard_size == 0:
                 tar.close()
+                os.replace(tmp, written[-1])
                 tar = None
     if tar is not None:
         tar.close()
+        os.replace(tmp, written[-1])
     for test in [r["url"] for r in shard_rows(ws, dataset, ["test"])]:
-        shutil.copyfile(test, out / test.name)
+        tmp = temp_path(out / test.name)
+        shutil.copyfile(test, tmp)
+        os.replace(tmp, out / test.name)
         written.append(str(out / test.name))
     return written
 
@@ -189,12 +195,17 @@ def run_export(ws: Workspace, run_id: str, budget: float, out: str | Path, *, we
         {"out", "samples", "of", "budget", "per_class", "noisy_included", "weighting", "shards"}.
 
     Raises:
-        DdsError: unknown run, budget outside (0, 1], unknown weighting, or a run without history.
+        DdsError: unknown run, budget outside (0, 1], unknown weighting, a run without history, a run
+            whose dataset or index was replaced since it trained, or ``out`` / ``shards`` inside the
+            workspace's own files.
     """
     check_fraction("--budget", budget)
     check_choice("--weights", weighting, WEIGHTINGS)
     check_positive_int("--shard-size", shard_size)
+    out = ws.check_output(out, "--out")
+    shards = ws.check_output(shards, "--shards") if shards else None
     run = load_run(ws, run_id)
+    check_run_data(ws, run)
     dataset, encoder = run["dataset"], run["config"].get("encoder", "lite0-minilm")
     samples = load_train_samples(ws, dataset)
     hist = load_history(ws, run_id)
@@ -224,9 +235,8 @@ def run_export(ws: Workspace, run_id: str, budget: float, out: str | Path, *, we
                       "region": pa.array(region[chosen].tolist(), pa.string()),
                       "times_selected": pa.array(times[chosen].astype(np.int32)),
                       "mean_loss": pa.array(mean_loss[chosen].astype(np.float32), mask=np.isnan(mean_loss[chosen]))})
-    out = Path(out)
     write_parquet(out, table)
-    written = write_subset_shards(ws, dataset, samples, table["key"].to_pylist(), Path(shards),
+    written = write_subset_shards(ws, dataset, samples, table["key"].to_pylist(), shards,
                                   shard_size=shard_size) if shards else []
     return {"out": str(out), "samples": len(chosen), "of": n, "budget": float(budget),
             "per_class": np.bincount(labels[chosen], minlength=num_classes).tolist(),

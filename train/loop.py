@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import io
 import json
 import logging
@@ -47,6 +48,7 @@ from dds.distributed import (Dist, all_sum, broadcast_object, check_same, device
 from dds.distributed import init as dist_init
 from dds.errors import DdsError
 from dds.selector.torch import state_to_numpy, state_to_torch
+from dds.tables import check_run_data, dataset_generation, index_info
 from dds.train.augment import AUG_NAMES, Augmenter, channel_stats, code_magnitude, normalize
 from dds.train.config import TrainConfig
 from dds.train.data import Prefetcher, load_sample_info, open_split
@@ -196,6 +198,9 @@ class RunState:
     total_steps: int = 0  # the run's steps as counted before the latest epoch (exact once the last epoch is planned)
     budget_spent: float = 0.0  # sample_steps / (epochs * N)
     test_acc: float | None = None  # the latest evaluation
+    dataset_generation: str | None = None  # id of the dataset generation trained on (dds.tables.dataset_generation)
+    index_generation: str | None = None  # id of the index generation whose scores the selector read (None: no scores)
+    reason: str | None = None  # why the run failed or stopped (None while it runs or when done)
     timers: dict[str, float] = field(default_factory=lambda: {t: 0.0 for t in TIMERS})
 
     def summary(self, status: str) -> dict[str, Any]:
@@ -290,11 +295,31 @@ def _read_checkpoint(path: Path, what: str) -> dict[str, Any]:
         raise DdsError(f"{what} is not a dds checkpoint ({type(e).__name__})") from None
 
 
+def save_checkpoint(run_dir: Path, data: bytes) -> None:
+    """Write ``checkpoint.pt`` with its sha256 in ``checkpoint.json``, so a resume can verify it.
+
+    The sidecar is written first and names the new and the previous checkpoint's sha256: a kill
+    between the two writes leaves the previous checkpoint, which still verifies.
+    """
+    side = run_dir / "checkpoint.json"
+    previous = json.loads(side.read_text()).get("sha256") if side.exists() else None
+    atomic_write_json(side, {"sha256": hashlib.sha256(data).hexdigest(), "previous": previous})
+    atomic_write_bytes(run_dir / "checkpoint.pt", data)
+
+
 def _load_checkpoint(ws: Workspace, run_id: str) -> dict[str, Any] | None:
-    """The run's last checkpoint, or None when it stopped before its first epoch ended."""
+    """The run's last checkpoint, verified against ``checkpoint.json``; None when it stopped before
+    its first epoch ended."""
     path = ws.run_dir(run_id) / "checkpoint.pt"
     if not path.exists():
         return None
+    side = path.with_suffix(".json")
+    if side.exists():   # runs from before checksums were written have none
+        sums = json.loads(side.read_text())
+        if hashlib.sha256(path.read_bytes()).hexdigest() not in (sums.get("sha256"), sums.get("previous")):
+            raise DdsError(f"checkpoint {path} is not a dds checkpoint as written: its sha256 differs from the one "
+                           f"in {side.name} (damaged or changed since), so run '{run_id}' cannot be resumed; start a "
+                           "new run")
     return _read_checkpoint(path, f"checkpoint of run '{run_id}' (it cannot be resumed)")
 
 
@@ -331,7 +356,8 @@ def _write_run(ws: Workspace, cfg: TrainConfig, state: RunState, status: str) ->
            "pid": os.getpid(), "host": socket.gethostname(),
            "updated": datetime.datetime.now().isoformat(timespec="seconds")}
     schema = {"epochs": pa.int32(), "seed": pa.int32(), "epochs_done": pa.int32(), "test_acc": pa.float64(),
-              "pid": pa.int64()}
+              "pid": pa.int64(), "dataset_generation": pa.string(), "index_generation": pa.string(),
+              "reason": pa.string()}
     run_id = state.run_id
     atomic_write_json(ws.run_dir(run_id) / "run.json", row)
     write_parquet(ws.run_dir(run_id) / "run.parquet",
@@ -414,7 +440,11 @@ def resume_train(ws: Workspace, run_id: str, *, progress: bool = True, stop_afte
 
 def _run(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, *, run_id: str | None, progress: bool,
          stop_after: int | None, data: tuple | None, announce: Callable[[str], None] | None) -> dict[str, Any]:
-    """A new run (``run_id`` None), a run restarted under its id (no checkpoint yet) or a resume from ``ckpt``."""
+    """A new run (``run_id`` None), a run restarted under its id (no checkpoint yet) or a resume from ``ckpt``.
+
+    The main process holds the dataset's lock shared for the whole run, so `dds shard` cannot
+    replace the data under it; a resume must find the dataset and index generations it started on.
+    """
     cfg.validate()
     d = dist_init(cfg.device)
     if cfg.batch_size % d.world:
@@ -422,15 +452,33 @@ def _run(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, *, run_id
                        f"processes; use a multiple of {d.world}")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    rid = ckpt["state"]["run_id"] if ckpt is not None else broadcast_object(
+        d, run_id or new_run_id(cfg.dataset, cfg.policy))
+    ws.dataset_info(cfg.dataset)  # a clear error for a missing dataset before its folder is locked
+    hold = ws.lock(cfg.dataset, shared=True, holder=f"run {rid}") if d.is_main else contextlib.nullcontext()
+    with hold:
+        gens = {"dataset_generation": dataset_generation(ws, cfg.dataset),
+                "index_generation": index_info(ws, cfg.dataset, cfg.encoder).get("generation")}
+        if ckpt is not None:
+            check_run_data(ws, {"run_id": rid, "dataset": cfg.dataset, "config": {"encoder": cfg.encoder},
+                                **{k: ckpt["state"].get(k) for k in gens}})
+        return _run_on(ws, cfg, ckpt, d, rid, gens, resumed=run_id is not None or ckpt is not None,
+                       progress=progress, stop_after=stop_after, data=data, announce=announce)
+
+
+def _run_on(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, d: Dist, run_id: str,
+            gens: dict[str, str | None], *, resumed: bool, progress: bool, stop_after: int | None,
+            data: tuple | None, announce: Callable[[str], None] | None) -> dict[str, Any]:
+    """:func:`_run` once the dataset is locked: set up, restore the checkpoint, train under the run's lock."""
     device = device_for(d, resolve_device(cfg.device))
     sel, model, opt, train, test = _setup(ws, cfg, device, data)
     if sel.total_sample_steps < 1:
         raise DdsError(f"budget {cfg.budget} of {cfg.epochs} epochs x {train.n} samples rounds to 0 sample-steps; "
                        "raise --budget or --epochs")
     if ckpt is None:
-        state = RunState(run_id=broadcast_object(d, run_id or new_run_id(cfg.dataset, cfg.policy)),
-                         budget=sel.budget, total_sample_steps=sel.total_sample_steps,
-                         follows_budget=sel.follows_budget)
+        state = RunState(run_id=run_id, budget=sel.budget, total_sample_steps=sel.total_sample_steps,
+                         follows_budget=sel.follows_budget, dataset_generation=gens["dataset_generation"],
+                         index_generation=gens["index_generation"] if sel.info.has_scores else None)
         start_epoch = 0
     else:
         model.load_state_dict(ckpt["model"])
@@ -449,7 +497,7 @@ def _run(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, *, run_id
     out = _Writer(ws, cfg, state, main=d.is_main)
     lock = ws.lock(ws.run_dir(state.run_id), f"run {state.run_id}") if d.is_main else contextlib.nullcontext()
     with lock:  # one process per run: a second --resume of a live run is refused
-        if d.is_main and (run_id is not None or ckpt is not None):
+        if d.is_main and resumed:
             _drop_later_epochs(ws, state.run_id, start_epoch - 1)  # files written after the checkpoint are redone
         return _train_locked(out, sel, model, net, opt, train, test, device, d, start_epoch=start_epoch,
                              stop_after=stop_after, progress=progress, announce=announce)
@@ -465,10 +513,10 @@ def _train_locked(out: _Writer, sel, model, net, opt, train, test, device, d: Di
         status = _epochs(out, sel, model, net, opt, train, test, device, d, start_epoch=start_epoch,
                          stop_after=stop_after, progress=progress and d.is_main)
     except KeyboardInterrupt:
-        out.run("stopped")
+        out.mark("stopped", "interrupted")
         raise
-    except BaseException:
-        out.run("failed")
+    except BaseException as e:
+        out.mark("failed", f"{type(e).__name__}: {e}")
         raise
     out.run(status)
     return state.summary(status)
@@ -525,6 +573,15 @@ class _Writer:
         if self.main:
             _write_run(self.ws, self.cfg, self.state, status)
             catalog.refresh(self.ws)
+
+    def mark(self, status: str, reason: str) -> None:
+        """The run's row for a run that ends on an error (``reason``), written while that error is
+        raised: a failure to write it (the disk is still full) is logged, never raised over it."""
+        self.state.reason = reason
+        try:
+            self.run(status)
+        except Exception as e:
+            log.error("could not record run %s as %s (%s): %s", self.state.run_id, status, reason, e)
 
 
 def epoch_line(policy: str, epoch: int, epochs: int, row: dict[str, Any]) -> str:
@@ -602,7 +659,7 @@ def _epochs(out: _Writer, sel, model, net, opt, train, test, device, d: Dist, *,
             hist = history_columns(train.n, plan.indices, plan.weights, plan.aug, losses_np, used, sel.status())
             _write_epoch(out.ws, state.run_id, epoch, {"selected": int(np.count_nonzero(hist["selected"])), **row},
                          train.keys, hist)
-            atomic_write_bytes(out.ws.run_dir(state.run_id) / "checkpoint.pt", _checkpoint_bytes(
+            save_checkpoint(out.ws.run_dir(state.run_id), _checkpoint_bytes(
                 config=cfg.to_json(), card=card, epoch=epoch, model=model.state_dict(), optimizer=opt.state_dict(),
                 selector=sel.state_dict(), torch_rng=torch.get_rng_state(), state=dataclasses.asdict(state)))
         out.run("running")

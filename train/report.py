@@ -34,7 +34,7 @@ import numpy as np
 from dds.errors import DdsError
 from dds.pipeline.audit import load_audit_inputs, suspicion
 from dds.shards import read_images
-from dds.tables import load_epochs, load_history, load_run, load_scores, load_train_samples
+from dds.tables import check_run_data, load_epochs, load_history, load_run, load_scores, load_train_samples
 from dds.workspace import Workspace, atomic_write_bytes, slug
 
 log = logging.getLogger(__name__)
@@ -611,7 +611,8 @@ def write_report(ws: Workspace, run_ids: list[str], out: str | Path, *, epoch: i
         "notes": [what was skipped and why]}.
 
     Raises:
-        DdsError: no run ids, an unknown run id, or ``epoch`` outside a shown run's epochs.
+        DdsError: no run ids, an unknown run id, ``epoch`` outside a shown run's epochs, a run whose
+            dataset or index was replaced since it trained, or ``out`` inside the workspace's own files.
     """
     if not run_ids:
         raise DdsError("no run ids given; list them with: dds sql \"SELECT run_id, policy, status FROM runs\"")
@@ -624,7 +625,9 @@ def write_report(ws: Workspace, run_ids: list[str], out: str | Path, *, epoch: i
             benches.append(bench)
             expanded += [x for ids in bench["run_ids"] for x in ids]
     runs = [load_run(ws, r) for r in dict.fromkeys(expanded)]
-    out = Path(out)
+    for run in runs:  # the figures read each run's dataset and scores
+        check_run_data(ws, run)
+    out = ws.check_output(out, "--out")
     entry_of = _entries(runs, benches)
     colors = policy_colors([entry_of[r["run_id"]] for r in runs])
     comparison: Figures = {}
