@@ -46,20 +46,15 @@ def auroc(score: np.ndarray, truth: np.ndarray) -> float:
 
     Returns:
         The probability that a random positive scores above a random negative; NaN when
-        ``truth`` holds only positives or only negatives.
+        ``truth`` holds only positives or only negatives (where scikit-learn would warn).
     """
-    score, truth = np.asarray(score, np.float64), np.asarray(truth, bool)
-    pos, neg = int(truth.sum()), int((~truth).sum())
-    if pos == 0 or neg == 0:
+    # lazy: importing sklearn.metrics takes ~4 s here, and `dds report` imports this module without it
+    from sklearn.metrics import roc_auc_score
+
+    truth = np.asarray(truth, bool)
+    if truth.all() or not truth.any():
         return float("nan")
-    order = np.argsort(score, kind="mergesort")
-    ranks = np.empty(len(score), np.float64)
-    sorted_scores = score[order]
-    # average rank (1-based) over each run of tied scores
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
-    ends = np.r_[starts[1:], len(score)]
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    return float((ranks[truth].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
+    return float(roc_auc_score(truth, np.asarray(score, np.float64)))
 
 
 def precision_recall_at_k(score: np.ndarray, truth: np.ndarray, k: int) -> tuple[float, float]:
