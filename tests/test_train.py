@@ -200,6 +200,47 @@ def test_augmenter_draws_from_its_own_generator_even_while_another_thread_draws(
     assert torch.equal(torch.get_rng_state(), after)   # nor was the main thread's stream disturbed
 
 
+def _v2_cases():
+    from torchvision.transforms import v2
+
+    return [v2.RandomCrop(16, padding=3), v2.RandomResizedCrop(16, antialias=True),
+            v2.RandomResizedCrop(16, scale=(0.95, 1.0), ratio=(3.0, 4.0), antialias=True),   # ten misses: central crop
+            v2.RandomHorizontalFlip(p=0.3), v2.RandomAffine(degrees=20, translate=(0.2, 0.1), scale=(0.8, 1.2), shear=10),
+            v2.ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5, hue=0.2),
+            v2.RandomErasing(p=0.7, scale=(0.1, 0.5), value="random"), v2.RandomErasing(p=1.0, scale=(0.9, 1.0)),
+            v2.RandomChoice([v2.Identity(), v2.RandomAffine(degrees=45)], p=[0.2, 0.8])]
+
+
+@pytest.mark.parametrize("case", range(9))
+def test_apply_seeded_draws_what_the_v2_transform_draws_after_manual_seed(case):
+    """Every transform dds can seed, options beyond the shipped ones included: the pixels of
+    ``manual_seed(s); t(image)``, bit for bit, for many seeds, on a 20 px colour image."""
+    from dds.train.augment import apply_seeded
+
+    t = _v2_cases()[case]
+    image = torch.randint(0, 256, (3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for seed in range(40):
+        state = torch.get_rng_state()
+        torch.manual_seed(seed)
+        expected = t(image)
+        torch.set_rng_state(state)
+        got = apply_seeded(t, image, torch.Generator().manual_seed(seed))
+        assert torch.equal(got, expected), seed
+        outs.append(got)
+    assert case == 2 or any(not torch.equal(outs[0], o) for o in outs[1:])   # case 2 is always the central crop
+
+
+def test_an_augmentation_dds_cannot_seed_is_refused_by_name(monkeypatch):
+    from torchvision.transforms import v2
+
+    from dds.train.augment import AUGMENTS
+
+    monkeypatch.setitem(AUGMENTS._entries, "blur", lambda image_size, channels, magnitude: v2.GaussianBlur(3))
+    with pytest.raises(DdsError, match="'blur' uses GaussianBlur, whose random parameters"):
+        Augmenter(28, channels=1, names=("blur", "strong"))
+
+
 @pytest.mark.parametrize("size,channels", [(28, 1), (16, 3), (40, 3)])
 def test_batched_augmentation_equals_the_per_sample_transforms(size, channels):
     """Augmenter.batch (the gathered crop + flip for base codes at <= 32 px) is bit for bit the per-sample path,

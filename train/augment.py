@@ -12,38 +12,30 @@ translate, shear), brightness, contrast, cutout and identity for every image, pl
 hue for colour images (on greyscale images colour operations are no-ops or noise).
 
 Randomness is passed, never global: each planned sample gets a seed derived from
-``(seed, epoch, position in the plan)`` (:func:`epoch_aug_seeds`), and its transform draws from a
-``torch.Generator`` of its own seeded with it. So an epoch's augmented batches are a pure function of
-(seed, epoch, plan): the cached and streaming loaders agree, the trainer's prefetching thread
-yields the batches the training thread would have built, and a resumed run repeats an
-uninterrupted one exactly.
+``(seed, epoch, position in the plan)`` (:func:`epoch_aug_seeds`), and every random parameter of its
+transform is drawn from a ``torch.Generator`` of its own seeded with it. So an epoch's augmented
+batches are a pure function of (seed, epoch, plan), whatever the batch composition, process count or
+thread: the cached and streaming loaders agree, the trainer's prefetching thread yields the batches
+the training thread would have built, and a resumed run repeats an uninterrupted one exactly.
 
-torchvision's v2 transforms take no generator: they draw from torch's one global CPU generator
-(``torch.default_generator``), which every thread shares. Seeding it per sample and restoring it
-afterwards (what this module did before) is therefore not thread-safe: a draw of another thread in
-between (dropout in the training thread, say) would change the augmentation and be undone by the
-restore. The transform instead runs under :class:`_OwnGenerator`, a ``TorchFunctionMode``; torch
-keeps the stack of such modes per thread, so the mode sees only the calls of the thread that entered
-it, and it hands each random draw of those calls (``torch.rand``, ``randint``, ``Tensor.uniform_``,
-...) the sample's generator. A fresh generator seeded with ``s`` yields the stream the global one
-yields after ``manual_seed(s)``, so the images are the same as before, bit for bit (tested against
-the old recipe in tests/test_train.py); the global generator is never read nor advanced. Each
-intercepted call costs a Python round trip, so the kernels of the shipped operations, whose
-parameters are drawn before they run, run with the mode off (:func:`_unintercepted`): 58
-intercepted calls per strong sample become 19. Measured on the 2-core CPU machine, augmentation CPU
-time per 28 px sample rose from 163 to 205 us (base) and from 417 to 494 us (codes 0..4 mixed)
-against the old recipe (from 775 to 1183 us with the kernels under the mode too).
+torchvision's v2 transforms draw from torch's one global generator, shared by every thread, and take
+no generator. :func:`apply_seeded` therefore draws each transform's parameters itself, from the
+sample's generator, in the order and with the calls the transform's ``make_params`` makes, and hands
+them to the transform's own kernel (``transform(image, params)``). A fresh generator seeded with
+``s`` yields the stream the global one yields after ``manual_seed(s)``, so the images are those of
+``manual_seed(s); transform(image)`` bit for bit (tested in tests/test_train.py), and the global
+generator is never read nor advanced. The transforms it knows are listed in :data:`SEEDED`.
 """
 from __future__ import annotations
 
-import functools
+import math
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.overrides import TorchFunctionMode
 from torchvision.transforms import v2
 
+from dds.errors import DdsError
 from dds.registry import Registry
 from dds.selector import AUG_LEVELS
 
@@ -151,10 +143,11 @@ class Augmenter:
         self.transforms = [create_augment(base_name, image_size, channels)] + [
             create_augment(strong_name, image_size, channels, magnitude=k / AUG_LEVELS)
             for k in range(1, AUG_LEVELS + 1)]
-        for t in self.transforms:
-            for leaf in _parts(t):
-                if type(leaf) in _DETERMINISTIC_KERNELS and "transform" not in vars(leaf):
-                    leaf.transform = functools.partial(_unintercepted, leaf.transform)
+        for name, t in zip(names, self.transforms[:2]):
+            for kind in _unseeded(t):
+                raise DdsError(f"augmentation '{name}' uses {kind.__name__}, whose random parameters dds cannot "
+                               "draw per sample; build it from v2.Compose, v2.RandomChoice and "
+                               f"{', '.join(sorted(c.__name__ for c in SEEDED))}")
 
     def batch(self, images: torch.Tensor, codes: np.ndarray, seeds: np.ndarray) -> torch.Tensor:
         """Augment a batch (uint8 ``(B, C, H, W)``): sample ``i`` with ``codes[i]`` under ``seeds[i]``.
@@ -187,8 +180,7 @@ class Augmenter:
         """
         gen = torch.Generator()
         gen.manual_seed(int(seed))
-        with _OwnGenerator(gen):
-            return self.transforms[int(code)](image)
+        return apply_seeded(self.transforms[int(code)], image, gen)
 
 
 def crop_flip_params(seeds: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -200,8 +192,8 @@ def crop_flip_params(seeds: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarr
     gen = torch.Generator()
     for i, s in enumerate(np.asarray(seeds).tolist()):
         gen.manual_seed(int(s))
-        top[i] = int(torch.randint(0, span, size=(), generator=gen))
-        left[i] = int(torch.randint(0, span, size=(), generator=gen))
+        top[i] = _randint(gen, span)
+        left[i] = _randint(gen, span)
         flip[i] = bool(torch.rand(1, generator=gen) < 0.5)
     return top, left, flip
 
@@ -219,59 +211,121 @@ def padded_crop_flip(images: torch.Tensor, top: np.ndarray, left: np.ndarray, fl
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def _parts(t: Any) -> Iterator[Any]:
-    """``t`` and the transforms inside it (v2 containers keep theirs in a plain list, ``transforms``)."""
-    yield t
-    for sub in getattr(t, "transforms", None) or ():
-        yield from _parts(sub)
+def _unseeded(t: Any) -> Iterator[type]:
+    """The types inside transform ``t`` that :func:`apply_seeded` cannot draw the parameters of."""
+    if isinstance(t, (v2.Compose, v2.RandomChoice)):
+        for sub in t.transforms:
+            yield from _unseeded(sub)
+    elif type(t) not in SEEDED:
+        yield type(t)
 
 
-def _unintercepted(kernel: Callable, inpt: Any, params: dict[str, Any]) -> Any:
-    """Run a v2 transform's kernel with torch-function modes off: its parameters were drawn before (in
-    ``make_params``/``forward``, under the mode), and the mode need not see the kernel's calls (39 of
-    the 58 it would intercept per strong sample)."""
-    with torch._C.DisableTorchFunction():
-        return kernel(inpt, params)
+def apply_seeded(t: Any, image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``t(image)`` with every random parameter drawn from ``gen``: what ``t(image)`` returns after
+    ``torch.manual_seed(s)`` when ``gen`` is seeded with ``s``. ``t`` is a v2 ``Compose``/``RandomChoice``
+    of the transforms in :data:`SEEDED`."""
+    if isinstance(t, v2.Compose):
+        for sub in t.transforms:
+            image = apply_seeded(sub, image, gen)
+        return image
+    if isinstance(t, v2.RandomChoice):
+        return apply_seeded(t.transforms[int(torch.multinomial(torch.tensor(t.p), 1, generator=gen))], image, gen)
+    params = SEEDED[type(t)](t, image, gen)
+    return image if params is None else t.transform(image, params)
 
 
-# v2 transforms whose ``transform`` (the kernel) draws nothing: all their randomness is drawn before
-# it is called. Others (GaussianNoise draws in its kernel, say) run under the mode whole.
-_DETERMINISTIC_KERNELS = frozenset([v2.RandomCrop, v2.RandomResizedCrop, v2.RandomHorizontalFlip, v2.RandomAffine,
-                                    v2.ColorJitter, v2.RandomErasing, v2.Identity])
-
-# random draws that take ``generator=``: under _OwnGenerator they get the sample's one
-_DRAWS = frozenset([
-    torch.rand, torch.randn, torch.randint, torch.randperm, torch.rand_like, torch.randn_like, torch.randint_like,
-    torch.multinomial, torch.normal, torch.bernoulli, torch.poisson,
-    torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.random_, torch.Tensor.bernoulli_,
-    torch.Tensor.bernoulli, torch.Tensor.exponential_, torch.Tensor.geometric_, torch.Tensor.log_normal_,
-    torch.Tensor.cauchy_, torch.Tensor.multinomial])
-# random ops that take no generator (they would draw from the global one): refused under _OwnGenerator
-_GLOBAL_ONLY = frozenset([
-    torch.nn.functional.dropout, torch.nn.functional.dropout1d, torch.nn.functional.dropout2d,
-    torch.nn.functional.dropout3d, torch.nn.functional.alpha_dropout, torch.nn.functional.feature_alpha_dropout,
-    torch.nn.functional.rrelu, torch.nn.functional.gumbel_softmax, torch.dropout])
+def _uniform(gen: torch.Generator, low: float, high: float) -> float:
+    return torch.empty(1).uniform_(float(low), float(high), generator=gen).item()
 
 
-class _OwnGenerator(TorchFunctionMode):
-    """Within ``with _OwnGenerator(gen):``, the random draws of this thread's torch calls come from ``gen``.
+def _randint(gen: torch.Generator, high: int) -> int:
+    return int(torch.randint(0, high, size=(), generator=gen))
 
-    torch keeps TorchFunctionModes per thread: calls of other threads are not seen (and keep the
-    global generator). A draw that names its own generator keeps it.
-    """
 
-    def __init__(self, generator: torch.Generator) -> None:
-        super().__init__()
-        self.generator = generator
+def _log_uniform(gen: torch.Generator, ratio: Sequence[float]) -> float:
+    """An aspect ratio drawn log-uniformly from ``ratio``, in float32 as torchvision computes it."""
+    low, high = torch.log(torch.tensor(ratio)).tolist()
+    return torch.exp(torch.empty(1).uniform_(low, high, generator=gen)).item()
 
-    def __torch_function__(self, func, types, args=(), kwargs=None) -> Any:
-        if func in _DRAWS:
-            if kwargs is None or kwargs.get("generator") is None:
-                kwargs = {**(kwargs or {}), "generator": self.generator}
-        elif func in _GLOBAL_ONLY:
-            raise RuntimeError(f"augmentation calls {getattr(func, '__name__', func)}, which draws from torch's global "
-                               "generator and takes no generator; it cannot run in a seeded, thread-safe transform")
-        return func(*args, **kwargs) if kwargs else func(*args)  # the hot path: ~19 calls per strong sample
+
+def _crop_params(t: v2.RandomCrop, image: torch.Tensor, gen: torch.Generator) -> dict[str, Any]:
+    if t.pad_if_needed:
+        raise DdsError("RandomCrop(pad_if_needed=True) is not supported in a seeded augmentation")
+    left, right, top, bottom = t.padding or (0, 0, 0, 0)
+    height, width = image.shape[-2] + top + bottom, image.shape[-1] + left + right
+    crop_h, crop_w = t.size
+    y = _randint(gen, height - crop_h + 1) if height > crop_h else 0
+    x = _randint(gen, width - crop_w + 1) if width > crop_w else 0
+    return dict(needs_crop=height > crop_h or width > crop_w, top=y, left=x, height=crop_h, width=crop_w,
+                needs_pad=any((left, top, right, bottom)), padding=[left, top, right, bottom])
+
+
+def _resized_crop_params(t: v2.RandomResizedCrop, image: torch.Tensor, gen: torch.Generator) -> dict[str, Any]:
+    height, width = image.shape[-2:]
+    for _ in range(10):
+        area = height * width * _uniform(gen, *t.scale)
+        ratio = _log_uniform(gen, t.ratio)
+        w, h = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            return dict(top=_randint(gen, height - h + 1), left=_randint(gen, width - w + 1), height=h, width=w)
+    in_ratio = width / height   # ten misses: the central crop, clamped to the ratio range
+    w = width if in_ratio <= max(t.ratio) else int(round(height * max(t.ratio)))
+    h = height if in_ratio >= min(t.ratio) else int(round(width / min(t.ratio)))
+    return dict(top=(height - h) // 2, left=(width - w) // 2, height=h, width=w)
+
+
+def _flip_params(t: v2.RandomHorizontalFlip, image: torch.Tensor, gen: torch.Generator) -> dict[str, Any] | None:
+    return {} if torch.rand(1, generator=gen) < t.p else None
+
+
+def _affine_params(t: v2.RandomAffine, image: torch.Tensor, gen: torch.Generator) -> dict[str, Any]:
+    height, width = image.shape[-2:]
+    angle = _uniform(gen, *t.degrees)
+    translate = (0, 0)
+    if t.translate is not None:
+        dx, dy = float(t.translate[0] * width), float(t.translate[1] * height)
+        translate = (int(round(_uniform(gen, -dx, dx))), int(round(_uniform(gen, -dy, dy))))
+    scale = 1.0 if t.scale is None else _uniform(gen, *t.scale)
+    shear = (0.0, 0.0)
+    if t.shear is not None:
+        shear = (_uniform(gen, *t.shear[:2]), _uniform(gen, *t.shear[2:]) if len(t.shear) == 4 else 0.0)
+    return dict(angle=angle, translate=translate, scale=scale, shear=shear)
+
+
+def _jitter_params(t: v2.ColorJitter, image: torch.Tensor, gen: torch.Generator) -> dict[str, Any]:
+    order = torch.randperm(4, generator=gen)
+    b, c, s, h = (None if r is None else _uniform(gen, *r) for r in (t.brightness, t.contrast, t.saturation, t.hue))
+    return dict(fn_idx=order, brightness_factor=b, contrast_factor=c, saturation_factor=s, hue_factor=h)
+
+
+def _erasing_params(t: v2.RandomErasing, image: torch.Tensor, gen: torch.Generator) -> dict[str, Any] | None:
+    if torch.rand(1, generator=gen) >= t.p:
+        return None
+    channels, height, width = image.shape[-3:]
+    for _ in range(10):
+        area = height * width * _uniform(gen, *t.scale)
+        ratio = _log_uniform(gen, t.ratio)
+        h, w = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
+        if h < height and w < width:
+            v = (torch.empty([channels, h, w], dtype=torch.float32).normal_(generator=gen) if t.value is None
+                 else torch.tensor(t.value)[:, None, None])
+            return dict(i=int(torch.randint(0, height - h + 1, size=(1,), generator=gen)),
+                        j=int(torch.randint(0, width - w + 1, size=(1,), generator=gen)), h=h, w=w, v=v)
+    return dict(i=0, j=0, h=height, w=width, v=None)
+
+
+#: the v2 transforms :func:`apply_seeded` draws the parameters of: type -> ``(t, image, gen) -> params``
+#: (None: the transform does nothing this time), the draws of torchvision's own ``make_params`` (and, for
+#: the random-apply transforms, its ``rand(1) >= p`` check) in the same order
+SEEDED: dict[type, Callable[[Any, torch.Tensor, torch.Generator], dict[str, Any] | None]] = {
+    v2.Identity: lambda t, image, gen: None,
+    v2.RandomCrop: _crop_params,
+    v2.RandomResizedCrop: _resized_crop_params,
+    v2.RandomHorizontalFlip: _flip_params,
+    v2.RandomAffine: _affine_params,
+    v2.ColorJitter: _jitter_params,
+    v2.RandomErasing: _erasing_params,
+}
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float] | torch.Tensor,
