@@ -3,10 +3,10 @@
     python benchmarks/tar_read.py [--dir /tmp/dds-tar-read] [--samples 20000] [--shards 4] [--reps 3]
                                   [--out benchmarks/results/tar-read.jsonl]
 
-Writes ``--samples`` small grayscale PNG samples (28 px, ``KEY.png`` + ``KEY.cls``, like a sharded
-Fashion-MNIST) into ``--shards`` tars, then times three readers over all tars, alternating them
-``--reps`` times so machine drift hits each alike; every reader yields each sample's bytes and
-nothing is decoded:
+Needs webdataset (``pip install 'dds[test]'``). Writes ``--samples`` small grayscale PNG samples
+(28 px, ``KEY.png`` + ``KEY.cls``, like a sharded Fashion-MNIST) into ``--shards`` tars, then times
+three readers over all tars, alternating them ``--reps`` times so machine drift hits each alike;
+every reader yields each sample's bytes and nothing is decoded:
 
 * ``dds``: :func:`dds.shards.iter_tar_samples` per tar (checks that each tar is whole);
 * ``wds``: ``webdataset.WebDataset(urls, shardshuffle=False)``, the user-facing dataset;
