@@ -16,6 +16,12 @@ import re
 import tempfile
 from pathlib import Path
 
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
 from dds.errors import DdsError
 from dds.tables import TABLES, stale_run_ids, table_files
 from dds.workspace import Workspace, atomic_write_bytes
@@ -40,10 +46,6 @@ def _dataset(ws: Workspace, name: str):
     Raises:
         DdsError: a file of the table is not readable parquet (the message names it).
     """
-    import pyarrow as pa
-    import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
-
     declared = TABLES[name].schema
     files = table_files(ws, name)
     if not files:
@@ -61,9 +63,6 @@ def _dataset(ws: Workspace, name: str):
 
 def _runs_table(ws: Workspace):
     """The runs rows with status ``stale`` for runs whose process died without marking the run failed."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     data = _dataset(ws, "runs")
     table = data if isinstance(data, pa.Table) else data.to_table()
     stale = stale_run_ids(table.select([c for c in ("run_id", "status", "pid", "host")
@@ -83,8 +82,6 @@ def connect(ws: Workspace):
 def _connect(ws: Workspace):
     """:func:`connect`, and the tables left without a view because a file of theirs is unreadable
     (name -> the DdsError naming the file): queries that need them fail, the others run."""
-    import duckdb
-
     con = duckdb.connect(":memory:")
     unreadable: dict[str, DdsError] = {}
     for name in TABLES:
@@ -105,8 +102,6 @@ _DUCKDB_TYPES = {"string": "VARCHAR", "int32": "INTEGER", "int64": "BIGINT", "fl
 
 
 def _duckdb_type(t) -> str:
-    import pyarrow as pa
-
     if pa.types.is_list(t):
         return _duckdb_type(t.value_type) + "[]"
     return _DUCKDB_TYPES[str(t)]
@@ -139,8 +134,6 @@ def refresh(ws: Workspace) -> None:
     under the workspace path (it reads a ``?`` in a database path as options). A view whose files
     are unreadable is left out with a warning: ``dds sql`` names the file when a query needs it.
     """
-    import duckdb
-
     ws.root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dds-catalog-") as tmp:
         built = Path(tmp) / ws.catalog_path.name
@@ -169,8 +162,6 @@ def query_all(ws: Workspace, sql: str) -> list:
         DdsError: the workspace does not exist, the text does not parse, holds no query or a
             statement that is not a query, or a query fails (e.g. touches a file).
     """
-    import duckdb
-
     ws.check_exists()
     con, unreadable = _connect(ws)
     try:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import functools
 
+import torch
+
 from dds._validate import DEVICES, check_device
 from dds.errors import DdsError
 
@@ -15,8 +17,6 @@ def resolve_device(name: str):
     Raises:
         DdsError: an unknown name, or ``cuda`` asked for where no CUDA GPU is visible.
     """
-    import torch
-
     check_device(name, "device")
     if name == "cuda" and not torch.cuda.is_available():
         raise DdsError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")

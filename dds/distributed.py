@@ -22,12 +22,15 @@ import logging
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from dds.errors import DdsError
 
@@ -219,11 +222,6 @@ def launch(nproc: int, argv: list[str]) -> int:
     ``--standalone`` settings, so it is ``torchrun --standalone --nproc-per-node N -m dds ARGV``
     without torchrun parsing ARGV (whose options could clash with its own).
     """
-    import uuid
-
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
     log.info("launching %d processes: python -m dds %s", nproc, " ".join(argv))

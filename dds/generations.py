@@ -23,11 +23,15 @@ still the data in use (re-sharding the same source with the same options gives t
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import shutil
 import time
 from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
 
 #: what a generation holds; each is a fixed link in the dataset folder
 LINKED = ("dataset.json", "dataset.parquet", "samples.parquet", "shards.parquet", "rejects.parquet", "shards")
@@ -45,11 +49,6 @@ def content_id(samples) -> str:
         samples: the samples table (pyarrow or pandas); of :data:`CONTENT_COLUMNS` those it has are
             hashed, row by row in (split, idx) order, so the same samples give the same id.
     """
-    import hashlib
-
-    import pandas as pd
-    import pyarrow as pa
-
     df = samples.to_pandas() if isinstance(samples, pa.Table) else samples
     df = df[[c for c in CONTENT_COLUMNS if c in df.columns]].sort_values(["split", "idx"])
     rows = pd.util.hash_pandas_object(df, index=False).to_numpy()

@@ -11,6 +11,8 @@ import tarfile
 import zlib
 from typing import Iterable, Iterator
 
+import pyarrow.parquet as pq
+
 from dds.errors import DdsError
 from dds.workspace import Workspace
 
@@ -74,8 +76,6 @@ def shard_rows(ws: Workspace, name: str, splits: Iterable[str] | None = None) ->
     Raises:
         DdsError: the dataset has no shard index (never sharded).
     """
-    import pyarrow.parquet as pq
-
     ddir = ws.dataset_dir(name)
     index = ddir / "shards.parquet"
     if not index.exists():

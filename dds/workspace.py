@@ -37,6 +37,8 @@ No output option (``--out``, ``--shards``, ``--results``) may point into ``datas
 from __future__ import annotations
 
 import contextlib
+import difflib
+import fcntl
 import hashlib
 import json
 import os
@@ -48,6 +50,9 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 from dds._validate import check_dataset_name
 from dds.errors import DdsError
+
+# pyarrow is imported inside the functions that read or write parquet: dds.cli imports this module at
+# startup, where pyarrow.parquet would add ~0.4 s to every command, `dds --help` included.
 
 DEFAULT_WORKSPACE = "./dds-work"
 
@@ -157,8 +162,6 @@ class Workspace:
             raise DdsError(f"{run_id!r} is not a run id (DATASET-POLICY-YYYYmmdd-HHMMSS-XXXX); list runs with: "
                            "dds sql \"SELECT run_id, status FROM runs\"")
         if not self.run_dir(run_id).is_dir():
-            import difflib
-
             known = sorted(p.name for p in (self.root / "runs").glob("*") if p.is_dir())
             close = difflib.get_close_matches(run_id, known, n=3)
             hint = f"; did you mean {', '.join(close)}" if close else ""
@@ -200,8 +203,6 @@ class Workspace:
         Raises:
             DdsError: another process holds the lock (exclusively, or at all when asking for it exclusively).
         """
-        import fcntl
-
         folder = self.dataset_dir(target) if isinstance(target, str) else Path(target)
         what = what or (f"dataset '{target}'" if isinstance(target, str) else str(folder))
         folder.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,12 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
 
 from dds.errors import DdsError
+from dds.pipeline.verdict import row_blocks
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +86,6 @@ class ClassScores:
 
         In torch (multi-threaded matmul and softmax: ~6x faster than numpy here at 4k x 512 x 1000).
         """
-        import torch
-
         e = torch.from_numpy(np.ascontiguousarray(self.emb[rows], dtype=np.float32))
         g = self.group[rows]
         cos = torch.empty((len(e), self.num_classes))
@@ -96,8 +98,6 @@ class ClassScores:
 
     def blocks(self) -> Iterator[slice]:
         """Consecutive row slices covering all rows (:func:`dds.pipeline.verdict.row_blocks`)."""
-        from dds.pipeline.verdict import row_blocks
-
         return row_blocks(len(self), self.num_classes)
 
     def dense(self) -> tuple[np.ndarray, np.ndarray]:
@@ -154,9 +154,6 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
 
 def _build(d_img: int, d_txt: int, shared_dim: int):
     """The image and text adapter towers and the log-temperature, as torch modules."""
-    import torch
-    from torch import nn
-
     class Tower(nn.Module):
         """``normalize(h + alpha * MLP(h))`` with ``h = P z``; the MLP's last layer starts at zero."""
 
@@ -198,8 +195,6 @@ def train_adapter(img: np.ndarray, labels: np.ndarray, text: np.ndarray, *, epoc
     Returns:
         ``apply(x) -> (u (m, S), t (C, S), tau)``: numpy function of the trained adapters.
     """
-    import torch
-
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
         torch.manual_seed(seed)
@@ -267,8 +262,6 @@ def crossfit_adapters(img: np.ndarray, labels: np.ndarray, text: np.ndarray, *, 
     texts, taus = [], []
     bar = range(folds)
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(bar, desc="adapters", unit="fold")
     for f in bar:
         held = fold == f

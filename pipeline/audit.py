@@ -25,6 +25,7 @@ import logging
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from dds.errors import DdsError
 from dds.tables import check_index_current
@@ -133,7 +134,7 @@ def cleanlab_flags(labels: np.ndarray, probs: np.ndarray) -> np.ndarray | None:
     Returns:
         (N,) bool mask of the samples cleanlab flags, or None without cleanlab.
     """
-    try:
+    try:   # optional: dds[audit]
         from cleanlab.filter import find_label_issues
     except ImportError:
         return None
@@ -150,8 +151,6 @@ def load_audit_inputs(ws: Workspace, name: str, encoder: str):
     Raises:
         DdsError: the dataset is unknown or has no scores under ``encoder``.
     """
-    import pyarrow.parquet as pq
-
     ws.dataset_info(name)
     path = ws.index_dir(name, encoder) / "scores.parquet"
     if not path.exists():

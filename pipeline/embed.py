@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import tarfile
 import tempfile
@@ -26,10 +27,19 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
 
+from dds.catalog import refresh
+from dds.distributed import barrier, broadcast_object, gather_objects, init as dist_init
 from dds.errors import DdsError
 from dds.manifests import DEFAULT_TEMPLATES
-from dds.shards import iter_tar_samples
+from dds.pipeline.encoders import create_encoder
+from dds.shards import iter_tar_samples, shard_rows
 from dds.workspace import Workspace, atomic_write_json, write_parquet
 
 log = logging.getLogger(__name__)
@@ -57,8 +67,6 @@ def decode_sample(members: dict[str, bytes], preprocess: Callable[[Any], Any]) -
     Raises:
         ValueError: no image or no ``.cls`` member, an unreadable image or label.
     """
-    from PIL import Image
-
     ext = next((e for e in IMAGE_EXTS if e in members), None)
     if ext is None or "cls" not in members:
         raise ValueError(f"sample needs an image and a .cls member, has {sorted(members)}")
@@ -75,8 +83,6 @@ def decode_sample(members: dict[str, bytes], preprocess: Callable[[Any], Any]) -
 
 
 def _decode_batch(task: ShardTask, index: int, raw: list, preprocess, image_size: int) -> dict[str, Any]:
-    import torch
-
     keys, labels, images, bad = [], [], [], []
     for key, members in raw:
         try:
@@ -125,8 +131,6 @@ def _shard_batches(task: ShardTask, preprocess, image_size: int, batch_size: int
 
 
 def _make_dataset(tasks: list[ShardTask], preprocess, image_size: int, batch_size: int):
-    from torch.utils.data import IterableDataset, get_worker_info
-
     class ShardBatches(IterableDataset):
         """Every worker walks all shards and decodes its share of each shard's batches."""
 
@@ -152,8 +156,6 @@ def vectors_table(dataset: str, encoder: str, keys: list[str], labels, vectors: 
         vectors: ``(N, D)`` float array, rows already L2-normalised.
         extra: more columns, inserted after ``label``.
     """
-    import pyarrow as pa
-
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, d = vectors.shape
     offsets = pa.array(np.arange(n + 1, dtype=np.int32) * d)
@@ -192,8 +194,6 @@ def average_prompts(vectors: np.ndarray) -> np.ndarray:
 
 def shard_tasks(ws: Workspace, name: str, splits: tuple[str, ...]) -> list[ShardTask]:
     """The shards of ``splits`` listed in ``shards.parquet``, in order; missing splits are logged."""
-    from dds.shards import shard_rows
-
     rows = shard_rows(ws, name, splits)
     tasks = []
     for split in splits:
@@ -215,8 +215,6 @@ def _is_done(path: Path, task: ShardTask) -> bool:
     """An output parquet exists and was embedded from the same tar: the sha256 of the bytes it was
     embedded from (in its metadata) is the one ``shards.parquet`` lists, so a tar damaged when it
     was embedded and repaired by `dds shard` since is embedded again."""
-    import pyarrow.parquet as pq
-
     if not path.exists():
         return False
     meta = pq.read_schema(path).metadata or {}
@@ -233,8 +231,6 @@ def check_encoder_json(out_dir: Path, desc: dict[str, Any]) -> None:
     Raises:
         DdsError: the folder holds vectors from other weights, or shard files with no ``encoder.json``.
     """
-    import json
-
     path = out_dir / "encoder.json"
     if path.exists():
         old = json.loads(path.read_text())
@@ -270,8 +266,6 @@ def embed_shards(ws: Workspace, name: str, encoder, tasks: list[ShardTask], *, b
         ``{"images", "corrupt", "corrupt_keys", "failed", "seconds"}``: images embedded, samples skipped as
         undecodable (first keys), shards not written (tar count mismatch), wall seconds of the loop.
     """
-    from torch.utils.data import DataLoader
-
     out = ws.embed_dir(name, encoder.name) / "shards"
     dataset = ws.dataset_info(name).get("name", name)
     meta = {SHA_META: b"", b"dds.encoder_weights": encoder.weights.encode()}
@@ -326,8 +320,6 @@ def _finish_shard(st: _ShardState, out: Path, dataset: str, encoder, meta: dict,
 
 
 def _bar(total: int, progress: bool, desc: str):
-    from tqdm import tqdm
-
     return tqdm(total=total, unit="img", desc=desc, disable=not progress, smoothing=0.1)
 
 
@@ -337,7 +329,6 @@ def write_text_embeddings(path: Path, info: dict[str, Any], encoder) -> None:
     flat = [p for ps in prompts for p in ps]
     vecs = encoder.encode_text(flat).numpy().reshape(len(prompts), len(prompts[0]), -1)
     classes = [str(c) for c in info["classes"]]
-    import pyarrow as pa
 
     table = vectors_table(info.get("name", ""), encoder.name, None, np.arange(len(classes)),
                           average_prompts(vecs), extra={"class_name": pa.array(classes, pa.string())})
@@ -386,10 +377,6 @@ def run_embed(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", batch_
         DdsError: dataset not sharded, unknown encoder, weights unavailable, an embed folder made by other
             weights, or shards whose tar does not match ``shards.parquet``.
     """
-    from dds.catalog import refresh
-    from dds.distributed import barrier, broadcast_object, gather_objects, init as dist_init
-    from dds.pipeline.encoders import create_encoder
-
     t0 = time.perf_counter()
     d = dist_init(device)  # under torchrun: this process's rank (and its GPU); else a single process
     info = ws.dataset_info(name)

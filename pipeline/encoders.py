@@ -26,12 +26,19 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable
 
+import huggingface_hub
+import huggingface_hub.constants as hc
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from dds.device import resolve_device
 from dds.errors import DdsError
 from dds.registry import Registry
+
+# Each encoder imports its own model library where it is built (open_clip, timm, sentence-transformers):
+# each takes seconds to import on the 2-core CPU machine, and a process needs only the one it uses.
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +64,6 @@ class Preprocess:
     std: tuple[float, float, float]  # per-channel std
 
     def __call__(self, img) -> torch.Tensor:
-        import numpy as np
-        from PIL import Image
-
         if img.mode not in ("L", "RGB"):
             img = img.convert("RGB")
         s = self.image_size
@@ -325,16 +329,12 @@ def parse_openclip_spec(spec: str) -> tuple[str, str | None]:
 
 
 def _hub_offline() -> bool:
-    import huggingface_hub.constants as hc
-
     env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     return env or bool(hc.HF_HUB_OFFLINE)
 
 
 def _go_offline() -> None:
     """Offline mode for the rest of the process: the hub client then reads its cache and never retries."""
-    import huggingface_hub.constants as hc
-
     os.environ["HF_HUB_OFFLINE"] = "1"
     hc.HF_HUB_OFFLINE = True
 
@@ -366,15 +366,11 @@ def reachable(url: str, timeout: float = HUB_PROBE_S) -> bool:
 
 def _weights_url(cfg: dict[str, Any]) -> str:
     """Where an open_clip pretrained tag downloads from: its hub repo on the HF endpoint, or its url."""
-    import huggingface_hub.constants as hc
-
     return f"{hc.ENDPOINT}/{cfg['hf_hub']}" if cfg.get("hf_hub") else cfg.get("url", "")
 
 
 def _tag_is_cached(cfg: dict[str, Any]) -> bool:
     """Whether the weights of an open_clip pretrained tag are already on disk (HF cache or url cache)."""
-    import huggingface_hub
-
     if cfg.get("file"):
         return os.path.isfile(cfg["file"])
     hub = cfg.get("hf_hub", "")

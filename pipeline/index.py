@@ -52,6 +52,7 @@ verdict has no tuned constant (see :mod:`dds.pipeline.verdict`).
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -59,11 +60,15 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from dds import generations
+from dds import catalog, generations
 from dds.device import resolve_device
 from dds.errors import DdsError
-from dds.pipeline import verdict
+from dds.pipeline import adapters as adapt, verdict
+from dds.pipeline.knn import describe_backend, knn, merge_graphs, resolve_backend
 from dds.selector import REGIONS
 from dds.tables import dataset_generation
 from dds.workspace import Workspace, atomic_write_json, write_parquet
@@ -286,8 +291,6 @@ def image_scores(img: np.ndarray, labels: np.ndarray, num_classes: int, *, k: in
         Columns density, knn_agreement, joint (float32), status (object: clean / relabel / suppress),
         label_fixed (int64) and region (object), each ``(N,)``.
     """
-    from dds.pipeline.knn import knn
-
     img = np.asarray(img, dtype=np.float32)
     img = img / np.maximum(np.linalg.norm(img, axis=1, keepdims=True), 1e-12)
     labels = np.asarray(labels, np.int64)
@@ -337,9 +340,6 @@ def index_arrays(img: np.ndarray, labels: np.ndarray, text: np.ndarray, *, k: in
         (phase -> wall-clock seconds: ``knn_class``, ``knn_global``, ``adapters``, ``scores``, ``verdict``,
         ``regions``).
     """
-    from dds.pipeline import adapters as adapt
-    from dds.pipeline.knn import describe_backend, knn, merge_graphs, resolve_backend
-
     seconds: dict[str, float] = {}
     with _timed(seconds, "knn_class"):
         class_sims, class_idx = knn(img, k, labels=labels, device=device, backend=backend, seed=seed)
@@ -397,8 +397,6 @@ def _read_vectors(paths: list, keys: list[str]) -> tuple[np.ndarray, np.ndarray]
     Returns:
         ``(img, found)``: ``(n_found, D)`` float32 unit rows in ``keys`` order, and ``(len(keys),)`` bool.
     """
-    import pyarrow.parquet as pq
-
     pos = {k: i for i, k in enumerate(keys)}
     found = np.zeros(len(keys), dtype=bool)
     for path in paths:
@@ -427,11 +425,6 @@ def load_inputs(ws: Workspace, name: str, encoder: str) -> dict[str, Any]:
     Raises:
         DdsError: if the dataset was not sharded, or not embedded (completely) with ``encoder``.
     """
-    import json
-
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     info = ws.dataset_info(name)
     hint = f"run `dds embed {name} --encoder {encoder}` first"
     edir = ws.embed_dir(name, encoder)
@@ -475,8 +468,6 @@ def _use_adapters(adapters: str, aligned: bool) -> bool:
 
 def _knn_table(name: str, encoder: str, keys: np.ndarray, sims: np.ndarray, idx: np.ndarray, scope: str):
     """Rows of ``knn.parquet`` for one scope; empty neighbour slots are left out."""
-    import pyarrow as pa
-
     n, k = idx.shape
     valid = (idx >= 0).ravel()
     src = np.repeat(np.arange(n), k)[valid]
@@ -496,8 +487,6 @@ def _probs_column(scores):
     """The ``probs`` list column: each sample's class probabilities, or nulls when ``N x C`` exceeds
     :data:`PROBS_MAX_ELEMENTS` (ImageNet-1k: 1.28M x 1000 would be 5 GB; ``prob_label`` and
     ``pred_label`` are always stored)."""
-    import pyarrow as pa
-
     n, c = len(scores), scores.num_classes
     if n * c > PROBS_MAX_ELEMENTS:
         return pa.nulls(n, pa.list_(pa.float32()))
@@ -508,8 +497,6 @@ def _probs_column(scores):
 
 
 def _scores_table(name: str, encoder: str, keys: np.ndarray, labels: np.ndarray, cols: dict, scores):
-    import pyarrow as pa
-
     n = len(keys)
     return pa.table({
         "dataset": pa.array([name] * n, pa.string()),
@@ -558,8 +545,6 @@ def run_index(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", k: int
         DdsError: bad arguments, the dataset was not sharded / embedded with ``encoder``, or another
             process is re-sharding the dataset or indexing it with ``encoder``.
     """
-    from dds import catalog
-
     if k < 1:
         raise DdsError(f"k must be a positive integer, got {k}")
     if folds < 2:
@@ -583,8 +568,6 @@ def run_index(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", k: int
 def _build(name: str, encoder: str, data: dict[str, Any], out, train_gen: str, *, k: int, adapters: str,
            folds: int, seed: int, device: str, backend: str, progress: bool, t0: float) -> dict[str, Any]:
     """Compute the index of :func:`load_inputs`' ``data``, then write and commit it as one generation of ``out``."""
-    import pyarrow as pa
-
     keys, labels, img, text = data["keys"], data["labels"], data["img"], data["text"]
     if len(labels) < folds:
         raise DdsError(f"'{name}' has {len(labels)} train samples, fewer than --folds {folds}; lower --folds")

@@ -47,9 +47,13 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import torch
 
 from dds._validate import check_positive_int
 from dds.errors import DdsError
+
+# faiss is imported where it is used: 0.5 s to import, and needed only for the approximate search of
+# large sets or when asked for (--backend faiss)
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +214,6 @@ def exact_knn_rows(x: np.ndarray, rows: np.ndarray, k: int, *, device: str = "cp
 
 def _search_torch(x: np.ndarray, k: int, device: str, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact blocked ``X[rows] @ X.T`` + ``topk`` in torch (all rows by default); self is masked to ``-inf``."""
-    import torch
-
     n = len(x)
     queries = np.arange(n) if rows is None else rows
     sims, idx, kk = _padded(len(queries), k, n)
@@ -275,8 +277,6 @@ def _kmeans(x: np.ndarray, nlist: int, device: str, seed: int) -> np.ndarray:
 
 def _search_ivf(x: np.ndarray, k: int, device: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Approximate search through an inverted file, scanned list by list in torch (module docstring)."""
-    import torch
-
     n = len(x)
     sims, idx, kk = _padded(n, k)
     if kk == 0:

@@ -79,6 +79,7 @@ def open_source(source: str, *, split: str | None = None, name: str | None = Non
     if scheme == "manifest-file":
         return read_manifest(add_manifest(ident), split)
     if scheme in ("csv", "torchvision", "hf-disk"):
+        # here, not at the top: user_sources imports this module
         from dds.pipeline.user_sources import read_user_source
 
         return read_user_source(scheme, ident, split)

@@ -163,7 +163,7 @@ def read_torchvision(ident: str, split: str | None) -> SourceData:
     give train and test; one-split datasets (ImageFolder) give train. Classes come from the
     dataset's ``classes`` ("0".."max" without one).
     """
-    import torchvision.datasets as tvd
+    import torchvision.datasets as tvd   # only for this source: it imports torch, ~4 s
 
     name, _, root = ident.partition(":")
     if not root:
@@ -205,7 +205,7 @@ def _torchvision_listing(ds: Any, where: str, split: str) -> SplitData:
 
 def _hf_columns(features: Any, where: str) -> tuple[str, str, list[str] | None]:
     """The image column, the label column and its ClassLabel names (None for a plain integer column)."""
-    from datasets import ClassLabel, Image as HfImage, Value
+    from datasets import ClassLabel, Image as HfImage, Value   # optional: dds[hf]
 
     image = next((c for c, f in features.items() if isinstance(f, HfImage)), None)
     label = next((c for c, f in features.items() if isinstance(f, ClassLabel)), None)
@@ -221,7 +221,7 @@ def _hf_columns(features: Any, where: str) -> tuple[str, str, list[str] | None]:
 
 def _hf_split(ds: Any, image: str, label: str, where: str) -> SplitData:
     """One ``datasets.Dataset``: labels from its column, images read as stored bytes (or their file path)."""
-    from datasets import Image as HfImage
+    from datasets import Image as HfImage   # optional: dds[hf]
 
     raw = ds.cast_column(image, HfImage(decode=False))
     labels = [int(y) for y in ds.with_format(None)[label]]

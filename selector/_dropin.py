@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 
 from dds.distributed import Dist, gather_part, part_entries, part_size
@@ -226,8 +227,6 @@ def _check_dist(rank: int, world_size: int) -> Dist:
     if rank >= world_size:
         raise DdsError(f"rank must be in [0, {world_size}), got {rank}")
     if world_size > 1:
-        import torch.distributed as dist
-
         if not dist.is_initialized():
             raise DdsError(f"world_size={world_size} needs torch.distributed: call init_process_group first")
         if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):

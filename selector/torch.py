@@ -10,6 +10,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from dds.distributed import part_entries
 from dds.selector._base import EpochPlan
 
 
@@ -26,8 +27,6 @@ class PlanSampler(torch.utils.data.Sampler[int]):
         super().__init__()
         indices = np.asarray(plan.indices, dtype=np.int64)
         if world > 1:
-            from dds.distributed import part_entries
-
             indices = indices[part_entries(len(indices), rank, world)]
         self._indices = indices
 

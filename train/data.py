@@ -17,12 +17,19 @@ import io
 import logging
 import queue
 import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as F
 
 from dds.errors import DdsError
+from dds.pipeline.sources import DECODE_ERRORS
+from dds.shards import iter_tar_samples, parse_label, shard_rows
 from dds.tables import check_disjoint_splits
 from dds.train.augment import Augmenter, epoch_aug_seeds
 from dds.workspace import Workspace
@@ -36,16 +43,12 @@ Sample = dict[str, Any]
 
 def shard_list(ws: Workspace, name: str, split: str) -> Iterator[Sample]:
     """Yields ``dict(url=Path, shard=stem)`` for each shard of ``split``, in shard order."""
-    from dds.shards import shard_rows
-
     for row in shard_rows(ws, name, [split]):
         yield {"url": row["url"], "shard": row["shard"]}
 
 
 def open_tar(src: Iterable[Sample]) -> Iterator[Sample]:
     """Yields ``dict(__key__, shard, url, png=bytes, cls=bytes)``: the members of one sample, undecoded."""
-    from dds.shards import iter_tar_samples
-
     for shard in src:
         for key, members in iter_tar_samples(shard["url"]):  # sequential read: members in tar order
             yield {"__key__": key, "shard": shard["shard"], "url": shard["url"], **members}
@@ -78,9 +81,6 @@ def decode(src: Iterable[Sample], channels: int, image_size: int, workers: int =
     With ``workers`` > 0 the images are decoded by that many threads (PIL and the resize release the
     GIL), at most ``4 * workers`` samples ahead; the order stays the input order.
     """
-    from dds.pipeline.sources import DECODE_ERRORS
-    from dds.shards import parse_label
-
     def one(sample: Sample) -> Sample:
         png, cls = sample.pop("png", None), sample.pop("cls", None)
         where = f"sample '{sample['__key__']}' in shard {sample['url']}"
@@ -95,8 +95,6 @@ def decode(src: Iterable[Sample], channels: int, image_size: int, workers: int =
     if workers <= 0:
         yield from map(one, src)
         return
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(workers, thread_name_prefix="dds-decode") as pool:
         window: deque = deque()
@@ -144,9 +142,6 @@ def _collate(samples: list[Sample]) -> Sample:
 
 def decode_png(data: bytes, channels: int, image_size: int) -> torch.Tensor:
     """PNG bytes -> uint8 ``(channels, image_size, image_size)``; other sizes are resized + centre-cropped."""
-    from PIL import Image
-    from torchvision.transforms.v2 import functional as F
-
     with Image.open(io.BytesIO(data)) as im:
         array = np.asarray(im.convert("L" if channels == 1 else "RGB"))
     image = torch.from_numpy(array.reshape(array.shape[0], array.shape[1], -1).copy()).permute(2, 0, 1)
@@ -269,8 +264,6 @@ def missing_split_hint(info: dict[str, Any], name: str, split: str) -> str:
 
 
 def _read_samples(ws: Workspace, name: str):
-    import pyarrow.parquet as pq
-
     path = ws.dataset_dir(name) / "samples.parquet"
     cols = [c for c in ("split", "image_sha") if c in pq.read_schema(path).names]
     return pq.read_table(path, columns=cols).to_pandas()
@@ -413,7 +406,6 @@ def load_sample_info(ws: Workspace, name: str, encoder: str, *, need_scores: boo
         DdsError: scores exist but do not cover every train sample (when ``need_scores``), were
             computed for other labels (the dataset was re-sharded), or hold an unknown region.
     """
-    import pyarrow.parquet as pq
     from dds.selector import REGIONS, SampleInfo, encode_status
 
     info = ws.dataset_info(name)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from dds._validate import check_choice, check_fraction, check_positive_int
 from dds.errors import DdsError
@@ -227,7 +228,6 @@ def run_export(ws: Workspace, run_id: str, budget: float, out: str | Path, *, we
     labels = samples["label"].to_numpy(np.int64)
     noisy = region == "noisy"
     chosen = select_coreset(labels, num_classes, noisy, times, joint, budget)
-    import pyarrow as pa
 
     table = pa.table({"key": pa.array(samples["key"].to_numpy()[chosen].astype(str)),
                       "label": pa.array(labels[chosen].astype(np.int32)),

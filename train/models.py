@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torchvision.models import resnet18 as tv_resnet18, resnet50 as tv_resnet50
 
 from dds.errors import DdsError
 from dds.registry import Registry
@@ -57,7 +58,7 @@ def timm_model(arch: str, num_classes: int, in_channels: int, image_size: int) -
     Raises:
         DdsError: ``arch`` is not a timm architecture, or it does not fit this input.
     """
-    import timm
+    import timm   # only for timm: models; timm takes seconds to import
     from timm.models import get_pretrained_cfg_value
 
     if not timm.is_model(arch):
@@ -149,14 +150,10 @@ def _torchvision_resnet(builder: Callable, num_classes: int, in_channels: int) -
 @register_model("resnet18")
 def resnet18(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """torchvision ResNet-18 (ImageNet stem, random init); for images of 64 px and more."""
-    from torchvision.models import resnet18 as builder
-
-    return _torchvision_resnet(builder, num_classes, in_channels)
+    return _torchvision_resnet(tv_resnet18, num_classes, in_channels)
 
 
 @register_model("resnet50")
 def resnet50(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """torchvision ResNet-50 (ImageNet stem, random init); for images of 64 px and more."""
-    from torchvision.models import resnet50 as builder
-
-    return _torchvision_resnet(builder, num_classes, in_channels)
+    return _torchvision_resnet(tv_resnet50, num_classes, in_channels)

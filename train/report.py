@@ -30,6 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from matplotlib.colors import to_hex
+from matplotlib.ticker import MaxNLocator
+from PIL import Image
 
 from dds.errors import DdsError
 from dds.pipeline.audit import load_audit_inputs, suspicion
@@ -201,8 +206,6 @@ def label_issues(df, classes: list[str], top: int):
 
 def load_bench(ws: Workspace, bench_id: str):
     """The rows of ``bench/{bench_id}.parquet`` as a DataFrame, or None when there is no such bench."""
-    import pyarrow.parquet as pq
-
     path = ws.root / "bench" / f"{bench_id}.parquet"
     if "/" in bench_id or not path.is_file():
         return None
@@ -210,6 +213,7 @@ def load_bench(ws: Workspace, bench_id: str):
 
 
 def _plt():
+    # pyplot only when a figure is drawn: selecting the Agg backend is no side effect of importing this module
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,8 +224,6 @@ def _plt():
 
 def _integer_ticks(ax) -> None:
     """Ticks on whole numbers only (epochs)."""
-    from matplotlib.ticker import MaxNLocator
-
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
@@ -362,8 +364,6 @@ def fig_suspects(rows: dict[str, np.ndarray]):
 
 def fig_examples(grid: dict[str, list[tuple[bytes, str]]]):
     """One row per region: its example images (PNG bytes) with a caption each."""
-    from PIL import Image
-
     plt = _plt()
     cols = max(len(v) for v in grid.values())
     fig, axes = plt.subplots(len(grid), cols, figsize=(1.4 * cols, 1.7 * len(grid)), squeeze=False)
@@ -483,9 +483,6 @@ def _suspects_figure(status, samples, scores, epochs_done: int, run_id: str, not
 
 def _sources(ws: Workspace, dataset: str):
     """key -> source (the file or archive member a train sample came from; empty in tables that predate it)."""
-    import pandas as pd
-    import pyarrow.parquet as pq
-
     if "source" in pq.read_schema(ws.dataset_dir(dataset) / "samples.parquet").names:
         return ws.split_samples(dataset, "train", ["key", "source"])[["key", "source"]]
     return pd.DataFrame({"key": load_train_samples(ws, dataset)["key"], "source": ""})
@@ -558,8 +555,6 @@ def _gallery_html(issues, images: dict[str, bytes], csv_name: str) -> str:
 
 def _html(runs: list[dict[str, Any]], entry_of: dict[str, str], colors: dict[str, str],
           sections: list[dict[str, Any]]) -> str:
-    from matplotlib.colors import to_hex
-
     cols = ("run_id", "dataset", "policy", "seed", "budget", "budget_spent", "test_acc", "epochs_done", "wall_s", "status")
     esc = html.escape
 
