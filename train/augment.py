@@ -47,7 +47,11 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 def register_augment(name: str) -> Callable:
-    """Decorator registering ``fn(image_size, channels, magnitude) -> transform`` under ``name``."""
+    """Decorator registering ``fn(image_size, channels, magnitude) -> transform`` under ``name``.
+
+    The transform is built from ``v2.Compose``, ``v2.RandomChoice`` and the transforms in
+    :data:`SEEDED`, whose random parameters :class:`Augmenter` draws from each sample's own generator.
+    """
     return AUGMENTS.register(name)
 
 
