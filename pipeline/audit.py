@@ -49,7 +49,7 @@ def auroc(score: np.ndarray, truth: np.ndarray) -> float:
         The probability that a random positive scores above a random negative; NaN when
         ``truth`` holds only positives or only negatives (where scikit-learn would warn).
     """
-    # lazy: importing sklearn.metrics takes ~4 s here, and `dds report` imports this module without it
+    # lazy: sklearn.metrics takes ~3 s to import, and `dds report` imports this module without needing it
     from sklearn.metrics import roc_auc_score
 
     truth = np.asarray(truth, bool)

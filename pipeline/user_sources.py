@@ -163,7 +163,7 @@ def read_torchvision(ident: str, split: str | None) -> SourceData:
     give train and test; one-split datasets (ImageFolder) give train. Classes come from the
     dataset's ``classes`` ("0".."max" without one).
     """
-    import torchvision.datasets as tvd   # only for this source: it imports torch, ~4 s
+    import torchvision.datasets as tvd   # only for this source: it imports torch, ~3 s
 
     name, _, root = ident.partition(":")
     if not root:
