@@ -1,12 +1,18 @@
 """torch.distributed for ``dds embed`` and ``dds train`` under ``torchrun``.
 
-:func:`init` joins the process group (NCCL for CUDA, gloo on CPU) when ``torchrun``'s ``RANK``,
-``WORLD_SIZE``, ``LOCAL_RANK`` and rendezvous address are set, and otherwise returns the
-single-process :class:`Dist`, which talks to no one. Every rank computes the same epoch plan from
-the same seed and takes its disjoint, equal-sized part (:func:`part_positions`); the losses are
-gathered back into plan order before ``observe`` (:func:`gather_part`), so every rank's selector
-stays the same, and :func:`check_same` catches a divergence. Why equal parts and a global batch:
-docs/distributed.md.
+A process started by ``torchrun`` finds ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous
+address in its environment; :func:`init` joins the process group (NCCL for CUDA, gloo on CPU) and
+returns a :class:`Dist`. Without those variables (a plain ``dds`` call) it returns the
+single-process ``Dist`` and nothing here talks to other processes.
+
+How an epoch plan is shared (:func:`part_positions`, :func:`gather_part`): every rank computes the
+same plan from the same seed (no broadcast), pads it cyclically to a multiple of the world size
+and takes every ``world``-th position starting at its rank. The parts are disjoint, equal in size
+(so every rank runs the same number of optimiser steps and none waits at the end of an epoch) and
+together cover the plan; with a per-rank batch of ``batch_size / world`` the ranks' ``k``-th
+batches together are the ``k``-th batch of a single-process run. The per-sample losses of all
+ranks are gathered back into plan order before ``observe``, so every rank's selector state stays
+the same; :func:`check_same` compares a checksum of each rank's plan to catch any divergence.
 """
 from __future__ import annotations
 
