@@ -3,7 +3,7 @@
 * score of a sample = its most recently observed training loss;
 * in epochs ``e <= delta * E`` (delta = 0.875) the samples below the mean score are pruned at a
   fixed ratio r (``prune_ratio``): ``int(k * n_below)`` of them are kept at random, ``k = clip(1 -
-  r, 0.1, 1)``, with loss weight ``1 / k``; the rest are kept with weight 1;
+  r, 0.1, 1)``, with loss weight ``1 / k``; samples at or above the mean are kept with weight 1;
 * later epochs train on the full data with weight 1 (annealing).
 
 It spends what the losses make it spend (``Selector.spent()``), not ``--budget``;

@@ -2,12 +2,13 @@
 
 :func:`select_coreset` picks exactly ``round(F * N)`` of the N train samples: class quotas
 proportional to the class sizes (largest remainder; a class short of eligible samples passes its
-shortfall on to the others), ``noisy`` samples only once the others run out, and within a class by
-``times_selected``, then ``joint`` (both descending), then ``samples.idx``; for a ``full`` run
-``joint`` decides. Weights are 1 (``uniform``) or ``N_c / n_c`` (``class``), so a weighted loss sees
-the dataset's class proportions even where the quotas deviate. The output is a parquet file and,
-optionally, WebDataset shards that ``dds shard "tar:DIR/*.tar"`` reads back as a new dataset
-(docs/report.md).
+shortfall on to the others), ``noisy`` samples only once the others run out (class-balanced in the
+same way), and within a class by ``times_selected``, then ``joint`` (both descending), then
+``samples.idx``; for a ``full`` run ``joint`` decides. Weights are 1 (``uniform``) or ``N_c / n_c``
+(``class``), so a weighted loss sees the dataset's class proportions even where the quotas deviate.
+The output is a parquet file (key, label, weight, region, times_selected, mean_loss: the mean
+history loss over the epochs the sample was selected, null if never) and, optionally, WebDataset
+shards that ``dds shard "tar:DIR/*.tar"`` reads back as a new dataset (docs/report.md).
 """
 from __future__ import annotations
 

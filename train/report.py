@@ -1,8 +1,8 @@
 """``dds report``: PNG figures of one or more runs (or benches) and one self-contained HTML page.
 
-The page (matplotlib, Agg backend) has a comparison of every run (``budget.png``, ``curves.png``),
-one section per policy with its first run's selection figures, and the dataset of the ``dds`` run
-(else the first run): region examples and the label-issue gallery, also written as
+The page (matplotlib, Agg backend) has a comparison of every run (``curves.png``; ``budget.png``
+for a bench), one section per policy with its first run's selection figures, and the dataset of
+the ``dds`` run (else the first run): region examples and the label-issue gallery, also written as
 ``label_issues.csv``. Each policy keeps one colour in every figure (:func:`policy_colors`); epochs
 are 0-based, as in the tables; ``index.html`` embeds every image as a data URI so it opens offline.
 Figure by figure: docs/report.md.
