@@ -1,23 +1,13 @@
 """``dds audit NAME``: the samples most likely mislabelled, and how well that ranking finds injected noise.
 
-The ranking is ``suspicion = 1 - label_posterior``, from the scores table: the posterior probability
-that the given label is right, from held-out evidence (see :mod:`dds.pipeline.verdict`). Each row
-carries the given label, the label the encoder prefers (``pred_label``), the static verdict
-(``status``, ``label_fixed``) and the score.
-
-The ``noisy_region`` metrics are those of the verdict: ``noisy`` is ``status != clean`` (relabel or
-suppress). Without injected noise the audit reports how many samples the verdict suspects (the
-share a clean dataset loses). When the dataset has injected noise (``label != label_orig``
-somewhere in ``samples``) it measures, against that truth:
-
-* the ranking: AUROC, and precision / recall among the top K, K = the number of flipped labels
-  (so precision@K = recall@K = R-precision);
-* the verdict (``noisy_region``): precision, recall and F1 of relabel ∪ suppress, and the relabel
-  accuracy (share of relabelled samples whose ``label_fixed`` is the true label);
-* cleanlab's ``find_label_issues`` fed with the same cross-fitted probabilities (the ``probs``
-  column), when cleanlab is installed (``pip install 'dds[audit]'``): precision, recall and F1.
-
-The metric functions are pure (numpy in, floats out) and tested on hand-computed cases.
+The ranking is ``suspicion = 1 - label_posterior`` from the scores table (the held-out posterior
+that the given label is right, :mod:`dds.pipeline.verdict`); each row carries the given label,
+``pred_label``, the verdict (``status``, ``label_fixed``) and the score. Without injected noise
+the audit reports the share the verdict suspects; with it (``label != label_orig`` somewhere) it
+measures the ranking (AUROC, precision = recall among the top K flipped), the verdict
+(``noisy_region``: precision, recall, F1 of relabel ∪ suppress, relabel accuracy) and, when
+installed, cleanlab's ``find_label_issues`` on the same ``probs``. The metric functions are pure
+(numpy in, floats out). Output and numbers: docs/report.md, docs/label-noise.md.
 """
 from __future__ import annotations
 

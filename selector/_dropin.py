@@ -7,13 +7,10 @@ Wrap the dataset, hand its ``sampler`` to the ``DataLoader`` and let ``update`` 
     ...
     loss = ds.update(F.cross_entropy(logits, y, reduction="none"))
 
-Each ``iter()`` of the sampler is one epoch: it hands the previous epoch's losses to the selector
-(if they are not there yet) and yields the next plan, this rank's part of it in a DDP job. The
-loader yields the plan's samples in order, so the k-th ``update`` of an epoch holds the losses of
-the plan's next ``B`` samples: ``update`` knows their indices and weights without the batch
-carrying them (the same bookkeeping as ``dds train``). When the last loss of the epoch arrives, the
-ranks' losses are gathered in plan order and observed: every rank's selector stays the same.
-Imports torch; ``dds.selector`` exposes it lazily.
+Each ``iter()`` of the sampler is one epoch (this rank's part of the plan in a DDP job); since the
+loader yields the plan in order, ``update`` knows each batch's indices and weights without the batch
+carrying them (docs/selector.md, "Design notes: selector/_dropin.py"). Imports torch;
+``dds.selector`` exposes it lazily.
 """
 from __future__ import annotations
 

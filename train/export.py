@@ -1,25 +1,14 @@
 """``dds export RUN_ID --budget F``: a run's history and scores as a static subset (a coreset).
 
-Which samples (``select_coreset``), exactly ``round(F * N)`` of the N train samples:
-
-1. class quotas proportional to the class sizes ``N_c`` (largest remainder), so the subset keeps
-   the class balance of the dataset; a class with too few eligible samples passes its shortfall
-   on to the other classes in the same proportions;
-2. samples in the ``noisy`` region are not eligible; only when F exceeds the share of non-noisy
-   samples are the remaining places filled with noisy ones (class-balanced in the same way);
-3. within a class, samples are ranked by how often the run selected them (``times_selected``,
-   descending), then by ``joint`` (descending: sparse and consistent first), then by
-   ``samples.idx``. For a ``full`` run every sample was selected every epoch and ``joint`` decides.
-
-Weights: ``uniform`` gives every sample weight 1; ``class`` gives ``N_c / n_c`` (class size over
-samples exported from the class), so a class's weights sum to its full size and a weighted loss
-sees the dataset's class proportions even where the quotas had to deviate from them.
-
-Output: a parquet file with key, label, weight, region, times_selected, mean_loss (mean
-history loss over the epochs the sample was selected; null if never), and optionally new
-WebDataset shards (``{key}.png``, ``{key}.cls``, ``{key}.txt`` class name) of the subset as
-``train-*.tar`` plus a copy of the dataset's ``test-*.tar``, which ``dds shard "tar:DIR/*.tar"``
-reads back as a new dataset for training another architecture.
+:func:`select_coreset` picks exactly ``round(F * N)`` of the N train samples: class quotas
+proportional to the class sizes (largest remainder; a class short of eligible samples passes its
+shortfall on to the others), ``noisy`` samples only once the others run out (class-balanced in the
+same way), and within a class by ``times_selected``, then ``joint`` (both descending), then
+``samples.idx``; for a ``full`` run ``joint`` decides. Weights are 1 (``uniform``) or ``N_c / n_c``
+(``class``), so a weighted loss sees the dataset's class proportions even where the quotas deviate.
+The output is a parquet file (key, label, weight, region, times_selected, mean_loss: the mean
+history loss over the epochs the sample was selected, null if never) and, optionally, WebDataset
+shards that ``dds shard "tar:DIR/*.tar"`` reads back as a new dataset (docs/report.md).
 """
 from __future__ import annotations
 

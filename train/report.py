@@ -1,23 +1,11 @@
 """``dds report``: PNG figures of one or more runs (or benches) and one self-contained HTML page.
 
-The page has three parts (matplotlib, Agg backend; each figure also written as a PNG next to ``index.html``):
-
-* **Comparison**, every run: ``budget.png`` (for a ``dds bench`` id: final accuracy against the
-  budget spent per bench entry, ``full`` as a band) and ``curves.png`` (test accuracy and train loss
-  per epoch, against the epoch, the budget spent and the wall-clock).
-* **One section per policy** (bench entry), from its first run: ``POLICY-joint.png`` (density vs
-  consistency by region, and the samples selected in one epoch, base and strong augmentation
-  apart), ``POLICY-class_rates.png`` (per class and epoch, the share selected and strongly
-  augmented) and, where the selector kept a label verdict, ``POLICY-suspects.png``. A policy that
-  trains on every sample every epoch (``full``) gets a note instead.
-* **The dataset** of the ``dds`` run (else the first run): ``examples.png`` (the samples that stand
-  for each region) and the label-issue gallery: the most likely mislabelled train samples
-  (thumbnail, given -> suggested class, posterior of the given label, source), also written as
-  ``label_issues.csv``.
-
-Each policy keeps one colour in every figure (:func:`policy_colors`). Epochs are 0-based, as in the
-``epochs`` and ``history`` tables. ``index.html`` embeds every image as a base64 data URI, so the
-page alone opens offline anywhere.
+The page (matplotlib, Agg backend) has a comparison of every run (``curves.png``; ``budget.png``
+for a bench), one section per policy with its first run's selection figures, and the dataset of
+the ``dds`` run (else the first run): region examples and the label-issue gallery, also written as
+``label_issues.csv``. Each policy keeps one colour in every figure (:func:`policy_colors`); epochs
+are 0-based, as in the tables; ``index.html`` embeds every image as a data URI so it opens offline.
+Figure by figure: docs/report.md.
 """
 from __future__ import annotations
 
