@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from dds import catalog
-from dds._validate import check_fraction, check_positive_int
+from dds._validate import check_positive_int
 from dds.distributed import from_env
 from dds.errors import DdsError
 from dds.train.config import TrainConfig
@@ -107,7 +107,7 @@ def run_bench(ws: Workspace, name: str, *, policies: list[str], budgets: list[fl
         DdsError: empty or duplicate entries, bad budgets/epochs/seeds, or any error of run_train.
     """
     from dds.selector import get_policy
-    from dds.selector._base import make_config
+    from dds.selector._base import check_budget, make_config
 
     if not policies:
         raise DdsError("no policies given; try --policies full,budgeted,random,infobatch,dds")
@@ -116,7 +116,7 @@ def run_bench(ws: Workspace, name: str, *, policies: list[str], budgets: list[fl
     if not budgets:
         raise DdsError("no budgets given; try --budgets 0.5")
     for b in budgets:
-        check_fraction("budget", b)
+        check_budget(b)
     check_positive_int("epochs", epochs)
     check_positive_int("seeds", seeds)
     if from_env().enabled:
@@ -132,7 +132,7 @@ def run_bench(ws: Workspace, name: str, *, policies: list[str], budgets: list[fl
     for entry, (policy, opts) in parsed.items():
         options = {**shared.get(policy, {}), **opts}
         cls = get_policy(policy)  # unknown names fail here, before any decoding
-        follows = cls.spends_budget(make_config(policy, cls.Config, options))
+        follows = cls.follows_budget(make_config(policy, cls.Config, options))
         for b in (sorted(set(budgets)) if follows else [None]):
             cfgs = [TrainConfig.from_dict({**base, "dataset": name, "policy": policy, "budget": 1.0 if b is None else b,
                                            "epochs": epochs, "model": model, "seed": seed0 + s,
