@@ -335,7 +335,7 @@ def bench_train(ws: Workspace, name: str, *, model: str = "resnet20", batch_size
       False), bf16 autocast; as many steps as the loop takes (at least 3). The CPU bf16 variants are
       measured once whatever ``repeats``; on a CPU without AMX, where they run several times slower
       and the trainer does not use them, with a quarter of the steps (at least 3);
-    * loop: :func:`dds.train.loop._train_epoch` on a plan of ``samples`` train samples (base
+    * loop: :func:`dds.train.loop.train_epoch` on a plan of ``samples`` train samples (base
       augmentation) with the trainer's own settings, once with batches built in the training
       thread (prefetch 0) and once with ``prefetch`` batches built ahead in a background thread, both
       on the split cached in RAM; with ``cache=False`` a third time, prefetching, streamed from the
@@ -357,7 +357,7 @@ def bench_train(ws: Workspace, name: str, *, model: str = "resnet20", batch_size
     from dds.device import resolve_device
     from dds.selector._base import make_plan
     from dds.train.augment import Augmenter, channel_stats, normalize
-    from dds.train.loop import _memory_format, _train_epoch
+    from dds.train.loop import _memory_format, train_epoch
     from dds.train.models import create_model
 
     check_positive_int("samples", samples)
@@ -413,8 +413,8 @@ def bench_train(ws: Workspace, name: str, *, model: str = "resnet20", batch_size
 
     def loop(key: tuple[int, str], epoch_plan=plan) -> tuple[float, float]:
         net, opt = new_model(cfg.channels_last)
-        _, t = _train_epoch(net, opt, splits[key[1]], epoch_plan, cfg=cfgs[key], device=dev, augmenter=augmenter,
-                            steps_done=0, total_steps=10 ** 9, progress=False)
+        _, t = train_epoch(net, opt, splits[key[1]], epoch_plan, cfg=cfgs[key], device=dev, augmenter=augmenter,
+                           steps_done=0, total_steps=10 ** 9, progress=False)
         spent = t["data_s"] + t["compute_s"]
         return len(epoch_plan.indices) / spent, t["data_s"] / spent
 
