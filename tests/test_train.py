@@ -502,7 +502,8 @@ def test_bench_rows_budgets_entries_and_table(ws):
     assert ib["budget_spent"] <= 1.0
     runs = _table(ws, "SELECT run_id, config FROM runs")
     cfg = json.loads(runs.set_index("run_id").loc[ib["run_ids"][0], "config"])
-    assert cfg["policy"] == "infobatch" and cfg["policy_options"] == dataclasses.asdict(InfoBatchConfig(prune_ratio=0.8))
+    assert cfg["policy"] == "infobatch"
+    assert cfg["policy_options"] == dataclasses.asdict(InfoBatchConfig(prune_ratio=0.8))
 
     def train_s(run_ids):   # recomputed from the epochs table, independently of the bench's own sums
         ids = ", ".join(f"'{r}'" for r in run_ids)
