@@ -86,7 +86,7 @@ class InfoBatchPolicy(LossPolicy):
     Config = InfoBatchConfig
 
     @classmethod
-    def spends_budget(cls, cfg: InfoBatchConfig) -> bool:
+    def follows_budget(cls, cfg: InfoBatchConfig) -> bool:
         return cfg.match_budget
 
     def __init__(self, info, cfg, *, epochs: int, total: int) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from dds.errors import DdsError
-from dds.selector._base import EpochPlan, SampleInfo, check_int, get_policy, make_config
+from dds.selector._base import EpochPlan, SampleInfo, check_budget, check_int, get_policy, make_config
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,14 @@ class Selector:
         n: number of samples N.
         total_sample_steps: ``round(budget * epochs * N)``, the run's budget in sample-steps.
         follows_budget: whether the policy's spend follows ``budget`` (False for ``full`` and
-            fixed-ratio ``infobatch``).
+            fixed-ratio ``infobatch``); ``spent()`` is what it spent.
+
+    The selector is the one place the budget is checked and turned into sample-steps; a trainer
+    reads ``budget``, ``total_sample_steps``, ``follows_budget`` and ``spent()`` from it.
 
     Raises:
-        DdsError: budget outside (0, 1], bad epochs/seed, unknown policy or option, bad option value,
-            or options that need scores without them.
+        DdsError: budget outside (0, 1] or rounding to 0 sample-steps, bad epochs/seed, unknown policy
+            or option, bad option value, or options that need scores without them.
     """
 
     def __init__(self, policy: str, info: SampleInfo, *, epochs: int, budget: float = 1.0, seed: int = 0,
@@ -61,9 +64,7 @@ class Selector:
             raise DdsError(f"info must be a SampleInfo, got {type(info).__name__}")
         self.epochs = check_int("epochs", epochs, 1)
         self.seed = check_int("seed", seed, 0)
-        if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)) \
-                or not 0 < float(budget) <= 1:
-            raise DdsError(f"budget must be in (0, 1], got {budget!r}")
+        self.budget = check_budget(budget)
         cls = get_policy(policy)
         self.config = make_config(policy, cls.Config, dict(policy_options))
         required = cls.scores_required(self.config)
@@ -71,15 +72,22 @@ class Selector:
             raise DdsError(f"policy {policy} needs scores (joint, consistency, region) for {', '.join(required)}: "
                            "run `dds index NAME` first, or leave these options at their defaults")
         self.policy, self.info, self.n = policy, info, info.n
-        self.budget = float(budget)
-        if not cls.spends_budget(self.config) and self.budget < 1.0:
+        self.follows_budget = cls.follows_budget(self.config)
+        if not self.follows_budget and self.budget < 1.0:
             log.warning("policy %s with these options ignores budget %g and spends what it spends (cap 1.0)",
                         policy, self.budget)
             self.budget = 1.0
-        self.follows_budget = cls.spends_budget(self.config)
-        self.total_sample_steps = int(round(self.budget * self.epochs * self.n))
-        self._policy = cls(info, self.config, epochs=self.epochs, total=self.total_sample_steps)
+        total = int(round(self.budget * self.epochs * self.n))
+        if total < 1:
+            raise DdsError(f"budget {self.budget:g} of {self.epochs} epochs x {self.n} samples rounds to 0 "
+                           "sample-steps (below one sample per epoch); raise the budget or the epochs")
+        self._policy = cls(info, self.config, epochs=self.epochs, total=total)
         self._sizes = np.full(self.epochs, -1, np.int64)      # planned size per epoch, -1 = not planned
+
+    @property
+    def total_sample_steps(self) -> int:
+        """``round(budget * epochs * N)``: the run's budget in sample-steps (handed to the policy)."""
+        return self._policy.total
 
     def plan(self, epoch: int) -> EpochPlan:
         """The plan of ``epoch`` (0-based); deterministic given seed, epoch, observed losses and earlier plans.
@@ -91,6 +99,9 @@ class Selector:
         spent_before = int(self._sizes[:epoch][self._sizes[:epoch] >= 0].sum())
         plan = self._policy.plan(epoch, rng, spent_before=spent_before)
         self._sizes[epoch] = len(plan)
+        if self.follows_budget and spent_before + len(plan) > self.total_sample_steps >= spent_before:
+            log.warning("policy %s planned more than its budget of %d sample-steps", self.policy,
+                        self.total_sample_steps)
         return plan
 
     def observe(self, indices: Any, losses: Any, aug: Any = None) -> None:
@@ -133,7 +144,7 @@ class Selector:
         return self._policy.status()
 
     def spent(self) -> int:
-        """Sample-steps planned so far (sum of the planned epochs' sizes)."""
+        """Sample-steps planned so far (sum of the planned epochs' sizes): the run's spend."""
         return int(self._sizes[self._sizes >= 0].sum())
 
     def epoch_sizes(self) -> np.ndarray:

@@ -366,6 +366,20 @@ def test_full_ignores_the_budget():
     assert sel.budget == 1.0 and sel.total_sample_steps == 3 * sel.n
 
 
+def test_the_selector_checks_the_budget_once_and_warns_when_a_plan_overspends_it(caplog):
+    tiny = SampleInfo(labels=np.zeros(4, np.int64), num_classes=1)
+    with pytest.raises(DdsError, match=r"budget 0.05 of 2 epochs x 4 samples rounds to 0 sample-steps"):
+        Selector("random", tiny, epochs=2, budget=0.05)
+    with pytest.raises(DdsError, match=r"budget must be in \(0, 1\], got True"):
+        Selector("random", tiny, epochs=2, budget=True)
+    sel = Selector("infobatch", make_info(), epochs=8, budget=0.3, seed=0, match_budget=True)  # cannot reach 0.3
+    with caplog.at_level("WARNING", logger="dds.selector._selector"):
+        run(sel)
+    assert sel.follows_budget and sel.spent() > sel.total_sample_steps
+    warned = [r.getMessage() for r in caplog.records if "planned more than" in r.getMessage()]
+    assert warned == [f"policy infobatch planned more than its budget of {sel.total_sample_steps} sample-steps"]
+
+
 def test_observe_validates_and_accepts_torch_tensors():
     import torch
 

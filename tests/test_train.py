@@ -1,6 +1,8 @@
 """Tests of dds.train on a tiny synthetic sharded dataset (8x8 grey PNGs), CPU only."""
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import math
 
@@ -11,7 +13,7 @@ import torch
 
 from dds.catalog import query
 from dds.errors import DdsError
-from dds.selector import AUG_LEVELS, list_policies
+from dds.selector import AUG_LEVELS, DdsConfig, InfoBatchConfig, RandomConfig, list_policies
 from dds.train import (TrainConfig, create_augment, create_model, format_bench_table, list_augments, list_models,
                        load_sample_info, lr_at, open_split, resume_train, run_bench, run_train)
 from dds.train.bench import lossless_budget, parse_entry, summarise
@@ -48,7 +50,8 @@ def test_smoke_run_writes_runs_epochs_history(ws):
     assert {"run_id", "dataset", "policy", "budget", "epochs", "seed", "status", "config", "budget_spent",
             "test_acc", "wall_s"} <= set(runs.columns)
     assert runs.loc[0, "status"] == "done"
-    assert TrainConfig.from_json(runs.loc[0, "config"]) == _cfg()
+    resolved = dataclasses.replace(_cfg(), policy_options=dataclasses.asdict(RandomConfig()))  # defaults filled in
+    assert TrainConfig.from_json(runs.loc[0, "config"]) == resolved
     epochs = _table(ws, f"SELECT * FROM epochs WHERE run_id = '{run_id}' ORDER BY epoch")
     assert {"run_id", "epoch", "selected", "sample_steps", "train_loss", "test_acc", "wall_s", "data_s", "compute_s",
             "select_s", "eval_s"} <= set(epochs.columns)
@@ -128,6 +131,32 @@ def test_resume_repeats_an_uninterrupted_run(ws):
     assert resumed["test_acc"] == full["test_acc"]
     status = _table(ws, f"SELECT status FROM runs WHERE run_id = '{part['run_id']}'")
     assert status["status"].tolist() == ["done"]
+
+
+def test_runs_config_holds_the_resolved_policy_config_and_old_checkpoints_still_resume(ws):
+    from dds.train.loop import load_trained, save_checkpoint
+
+    cfg = _cfg(policy="dds", epochs=3, policy_options={"warmup_epochs": 1})
+    full = run_train(ws, cfg, progress=False)
+    resolved = dataclasses.asdict(DdsConfig(warmup_epochs=1))
+    assert resolved["delta"] == 0.875 and len(resolved) > 1   # every option, defaults filled in
+    stored = json.loads(_table(ws, f"SELECT config FROM runs WHERE run_id = '{full['run_id']}'")["config"][0])
+    assert stored == {**dataclasses.asdict(cfg), "policy_options": resolved}
+    assert load_trained(ws.run_dir(full["run_id"]) / "checkpoint.pt")[1]["config"] == stored
+    # a checkpoint of an older dds: the raw -o options and the budget fields in its state
+    part = run_train(ws, cfg, progress=False, stop_after=1)
+    run_dir = ws.run_dir(part["run_id"])
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    ckpt["config"] = cfg.to_json()
+    ckpt["state"].update(budget=0.5, total_sample_steps=96, follows_budget=True, budget_spent=full["budget_spent"])
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    save_checkpoint(run_dir, buf.getvalue())
+    resumed = resume_train(ws, part["run_id"], progress=False)
+    assert resumed["status"] == "done" and resumed["test_acc"] == full["test_acc"]
+    assert {k: resumed[k] for k in ("budget", "total_sample_steps", "follows_budget", "budget_spent")} == \
+        {"budget": 0.5, "total_sample_steps": 96, "follows_budget": True, "budget_spent": full["budget_spent"]}
+    assert json.loads(_table(ws, f"SELECT config FROM runs WHERE run_id = '{part['run_id']}'")["config"][0]) == stored
 
 
 def test_streaming_and_cache_yield_the_same_batches(ws):
@@ -297,7 +326,7 @@ def test_prefetch_raises_producer_errors_in_the_consumer_and_stops_its_thread():
 
 
 def test_prefetch_trains_the_same_epoch_as_the_training_thread(ws):
-    from dds.train.loop import _train_epoch
+    from dds.train.loop import train_epoch
 
     train = open_split(ws, "tiny", "train")
     plan = _strong_plan(N_TRAIN, 40)
@@ -306,8 +335,8 @@ def test_prefetch_trains_the_same_epoch_as_the_training_thread(ws):
         torch.manual_seed(0)
         model = create_model("cnn3", CLASSES, 1, SIZE)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        losses, timing = _train_epoch(model, opt, train, plan, cfg=_cfg(prefetch=prefetch), device=torch.device("cpu"),
-                                      augmenter=Augmenter(SIZE), steps_done=0, total_steps=10, progress=False)
+        losses, timing = train_epoch(model, opt, train, plan, cfg=_cfg(prefetch=prefetch), device=torch.device("cpu"),
+                                     augmenter=Augmenter(SIZE), steps_done=0, total_steps=10, progress=False)
         out[prefetch] = losses, [p.detach().clone() for p in model.parameters()]
         assert timing["data_s"] >= 0 and timing["compute_s"] > 0
     assert torch.equal(out[0][0], out[2][0])
@@ -343,7 +372,7 @@ def test_eval_split_val_and_per_policy_bench_options(tmp_path, ws):
                      progress=False)
     runs = _table(ws, "SELECT run_id, seed, config FROM runs")
     dds_cfg = json.loads(runs.set_index("run_id").loc[rows[1]["run_ids"][0], "config"])
-    assert dds_cfg["policy_options"] == {"warmup_epochs": 0} and dds_cfg["seed"] == 4
+    assert dds_cfg["policy_options"] == dataclasses.asdict(DdsConfig(warmup_epochs=0)) and dds_cfg["seed"] == 4
     assert dds_cfg["eval_split"] == "val"
     with pytest.raises(DdsError, match="options given for ucb"):
         run_bench(ws, "withval", policies=["random"], budgets=[0.5], epochs=1, seeds=1, policy_options={"ucb": {}})
@@ -473,7 +502,8 @@ def test_bench_rows_budgets_entries_and_table(ws):
     assert ib["budget_spent"] <= 1.0
     runs = _table(ws, "SELECT run_id, config FROM runs")
     cfg = json.loads(runs.set_index("run_id").loc[ib["run_ids"][0], "config"])
-    assert cfg["policy"] == "infobatch" and cfg["policy_options"] == {"prune_ratio": 0.8}
+    assert cfg["policy"] == "infobatch"
+    assert cfg["policy_options"] == dataclasses.asdict(InfoBatchConfig(prune_ratio=0.8))
 
     def train_s(run_ids):   # recomputed from the epochs table, independently of the bench's own sums
         ids = ", ".join(f"'{r}'" for r in run_ids)
@@ -554,19 +584,19 @@ def test_cli_train_prints_the_run_id_refuses_resume_mismatch_and_hints_on_ctrl_c
     runner = CliRunner()
     args = ["train", "tiny", "--policy", "random", "--epochs", "2", "--model", "cnn3", "--batch-size", "16",
             "-w", str(ws.root), "--no-progress"]
-    epochs = loop._epochs
+    train_epoch = loop.train_epoch
 
-    def interrupted(out, *a, **kw):   # Ctrl-C after the run exists, before any epoch
+    def interrupted(*a, **kw):   # Ctrl-C after the run exists, before any epoch is trained
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "_epochs", interrupted)
+    monkeypatch.setattr(loop, "train_epoch", interrupted)
     res = runner.invoke(app, args)
     assert res.exit_code == 130
     run_id = res.output.split("run ", 1)[1].split(" ", 1)[0]
     assert f"resume with: dds train tiny --resume {run_id}" in res.output.splitlines()[-1]
     status = _table(ws, f"SELECT status FROM runs WHERE run_id = '{run_id}'")["status"].tolist()
     assert status == ["stopped"]
-    monkeypatch.setattr(loop, "_epochs", epochs)
+    monkeypatch.setattr(loop, "train_epoch", train_epoch)
     res = runner.invoke(app, ["train", "tiny", "--resume", run_id, "--epochs", "5", "-w", str(ws.root)])
     assert res.exit_code != 0 and "--resume continues a run with its saved options; drop --epochs" in str(res.exception)
     res = runner.invoke(app, ["train", "other", "--resume", run_id, "-w", str(ws.root)])
@@ -655,7 +685,7 @@ def test_the_loop_trains_on_the_plan_labels(ws, monkeypatch):
     import torch.nn.functional as F
 
     from dds.selector._base import make_plan
-    from dds.train.loop import _train_epoch
+    from dds.train.loop import train_epoch
 
     train = open_split(ws, "tiny", "train")
     idx = np.arange(0, N_TRAIN, 2)
@@ -669,8 +699,8 @@ def test_the_loop_trains_on_the_plan_labels(ws, monkeypatch):
     monkeypatch.setattr(F, "cross_entropy", spy)
     model = create_model("cnn3", CLASSES, 1, SIZE)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    _train_epoch(model, opt, train, make_plan(0, idx, labels=flipped), cfg=_cfg(), device=torch.device("cpu"),
-                 augmenter=Augmenter(SIZE), steps_done=0, total_steps=10, progress=False)
+    train_epoch(model, opt, train, make_plan(0, idx, labels=flipped), cfg=_cfg(), device=torch.device("cpu"),
+                augmenter=Augmenter(SIZE), steps_done=0, total_steps=10, progress=False)
     assert torch.equal(torch.cat(seen), torch.from_numpy(flipped))
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from dds import catalog
-from dds._validate import check_fraction, check_positive_int
+from dds._validate import check_positive_int
 from dds.distributed import from_env
 from dds.errors import DdsError
 from dds.train.config import TrainConfig
@@ -107,7 +107,7 @@ def run_bench(ws: Workspace, name: str, *, policies: list[str], budgets: list[fl
         DdsError: empty or duplicate entries, bad budgets/epochs/seeds, or any error of run_train.
     """
     from dds.selector import get_policy
-    from dds.selector._base import make_config
+    from dds.selector._base import check_budget, make_config
 
     if not policies:
         raise DdsError("no policies given; try --policies full,budgeted,random,infobatch,dds")
@@ -116,7 +116,7 @@ def run_bench(ws: Workspace, name: str, *, policies: list[str], budgets: list[fl
     if not budgets:
         raise DdsError("no budgets given; try --budgets 0.5")
     for b in budgets:
-        check_fraction("budget", b)
+        check_budget(b)
     check_positive_int("epochs", epochs)
     check_positive_int("seeds", seeds)
     if from_env().enabled:
@@ -132,7 +132,7 @@ def run_bench(ws: Workspace, name: str, *, policies: list[str], budgets: list[fl
     for entry, (policy, opts) in parsed.items():
         options = {**shared.get(policy, {}), **opts}
         cls = get_policy(policy)  # unknown names fail here, before any decoding
-        follows = cls.spends_budget(make_config(policy, cls.Config, options))
+        follows = cls.follows_budget(make_config(policy, cls.Config, options))
         for b in (sorted(set(budgets)) if follows else [None]):
             cfgs = [TrainConfig.from_dict({**base, "dataset": name, "policy": policy, "budget": 1.0 if b is None else b,
                                            "epochs": epochs, "model": model, "seed": seed0 + s,
@@ -335,7 +335,7 @@ def bench_train(ws: Workspace, name: str, *, model: str = "resnet20", batch_size
       False), bf16 autocast; as many steps as the loop takes (at least 3). The CPU bf16 variants are
       measured once whatever ``repeats``; on a CPU without AMX, where they run several times slower
       and the trainer does not use them, with a quarter of the steps (at least 3);
-    * loop: :func:`dds.train.loop._train_epoch` on a plan of ``samples`` train samples (base
+    * loop: :func:`dds.train.loop.train_epoch` on a plan of ``samples`` train samples (base
       augmentation) with the trainer's own settings, once with batches built in the training
       thread (prefetch 0) and once with ``prefetch`` batches built ahead in a background thread, both
       on the split cached in RAM; with ``cache=False`` a third time, prefetching, streamed from the
@@ -357,7 +357,7 @@ def bench_train(ws: Workspace, name: str, *, model: str = "resnet20", batch_size
     from dds.device import resolve_device
     from dds.selector._base import make_plan
     from dds.train.augment import Augmenter, channel_stats, normalize
-    from dds.train.loop import _memory_format, _train_epoch
+    from dds.train.loop import _memory_format, train_epoch
     from dds.train.models import create_model
 
     check_positive_int("samples", samples)
@@ -413,8 +413,8 @@ def bench_train(ws: Workspace, name: str, *, model: str = "resnet20", batch_size
 
     def loop(key: tuple[int, str], epoch_plan=plan) -> tuple[float, float]:
         net, opt = new_model(cfg.channels_last)
-        _, t = _train_epoch(net, opt, splits[key[1]], epoch_plan, cfg=cfgs[key], device=dev, augmenter=augmenter,
-                            steps_done=0, total_steps=10 ** 9, progress=False)
+        _, t = train_epoch(net, opt, splits[key[1]], epoch_plan, cfg=cfgs[key], device=dev, augmenter=augmenter,
+                           steps_done=0, total_steps=10 ** 9, progress=False)
         spent = t["data_s"] + t["compute_s"]
         return len(epoch_plan.indices) / spent, t["data_s"] / spent
 
