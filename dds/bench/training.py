@@ -88,9 +88,11 @@ def run_bench(ws: Workspace, name: str, *, policies: list[str], budgets: list[fl
     Returns:
         One dict per (entry, budget), entries in the given order, budgets ascending: policy (the
         entry), budget (None for entries that do not follow it), acc_mean, acc_std (ddof 0), accs
-        (per seed), budget_spent (mean), wall_ratio (data+compute+select seconds / full's),
+        (per seed), budget_spent (mean), wall_ratio (data+compute+select seconds / those of the
+        nearest ``full`` run, mean over seeds), wall_ratio_min and wall_ratio_max (their spread),
         wall_ratio_eval (the same with evaluation), select_s, lossless_budget (per entry, the same
-        on each of its rows; None when no budget is lossless or there is no ``full``), run_ids.
+        on each of its rows; None when no budget is lossless or there is no ``full``), run_ids and
+        orders (per seed: the run's 0-based place in the bench's run order, :func:`run_order`).
 
     Raises:
         DdsError: empty or duplicate entries, bad budgets/epochs/seeds, or any error of run_train.
