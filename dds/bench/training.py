@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -187,7 +187,7 @@ def nearest_runs(order: int, refs: list[dict[str, Any]]) -> list[dict[str, Any]]
     return [r for r in refs if abs(r["order"] - order) == gap]
 
 
-def _ratio(run: dict[str, Any], refs: list[dict[str, Any]], seconds) -> float:
+def _ratio(run: dict[str, Any], refs: list[dict[str, Any]], seconds: Callable[[dict[str, Any]], float]) -> float:
     """``seconds(run)`` over the mean ``seconds`` of the reference runs nearest to it (NaN without any)."""
     if not refs:
         return math.nan
