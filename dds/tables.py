@@ -76,7 +76,8 @@ TABLES: dict[str, Table] = {
         ("bench_id", _s), ("dataset", _s), ("policy", _s), ("budget", _f64), ("seeds", _i32), ("model", _s),
         ("eval_split", _s), ("acc_mean", _f64), ("acc_std", _f64), ("budget_spent", _f64), ("wall_ratio", _f64),
         ("wall_ratio_eval", _f64), ("select_s", _f64), ("train_s", _f64), ("eval_s", _f64), ("accs", pa.list_(_f64)),
-        ("lossless_budget", _f64), ("run_ids", pa.list_(_s)))),
+        ("lossless_budget", _f64), ("run_ids", pa.list_(_s)), ("wall_ratio_min", _f64), ("wall_ratio_max", _f64),
+        ("orders", pa.list_(_i32)))),
 }
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from dds.selector._base import (AUG_LEVELS, REGIONS, STATUSES, EpochPlan, Policy, SampleInfo, encode_regions, encode_status,
                                 get_policy, list_policies, register_policy)
 from dds.selector._scores import embedding_scores, workspace_scores
-from dds.selector._selector import Selector, bench_plan, synthetic_info
+from dds.selector._selector import Selector, synthetic_info
 
 # built-in policies: importing registers them
 from dds.selector._simple import BudgetedConfig, FullConfig, RandomConfig  # noqa: E402
@@ -29,7 +29,7 @@ from dds.selector._dds import DdsConfig  # noqa: E402
 
 __all__ = [
     "AUG_LEVELS", "REGIONS", "STATUSES", "SampleInfo", "EpochPlan", "Selector", "Policy", "register_policy", "list_policies",
-    "get_policy", "encode_regions", "encode_status", "bench_plan", "synthetic_info", "DropIn", "workspace_scores",
+    "get_policy", "encode_regions", "encode_status", "synthetic_info", "DropIn", "workspace_scores",
     "embedding_scores",
     "BudgetedConfig", "FullConfig", "RandomConfig", "InfoBatchConfig", "UcbConfig", "DdsConfig",
 ]

@@ -124,7 +124,7 @@ def test_merge_graphs_keeps_the_best_distinct_neighbours():
 def test_index_merges_the_approximate_global_graph_with_the_class_graph(monkeypatch):
     """Above the exact threshold the global graph is ivf merged with the exact per-class graph: it finds
     at least what ivf alone found, and every same-label neighbour the exact search would give."""
-    from dds.pipeline.bench_index import synthetic_embeddings
+    from dds.bench.index import synthetic_embeddings
     from dds.pipeline.index import index_arrays
 
     d = synthetic_embeddings(3000, 16, 3, seed=0)

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dds.bench.plan import bench_plan
 from dds.errors import DdsError
-from dds.selector import (AUG_LEVELS, REGIONS, EpochPlan, SampleInfo, Selector, bench_plan, encode_regions, list_policies,
+from dds.selector import (AUG_LEVELS, REGIONS, EpochPlan, SampleInfo, Selector, encode_regions, list_policies,
                           register_policy)
 from dds.selector._core import (ClassLayout, capped_quotas, even_sizes, largest_remainder, power_, sampling_keys,
                                 shuffle_values, top_k_mask)
@@ -558,7 +559,7 @@ def test_dds_defaults_are_the_ones_the_docs_tuning_table_picked():
     import re
 
     from dds.selector import DdsConfig
-    from dds.train.bench import parse_entry
+    from dds.options import parse_entry
     readme = (REPO / "docs" / "experiments.md").read_text() + (REPO / "docs" / "selector.md").read_text()
     row = next(line for line in readme.splitlines() if "the defaults)" in line and line.startswith("| **selection"))
     picked = dict(kv.split("=") for kv in re.findall(r"`([^`]+)`", row)[0].split())

@@ -33,7 +33,7 @@ def full_ws(tmp_path_factory) -> Workspace:
     from dds.pipeline.index import run_index
     from dds.pipeline.shard import run_shard
     from dds.train import TrainConfig, run_train
-    from dds.train.bench import run_bench
+    from dds.bench.training import run_bench
 
     tmp = tmp_path_factory.mktemp("tables")
     ws = Workspace(tmp / "ws")

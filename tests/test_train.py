@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import math
+import re
 
 import numpy as np
 import pytest
@@ -14,9 +14,10 @@ import torch
 from dds.catalog import query
 from dds.errors import DdsError
 from dds.selector import AUG_LEVELS, DdsConfig, InfoBatchConfig, RandomConfig, list_policies
-from dds.train import (TrainConfig, create_augment, create_model, format_bench_table, list_augments, list_models,
-                       load_sample_info, lr_at, open_split, resume_train, run_bench, run_train)
-from dds.train.bench import lossless_budget, parse_entry, summarise
+from dds.bench.training import format_bench_table, lossless_budget, run_bench, summarise
+from dds.options import parse_entry
+from dds.train import (TrainConfig, create_augment, create_model, list_augments, list_models, load_sample_info, lr_at,
+                       open_split, resume_train, run_train)
 from dds.train.augment import Augmenter, crop_flip_params, epoch_aug_seeds
 from dds.train.loop import history_columns
 from dds.workspace import Workspace
@@ -511,13 +512,58 @@ def test_bench_rows_budgets_entries_and_table(ws):
                        "GROUP BY run_id")
         return e["s"].mean()
 
-    assert r3["wall_ratio"] == pytest.approx(train_s(r3["run_ids"]) / train_s(full["run_ids"]), rel=1e-6)
+    # seed by seed, the second round rotated by half: full 0, r3 1, r6 2, ib 3 | r6 4, ib 5, full 6, r3 7
+    assert [r["orders"] for r in rows] == [[0, 6], [1, 7], [2, 4], [3, 5]]
+    per_run = [train_s([a]) / train_s([f]) for a, f in zip(r3["run_ids"], full["run_ids"])]   # the full of its round
+    assert r3["wall_ratio"] == pytest.approx(np.mean(per_run), rel=1e-6)
+    assert (r3["wall_ratio_min"], r3["wall_ratio_max"]) == pytest.approx((min(per_run), max(per_run)), rel=1e-6)
+    f0, f1 = (train_s([f]) for f in full["run_ids"])   # ib's seed 0 (order 3) is as near to both fulls: their mean
+    ib_runs = [train_s([ib["run_ids"][0]]) / ((f0 + f1) / 2), train_s([ib["run_ids"][1]]) / f1]
+    assert ib["wall_ratio"] == pytest.approx(np.mean(ib_runs), rel=1e-6) and full["wall_ratio"] == pytest.approx(1.0)
     assert all(0 <= r["acc_mean"] <= 1 and r["acc_std"] >= 0 and len(r["accs"]) == 2 for r in rows)
     bench = _table(ws, "SELECT * FROM bench")
     assert {"bench_id", "dataset", "policy", "budget", "seeds", "acc_mean", "acc_std", "budget_spent", "wall_ratio",
             "select_s", "lossless_budget"} <= set(bench.columns)
     table = format_bench_table(rows)
     assert "infobatch:prune_ratio=0.8" in table and "lossless at" in table
+    r3_line = next(ln for ln in table.splitlines() if ln.startswith("random ") and " 0.3 " in ln)
+    assert r3_line.endswith(" 1,7") and f"{r3['wall_ratio_min']:.3f}-{r3['wall_ratio_max']:.3f}" in r3_line
+
+
+def test_bench_run_order_rotates_each_seed_and_ratios_take_the_nearest_full():
+    from dds.bench.training import nearest_runs, run_order
+
+    assert run_order(3, 3) == [(0, 0), (1, 0), (2, 0), (1, 1), (2, 1), (0, 1), (2, 2), (0, 2), (1, 2)]
+    assert [g for g, s in run_order(6, 3) if s == 1][0] == 2 and run_order(2, 1) == [(0, 0), (1, 0)]
+    refs = [{"order": 0}, {"order": 4}, {"order": 9}]
+    assert nearest_runs(3, refs) == [{"order": 4}] and nearest_runs(2, refs) == [{"order": 0}, {"order": 4}]
+
+    def res(order, seconds):
+        return {"test_acc": 0.9, "budget_spent": 1.0, "data_s": 0.0, "compute_s": seconds, "select_s": 0.0,
+                "eval_s": 0.0, "run_id": f"r{order}", "order": order}
+
+    # a machine that slows to half speed: full takes 10 s early and 20 s late, random 5 s and 10 s
+    rows = summarise([("full", None, [res(0, 10.0), res(3, 20.0)]), ("random", 0.5, [res(1, 5.0), res(2, 10.0)])])
+    assert rows[1]["wall_ratio"] == pytest.approx(0.5) and rows[1]["orders"] == [1, 2]
+    assert (rows[1]["wall_ratio_min"], rows[1]["wall_ratio_max"]) == pytest.approx((0.5, 0.5))
+
+
+def test_cli_bench_prints_the_run_order_and_the_ratio_spread(ws):
+    from typer.testing import CliRunner
+
+    from dds.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "tiny", "--policies", "full,random", "--budgets", "0.5", "--epochs", "1",
+                                   "--seeds", "2", "--model", "cnn3", "-w", str(ws.root), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    lines = lines[next(i for i, ln in enumerate(lines) if ln.startswith("policy ")):]   # the table (logs before it)
+    assert "min-max" in lines[0] and lines[0].rstrip().endswith("run order")
+    full, rnd = lines[2:4]
+    assert full.endswith(" 0,3") and rnd.endswith(" 1,2")   # the second seed's round starts with random
+    mean, low, high = map(float, re.search(r" (\d+\.\d{3}) +(\d+\.\d{3})-(\d+\.\d{3}) ", rnd).groups())
+    assert low <= mean <= high and "1.000-1.000" in full
+    assert "nearest to it in the run order" in res.output
 
 
 def test_report_of_a_bench_draws_accuracy_against_budget(tmp_path):
@@ -543,22 +589,26 @@ def test_bench_writes_one_result_line_per_run(ws, tmp_path):
     run_bench(ws, "tiny", policies=["full", "budgeted"], budgets=[0.5], epochs=1, seeds=2, model="cnn3",
               progress=False, results=out, command="dds bench tiny")
     lines = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [(x["policy"], x["seed"]) for x in lines] == [("full", 0), ("full", 1), ("budgeted", 0), ("budgeted", 1)]
+    assert [(x["policy"], x["seed"], x["order"]) for x in lines] == [("full", 0, 0), ("budgeted", 0, 1),
+                                                                     ("budgeted", 1, 2), ("full", 1, 3)]
     assert {"command", "commit", "budget", "budget_spent", "acc", "train_s", "run_id"} <= set(lines[0])
     assert lines[2]["budget"] == 0.5 and lines[2]["budget_spent"] == pytest.approx(0.5, abs=1 / 64)
-    from dds.train.bench import table_from_results
+    from dds.bench.training import table_from_results
 
     md = table_from_results(lines).splitlines()
     assert len(md) == 4 and md[2].startswith("| tiny | 1 | full | - | 2 |") and "| budgeted | 0.5 | 2 |" in md[3]
-    ratio = lines[2]["train_s"] / ((lines[0]["train_s"] + lines[1]["train_s"]) / 2)
-    ratio2 = lines[3]["train_s"] / ((lines[0]["train_s"] + lines[1]["train_s"]) / 2)
+    ratio = lines[1]["train_s"] / lines[0]["train_s"]    # each budgeted run against the full run nearest in order
+    ratio2 = lines[2]["train_s"] / lines[3]["train_s"]
     assert f"| {(ratio + ratio2) / 2:.3f} |" in md[3]
+    old = [{k: v for k, v in x.items() if k != "order"} for x in lines]   # rows written before runs had an order
+    full_mean = (lines[0]["train_s"] + lines[3]["train_s"]) / 2
+    assert f"| {(lines[1]['train_s'] + lines[2]['train_s']) / 2 / full_mean:.3f} |" in table_from_results(old)
 
 
 def test_lossless_budget_on_a_constructed_table():
     def res(acc, spent):
         return {"test_acc": acc, "budget_spent": spent, "data_s": 1.0, "compute_s": spent, "select_s": 0.0,
-                "eval_s": 0.1, "run_id": "r"}
+                "eval_s": 0.1, "run_id": "r", "order": 0}
 
     runs = [("full", None, [res(0.900, 1.0), res(0.904, 1.0)]),          # mean 0.902: lossless = >= 0.901
             ("random", 0.3, [res(0.880, 0.3)]), ("random", 0.5, [res(0.9012, 0.5)]), ("random", 0.7, [res(0.91, 0.7)]),
@@ -608,7 +658,7 @@ def test_cli_train_prints_the_run_id_refuses_resume_mismatch_and_hints_on_ctrl_c
 
 def test_bench_train_reports_bare_step_and_loop_side_by_side(ws):
     from dds.device import cpu_has_amx
-    from dds.train.bench import bench_train
+    from dds.bench.training import bench_train
 
     rows = bench_train(ws, "tiny", model="cnn3", batch_size=8, samples=64, device="cpu", repeats=1)
     bare = [r for r in rows if r["what"] == "bare"]
