@@ -25,10 +25,11 @@ from torch.utils.data import Dataset, Sampler
 
 from dds.distributed import Dist, gather_part, part_entries, part_size
 from dds.errors import DdsError
-from dds.selector._base import RELABEL, SampleInfo, check_int
+from dds.selector._base import SampleInfo, check_int
 from dds.selector._scores import embedding_scores
 from dds.selector._selector import Selector, _as_numpy
 from dds.selector.torch import state_to_numpy, state_to_torch, weighted_mean
+from dds.tables import RELABEL
 
 
 class DropIn(Dataset):

@@ -37,7 +37,7 @@ from dds._validate import check_choice, check_fraction, check_positive_int
 from dds.errors import DdsError
 from dds.selector._core import capped_quotas
 from dds.shards import iter_tar_samples, shard_rows
-from dds.tables import check_run_data, load_history, load_run, load_scores, load_train_samples
+from dds.tables import NOISY, REGIONS, check_run_data, load_history, load_run, load_scores, load_train_samples
 from dds.workspace import Workspace, temp_path, write_parquet
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ def run_export(ws: Workspace, run_id: str, budget: float, out: str | Path, *, we
         s = samples[["key"]].merge(scores[["key", "joint", "region"]], on="key", how="left")
         joint, region = s["joint"].fillna(0.0).to_numpy(np.float64), s["region"].to_numpy(object)
     labels = samples["label"].to_numpy(np.int64)
-    noisy = region == "noisy"
+    noisy = region == REGIONS[NOISY]
     chosen = select_coreset(labels, num_classes, noisy, times, joint, budget)
     import pyarrow as pa
 
