@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ import numpy as np
 
 from dds.errors import DdsError
 from dds.manifests import DEFAULT_TEMPLATES
-from dds.shards import iter_tar_samples
+from dds.shards import TarWriter, iter_tar_samples
 from dds.workspace import Workspace, atomic_write_json, write_parquet
 
 log = logging.getLogger(__name__)
@@ -456,17 +455,13 @@ def _copy_subset(ws: Workspace, name: str, tasks: list[ShardTask], dst: Workspac
 
 
 def _write_tar_prefix(src: str, dst: Path, limit: int) -> int:
-    n = 0
-    with tarfile.open(dst, "w") as out:
+    with TarWriter(dst) as out:
         for key, members in iter_tar_samples(src):
-            if n >= limit:
+            if out.count >= limit:
                 break
-            for ext, data in members.items():
-                ti = tarfile.TarInfo(f"{key}.{ext}")
-                ti.size = len(data)
-                out.addfile(ti, io.BytesIO(data))
-            n += 1
-    return n
+            out.add(key, members)
+        out.commit()
+    return out.count
 
 
 def bench_embed(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", batch_size: int = 256,

@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import shutil
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from dds.manifests import DEFAULT_TEMPLATES
 from dds.pipeline.prompts import looks_like_ids, names_for, parse_class_names, parse_templates, read_text_file
 from dds.pipeline.sources import (DECODE_ERRORS, SPLITS, SourceData, SplitData, default_prompt_names, open_source,
                                   target_mode, to_8bit, typical_size)
+from dds.shards import ShardWriter
 from dds.tables import REJECTS_SCHEMA, SAMPLES_SCHEMA, SHARDS_SCHEMA, check_disjoint_splits, check_shared
 from dds.workspace import Workspace, atomic_write_json, check_dataset_name, safe_default_name, write_parquet
 
@@ -242,57 +242,6 @@ def sample_key(split: str, source_index: int) -> str:
     return f"{split}-{source_index:07d}"
 
 
-# ---------------------------------------------------------------- writing tars
-
-
-class TarShardWriter:
-    """Writes ``{split}-{i:06d}.tar`` files of ``shard_size`` samples each into ``out_dir``.
-
-    Tar headers are fixed (mtime 0, uid/gid 0, mode 0444, ustar) so equal content gives equal bytes.
-    """
-
-    def __init__(self, out_dir: Path, split: str, shard_size: int) -> None:
-        self.out_dir, self.split, self.shard_size = out_dir, split, shard_size
-        self.shards: list[dict[str, Any]] = []  # one row per closed tar: shard, path, count, sha256
-        self._tar: tarfile.TarFile | None = None
-        self._count = 0
-
-    @property
-    def stem(self) -> str:
-        return f"{self.split}-{len(self.shards):06d}"
-
-    def write(self, key: str, png: bytes, label: int) -> str:
-        """Add one sample; returns the stem of the tar it went into."""
-        if self._tar is None:
-            self._tar = tarfile.open(self.out_dir / f"{self.stem}.tar", "w", format=tarfile.USTAR_FORMAT)
-        for name, data in ((f"{key}.png", png), (f"{key}.cls", str(int(label)).encode("ascii"))):
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o444
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
-        self._count += 1
-        stem = self.stem
-        if self._count == self.shard_size:
-            self._close()
-        return stem
-
-    def _close(self) -> None:
-        if self._tar is None:
-            return
-        self._tar.close()
-        path = self.out_dir / f"{self.stem}.tar"
-        with open(path, "rb") as f:
-            sha = hashlib.file_digest(f, "sha256").hexdigest()
-        self.shards.append({"shard": path.stem, "path": f"shards/{path.name}", "count": self._count, "sha256": sha})
-        self._tar, self._count = None, 0
-
-    def close(self) -> list[dict[str, Any]]:
-        """Close the open tar; returns the rows of every tar written."""
-        self._close()
-        return self.shards
-
-
 @dataclass
 class SplitResult:
     """What writing one split produced."""
@@ -333,14 +282,14 @@ def write_split(split: str, sd: SplitData, order: np.ndarray, labels: np.ndarray
         drop: ``image_sha`` -> train key of the images this split leaves out (each becomes a reject).
     """
     res = SplitResult()
-    writer = TarShardWriter(out_dir, split, shard_size)
     label_of = dict(zip(order.tolist(), labels.tolist()))
 
     def reject(ref: str, e: Exception) -> None:
         log.warning("rejected %s: %s", ref, e)
         res.rejects.append((ref, f"unreadable image: {type(e).__name__}: {e}"))
 
-    with tqdm(total=len(order), desc=desc, unit="img", disable=not progress) as bar:
+    with tqdm(total=len(order), desc=desc, unit="img", disable=not progress) as bar, \
+            ShardWriter(out_dir, split, shard_size) as writer:
         for i, img in decoded(sd, order, reject):
             bar.update(1)
             try:
@@ -357,12 +306,12 @@ def write_split(split: str, sd: SplitData, order: np.ndarray, labels: np.ndarray
                 continue
             if stats:
                 _add_stats(res, img, image_size)
-            shard = writer.write(sample_key(split, i), png, label_of[i])
+            shard = writer.add(sample_key(split, i), {"png": png, "cls": str(int(label_of[i])).encode("ascii")})
             for k, v in (("key", sample_key(split, i)), ("label", label_of[i]), ("label_orig", int(sd.labels[i])),
                          ("shard", shard), ("source", sd.refs[i]), ("image_sha", sha)):
                 res.samples[k].append(v)
         bar.update(len(order) - bar.n)
-    res.shards = writer.close()
+        res.shards = [{**row, "path": f"shards/{row['shard']}.tar"} for row in writer.close()]
     log.info("%s: %d images in %d tars, %d rejected", desc, len(res.samples["key"]), len(res.shards), len(res.rejects))
     return res
 
