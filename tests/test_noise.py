@@ -16,7 +16,8 @@ from dds.pipeline import verdict as V
 from dds.pipeline.adapters import ClassScores
 from dds.pipeline.index import compute_scores
 from dds.pipeline.knn import knn
-from dds.pipeline.shard import class_map_noise, inject_noise, noise_map, pairflip_map, run_shard
+from dds.pipeline.shard import run_shard
+from dds.pipeline.surgery import class_map_noise, inject_noise, noise_map, pairflip_map
 from dds.tables import STATUSES
 from dds.workspace import Workspace
 

@@ -15,7 +15,8 @@ from PIL import Image
 
 from dds.errors import DdsError
 from dds.manifests import add_manifest
-from dds.pipeline.shard import carve_val, encode_png, run_shard, stratified_subset, symmetric_noise
+from dds.pipeline.shard import encode_png, run_shard
+from dds.pipeline.surgery import carve_val, stratified_subset, symmetric_noise
 from dds.pipeline.sources import target_mode, typical_size
 from dds.workspace import Workspace, write_parquet
 
