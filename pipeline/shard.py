@@ -31,13 +31,14 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from dds import catalog, generations
-from dds._validate import check_choice, check_fraction, check_positive_int
+from dds._validate import check_choice, check_fraction, check_positive_int, parse_source
 from dds.errors import DdsError
-from dds.manifests import DEFAULT_TEMPLATES
+from dds.manifests import DEFAULT_TEMPLATES, add_manifest, get_manifest, list_manifests
 from dds.pipeline.prompts import looks_like_ids, names_for, parse_class_names, parse_templates, read_text_file
-from dds.pipeline.sources import (DECODE_ERRORS, SPLITS, SourceData, SplitData, default_prompt_names, open_source,
-                                  target_mode, to_8bit, typical_size)
+from dds.pipeline.sources import (DECODE_ERRORS, SPLITS, SourceData, SplitData, default_prompt_names, read_imagefolder,
+                                  read_manifest, read_tars, target_mode, to_8bit, typical_size)
 from dds.pipeline.surgery import NOISE_KINDS, carve_val, inject_noise, noise_map, stratified_subset
+from dds.pipeline.user_sources import read_user_source
 from dds.shards import ShardWriter
 from dds.tables import REJECTS_SCHEMA, SAMPLES_SCHEMA, SHARDS_SCHEMA, check_disjoint_splits, check_shared
 from dds.workspace import Workspace, atomic_write_json, check_dataset_name, safe_default_name, write_parquet
@@ -163,8 +164,34 @@ def _add_stats(res: SplitResult, img: Image.Image, image_size: int) -> None:
     res.pixel_n += a.shape[0]
 
 
-# ---------------------------------------------------------------- the stage
+# ---------------------------------------------------------------- opening a source
 
+def open_source(source: str, *, split: str | None = None, name: str | None = None) -> SourceData:
+    """List ``source``: a manifest name or ``.toml`` file, ``imagefolder:PATH``, ``tar:GLOB``, or a user source
+    (``csv:FILE``, ``torchvision:NAME:ROOT``, ``hf-disk:PATH``: :mod:`dds.pipeline.user_sources`).
+
+    Args:
+        source: the SOURCE argument of ``dds shard``.
+        split: ``train`` or ``test`` to read one split; None reads every split the source has.
+        name: the ``--name`` given; when it names a manifest, a ``tar:`` source takes its classes from it.
+
+    Raises:
+        DdsError: the source does not exist, is empty, or lacks the split asked for.
+    """
+    scheme, ident = parse_source(source)
+    if scheme == "manifest":
+        return read_manifest(get_manifest(ident), split)
+    if scheme == "manifest-file":
+        return read_manifest(add_manifest(ident), split)
+    if scheme in ("csv", "torchvision", "hf-disk"):
+        return read_user_source(scheme, ident, split)
+    if scheme == "imagefolder":
+        return read_imagefolder(Path(ident), split)
+    manifest = get_manifest(name) if name and name in list_manifests() else None
+    return read_tars(ident, split, manifest)
+
+
+# ---------------------------------------------------------------- the stage
 
 def _check_options(split: str | None, limit: int | None, val: int | None, shard_size: int, label_noise: float,
                    noise_kind: str, overlap: str) -> None:
