@@ -160,7 +160,8 @@ def load_audit_inputs(ws: Workspace, name: str, encoder: str):
 
     ws.dataset_info(name)
     verdict_cols = ["status", "label_fixed", "label_posterior"]
-    scores = load_scores(ws, name, encoder, ["key", "label", "pred_label", "prob_label", "region", "probs", *verdict_cols])
+    scores = load_scores(ws, name, encoder,
+                         ["key", "label", "pred_label", "prob_label", "region", "probs", *verdict_cols])
     if scores is None:
         raise DdsError(f"dataset {name} has no scores under encoder {encoder}; run `dds embed {name} --encoder "
                        f"{encoder}` and `dds index {name} --encoder {encoder}` first")

@@ -1,15 +1,16 @@
 """``dds shard``: write a source as WebDataset tars plus the shards, samples and rejects tables.
 
 The surgery on which samples and labels are written (subset, val split, label noise) is the pure
-:mod:`dds.pipeline.surgery`; :func:`encode_png` is the image core; :func:`run_shard` is the I/O shell. Under the dataset's lock, every run writes a complete new
-generation (:mod:`dds.generations`): the new tars, hard links to the kept splits' tars, and tables
-whose rows of the split(s) written are replaced (so sharding ``--split test`` after ``train`` keeps
-train); one atomic rename then makes it the dataset, so a kill leaves either all old or all new.
-Tars are byte-for-byte reproducible (fixed tar headers, fixed PNG settings): a re-run gives the same
-keys, labels and sha256s. Each sample's ``image_sha`` (hash of its stored PNG) finds the test or val
-images that repeat train images: a few are dropped from the evaluation split (``overlap="drop"``,
-each recorded in ``rejects``) or kept with a warning (``"keep"``); a split made mostly of train
-images is refused. ``--class-names`` / ``--templates`` files set the prompts ``dds embed`` uses.
+:mod:`dds.pipeline.surgery`; :func:`encode_png` is the image core; :func:`run_shard` is the I/O shell.
+Under the dataset's lock, every run writes a complete new generation (:mod:`dds.generations`): the
+new tars, hard links to the kept splits' tars, and tables whose rows of the split(s) written are
+replaced (so sharding ``--split test`` after ``train`` keeps train); one atomic rename then makes it
+the dataset, so a kill leaves either all old or all new. Tars are byte-for-byte reproducible (fixed
+tar headers, fixed PNG settings): a re-run gives the same keys, labels and sha256s. Each sample's
+``image_sha`` (hash of its stored PNG) finds the test or val images that repeat train images: a few
+are dropped from the evaluation split (``overlap="drop"``, each recorded in ``rejects``) or kept
+with a warning (``"keep"``); a split made mostly of train images is refused. ``--class-names`` /
+``--templates`` files set the prompts ``dds embed`` uses.
 """
 from __future__ import annotations
 

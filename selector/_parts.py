@@ -59,5 +59,6 @@ def part_entries(m: int, rank: int, world: int) -> np.ndarray:
 
 
 def interleave(parts: Any, m: int) -> Any:
-    """``(world, P)`` per-rank values (numpy or torch) (rank-major, from :func:`part_positions`) -> the ``(m,)`` plan order."""
+    """``(world, P)`` per-rank values, numpy or torch (rank-major, from :func:`part_positions`) -> the
+    ``(m,)`` plan order."""
     return parts.T.reshape(-1)[:m]

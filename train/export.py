@@ -146,7 +146,8 @@ def write_subset_shards(ws: Workspace, dataset: str, samples, keys: list[str], o
             for key, members in iter_tar_samples(row["url"]):
                 if key in wanted and "png" in members:
                     label = wanted[key]
-                    writer.add(key, {"png": members["png"], "cls": str(label).encode(), "txt": str(classes[label]).encode()})
+                    writer.add(key, {"png": members["png"], "cls": str(label).encode(),
+                                     "txt": str(classes[label]).encode()})
         written = [str(out / f"{r['shard']}.tar") for r in writer.close()]
     for test in [r["url"] for r in shard_rows(ws, dataset, ["test"])]:
         tmp = temp_path(out / test.name)
