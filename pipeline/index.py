@@ -28,8 +28,7 @@ from dds import generations
 from dds.device import resolve_device
 from dds.errors import DdsError
 from dds.pipeline import verdict
-from dds.selector import REGIONS
-from dds.tables import dataset_generation
+from dds.tables import AUGMENT, CLEAN, KEEP, NOISY, REDUNDANT, REGIONS, STATUSES, dataset_generation
 from dds.workspace import Workspace, atomic_write_json, write_parquet
 
 log = logging.getLogger(__name__)
@@ -169,18 +168,18 @@ def assign_regions(density: np.ndarray, joint: np.ndarray, prob_label: np.ndarra
         ``(N,)`` object array of ``augment``, ``keep``, ``redundant`` or ``noisy``.
     """
     labels = np.asarray(labels)
-    region = np.full(len(labels), "keep", dtype=object)
+    region = np.full(len(labels), REGIONS[KEEP], dtype=object)
     noisy = np.asarray(suspect, bool)
-    region[noisy] = "noisy"
+    region[noisy] = REGIONS[NOISY]
     for c in np.unique(labels):
         clean = np.flatnonzero((labels == c) & ~noisy)
         if len(clean) == 0:
             continue
         eligible = clean[prob_label[clean] >= AUGMENT_MIN_PROB]
         augment = _top_fraction(joint, eligible, AUGMENT_FRACTION, len(clean))
-        region[augment] = "augment"
-        rest = clean[region[clean] == "keep"]
-        region[_top_fraction(density, rest, REDUNDANT_FRACTION, len(clean))] = "redundant"
+        region[augment] = REGIONS[AUGMENT]
+        rest = clean[region[clean] == REGIONS[KEEP]]
+        region[_top_fraction(density, rest, REDUNDANT_FRACTION, len(clean))] = REGIONS[REDUNDANT]
     return region
 
 
@@ -226,7 +225,7 @@ def compute_scores(class_sims: np.ndarray, global_idx: np.ndarray, labels: np.nd
         out["status"], out["label_fixed"] = v.status, v.label_fixed.astype(np.int32)
         out["label_posterior"] = v.label_posterior.astype(np.float32)
     with _timed(seconds, "regions"):
-        out["region"] = assign_regions(density, out["joint"], out["prob_label"], v.status != "clean", labels)
+        out["region"] = assign_regions(density, out["joint"], out["prob_label"], v.status != STATUSES[CLEAN], labels)
     return out
 
 
@@ -268,7 +267,7 @@ def image_scores(img: np.ndarray, labels: np.ndarray, num_classes: int, *, k: in
     joint = joint_score(density, agreement)
     return {"density": density, "knn_agreement": agreement, "joint": joint, "status": v.status,
             "label_fixed": v.label_fixed.astype(np.int64),
-            "region": assign_regions(density, joint, agreement, v.status != "clean", labels)}
+            "region": assign_regions(density, joint, agreement, v.status != STATUSES[CLEAN], labels)}
 
 
 def index_arrays(img: np.ndarray, labels: np.ndarray, text: np.ndarray, *, k: int = 10, use_adapters: bool = True,
@@ -328,7 +327,7 @@ def index_arrays(img: np.ndarray, labels: np.ndarray, text: np.ndarray, *, k: in
                                               device=device, fold=fold, train_mask=~trim)
                 if p + 1 < TRIM_PASSES:  # (no reference to this pass's embeddings outlives the verdict)
                     trim = verdict.static_verdict(verdict.Views.held_out(fit.scores, global_idx, labels, keep=~trim),
-                                                  labels).status != "clean"
+                                                  labels).status != STATUSES[CLEAN]
             scores = fit.scores
         else:
             scores = adapt.zero_shot(img, text)
@@ -564,7 +563,7 @@ def _build(name: str, encoder: str, data: dict[str, Any], out, train_gen: str, *
                "adapters": "on (cross-fitted)" if use else "off (zero-shot)", "folds": folds if use else 0,
                "adapters_s": round(sec["adapters"], 2), "phases_s": sec, "seed": seed,
                "regions": {r: int((cols["region"] == r).sum()) for r in REGIONS},
-               "status": {st: int((cols["status"] == st).sum()) for st in verdict.STATUSES},
+               "status": {st: int((cols["status"] == st).sum()) for st in STATUSES},
                "trimmed": int(trim.sum()) if trim is not None else 0,
                "thresholds": THRESHOLDS, "out": str(out), "generation": gen.name,
                "train_generation": train_gen}

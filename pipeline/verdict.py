@@ -19,9 +19,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from dds.tables import CLEAN, RELABEL, STATUSES, SUPPRESS
+
 SUSPECT_BELOW = 0.5  # suspect: posterior probability of the given label below this
 RELABEL_MIN = 0.9  # relabel: posterior of the new class at least this, and both views agree on it
-STATUSES = ("clean", "relabel", "suppress")
 BLOCK_ELEMENTS = 1 << 22  # (row, class) entries of evidence made at a time: 32 MiB of float64
 
 
@@ -201,7 +202,7 @@ def static_verdict(views: Views, labels: np.ndarray) -> Verdict:
     """
     labels = np.asarray(labels, np.int64)
     t = noise_transition(confident_joint(views, labels, class_thresholds(views, labels))[0], labels)
-    status = np.full(views.n, "clean", dtype=object)
+    status = np.full(views.n, STATUSES[CLEAN], dtype=object)
     label_fixed, own = labels.copy(), np.empty(views.n)
     for rows, p, v, ev in views.evidence():
         y = labels[rows]
@@ -211,7 +212,7 @@ def static_verdict(views: Views, labels: np.ndarray) -> Verdict:
         suspect = post[at, y] < SUSPECT_BELOW
         agree = (p.argmax(axis=1) == top) & (v.argmax(axis=1) == top)
         relabel = suspect & (top != y) & (post[at, top] >= RELABEL_MIN) & agree
-        status[rows] = np.where(relabel, "relabel", np.where(suspect, "suppress", "clean"))
+        status[rows] = np.where(relabel, STATUSES[RELABEL], np.where(suspect, STATUSES[SUPPRESS], STATUSES[CLEAN]))
         label_fixed[rows] = np.where(relabel, top, y)
         own[rows] = post[at, y]
     return Verdict(status=status, label_fixed=label_fixed, label_posterior=own, transition=t)

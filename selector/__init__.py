@@ -16,10 +16,10 @@ This package imports no torch.
 """
 from typing import Any
 
-from dds.selector._base import (AUG_LEVELS, REGIONS, STATUSES, EpochPlan, Policy, SampleInfo, encode_regions, encode_status,
-                                get_policy, list_policies, register_policy)
+from dds.selector._base import AUG_LEVELS, EpochPlan, Policy, SampleInfo, get_policy, list_policies, register_policy
 from dds.selector._scores import embedding_scores, workspace_scores
 from dds.selector._selector import Selector, synthetic_info
+from dds.tables import REGIONS, STATUSES, encode_regions, encode_status
 
 # built-in policies: importing registers them
 from dds.selector._simple import BudgetedConfig, FullConfig, RandomConfig  # noqa: E402

@@ -13,46 +13,10 @@ import numpy as np
 
 from dds.errors import DdsError
 from dds.registry import Registry
+from dds.tables import REGIONS, RELABEL, STATUSES
 
-#: Region names; ``SampleInfo.region`` holds their positions (int8 codes 0..3).
-REGIONS: tuple[str, ...] = ("augment", "keep", "redundant", "noisy")
-AUGMENT, KEEP, REDUNDANT, NOISY = 0, 1, 2, 3
-#: Label verdicts (the ``status`` column of ``scores``); ``SampleInfo.status`` holds their positions.
-STATUSES: tuple[str, ...] = ("clean", "relabel", "suppress")
-CLEAN, RELABEL, SUPPRESS = 0, 1, 2
 #: ``EpochPlan.aug`` codes: 0 = base augmentation, k in 1..AUG_LEVELS = strong at magnitude k / AUG_LEVELS.
 AUG_LEVELS = 4
-
-
-def _encode(names: Any, known: tuple[str, ...], what: str) -> np.ndarray:
-    arr = np.asarray(names).astype(str)
-    codes = np.full(arr.shape, -1, dtype=np.int8)
-    for code, name in enumerate(known):
-        codes[arr == name] = code
-    if (codes < 0).any():
-        bad = sorted(set(arr[codes < 0].tolist()))[:5]
-        raise DdsError(f"unknown {what} value(s) {bad}; known: {', '.join(known)}")
-    return codes
-
-
-def encode_regions(names: Any) -> np.ndarray:
-    """Region names (as in the ``scores`` table) -> int8 codes into ``REGIONS``.
-
-    Args:
-        names: (N,) strings, each one of ``REGIONS``.
-
-    Returns:
-        (N,) int8 codes.
-
-    Raises:
-        DdsError: a name is not a region.
-    """
-    return _encode(names, REGIONS, "region")
-
-
-def encode_status(names: Any) -> np.ndarray:
-    """Verdict names (``scores.status``: clean, relabel, suppress) -> int8 codes into ``STATUSES``."""
-    return _encode(names, STATUSES, "status")
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from dds.errors import DdsError
-from dds.selector._base import (AUG_LEVELS, AUGMENT, NOISY, RELABEL, SUPPRESS, EpochPlan, LossPolicy, anneal_start,
-                                check_bool, check_int, check_real, make_plan, register_policy)
+from dds.selector._base import (AUG_LEVELS, EpochPlan, LossPolicy, anneal_start, check_bool, check_int, check_real, make_plan,
+                                register_policy)
 from dds.selector._core import (ClassLayout, LossEma, capped_quotas, even_sizes, power_, sampling_keys, shuffle_order,
                                 shuffle_values, shuffled, top_k_mask, uniform_keys)
+from dds.tables import AUGMENT, CLEAN, NOISY, RELABEL, SUPPRESS
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +275,7 @@ class DdsPolicy(LossPolicy):
         super().__init__(info, cfg, epochs=epochs, total=total)
         lay = self._layout = ClassLayout(info.labels, info.num_classes)
         noisy, relabel = noise_masks(info, cfg.noise_handling)
-        self._status = (np.where(noisy, SUPPRESS, np.where(relabel, RELABEL, 0)).astype(np.int8)
+        self._status = (np.where(noisy, SUPPRESS, np.where(relabel, RELABEL, CLEAN)).astype(np.int8)
                         if noisy.any() or relabel.any() else None)
         self._label_used = np.where(relabel, info.label_fixed, info.labels) if relabel.any() else None
         self._clean_idx = np.flatnonzero(~noisy)

@@ -20,12 +20,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from dds.distributed import Dist, gather_part, part_entries, part_size
 from dds.errors import DdsError
-from dds.selector._base import RELABEL, SampleInfo, check_int
+from dds.selector._base import SampleInfo, check_int
+from dds.selector._parts import Dist, part_entries, part_size
 from dds.selector._scores import embedding_scores
 from dds.selector._selector import Selector, _as_numpy
-from dds.selector.torch import state_to_numpy, state_to_torch, weighted_mean
+from dds.selector.torch import gather_part, state_to_numpy, state_to_torch, weighted_mean
+from dds.tables import RELABEL
 
 
 class DropIn(Dataset):

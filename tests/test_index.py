@@ -10,9 +10,9 @@ from dds import catalog
 from dds.errors import DdsError
 from dds.pipeline import adapters as adapt
 from dds.pipeline import knn as knn_mod
-from dds.pipeline.index import (REGIONS, assign_regions, compute_scores, joint_score, knn_agreement,
-                                local_density, run_index)
+from dds.pipeline.index import assign_regions, compute_scores, joint_score, knn_agreement, local_density, run_index
 from dds.pipeline.knn import knn
+from dds.tables import REGIONS
 from dds.workspace import Workspace, atomic_write_json, write_parquet
 
 

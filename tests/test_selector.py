@@ -9,14 +9,14 @@ import pytest
 
 from dds.bench.plan import bench_plan
 from dds.errors import DdsError
-from dds.selector import (AUG_LEVELS, REGIONS, EpochPlan, SampleInfo, Selector, encode_regions, list_policies,
+from dds.selector import (AUG_LEVELS, EpochPlan, SampleInfo, Selector, encode_regions, list_policies,
                           register_policy)
 from dds.selector._core import (ClassLayout, capped_quotas, even_sizes, largest_remainder, power_, sampling_keys,
                                 shuffle_values, top_k_mask)
 from dds.selector._infobatch import infobatch_prune
+from dds.tables import AUGMENT, NOISY
 
 REPO = Path(__file__).resolve().parents[1]
-NOISY, AUGMENT = REGIONS.index("noisy"), REGIONS.index("augment")
 CLASS_SIZES = (150, 120, 110, 90, 80, 50)          # unequal on purpose
 BUDGET = {"full": 1.0, "infobatch": 1.0}            # policies that spend what they spend
 PAPER = dict(warmup_epochs=1, loss_weight=0.5, prior_weight=1.0, unseen="mean", sharpness=1.0,

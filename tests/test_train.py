@@ -478,7 +478,7 @@ def test_history_columns_one_row_per_sample():
 
 
 def test_load_sample_info_joins_scores_in_idx_order(tmp_path):
-    from dds.selector import REGIONS
+    from dds.tables import REGIONS
 
     ws = Workspace(tmp_path)
     write_dataset(ws, "scored", {"train": 12, "test": 4})

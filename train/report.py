@@ -22,17 +22,19 @@ import numpy as np
 from dds.errors import DdsError
 from dds.pipeline.audit import load_audit_inputs, suspicion
 from dds.shards import read_images
-from dds.tables import check_run_data, load_epochs, load_history, load_run, load_scores, load_train_samples
+from dds.tables import (AUGMENT, KEEP, NOISY, REDUNDANT, REGIONS, RELABEL, STATUSES, SUPPRESS, check_run_data, load_epochs,
+                        load_history, load_run, load_scores, load_train_samples)
 from dds.workspace import Workspace, atomic_write_bytes, slug
 
 log = logging.getLogger(__name__)
 
-REGION_COLORS = {"augment": "tab:orange", "keep": "tab:green", "redundant": "tab:blue", "noisy": "tab:red"}
+REGION_COLORS = {REGIONS[AUGMENT]: "tab:orange", REGIONS[KEEP]: "tab:green", REGIONS[REDUNDANT]: "tab:blue",
+                 REGIONS[NOISY]: "tab:red"}
 #: region -> (column, descending, what the grid shows)
-EXAMPLE_RANKING = {"augment": ("joint", True, "highest joint (sparse and consistent)"),
-                   "keep": ("prob_label", True, "most typical (highest prob_label)"),
-                   "redundant": ("density", True, "most redundant (densest)"),
-                   "noisy": ("prob_label", False, "most suspicious labels (lowest prob_label)")}
+EXAMPLE_RANKING = {REGIONS[AUGMENT]: ("joint", True, "highest joint (sparse and consistent)"),
+                   REGIONS[KEEP]: ("prob_label", True, "most typical (highest prob_label)"),
+                   REGIONS[REDUNDANT]: ("density", True, "most redundant (densest)"),
+                   REGIONS[NOISY]: ("prob_label", False, "most suspicious labels (lowest prob_label)")}
 #: the built-in policies keep these colours in every figure of every report
 POLICY_COLORS = {"full": "black", "budgeted": "tab:gray", "random": "tab:blue", "infobatch": "tab:green",
                  "ucb": "tab:purple", "dds": "tab:red"}
@@ -98,7 +100,7 @@ def suspects_by_epoch(epoch: np.ndarray, status: np.ndarray, flipped: np.ndarray
         (relabelled samples whose corrected label is the true one); NaN where undefined.
     """
     ep = np.asarray(epoch, np.int64)
-    relabel, suppress = status == "relabel", status == "suppress"
+    relabel, suppress = status == STATUSES[RELABEL], status == STATUSES[SUPPRESS]
     out = {"relabel": np.bincount(ep, weights=relabel, minlength=num_epochs).astype(np.int64),
            "suppress": np.bincount(ep, weights=suppress, minlength=num_epochs).astype(np.int64)}
     if flipped is None:

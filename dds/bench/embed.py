@@ -1,9 +1,7 @@
 """``dds bench-embed``: images/s of the embed pipeline against the bare encoder forward pass."""
 from __future__ import annotations
 
-import io
 import shutil
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -11,7 +9,7 @@ from typing import Any
 
 from dds.errors import DdsError
 from dds.pipeline.embed import ShardTask, decode_sample, default_workers, embed_shards, shard_tasks
-from dds.shards import iter_tar_samples
+from dds.shards import TarWriter, iter_tar_samples
 from dds.workspace import Workspace, write_parquet
 
 
@@ -33,17 +31,13 @@ def _copy_subset(ws: Workspace, name: str, tasks: list[ShardTask], dst: Workspac
 
 
 def _write_tar_prefix(src: str, dst: Path, limit: int) -> int:
-    n = 0
-    with tarfile.open(dst, "w") as out:
+    with TarWriter(dst) as out:
         for key, members in iter_tar_samples(src):
-            if n >= limit:
+            if out.count >= limit:
                 break
-            for ext, data in members.items():
-                ti = tarfile.TarInfo(f"{key}.{ext}")
-                ti.size = len(data)
-                out.addfile(ti, io.BytesIO(data))
-            n += 1
-    return n
+            out.add(key, members)
+        out.commit()
+    return out.count
 
 
 def bench_embed(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", batch_size: int = 256,
