@@ -55,8 +55,11 @@ def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
 
 
 def group(module: str, path: Path) -> str:
-    """``core`` for a plain module directly in ``dds/`` (not the CLI, not ``dds.distributed``, which serves
-    the stages' torchrun jobs), else the stage package ``module`` belongs to, else ``module`` itself."""
+    """``core`` for a plain module directly in ``dds/`` (not the CLI and its shared options, not
+    ``dds.distributed``, which serves the stages' torchrun jobs), else the stage package ``module``
+    belongs to, else ``module`` itself."""
+    if module == "dds._cli_shared":
+        return "dds.cli"
     if path.parent == REPO / "dds" and path.name != "__init__.py" and module not in ("dds.cli", "dds.__main__",
                                                                                      "dds.distributed"):
         return "core"
