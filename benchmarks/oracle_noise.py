@@ -25,7 +25,7 @@ import numpy as np
 
 import dds.selector._dds as dds_policy
 from dds.tables import load_train_samples
-from dds.train.bench import run_bench
+from dds.bench.training import run_bench
 from dds.workspace import Workspace
 
 MODES = ("verdict", "drop-residual", "truth")

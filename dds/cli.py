@@ -14,14 +14,16 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
+from dds._cli_shared import (AmpOpt, DeviceOpt, EncoderOpt, EvalSplitOpt, LabelSmoothingOpt, LrOpt, ModelOpt,
+                             NprocOpt, OptimizerOpt, ProgressOpt, WeightDecayOpt, WorkspaceOpt, _print_grid,
+                             _print_summary, _rank, _recipe, _relaunch, _ws)
 from dds._validate import (check_choice, check_device, check_fraction, check_k_fits, check_min_int,
                            check_positive_int)
+from dds.bench.cli import register as register_bench
 from dds.errors import DdsError
-from dds.workspace import Workspace, atomic_write_bytes, write_parquet
+from dds.options import parse_options
+from dds.workspace import Workspace, write_parquet
 
 app = typer.Typer(
     name="dds",
@@ -32,105 +34,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-WorkspaceOpt = typer.Option(None, "--workspace", "-w", envvar="DDS_WORKSPACE",
-                            help="Workspace folder holding shards, embeddings, scores, runs and catalog.duckdb "
-                                 "[default: ./dds-work].")
-EncoderOpt = typer.Option("lite0-minilm", "--encoder", "-e",
-                          help="Encoder name: lite0-minilm (offline pair), openclip:ARCH/PRETRAINED "
-                               "(open_clip tag or local checkpoint), tiny-clip (random, for tests).")
-DeviceOpt = typer.Option("auto", "--device", help="auto (cuda when present), cpu or cuda.")
-NprocOpt = typer.Option(1, "--nproc", min=1, help="Processes on this machine: N > 1 runs this same command under "
-                                                  "torchrun (one process per GPU with --device cuda, gloo on CPU).")
-
-
-def _progress(flag: Optional[bool]) -> bool:
-    """--progress/--no-progress as given, else bars only when stderr is a terminal.
-
-    Without bars (a CI log, a file) the library's INFO lines take their place on the main rank: one
-    per epoch, shard or stage, never a redraw.
-    """
-    bars = sys.stderr.isatty() if flag is None else flag
-    if not bars and _rank() == 0:
-        logging.getLogger("dds").setLevel(logging.INFO)
-    return bars
-
-
-ProgressOpt = typer.Option(None, "--progress/--no-progress", callback=_progress,
-                           help="Progress bars [default: when stderr is a terminal; elsewhere plain log lines].")
-
-
-def _ws(path: Optional[str], *, write: bool = False) -> Workspace:
-    """The workspace: for readers it must exist; for writers it is created and must be writable."""
-    ws = Workspace.resolve(path)
-    return ws.check_writable() if write else ws.check_exists()
-
-
-def _rank() -> int:
-    """This process's rank under torchrun (0 outside it); read from the environment, no torch import."""
-    return int(os.environ.get("RANK", "0") or 0)
-
-
-def _relaunch(nproc: int) -> None:
-    """With ``--nproc N > 1`` outside torchrun: run this same command under torchrun and exit with its code."""
-    if nproc <= 1 or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        return
-    argv, args = [], iter(sys.argv[1:])
-    for a in args:
-        if a == "--nproc":
-            next(args, None)
-        elif not a.startswith("--nproc="):
-            argv.append(a)
-    from dds.distributed import launch
-
-    raise typer.Exit(launch(nproc, argv))
-
-
-def _print_summary(title: str, summary: dict) -> None:
-    if _rank() != 0:  # under torchrun the ranks' results are the same: rank 0 prints
-        return
-    _print_grid(None, [[str(k), v if isinstance(v, str) else json.dumps(v, default=str)] for k, v in summary.items()],
-                title)
-
-
-def _print_grid(header: list[str] | None, rows: list[list[str]], title: str | None) -> None:
-    """Print ``rows`` of text as a table: never read as markup, never cut.
-
-    A terminal gets a Rich table whose cells wrap; a pipe or a file gets aligned plain rows at full
-    width (``header`` first when given), so ids and paths can be copied whole.
-    """
-    if sys.stdout.isatty():
-        out = Table(title=Text(title) if title else None, show_header=header is not None)
-        for name in header or (rows[0] if rows else []):
-            out.add_column(Text(name) if header else None, overflow="fold")
-        for row in rows:
-            out.add_row(*(Text(v) for v in row))
-        Console().print(out)
-        return
-    lines = ([header] if header is not None else []) + rows
-    widths = [max(len(x) for x in col) for col in zip(*lines)]
-    if title:
-        typer.echo(title)
-    for line in lines:
-        typer.echo("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip())
-
-
-ModelOpt = typer.Option("resnet20", "--model", "-m", help="Model: resnet20, cnn3, resnet18, resnet50, or timm:NAME "
-                                                          "(any timm architecture, random init, e.g. timm:convnext_atto).")
-OptimizerOpt = typer.Option("sgd", "--optimizer", help="sgd (Nesterov momentum 0.9) or adamw.")
-LrOpt = typer.Option(None, "--lr", help="Peak learning rate of the cosine schedule over the run's steps "
-                                        "[default: 0.1 with sgd, 0.001 with adamw].")
-WeightDecayOpt = typer.Option(5e-4, "--weight-decay", help="Weight decay on every parameter.")
-LabelSmoothingOpt = typer.Option(0.1, "--label-smoothing", help="Cross-entropy label smoothing, in [0, 1).")
-
-
-def _recipe(optimizer: str, lr: Optional[float], weight_decay: float, label_smoothing: float) -> dict:
-    """The optimiser fields of a TrainConfig from the CLI options; --lr defaults by optimiser."""
-    from dds.train.config import DEFAULT_LR
-
-    check_choice("--optimizer", optimizer, tuple(DEFAULT_LR))
-    return {"optimizer": optimizer, "lr": DEFAULT_LR[optimizer] if lr is None else lr,
-            "weight_decay": weight_decay, "label_smoothing": label_smoothing}
-
 
 @contextlib.contextmanager
 def _on_interrupt(kept: str) -> Iterator[None]:
@@ -140,10 +43,6 @@ def _on_interrupt(kept: str) -> Iterator[None]:
     except KeyboardInterrupt:
         typer.echo(f"dds: interrupted; {kept}", err=True)
         sys.exit(130)
-
-
-EvalSplitOpt = typer.Option("test", "--eval-split", help="Split to evaluate every epoch: test, or val (made by "
-                                                      "dds shard --val) to pick constants without touching test.")
 
 
 @app.command()
@@ -330,8 +229,7 @@ def train(
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run RUN_ID from its last checkpoint."),
     nproc: int = NprocOpt,
     device: str = DeviceOpt,
-    amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast where it is fast (CUDA, or a CPU with "
-                                                          "AMX); --no-amp trains in fp32 everywhere."),
+    amp: bool = AmpOpt,
     workspace: Optional[str] = WorkspaceOpt,
     progress: bool = ProgressOpt,
 ) -> None:
@@ -370,7 +268,7 @@ def train(
         else:
             cfg = TrainConfig(dataset=name, policy=policy, budget=budget, epochs=epochs, model=model, seed=seed,
                               encoder=encoder, batch_size=batch_size, device=device, eval_split=eval_split,
-                              amp=amp, policy_options=_parse_options(option),
+                              amp=amp, policy_options=parse_options(option),
                               **_recipe(optimizer, lr, weight_decay, label_smoothing))
             result = run_train(ws, cfg, progress=progress, announce=announce)
     except KeyboardInterrupt:
@@ -388,231 +286,6 @@ def train(
     if _rank() == 0:
         typer.echo(f"model weights: {ws.run_dir(result['run_id']) / 'checkpoint.pt'} "
                    "(load with dds.train.load_trained; docs/training.md)")
-
-
-def _parse_options(pairs: list[str]) -> dict:
-    """``["k=v", ...]`` -> dict, values parsed as JSON where they parse (numbers, booleans), else strings."""
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise DdsError(f"--option takes KEY=VALUE, got '{pair}'")
-        key, value = pair.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-@app.command()
-def bench(
-    name: str = typer.Argument(..., help="Dataset name (as given to dds shard)."),
-    policies: str = typer.Option("full,budgeted,random,infobatch,ucb,dds", "--policies",
-                                 help="Comma-separated entries NAME[:KEY=VALUE...], e.g. "
-                                      "full,budgeted,infobatch:prune_ratio=0.8,dds; 'full' is the reference."),
-    budgets: str = typer.Option("0.5", "--budgets", "--budget", help="Comma-separated budgets (fractions of full-data "
-                                "sample-steps) for the entries that follow one; full and fixed-ratio infobatch run once."),
-    epochs: int = typer.Option(12, "--epochs", help="Training epochs per run."),
-    seeds: int = typer.Option(3, "--seeds", help="Seeds per entry and budget (FIRST..FIRST+N-1)."),
-    first_seed: int = typer.Option(0, "--first-seed", min=0, help="First seed."),
-    model: str = ModelOpt,
-    optimizer: str = OptimizerOpt,
-    lr: Optional[float] = LrOpt,
-    weight_decay: float = WeightDecayOpt,
-    label_smoothing: float = LabelSmoothingOpt,
-    option: list[str] = typer.Option([], "--option", "-o", help="Option of every entry of one policy, POLICY.KEY=VALUE "
-                                                                "(repeatable), e.g. -o dds.warmup_epochs=0."),
-    results: Optional[str] = typer.Option(None, "--results", help="Append one JSON line per run to this file "
-                                                                  "(e.g. benchmarks/results/b1.jsonl)."),
-    eval_every: int = typer.Option(1, "--eval-every", help="Evaluate every N epochs (and after the last); "
-                                                           "a larger N saves evaluation time in long benches."),
-    eval_split: str = EvalSplitOpt,
-    encoder: str = EncoderOpt,
-    device: str = DeviceOpt,
-    amp: bool = typer.Option(True, "--amp/--no-amp", help="bf16 autocast where it is fast (CUDA, or a CPU with "
-                                                          "AMX); --no-amp trains in fp32 everywhere."),
-    workspace: Optional[str] = WorkspaceOpt,
-    progress: bool = ProgressOpt,
-) -> None:
-    """Run several policies x budgets x seeds on the same data and model; print and store one comparison table."""
-    from dds.train.bench import format_bench_table, run_bench
-
-    check_positive_int("--epochs", epochs)
-    check_positive_int("--seeds", seeds)
-    check_device(device)
-    names = [p.strip() for p in policies.split(",") if p.strip()]
-    if not names:
-        raise DdsError("--policies is empty; give e.g. --policies full,dds")
-    try:
-        budget_list = [float(b) for b in budgets.split(",") if b.strip()]
-    except ValueError:
-        raise DdsError(f"--budgets takes comma-separated numbers, got '{budgets}'") from None
-    ws = _ws(workspace)
-    if results:
-        ws.check_output(results, "--results")
-    per_policy: dict[str, dict] = {}
-    for key, value in _parse_options(option).items():
-        policy, dot, opt = key.partition(".")
-        if not dot or not policy or not opt:
-            raise DdsError(f"bench --option takes POLICY.KEY=VALUE, got '{key}'; e.g. -o dds.warmup_epochs=0")
-        per_policy.setdefault(policy, {})[opt] = value
-    rows = run_bench(ws, name, policies=names, budgets=budget_list, epochs=epochs, seeds=seeds, model=model,
-                     base_config={"encoder": encoder, "device": device, "seed": first_seed, "eval_split": eval_split,
-                                  "eval_every": eval_every, "amp": amp,
-                                  **_recipe(optimizer, lr, weight_decay, label_smoothing)},
-                     policy_options=per_policy, progress=progress, results=results)
-    typer.echo(format_bench_table(rows))
-    typer.echo(f"accuracy: last epoch, on the {eval_split} split; lossless at = smallest spend with mean accuracy "
-               "within 0.1 points of full")
-    typer.echo(f"per-sample history: dds sql \"SELECT * FROM history WHERE run_id = '{rows[0]['run_ids'][0]}' LIMIT 10\""
-               f" -w {ws.root}")
-    typer.echo(f"model weights: {ws.root / 'runs'}/RUN_ID/checkpoint.pt, one per run (ids: dds sql \"SELECT run_id, "
-               "policy, seed FROM runs\"); load with dds.train.load_trained (docs/training.md)")
-
-
-@app.command("bench-table")
-def bench_table(
-    files: list[str] = typer.Argument(None, help="JSON-lines files written by dds bench --results."),
-    update: list[str] = typer.Option([], "--update", "-u", help="Markdown file whose <!-- bench-table FILES --> "
-                                     "blocks are rebuilt from their results files (repeatable)."),
-) -> None:
-    """Markdown table of dds bench --results files; --update rebuilds the generated tables of a markdown file."""
-    from dds.train.bench import read_results, regenerate_tables, table_from_results
-
-    if not files and not update:
-        raise DdsError("give results files to print, or --update DOC.md to rebuild a document's tables")
-    if files:
-        typer.echo(table_from_results(read_results([Path(f) for f in files])))
-    for doc in map(Path, update):
-        if not doc.is_file():
-            raise DdsError(f"no markdown file {doc}")
-        text = regenerate_tables(doc)
-        changed = text != doc.read_text()
-        if changed:
-            atomic_write_bytes(doc, text.encode())
-        typer.echo(f"{doc}: {'tables rebuilt' if changed else 'tables already up to date'}")
-
-
-@app.command("bench-train")
-def bench_train(
-    name: str = typer.Argument(..., help="Dataset name (as given to dds shard)."),
-    model: str = typer.Option("resnet20", "--model", "-m", help="Model name."),
-    batch_size: int = typer.Option(128, "--batch-size", "-b", help="Training batch size."),
-    samples: int = typer.Option(4096, "--samples", help="Train samples per timed loop epoch."),
-    cache: bool = typer.Option(True, "--cache/--no-cache", help="--no-cache: also time the loop streaming from the "
-                                                                "shards, next to the cached split."),
-    prefetch: int = typer.Option(2, "--prefetch", help="Batches built ahead in the 'prefetch on' loop row."),
-    decode_workers: int = typer.Option(1, "--decode-workers", help="With --no-cache: threads decoding the images "
-                                                                   "(0 = in the thread reading the shards)."),
-    repeats: int = typer.Option(2, "--repeats", help="Interleaved repeats of each measurement (best kept)."),
-    bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="Also time the bare step under bf16 autocast on cpu "
-                                                             "(what the trainer uses on CPUs with AMX)."),
-    results: Optional[str] = typer.Option(None, "--results", help="Append one JSON line per measurement row to this "
-                                                                  "file, with the command and git commit."),
-    device: str = DeviceOpt,
-    workspace: Optional[str] = WorkspaceOpt,
-) -> None:
-    """Trainer img/s side by side in one process: bare model step (fp32/bf16, contiguous/channels_last) vs dds
-    train's loop with prefetch off and on, and streamed with --no-cache (data wait = share of the loop's time
-    spent waiting for batches)."""
-    from dds.train.bench import bench_train as run
-
-    ws = _ws(workspace)
-    if results:
-        ws.check_output(results, "--results")
-    rows = run(ws, name, model=model, batch_size=batch_size, samples=samples, cache=cache, device=device,
-               prefetch=prefetch, repeats=repeats, bf16=bf16, decode_workers=decode_workers)
-    header = ("what", "channels_last", "bf16", "steps", "img/s", "data wait", "vs bare")
-
-    def what(r) -> str:
-        if r["what"] == "bare":
-            return "bare step"
-        workers = f", {decode_workers} decode threads" if r["source"] == "streamed" else ""
-        return f"loop ({r['source']}{workers}), prefetch {r['prefetch'] or 'off'}"
-
-    lines = [(what(r), str(r["channels_last"]), str(r["bf16"]), str(r["steps"]), f"{r['img_s']:.1f}",
-              "-" if r["data_share"] is None else f"{100 * r['data_share']:.1f} %",
-              "-" if r["vs_bare"] is None else f"{r['vs_bare']:.3f}") for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(header, *lines)]
-    for ln in [header, *lines]:
-        typer.echo("  ".join(x.ljust(w) for x, w in zip(ln, widths)))
-    if results:
-        from dds.train.bench import append_results
-
-        append_results(results, [{"dataset": name, "model": model, "batch_size": batch_size, **r} for r in rows])
-    loops = {(r["source"], bool(r["prefetch"])): r["img_s"] for r in rows if r["what"] == "loop"}
-    typer.echo(f"loop img/s, prefetch on / off: {loops[('cached', True)] / loops[('cached', False)]:.3f}   "
-               "(vs bare: over the bare step with the trainer's settings)")
-    if ("streamed", True) in loops:
-        typer.echo(f"loop img/s, streamed / cached (prefetch on): {loops[('streamed', True)] / loops[('cached', True)]:.3f}")
-
-
-@app.command("bench-embed")
-def bench_embed(
-    name: str = typer.Argument(..., help="Dataset name (as given to dds shard)."),
-    encoder: str = EncoderOpt,
-    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per forward pass."),
-    max_images: int = typer.Option(10000, "--max-images", help="Images to time in each of the two passes."),
-    device: str = DeviceOpt,
-    workspace: Optional[str] = WorkspaceOpt,
-) -> None:
-    """Embedding throughput: the full embed pipeline against the bare encoder forward pass, side by side."""
-    from dds.pipeline.embed import bench_embed as _bench
-
-    _print_summary("dds bench-embed", _bench(_ws(workspace), name, encoder=encoder, batch_size=batch_size,
-                                             device=device, max_images=max_images))
-
-
-@app.command("bench-plan")
-def bench_plan(
-    n: int = typer.Option(1_280_000, "--n", help="Samples (ImageNet-1k size by default)."),
-    classes: int = typer.Option(1000, "--classes", help="Classes."),
-    policy: str = typer.Option("dds", "--policy", help="Policy to time."),
-) -> None:
-    """Time planning one epoch on synthetic scores (target: <= 50 ms for 1.28M samples on CPU)."""
-    from dds.selector import bench_plan as _bench
-
-    _print_summary("dds bench-plan", _bench(n=n, classes=classes, policy=policy))
-
-
-@app.command("bench-index")
-def bench_index(
-    n: int = typer.Option(100_000, "--n", help="Samples (1280000 for ImageNet-1k size)."),
-    dim: int = typer.Option(512, "--dim", help="Embedding width."),
-    classes: int = typer.Option(100, "--classes", help="Classes."),
-    k: int = typer.Option(10, "--k", help="Neighbours per sample."),
-    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the synthetic data and of the stage."),
-    adapters: str = typer.Option("auto", "--adapters", help="auto (as dds index decides for these aligned "
-                                                            "synthetic towers, like CLIP's: zero-shot), on "
-                                                            "(cross-fitted adapters, as for lite0-minilm) or off."),
-    backend: str = typer.Option("auto", "--backend", help="kNN backend: auto (as dds index: exact up to 100k rows "
-                                                          "per searched set, ivf above), torch, faiss (exact), ivf."),
-    device: str = DeviceOpt,
-) -> None:
-    """Time dds index's compute on synthetic clustered embeddings by phase, with peak memory and the global graph's recall@k."""
-    from dds.device import resolve_device
-    from dds.pipeline.bench_index import bench_index as _bench
-
-    check_choice("--adapters", adapters, ("auto", "on", "off"))
-    check_device(device)
-    _print_summary("dds bench-index", _bench(n=n, dim=dim, classes=classes, k=k, seed=seed,
-                                             use_adapters=adapters == "on", backend=backend,
-                                             device=str(resolve_device(device))))
-
-
-@app.command("bench-dist")
-def bench_dist(
-    nproc: int = typer.Option(2, "--nproc", min=1, help="Processes (torchrun, gloo on CPU)."),
-    n: int = typer.Option(1_280_000, "--n", help="Samples (ImageNet-1k size by default)."),
-    classes: int = typer.Option(1000, "--classes", help="Classes."),
-    policy: str = typer.Option("dds", "--policy", help="Policy to time."),
-    repeats: int = typer.Option(5, "--repeats", min=1, help="Timed epochs (after one warm-up)."),
-) -> None:
-    """Time the distributed part of selection per epoch: plan check, per-rank split, loss gather (target: well under 1 s for 1.28M samples)."""
-    _relaunch(nproc)
-    from dds.distributed import bench_distributed
-
-    _print_summary("dds bench-dist", bench_distributed(n=n, classes=classes, policy=policy, repeats=repeats))
 
 
 @app.command()
@@ -699,6 +372,9 @@ def export(
 
     result = run_export(_ws(workspace), run_id, budget, out, weighting=weights, shards=shards, shard_size=shard_size)
     _print_summary(f"dds export {run_id}", result)
+
+
+register_bench(app)
 
 
 class _LogFormat(logging.Formatter):

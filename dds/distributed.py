@@ -5,14 +5,12 @@ address in its environment; :func:`init` joins the process group (NCCL for CUDA,
 returns a :class:`Dist`. Without those variables (a plain ``dds`` call) it returns the
 single-process ``Dist`` and nothing here talks to other processes.
 
-How an epoch plan is shared (:func:`part_positions`, :func:`gather_part`): every rank computes the
-same plan from the same seed (no broadcast), pads it cyclically to a multiple of the world size
-and takes every ``world``-th position starting at its rank. The parts are disjoint, equal in size
-(so every rank runs the same number of optimiser steps and none waits at the end of an epoch) and
-together cover the plan; with a per-rank batch of ``batch_size / world`` the ranks' ``k``-th
-batches together are the ``k``-th batch of a single-process run. The per-sample losses of all
-ranks are gathered back into plan order before ``observe``, so every rank's selector state stays
-the same; :func:`check_same` compares a checksum of each rank's plan to catch any divergence.
+How an epoch plan is shared belongs to the selector (:mod:`dds.selector._parts`: each rank's part;
+:func:`dds.selector.torch.gather_part`: the losses back in plan order), re-exported here for the
+trainer; with a per-rank batch of ``batch_size / world`` the ranks' ``k``-th batches together are
+the ``k``-th batch of a single-process run. The per-sample losses of all ranks are gathered before
+``observe``, so every rank's selector state stays the same; :func:`check_same` compares a checksum
+of each rank's plan to catch any divergence.
 """
 from __future__ import annotations
 
@@ -21,9 +19,7 @@ import datetime
 import logging
 import os
 import sys
-import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,25 +29,11 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from dds.errors import DdsError
+# the selector's plan parts, re-exported: the trainer and its tests use them from here
+from dds.selector._parts import Dist, interleave, part_entries, part_positions, part_size  # noqa: F401
+from dds.selector.torch import gather_part  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in the job: ``world == 1`` is a plain single-process run."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0 writes the files that exist once per job (history, checkpoints, summaries)."""
-        return self.rank == 0
 
 
 def from_env() -> Dist:
@@ -145,48 +127,6 @@ def sync_buffers(d: Dist, model: torch.nn.Module) -> None:
             dist.broadcast(buf, src=0)
 
 
-# ---------------------------------------------------------------- plan parts (pure)
-
-def part_size(m: int, world: int) -> int:
-    """Samples per rank for a plan of ``m``: ``ceil(m / world)`` (the plan is padded cyclically)."""
-    return -(-m // world)
-
-
-def part_positions(m: int, rank: int, world: int) -> np.ndarray:
-    """Positions of rank ``rank``'s part in the padded plan: ``rank, rank + world, ...``.
-
-    Args:
-        m: samples in the epoch's plan.
-        rank, world: this rank and the number of ranks.
-
-    Returns:
-        ``(ceil(m / world),)`` int64 positions in ``[0, world * ceil(m / world))``; position ``p``
-        trains plan entry ``p % m`` (positions ``>= m`` are the padding, at most ``world - 1``).
-    """
-    if not 0 <= rank < world:
-        raise ValueError(f"rank must be in 0..{world - 1}, got {rank}")
-    return np.arange(rank, part_size(m, world) * world, world, dtype=np.int64)
-
-
-def part_entries(m: int, rank: int, world: int) -> np.ndarray:
-    """The plan entries rank ``rank`` trains, in order: its :func:`part_positions` modulo ``m``."""
-    return part_positions(m, rank, world) % max(m, 1)
-
-
-def interleave(parts: np.ndarray | torch.Tensor, m: int):
-    """``(world, P)`` per-rank values (rank-major, from :func:`part_positions`) -> the ``(m,)`` plan order."""
-    return parts.T.reshape(-1)[:m]
-
-
-def gather_part(d: Dist, part: torch.Tensor, m: int) -> torch.Tensor:
-    """Every rank's per-sample values of its part, gathered back into the plan's order: ``(m,)``."""
-    if not d.enabled:
-        return part[:m]
-    out = [torch.empty_like(part) for _ in range(d.world)]
-    dist.all_gather(out, part.contiguous())
-    return interleave(torch.stack(out), m)
-
-
 def plan_checksum(indices: np.ndarray, aug: np.ndarray | None = None, weights: np.ndarray | None = None) -> int:
     """A 63-bit checksum of a plan that depends on the order of its indices, and on aug and weights."""
     idx = np.asarray(indices, dtype=np.uint64)
@@ -233,48 +173,3 @@ def launch(nproc: int, argv: list[str]) -> int:
         codes = [f.exitcode for f in e.failures.values()]
         return next((c for c in codes if c and c > 0), 1)
     return 0
-
-
-# ---------------------------------------------------------------- benchmark
-
-def bench_distributed(n: int = 1_280_000, classes: int = 1000, policy: str = "dds", *, repeats: int = 5) -> dict:
-    """Per-epoch cost of the distributed parts of selection, on synthetic scores (run under torchrun).
-
-    Every rank plans the same pruned epoch, checks the plans agree (:func:`check_same`), takes its
-    part and gathers every rank's per-sample losses back into plan order (:func:`gather_part`),
-    then observes them. ``overhead_ms`` is what a single process does not do: check + part + gather.
-
-    Returns:
-        ``{"processes", "backend", "n", "classes", "selected", "plan_ms", "check_ms", "part_ms",
-        "gather_ms", "observe_ms", "overhead_ms"}``: medians over ``repeats`` epochs, rank 0's clock.
-    """
-    from dds.selector import Selector
-    from dds.selector._selector import synthetic_info
-
-    d = init("cpu")
-    sel = Selector(policy, synthetic_info(n, classes), epochs=10, budget=0.5, seed=0)
-    losses = np.random.default_rng(1).gamma(2.0, 0.5, size=n).astype(np.float32)
-    sel.observe(np.arange(n), losses)
-    cpu = torch.device("cpu")
-    times: dict[str, list[float]] = {k: [] for k in ("plan", "check", "part", "gather", "observe")}
-    m = 0
-    for _ in range(max(1, repeats) + 1):  # the first round is a warm-up
-        barrier(d)
-        t = [time.perf_counter()]
-        plan = sel.plan(1)
-        t.append(time.perf_counter())
-        check_same(d, plan, cpu)
-        t.append(time.perf_counter())
-        m = len(plan.indices)
-        mine = torch.from_numpy(losses[plan.indices[part_entries(m, d.rank, d.world)]])
-        t.append(time.perf_counter())
-        gathered = gather_part(d, mine, m)
-        t.append(time.perf_counter())
-        sel.observe(plan.indices, gathered.numpy())
-        t.append(time.perf_counter())
-        for key, a, b in zip(times, t, t[1:]):
-            times[key].append((b - a) * 1e3)
-    med = {f"{k}_ms": round(float(np.median(v[1:])), 2) for k, v in times.items()}
-    overhead = float(np.median(np.add(np.add(times["check"][1:], times["part"][1:]), times["gather"][1:])))
-    return {"processes": d.world, "backend": dist.get_backend() if d.enabled else "none", "n": n,
-            "classes": classes, "selected": m, **med, "overhead_ms": round(overhead, 2)}

@@ -1,25 +1,12 @@
 """Generations: every ``dds shard`` (and ``dds index``) writes a complete new generation, then switches to it at once.
 
-A dataset folder holds one folder per generation (``gen-ID/``: tars, tables, dataset.json) and a
-symlink ``current -> gen-ID``. The names readers open (``dataset.json``, ``samples.parquet``,
-``shards/``, ...) are fixed symlinks ``NAME -> current/NAME``, so every reader resolves them
-through ``current`` with no code of its own. Replacing ``current`` (a new symlink renamed over
-the old one) is the single commit point: a process killed at any moment before it leaves the
-old generation in use, and one killed after leaves the new one; older generations are deleted
-after the commit, and half-written ones by the next writer. Writers hold the dataset lock
-(:meth:`dds.workspace.Workspace.lock`).
-
-A dataset written before generations existed (real files in the dataset folder), or copied by a
-tool that followed the links, is adopted first: its files are moved into a generation without
-changing what readers see.
-
-An index folder (``index/ENCODER/``) works the same way with :data:`INDEX_LINKED`: ``dds index``
-writes the kNN graph, the scores and ``index.json`` into a new generation and switches to all
-three at once, so a kill between two of them leaves the previous consistent triple in use.
-
-A dataset generation also has a content id (:func:`content_id`, ``dataset.json``'s
-``generation``): a hash of its samples table, so a run can tell whether the data it trained on is
-still the data in use (re-sharding the same source with the same options gives the same id).
+A dataset folder holds one ``gen-ID/`` folder per generation and a symlink ``current -> gen-ID``;
+the names readers open (``dataset.json``, ``samples.parquet``, ``shards/``, ...) are fixed symlinks
+``NAME -> current/NAME``, so readers need no code of their own. Renaming a new ``current`` over the
+old one is the single commit point: a kill before it leaves the old generation in use, after it the
+new one. An index folder works the same way with :data:`INDEX_LINKED`. Writers hold the dataset
+lock (:meth:`dds.workspace.Workspace.lock`); :func:`content_id` names a dataset generation by its
+samples. Details: docs/integrity.md, "Design notes: dds/generations.py".
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reading the WebDataset tars of a sharded dataset: the one reader every stage uses.
+"""Reading and writing the WebDataset tars of a sharded dataset: the one reader and the one writer every stage uses.
 
 A tar holds ``KEY.png`` + ``KEY.cls`` (and optionally ``KEY.txt``) per sample, members of one sample
 next to each other. Paths come from ``shards.parquet`` (relative to the dataset folder), so
@@ -6,15 +6,19 @@ readers follow the generation in use (:mod:`dds.generations`).
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import tarfile
 import zlib
-from typing import Iterable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Iterable, Iterator
 
 import pyarrow.parquet as pq
 
 from dds.errors import DdsError
-from dds.workspace import Workspace
+from dds.workspace import Workspace, temp_path
 
 
 #: the largest label a ``.cls`` may give: labels are int32 in the samples table
@@ -104,3 +108,84 @@ def read_images(ws: Workspace, name: str, keys: Iterable[str], samples) -> dict[
                 out[key] = members["png"]
     return out
 
+
+# ---------------------------------------------------------------- writing
+
+class TarWriter:
+    """One tar written atomically: members go to a unique temporary name beside ``path``, which
+    :meth:`commit` fsyncs and renames to ``path``; leaving the ``with`` block without a commit removes it.
+
+    Headers are fixed (ustar, mtime 0, uid/gid 0, mode 0444), so equal content gives equal bytes.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.count = 0  # samples added
+        self._tmp = temp_path(self.path)
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        """Add one sample: a ``KEY.EXT`` member per ``EXT: bytes`` of ``members``, in their order."""
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o444, 0, 0
+            self._tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+
+    def commit(self) -> str:
+        """Finish the tar and make it ``path``; returns its sha256 (hex)."""
+        self._tar.close()
+        with open(self._tmp, "rb") as f:
+            sha = hashlib.file_digest(f, "sha256").hexdigest()
+            os.fsync(f.fileno())
+        os.replace(self._tmp, self.path)
+        return sha
+
+    def __enter__(self) -> TarWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._tar.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+class ShardWriter:
+    """Writes samples into ``{split}-{i:06d}.tar`` files of ``shard_size`` samples each in ``out_dir``,
+    each through a :class:`TarWriter`.
+
+    Use it in a ``with`` block: a failure leaves no temporary of the open tar behind.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, split: str, shard_size: int) -> None:
+        self.out_dir, self.split, self.shard_size = Path(out_dir), split, shard_size
+        self.shards: list[dict[str, Any]] = []  # one row per committed tar: shard (stem), count, sha256
+        self._tar: TarWriter | None = None
+
+    def add(self, key: str, members: dict[str, bytes]) -> str:
+        """Add one sample (``{EXT: bytes}``); returns the stem of the tar it went into."""
+        stem = f"{self.split}-{len(self.shards):06d}"
+        if self._tar is None:
+            self._tar = TarWriter(self.out_dir / f"{stem}.tar")
+        self._tar.add(key, members)
+        if self._tar.count == self.shard_size:
+            self._commit()
+        return stem
+
+    def _commit(self) -> None:
+        if self._tar is not None:
+            self.shards.append({"shard": self._tar.path.stem, "count": self._tar.count, "sha256": self._tar.commit()})
+            self._tar = None
+
+    def close(self) -> list[dict[str, Any]]:
+        """Commit the open tar; returns the rows of every tar written."""
+        self._commit()
+        return self.shards
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._tar is not None:
+            self._tar.__exit__(exc_type, exc, tb)

@@ -1,7 +1,8 @@
 """The workspace's tables: where each lives, its columns (the one home of every schema), and readers.
 
 ``TABLES`` maps each catalog view to the parquet files that hold it and the full schema its writers
-produce; the catalog's views, empty or not, always have every column listed here. The readers
+produce; the catalog's views, empty or not, always have every column listed here. ``REGIONS`` and
+``STATUSES`` are the values of the scores table's ``region`` and ``status`` columns. The readers
 below (runs, epochs, history, train samples, scores) are what the stages after training share.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from dds.errors import DdsError
@@ -76,8 +78,51 @@ TABLES: dict[str, Table] = {
         ("bench_id", _s), ("dataset", _s), ("policy", _s), ("budget", _f64), ("seeds", _i32), ("model", _s),
         ("eval_split", _s), ("acc_mean", _f64), ("acc_std", _f64), ("budget_spent", _f64), ("wall_ratio", _f64),
         ("wall_ratio_eval", _f64), ("select_s", _f64), ("train_s", _f64), ("eval_s", _f64), ("accs", pa.list_(_f64)),
-        ("lossless_budget", _f64), ("run_ids", pa.list_(_s)))),
+        ("lossless_budget", _f64), ("run_ids", pa.list_(_s)), ("wall_ratio_min", _f64), ("wall_ratio_max", _f64),
+        ("orders", pa.list_(_i32)))),
 }
+
+
+# ---------------------------------------------------------------- the scores vocabulary
+
+#: ``scores.region`` values, in code order: ``SampleInfo.region`` holds their positions (int8 codes).
+REGIONS: tuple[str, ...] = ("augment", "keep", "redundant", "noisy")
+AUGMENT, KEEP, REDUNDANT, NOISY = range(len(REGIONS))
+#: ``scores.status`` values (the label verdicts of ``dds index``), in code order: ``SampleInfo.status``
+#: holds their positions.
+STATUSES: tuple[str, ...] = ("clean", "relabel", "suppress")
+CLEAN, RELABEL, SUPPRESS = range(len(STATUSES))
+
+
+def _encode(names: Any, known: tuple[str, ...], what: str) -> np.ndarray:
+    arr = np.asarray(names).astype(str)
+    codes = np.full(arr.shape, -1, dtype=np.int8)
+    for code, name in enumerate(known):
+        codes[arr == name] = code
+    if (codes < 0).any():
+        bad = sorted(set(arr[codes < 0].tolist()))[:5]
+        raise DdsError(f"unknown {what} value(s) {bad}; known: {', '.join(known)}")
+    return codes
+
+
+def encode_regions(names: Any) -> np.ndarray:
+    """Region names (as in the ``scores`` table) -> int8 codes into ``REGIONS``.
+
+    Args:
+        names: (N,) strings, each one of ``REGIONS``.
+
+    Returns:
+        (N,) int8 codes.
+
+    Raises:
+        DdsError: a name is not a region.
+    """
+    return _encode(names, REGIONS, "region")
+
+
+def encode_status(names: Any) -> np.ndarray:
+    """Verdict names (``scores.status``: clean, relabel, suppress) -> int8 codes into ``STATUSES``."""
+    return _encode(names, STATUSES, "status")
 
 
 def table_files(ws: Workspace, name: str) -> list[Path]:
@@ -202,12 +247,24 @@ def load_train_samples(ws: Workspace, dataset: str):
     return ws.split_samples(dataset, "train", ["key", "label", "label_orig", "shard"])
 
 
-def load_scores(ws: Workspace, dataset: str, encoder: str):
-    """``scores.parquet`` of ``dataset`` under ``encoder`` (pandas), or None when it was never indexed."""
+def load_scores(ws: Workspace, dataset: str, encoder: str, columns: list[str] | None = None):
+    """The ``scores`` rows of ``dataset`` under ``encoder`` (pandas), or None when it was never indexed.
+
+    The file is opened once, through the index folder's fixed link into its generation in use, so the
+    schema and the rows come from one generation even while ``dds index`` commits a new one.
+
+    Args:
+        columns: the columns to read (None: all); those the file lacks are left out (tables written
+            before the label verdict have no ``status``, ``label_fixed``, ``label_posterior``).
+    """
     import pyarrow.parquet as pq
 
     path = ws.index_dir(dataset, encoder) / "scores.parquet"
-    return pq.read_table(path).to_pandas() if path.exists() else None
+    if not path.exists():
+        return None
+    with pq.ParquetFile(path) as f:
+        have = f.schema_arrow.names
+        return f.read(columns=None if columns is None else [c for c in columns if c in have]).to_pandas()
 
 
 # ---------------------------------------------------------------- generations a run is bound to

@@ -1,38 +1,11 @@
 """The workspace folder: where every stage reads and writes, and how files are written atomically.
 
-Layout (all data is parquet, written by atomic rename; ``catalog.duckdb`` holds only views)::
-
-    WORKSPACE/
-      catalog.duckdb                      views over the parquet files below
-      datasets/NAME/
-        .lock                             taken by `dds shard` (exclusive), `dds train` and `dds index` (shared)
-        current -> gen-ID                 the generation in use, swapped by one atomic rename
-        gen-ID/                           one complete generation written by `dds shard`:
-          dataset.json, dataset.parquet   name, classes, manifest, source, per-split counts, generation (content id)
-          shards/SPLIT-000000.tar         WebDataset shards (KEY.png + KEY.cls)
-          shards.parquet                  shard index: split, shard, path, count, sha256
-          samples.parquet                 one row per sample (samples table)
-          rejects.parquet                 unreadable inputs (rejects table)
-        dataset.json, shards/, ...        fixed links into current/ (see dds.generations)
-        embed/ENCODER_SLUG/
-          encoder.json                    encoder name, weights, dim, normalisation
-          text.parquet                    one row per class: prompt-averaged text embedding
-          shards/SHARD.parquet            one per shard: key, label, vector (+ sha256 of the tar embedded)
-        index/ENCODER_SLUG/
-          .lock                           taken by `dds index`
-          current -> gen-ID               the index generation in use, as for the dataset
-          gen-ID/                         knn.parquet, scores.parquet, index.json, written by one `dds index`
-          knn.parquet, scores.parquet,    fixed links into current/
-          index.json
-      runs/RUN_ID/
-        .lock                             taken by the process training the run
-        run.json, run.parquet             runs table row (config as json, generations trained on, reason)
-        epochs/EPOCH.parquet              epochs table rows
-        history/EPOCH.parquet             history table rows
-        checkpoint.pt, checkpoint.json    the last checkpoint and its sha256 (verified by --resume)
-
-No output option (``--out``, ``--shards``, ``--results``) may point into ``datasets/``, ``runs/``,
-``bench/`` or ``catalog.duckdb`` (:meth:`Workspace.check_output`).
+Every table is a parquet file written by atomic rename under ``datasets/NAME/`` (generations of
+tars and tables, embeddings per encoder, index generations per encoder) and ``runs/RUN_ID/``
+(run, epochs and history rows, the last checkpoint); ``catalog.duckdb`` holds only views over
+them. No output option (``--out``, ``--shards``, ``--results``) may point into ``datasets/``,
+``runs/``, ``bench/`` or ``catalog.duckdb`` (:meth:`Workspace.check_output`). The full layout:
+docs/integrity.md, "Design notes: dds/workspace.py".
 """
 from __future__ import annotations
 
@@ -188,11 +161,10 @@ class Workspace:
              holder: str | None = None) -> Iterator[Path]:
         """Hold a lock on a dataset (by name) or a folder (a path, e.g. ``ws.run_dir(id)``).
 
-        The lock is ``fcntl.flock`` on ``FOLDER/.lock``: it is released when the block ends or the
-        process dies (kill -9 included), so a crashed holder never leaves a stale lock. Writers take
-        it exclusively; readers that must not see the data replaced under them (a training run on its
-        dataset) take it ``shared``: any number of them at once, and no writer meanwhile. Each holder
-        leaves a note ``FOLDER/.lock.PID.X`` saying who it is, so a refusal names the holders.
+        ``fcntl.flock`` on ``FOLDER/.lock`` is released when the block ends or the process dies (kill -9
+        included), so a crashed holder never leaves a stale lock. Writers take it exclusively; readers that
+        must not see the data replaced under them take it ``shared``. Each holder leaves a note
+        ``FOLDER/.lock.PID.X`` so a refusal names the holders.
 
         Args:
             target: a dataset name, or the folder to lock (created if missing).

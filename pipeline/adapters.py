@@ -1,29 +1,15 @@
 """Dataset adapters on frozen image/text features, trained cross-fitted (paper-notes §2.2).
 
-Design. Each tower maps its frozen feature linearly into one shared space of ``S`` dimensions and
-adds a CLIP-Adapter style residual MLP there::
+Each tower maps its frozen feature linearly into one shared space of ``S`` dimensions and adds a
+CLIP-Adapter style residual MLP there (``u = normalize(h + alpha * MLP(h))``, ``W2`` starting at
+zero), trained with cross-entropy over all ``C`` class prompts at a learned temperature. For aligned
+towers of equal width the projections start at the identity, so training starts from zero-shot
+CLIP; for unaligned towers they are what makes the towers comparable at all.
 
-    h_i = P_I f_i,  u_i = normalize(h_i + alpha * MLP_I(h_i))      f_i: (D,)  frozen image feature
-    h_c = P_T g_c,  t_c = normalize(h_c + alpha * MLP_T(h_c))      g_c: (Dt,) frozen class-prompt feature
-
-``MLP(h) = W2 relu(W1 h)`` with hidden width ``S // 4``, ``alpha = 0.2`` and ``W2`` starting at
-zero. For aligned towers of equal width (CLIP) ``S = D`` and the projections start at the identity,
-so the adapter is exactly ``u = f + alpha * MLP(f)`` and training starts from zero-shot CLIP. For
-unaligned towers (``lite0-minilm``: 1280-d image, 384-d text) the projections (orthogonal init)
-are what makes the towers comparable at all; ``S = min(SHARED_DIM, D)`` (256 for lite0). Putting
-the MLP after the projection keeps it small: a residual MLP on the 1280-d feature took twice the
-time on Fashion-MNIST for the same out-of-fold accuracy and noise-detection AUROC.
-Loss: cross-entropy over all ``C`` class prompts with logits ``cos(u_i, t_c) / tau`` and a learned
-temperature ``tau`` (initialised at CLIP's 0.07), AdamW (lr 1e-3, weight decay 0.01), minibatches
-of 512, :data:`EPOCHS` epochs.
-
-Cross-fitting. Samples are split into ``folds`` label-stratified folds (seeded). For each fold an
-adapter pair is trained on the other folds only and then applied to that fold, so every sample's
-adapted embedding, class cosines and class probabilities come from adapters that never saw it (or
-its label). Adapters trained on noisy labels partly learn the noise; cross-fitting keeps that noise
-out of a sample's own score, and the small size, weight decay and few epochs keep it small.
-``train_mask`` trims: ``dds index`` trains a second time without the first pass's suspects
-(:mod:`dds.pipeline.verdict`), which removes most of the noise the adapters would learn.
+Cross-fitting: for each of ``folds`` label-stratified folds an adapter pair is trained on the other
+folds and applied to that fold, so every sample's class cosines and probabilities come from
+adapters that never saw its label; ``train_mask`` trims suspects out of training. Design and
+measurements: docs/pipeline.md, "Design notes: pipeline/adapters.py".
 """
 from __future__ import annotations
 
@@ -84,7 +70,7 @@ class ClassScores:
     def block(self, rows: slice) -> tuple[np.ndarray, np.ndarray]:
         """``(cos, probs)`` of the rows ``rows``: both ``(b, C)`` float32 (probs: softmax of ``cos / tau``).
 
-        In torch (multi-threaded matmul and softmax: ~6x faster than numpy here at 4k x 512 x 1000).
+        In torch: its multi-threaded matmul and softmax beat numpy here (docs/pipeline.md).
         """
         e = torch.from_numpy(np.ascontiguousarray(self.emb[rows], dtype=np.float32))
         g = self.group[rows]

@@ -1,23 +1,13 @@
 """``dds audit NAME``: the samples most likely mislabelled, and how well that ranking finds injected noise.
 
-The ranking is ``suspicion = 1 - label_posterior``, from the scores table: the posterior probability
-that the given label is right, from held-out evidence (see :mod:`dds.pipeline.verdict`). Each row
-carries the given label, the label the encoder prefers (``pred_label``), the static verdict
-(``status``, ``label_fixed``) and the score.
-
-The ``noisy_region`` metrics are those of the verdict: ``noisy`` is ``status != clean`` (relabel or
-suppress). Without injected noise the audit reports how many samples the verdict suspects (the
-share a clean dataset loses). When the dataset has injected noise (``label != label_orig``
-somewhere in ``samples``) it measures, against that truth:
-
-* the ranking: AUROC, and precision / recall among the top K, K = the number of flipped labels
-  (so precision@K = recall@K = R-precision);
-* the verdict (``noisy_region``): precision, recall and F1 of relabel ∪ suppress, and the relabel
-  accuracy (share of relabelled samples whose ``label_fixed`` is the true label);
-* cleanlab's ``find_label_issues`` fed with the same cross-fitted probabilities (the ``probs``
-  column), when cleanlab is installed (``pip install 'dds[audit]'``): precision, recall and F1.
-
-The metric functions are pure (numpy in, floats out) and tested on hand-computed cases.
+The ranking is ``suspicion = 1 - label_posterior`` from the scores table (the held-out posterior
+that the given label is right, :mod:`dds.pipeline.verdict`); each row carries the given label,
+``pred_label``, the verdict (``status``, ``label_fixed``) and the score. Without injected noise
+the audit reports the share the verdict suspects; with it (``label != label_orig`` somewhere) it
+measures the ranking (AUROC, precision = recall among the top K flipped), the verdict
+(``noisy_region``: precision, recall, F1 of relabel ∪ suppress, relabel accuracy) and, when
+installed, cleanlab's ``find_label_issues`` on the same ``probs``. The metric functions are pure
+(numpy in, floats out). Output and numbers: docs/report.md, docs/label-noise.md.
 """
 from __future__ import annotations
 
@@ -28,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from dds.errors import DdsError
-from dds.tables import check_index_current
+from dds.tables import CLEAN, NOISY, REGIONS, RELABEL, STATUSES, SUPPRESS, check_index_current, load_scores
 from dds.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -101,18 +91,19 @@ def relabel_accuracy(status: np.ndarray, label_fixed: np.ndarray, label_orig: np
         {"relabelled": int, "relabel_acc": float (NaN when nothing is relabelled), "suppressed": int}.
     """
     status = np.asarray(status, object)
-    rel = status == "relabel"
+    rel = status == STATUSES[RELABEL]
     n = int(rel.sum())
     acc = float((np.asarray(label_fixed)[rel] == np.asarray(label_orig)[rel]).mean()) if n else float("nan")
-    return {"relabelled": n, "relabel_acc": acc, "suppressed": int((status == "suppress").sum())}
+    return {"relabelled": n, "relabel_acc": acc, "suppressed": int((status == STATUSES[SUPPRESS]).sum())}
 
 
 def suspected_share(status: np.ndarray) -> dict[str, float]:
     """Without injected noise: how many samples the verdict takes out of ``clean``, and their share."""
     status = np.asarray(status, object)
-    n = int((status != "clean").sum())
+    n = int((status != STATUSES[CLEAN]).sum())
     return {"flagged": n, "share": n / len(status) if len(status) else float("nan"),
-            "relabelled": int((status == "relabel").sum()), "suppressed": int((status == "suppress").sum())}
+            "relabelled": int((status == STATUSES[RELABEL]).sum()),
+            "suppressed": int((status == STATUSES[SUPPRESS]).sum())}
 
 
 def suspicion(label_posterior: np.ndarray) -> np.ndarray:
@@ -152,17 +143,15 @@ def load_audit_inputs(ws: Workspace, name: str, encoder: str):
         DdsError: the dataset is unknown or has no scores under ``encoder``.
     """
     ws.dataset_info(name)
-    path = ws.index_dir(name, encoder) / "scores.parquet"
-    if not path.exists():
+    verdict_cols = ["status", "label_fixed", "label_posterior"]
+    scores = load_scores(ws, name, encoder,
+                         ["key", "label", "pred_label", "prob_label", "region", "probs", *verdict_cols])
+    if scores is None:
         raise DdsError(f"dataset {name} has no scores under encoder {encoder}; run `dds embed {name} --encoder "
                        f"{encoder}` and `dds index {name} --encoder {encoder}` first")
-    cols = ["key", "label", "pred_label", "prob_label", "region", "probs"]
-    verdict_cols = ["status", "label_fixed", "label_posterior"]
-    have = set(pq.read_schema(path).names)
-    scores = pq.read_table(path, columns=cols + [c for c in verdict_cols if c in have]).to_pandas()
-    if not set(verdict_cols) <= have:  # a table written before the verdict: its noisy region, suppressed
+    if not set(verdict_cols) <= set(scores.columns):  # a table written before the verdict: its noisy region, suppressed
         log.warning("the scores of %s under %s predate the label verdict; run `dds index %s` again", name, encoder, name)
-        scores["status"] = np.where(scores["region"] == "noisy", "suppress", "clean")
+        scores["status"] = np.where(scores["region"] == REGIONS[NOISY], STATUSES[SUPPRESS], STATUSES[CLEAN])
         scores["label_fixed"] = scores["label"]
         scores["label_posterior"] = scores["prob_label"]
     samples = pq.read_table(ws.dataset_dir(name) / "samples.parquet", columns=["key", "label_orig"]).to_pandas()
@@ -212,7 +201,7 @@ def run_audit(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", use_cl
         k = int(truth.sum())
         p, r = precision_recall_at_k(susp, truth, k)
         metrics["ranking"] = {"auroc": auroc(susp, truth), "k": k, "precision_at_k": p, "recall_at_k": r}
-        metrics["noisy_region"] = {**flag_metrics(df["status"].to_numpy() != "clean", truth),
+        metrics["noisy_region"] = {**flag_metrics(df["status"].to_numpy() != STATUSES[CLEAN], truth),
                                    **relabel_accuracy(df["status"].to_numpy(), df["label_fixed"].to_numpy(),
                                                       df["label_orig"].to_numpy())}
         if flags is not None:

@@ -1,54 +1,18 @@
 """dds index: the kNN graph and per-sample scores (density, consistency, joint score, region).
 
 Reads the train split's image embeddings, class-prompt embeddings and ``encoder.json`` written by
-``dds embed``; writes ``index/{slug(encoder)}/knn.parquet`` and ``scores.parquet`` (the catalog's
-``knn`` and ``scores`` tables) and ``index.json`` (the settings, the index generation and the
-generation of the train samples it scored) as one generation (:mod:`dds.generations`): all three are
-switched at once, so a kill mid-way leaves the previous consistent three in use.
+``dds embed``; writes ``index/{slug(encoder)}/knn.parquet``, ``scores.parquet`` and ``index.json``
+as one generation (:mod:`dds.generations`), so a kill mid-way leaves the previous consistent three
+in use.
 
-Scores (paper-notes §2.3-2.5). ``f_i`` is the frozen image embedding, ``y_i`` the training label
-(possibly noisy), ``cos[i, c]`` the cosine of sample ``i``'s adapted (or, for aligned encoders
-without adapters, zero-shot) image embedding to class ``c``'s text embedding, computed by the
-adapter of the fold that did not see ``i`` (see :mod:`dds.pipeline.adapters`).
-
-* ``density``: mean distance ``sqrt(2 - 2 sim)`` to the ``k`` nearest neighbours of the same label
-  in the frozen space, min-max normalised within the label and inverted, so 1 = densest sample of
-  its class, 0 = sparsest.
-* ``consistency``: ``cos[i, y_i]``, the image's agreement with its own label's prompt.
-* ``margin``: ``cos[i, y_i] - max_{c != y_i} cos[i, c]`` (negative: another class fits better).
-* ``knn_agreement``: share of the ``k`` global neighbours (any label, frozen space) carrying ``y_i``;
-  the global graph is exact up to :data:`dds.pipeline.knn.EXACT_MAX_ROWS` samples, approximate above
-  (an inverted file, merged with the exact per-class graph: :func:`dds.pipeline.knn.merge_graphs`).
-* ``probs``: softmax of ``cos / tau`` over the classes (cross-fitted with adapters);
-  ``pred_label`` its argmax, ``prob_label`` its value at ``y_i``. Cosines and probabilities are
-  computed block by block and never held for all samples (:class:`~dds.pipeline.adapters.ClassScores`);
-  the table stores ``probs`` up to :data:`PROBS_MAX_ELEMENTS` (sample, class) entries, nulls above.
-* ``joint = (1 - density) * prob_label``: the product of the two marginals (paper-notes §2.5,
-  "Formula 3"), high for samples that are sparse AND consistent, with the consistency marginal
-  taken as the (cross-fitted) probability of the label rather than the min-max scaled cosine
-  (paper-notes §2.3 lists it as the option that separates ambiguous samples better). Measured on
-  Fashion-MNIST with 40% noise, min-max scaled cosines gave mislabelled samples a *higher* mean
-  joint score than dense clean ones, since mislabelled samples are sparse within their label;
-  with ``prob_label`` they score near 0.
-* ``status``, ``label_fixed``, ``label_posterior``: the static label verdict of
-  :mod:`dds.pipeline.verdict` (``clean`` / ``relabel`` / ``suppress``, the corrected label for
-  ``relabel`` else the given one, and the posterior probability that the given label is right),
-  decided from the data's own distribution of held-out evidence, with per-class thresholds and an
-  estimated noise transition matrix; no fixed cut-off on a score. With adapters, ``dds index`` trains
-  them three times, cross-fitted on the same folds: the second pass without the first pass's
-  confident-learning suspects, the third (whose outputs are stored) without the second pass's
-  verdict suspects (trimming), so the adapters learn less of the noise.
-* ``region``, decided in this order:
-
-  1. ``noisy``: ``status != clean`` (the two always agree).
-  2. ``augment``: among the remaining samples of a label, the ``AUGMENT_FRACTION`` with the highest
-     ``joint``, provided ``prob_label >= AUGMENT_MIN_PROB`` (sparse and clean).
-  3. ``redundant``: among the rest, the ``REDUNDANT_FRACTION`` (of the label's non-noisy samples)
-     with the highest ``density``.
-  4. ``keep``: everything else.
-
-The ``augment`` / ``redundant`` fractions are the reconstruction's (paper-notes §2.5); the
-verdict has no tuned constant (see :mod:`dds.pipeline.verdict`).
+Per sample: ``density`` (inverted, per-label min-max scaled mean distance to the ``k`` same-label
+neighbours), ``consistency`` and ``margin`` (held-out class cosines, :mod:`dds.pipeline.adapters`),
+``knn_agreement`` (label share of the ``k`` global neighbours), ``probs`` / ``pred_label`` /
+``prob_label`` (softmax of ``cos / tau``, made block by block), ``joint = (1 - density) *
+prob_label`` (high for sparse and consistent samples), the label verdict of
+:mod:`dds.pipeline.verdict` (``status``, ``label_fixed``, ``label_posterior``) and ``region``
+(``noisy`` if not clean, then ``augment``, ``redundant``, ``keep``). Formulas and the reasons:
+docs/pipeline.md.
 """
 from __future__ import annotations
 
@@ -69,8 +33,7 @@ from dds.device import resolve_device
 from dds.errors import DdsError
 from dds.pipeline import adapters as adapt, verdict
 from dds.pipeline.knn import describe_backend, knn, merge_graphs, resolve_backend
-from dds.selector import REGIONS
-from dds.tables import dataset_generation
+from dds.tables import AUGMENT, CLEAN, KEEP, NOISY, REDUNDANT, REGIONS, STATUSES, dataset_generation
 from dds.workspace import Workspace, atomic_write_json, write_parquet
 
 log = logging.getLogger(__name__)
@@ -210,18 +173,18 @@ def assign_regions(density: np.ndarray, joint: np.ndarray, prob_label: np.ndarra
         ``(N,)`` object array of ``augment``, ``keep``, ``redundant`` or ``noisy``.
     """
     labels = np.asarray(labels)
-    region = np.full(len(labels), "keep", dtype=object)
+    region = np.full(len(labels), REGIONS[KEEP], dtype=object)
     noisy = np.asarray(suspect, bool)
-    region[noisy] = "noisy"
+    region[noisy] = REGIONS[NOISY]
     for c in np.unique(labels):
         clean = np.flatnonzero((labels == c) & ~noisy)
         if len(clean) == 0:
             continue
         eligible = clean[prob_label[clean] >= AUGMENT_MIN_PROB]
         augment = _top_fraction(joint, eligible, AUGMENT_FRACTION, len(clean))
-        region[augment] = "augment"
-        rest = clean[region[clean] == "keep"]
-        region[_top_fraction(density, rest, REDUNDANT_FRACTION, len(clean))] = "redundant"
+        region[augment] = REGIONS[AUGMENT]
+        rest = clean[region[clean] == REGIONS[KEEP]]
+        region[_top_fraction(density, rest, REDUNDANT_FRACTION, len(clean))] = REGIONS[REDUNDANT]
     return region
 
 
@@ -267,7 +230,7 @@ def compute_scores(class_sims: np.ndarray, global_idx: np.ndarray, labels: np.nd
         out["status"], out["label_fixed"] = v.status, v.label_fixed.astype(np.int32)
         out["label_posterior"] = v.label_posterior.astype(np.float32)
     with _timed(seconds, "regions"):
-        out["region"] = assign_regions(density, out["joint"], out["prob_label"], v.status != "clean", labels)
+        out["region"] = assign_regions(density, out["joint"], out["prob_label"], v.status != STATUSES[CLEAN], labels)
     return out
 
 
@@ -307,7 +270,7 @@ def image_scores(img: np.ndarray, labels: np.ndarray, num_classes: int, *, k: in
     joint = joint_score(density, agreement)
     return {"density": density, "knn_agreement": agreement, "joint": joint, "status": v.status,
             "label_fixed": v.label_fixed.astype(np.int64),
-            "region": assign_regions(density, joint, agreement, v.status != "clean", labels)}
+            "region": assign_regions(density, joint, agreement, v.status != STATUSES[CLEAN], labels)}
 
 
 def index_arrays(img: np.ndarray, labels: np.ndarray, text: np.ndarray, *, k: int = 10, use_adapters: bool = True,
@@ -364,7 +327,7 @@ def index_arrays(img: np.ndarray, labels: np.ndarray, text: np.ndarray, *, k: in
                                               device=device, fold=fold, train_mask=~trim)
                 if p + 1 < TRIM_PASSES:  # (no reference to this pass's embeddings outlives the verdict)
                     trim = verdict.static_verdict(verdict.Views.held_out(fit.scores, global_idx, labels, keep=~trim),
-                                                  labels).status != "clean"
+                                                  labels).status != STATUSES[CLEAN]
             scores = fit.scores
         else:
             scores = adapt.zero_shot(img, text)
@@ -583,7 +546,7 @@ def _build(name: str, encoder: str, data: dict[str, Any], out, train_gen: str, *
                "adapters": "on (cross-fitted)" if use else "off (zero-shot)", "folds": folds if use else 0,
                "adapters_s": round(sec["adapters"], 2), "phases_s": sec, "seed": seed,
                "regions": {r: int((cols["region"] == r).sum()) for r in REGIONS},
-               "status": {st: int((cols["status"] == st).sum()) for st in verdict.STATUSES},
+               "status": {st: int((cols["status"] == st).sum()) for st in STATUSES},
                "trimmed": int(trim.sum()) if trim is not None else 0,
                "thresholds": THRESHOLDS, "out": str(out), "generation": gen.name,
                "train_generation": train_gen}

@@ -1,46 +1,16 @@
 """k-nearest-neighbour search on L2-normalised vectors (cosine similarity), self excluded.
 
-Backends (``backend=``), each one method:
+Backends (``backend=``), each one method: ``torch``, exact, blocked ``X[block] @ X.T`` + ``topk`` on
+CPU or CUDA (faster than faiss-cpu on these machines); ``faiss``, exact ``IndexFlatIP``, on the GPU
+when faiss has one; ``ivf``, approximate: spherical k-means (faiss) into ``IVF_LISTS_PER_SQRT *
+sqrt(N)`` lists, each row searching its :data:`IVF_NPROBE` nearest lists, scanned list by list in
+torch (``nprobe = nlist`` is exact). ``auto`` is exact up to :data:`EXACT_MAX_ROWS` rows
+(:data:`EXACT_MAX_ROWS_CUDA` on CUDA) per searched set and ``ivf`` above.
 
-* ``torch``: exact, blocked ``X[block] @ X.T`` + ``topk``, on CPU or CUDA. On the 2-core machines
-  here it beats faiss-cpu by about 4x (DESIGN.md §5: faiss-cpu's bundled OpenBLAS misdetects the
-  CPU; 50k x 512 self-kNN takes 93 s in faiss against 25 s in torch). We never set
-  ``OPENBLAS_CORETYPE`` to work around that: we pick the faster backend instead.
-* ``faiss``: exact ``IndexFlatIP``, on the GPU when faiss was built with GPU support and sees one.
-* ``ivf``: approximate, an inverted file (IVF): spherical k-means (faiss) cuts the rows into
-  ``nlist`` lists; every row is stored in the list of its nearest centroid and searches the
-  ``nprobe`` lists whose centroids are nearest to it. The search runs list by list (all the rows
-  probing one list against that list's members: one matmul + ``topk`` in torch, on CPU or CUDA)
-  and merges into each row's running top ``k``; with ``nprobe = nlist`` it is exact.
-
-  Chosen by measurement (one thread, ``dds bench-index`` data, 100k x 512, 100 classes): this
-  search takes 20-24 s of CPU at recall@10 1.00, faiss ``IndexIVFFlat`` with the same lists 39 s
-  (train 11 + add 3 + search 25: its query-by-query scan is memory-bound, hence the list-major scan,
-  the idea of ``faiss.contrib.big_batch_search``), an HNSW graph (faiss ``IndexHNSWFlat``, M 16,
-  efConstruction 40) 36 s to build + 43 s to search at recall 0.92 (efSearch 64); exact search
-  ~265 s. IVF relies on cluster structure, which labelled image embeddings have: on a structureless
-  low-rank gaussian blob (20k rows) its recall is 0.57 at nprobe 16, where HNSW reaches 0.97.
-
-  Parameters, from ``N`` (rows searched) and ``D``: ``nlist = IVF_LISTS_PER_SQRT * sqrt(N)`` and
-  ``nprobe =`` :data:`IVF_NPROBE`. A row then costs ``nlist`` centroid products plus about
-  ``nprobe * N / nlist`` member products; their sum is smallest near ``nlist = sqrt(nprobe * N)``,
-  hence ``4 sqrt(N)`` for ``nprobe`` 16; both terms grow linearly in ``D``, so ``D`` moves the cost but
-  not the optimum. k-means trains on ``IVF_TRAIN_PER_LIST * nlist`` sampled rows for
-  :data:`IVF_NITER` iterations (seeded). Work is ``O(N^1.5 D)`` against ``O(N^2 D)`` exact: about
-  1e13 multiply-adds for ImageNet-1k's 1.28M x 512 (k-means, list choice and scan about a third
-  each) against 8e14. Memory: the rows are searched in place; the lists and running top ``k`` add
-  about ``N * (4 * nprobe + 3 * k) * 8`` bytes (0.9 GB at 1.28M).
-
-``backend="auto"`` is exact on every searched set of at most :data:`EXACT_MAX_ROWS` rows
-(:data:`EXACT_MAX_ROWS_CUDA` on CUDA, where exact search stays cheap much longer) and ``ivf`` above.
-Exact search runs in faiss when faiss has a GPU to run on and ``device`` is ``cuda``, else in torch
-(on CUDA when ``device`` is ``cuda``).
-
-Per-class search (``labels`` given) runs one search per class on that class's rows, so a sample's
-neighbours always share its label; ``auto`` picks the method per class by the class's size. A class
-(or dataset) with ``n <= k`` rows cannot give ``k`` neighbours: the missing slots hold index ``-1``
-and similarity ``nan`` (``ivf`` also leaves slots empty when a row's probed lists hold fewer than
-``k`` other rows).
+With ``labels`` one search runs per class, so neighbours share the sample's label (``auto`` picks
+per class size). Slots that cannot be filled (``n <= k``, or too few rows in a row's probed lists)
+hold index ``-1`` and similarity ``nan``. Measurements behind these choices: docs/pipeline.md,
+"Design notes: pipeline/knn.py".
 """
 from __future__ import annotations
 
@@ -154,10 +124,8 @@ def merge_graphs(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarr
     """Each row's ``k`` most similar distinct neighbours among two candidate lists of the same rows.
 
     ``dds index`` merges its approximate global graph with the exact per-class graph this way: most
-    of a sample's global neighbours carry its label (90 % on ``dds bench-index``'s data), and the
-    per-class search found those exactly, so the merge lifts the global graph's recall@10 on
-    1.28M x 512 x 1000 from 0.866 (ivf alone) to 0.987 (0.969 on the rows that have a neighbour of
-    another label) for 4 s.
+    of a sample's global neighbours carry its label, and the per-class search found those exactly
+    (recall gains: docs/pipeline.md, "Design notes: pipeline/knn.py").
 
     Args:
         a, b: ``(sims, idx)`` pairs, ``(N, ka)`` and ``(N, kb)``, as :func:`knn` returns them (``nan`` / ``-1``

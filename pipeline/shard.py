@@ -1,16 +1,16 @@
 """``dds shard``: write a source as WebDataset tars plus the shards, samples and rejects tables.
 
-Pure cores (:func:`stratified_subset`, :func:`symmetric_noise`, :func:`class_map_noise`,
-:func:`encode_png`) work on arrays and
-images; :func:`run_shard` is the I/O shell. Under the dataset's lock, every run writes a complete new
-generation (:mod:`dds.generations`): the new tars, hard links to the kept splits' tars, and tables
-whose rows of the split(s) written are replaced (so sharding ``--split test`` after ``train`` keeps
-train); one atomic rename then makes it the dataset, so a kill leaves either all old or all new.
-Tars are byte-for-byte reproducible (fixed tar headers, fixed PNG settings): a re-run gives the same
-keys, labels and sha256s. Each sample's ``image_sha`` (hash of its stored PNG) finds the test or val
-images that repeat train images: a few are dropped from the evaluation split (``overlap="drop"``,
-each recorded in ``rejects``) or kept with a warning (``"keep"``); a split made mostly of train
-images is refused. ``--class-names`` / ``--templates`` files set the prompts ``dds embed`` uses.
+The surgery on which samples and labels are written (subset, val split, label noise) is the pure
+:mod:`dds.pipeline.surgery`; :func:`encode_png` is the image core; :func:`run_shard` is the I/O shell.
+Under the dataset's lock, every run writes a complete new generation (:mod:`dds.generations`): the
+new tars, hard links to the kept splits' tars, and tables whose rows of the split(s) written are
+replaced (so sharding ``--split test`` after ``train`` keeps train); one atomic rename then makes it
+the dataset, so a kill leaves either all old or all new. Tars are byte-for-byte reproducible (fixed
+tar headers, fixed PNG settings): a re-run gives the same keys, labels and sha256s. Each sample's
+``image_sha`` (hash of its stored PNG) finds the test or val images that repeat train images: a few
+are dropped from the evaluation split (``overlap="drop"``, each recorded in ``rejects``) or kept
+with a warning (``"keep"``); a split made mostly of train images is refused. ``--class-names`` /
+``--templates`` files set the prompts ``dds embed`` uses.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import shutil
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,187 +32,26 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from dds import catalog, generations
-from dds._validate import check_choice, check_fraction, check_positive_int
+from dds._validate import check_choice, check_fraction, check_positive_int, parse_source
 from dds.errors import DdsError
-from dds.manifests import DEFAULT_TEMPLATES
+from dds.manifests import DEFAULT_TEMPLATES, add_manifest, get_manifest, list_manifests
 from dds.pipeline.prompts import looks_like_ids, names_for, parse_class_names, parse_templates, read_text_file
-from dds.pipeline.sources import (DECODE_ERRORS, SPLITS, SourceData, SplitData, default_prompt_names, open_source,
-                                  target_mode, to_8bit, typical_size)
+from dds.pipeline.sources import (DECODE_ERRORS, SPLITS, SourceData, SplitData, default_prompt_names, read_imagefolder,
+                                  read_manifest, read_tars, target_mode, to_8bit, typical_size)
+from dds.pipeline.surgery import NOISE_KINDS, carve_val, inject_noise, noise_map, stratified_subset
+from dds.pipeline.user_sources import read_user_source
+from dds.shards import ShardWriter
 from dds.tables import REJECTS_SCHEMA, SAMPLES_SCHEMA, SHARDS_SCHEMA, check_disjoint_splits, check_shared
 from dds.workspace import Workspace, atomic_write_json, check_dataset_name, safe_default_name, write_parquet
 
 log = logging.getLogger(__name__)
 
-NOISE_KINDS = ("symmetric", "pairflip", "asymmetric")
 #: what to do with test/val images that repeat train images exactly: leave them out, or keep them
 OVERLAP_MODES = ("drop", "keep")
 PNG_COMPRESS_LEVEL = 6  # fixed so that re-runs give identical bytes
 
 
-
-# ---------------------------------------------------------------- pure cores
-
-
-def stratified_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
-    """Choose exactly ``limit`` samples, each class in proportion to its size.
-
-    Quotas are ``floor(limit * n_c / N)`` plus one for the classes with the largest remainders
-    (ties: lower class first); within a class the samples are drawn at random from ``seed``.
-
-    Args:
-        labels: (N,) integer labels.
-        limit: samples to keep, 1 <= limit <= N.
-        seed: seed of the draw within each class.
-
-    Returns:
-        (limit,) int64, sorted indices into ``labels``.
-
-    Raises:
-        ValueError: ``limit`` is not in 1..N.
-    """
-    labels = np.asarray(labels)
-    n = len(labels)
-    if not 1 <= limit <= n:
-        raise ValueError(f"limit must be in 1..{n}, got {limit}")
-    classes, counts = np.unique(labels, return_counts=True)
-    exact = limit * counts / n
-    quota = np.floor(exact).astype(np.int64)
-    extra = limit - int(quota.sum())
-    order = np.lexsort((np.arange(len(classes)), -(exact - quota)))  # largest remainder first
-    quota[order[:extra]] += 1
-    rng = np.random.default_rng(seed)
-    picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
-    return np.sort(np.concatenate(picked)).astype(np.int64)
-
-
-def carve_val(labels: np.ndarray, order: np.ndarray, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split a validation set off the train split: ``(train_order, val_order)``, disjoint, both sorted.
-
-    With ``order`` a strict subset (``--limit``), the ``n_val`` validation samples are drawn,
-    class-stratified, from the samples *not* in it, so the train subset is the same with or without
-    a validation split; with ``order`` the whole split, they are drawn from it and removed from train.
-
-    Args:
-        labels: (N,) labels of the whole split (true labels: the draw must not depend on injected noise).
-        order: (M,) sorted indices of the chosen train samples.
-        n_val: validation samples, >= 1.
-        seed: seed of the draw (``stratified_subset(.., seed + 1)``, independent of ``--limit``'s).
-
-    Raises:
-        DdsError: fewer than ``n_val`` samples left to draw from (or none left for train).
-    """
-    n = len(labels)
-    whole = len(order) == n
-    pool = order if whole else np.setdiff1d(np.arange(n, dtype=np.int64), order, assume_unique=True)
-    if whole and n_val >= len(pool):
-        raise DdsError(f"--val {n_val} would leave no train samples: the train split has {len(pool)}; lower --val")
-    if n_val > len(pool):
-        raise DdsError(f"--val {n_val} needs more samples than the {len(pool)} train samples outside --limit; "
-                       "lower --val or --limit")
-    val = pool[stratified_subset(labels[pool], n_val, seed + 1)]
-    train = np.setdiff1d(order, val, assume_unique=True) if whole else order
-    return train, val
-
-
-def symmetric_noise(labels: np.ndarray, num_classes: int, fraction: float, seed: int) -> np.ndarray:
-    """Flip exactly ``round(fraction * N)`` labels, each to a uniformly drawn *different* class.
-
-    Args:
-        labels: (N,) integer labels in 0..num_classes-1.
-        num_classes: number of classes C (at least 2 when anything is flipped).
-        fraction: share of labels to flip, in [0, 1].
-        seed: seed of which samples flip and to what.
-
-    Returns:
-        (N,) int64, the noisy labels (``labels`` itself is not modified).
-
-    Raises:
-        ValueError: ``fraction`` outside [0, 1], or flips asked for with fewer than 2 classes.
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-    n_flip = int(round(fraction * len(labels)))
-    noisy = labels.copy()
-    if n_flip == 0:
-        return noisy
-    if num_classes < 2:
-        raise ValueError(f"label noise needs at least 2 classes, got {num_classes}")
-    rng = np.random.default_rng(seed)
-    idx = rng.choice(len(labels), size=n_flip, replace=False)
-    offset = rng.integers(1, num_classes, size=n_flip)  # 1..C-1: never the same class
-    noisy[idx] = (labels[idx] + offset) % num_classes
-    return noisy
-
-
-def class_map_noise(labels: np.ndarray, mapping: dict[int, int], fraction: float, seed: int) -> np.ndarray:
-    """Flip exactly ``round(fraction * n_c)`` labels of every mapped class ``c`` to ``mapping[c]``.
-
-    Classes missing from ``mapping`` stay clean. Which samples of a class flip is drawn from ``seed``,
-    class after class in ascending order, so the same seed gives the same flips.
-
-    Args:
-        labels: (N,) integer labels.
-        mapping: class -> the class its flipped samples get (never itself).
-        fraction: share of each mapped class to flip, in [0, 1].
-        seed: seed of which samples flip.
-
-    Returns:
-        (N,) int64, the noisy labels (``labels`` itself is not modified).
-
-    Raises:
-        ValueError: ``fraction`` outside [0, 1], or a class mapped to itself.
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-    if any(int(a) == int(b) for a, b in mapping.items()):
-        raise ValueError("a noise mapping must send every class to another class")
-    noisy = labels.copy()
-    rng = np.random.default_rng(seed)
-    for c in sorted(int(c) for c in mapping):
-        rows = np.flatnonzero(labels == c)
-        n_flip = int(round(fraction * len(rows)))
-        noisy[rng.choice(rows, size=n_flip, replace=False)] = int(mapping[c])
-    return noisy
-
-
-def pairflip_map(num_classes: int) -> dict[int, int]:
-    """``c -> (c + 1) mod C`` for every class (pair-flip noise)."""
-    return {c: (c + 1) % num_classes for c in range(num_classes)} if num_classes >= 2 else {}
-
-
-def noise_map(kind: str, classes: list[str], manifest_map: dict[str, str] | None, source: str) -> dict[int, int] | None:
-    """The class mapping of noise ``kind`` (None for ``symmetric``), by class index.
-
-    ``asymmetric`` takes the manifest's ``noise_map`` (class name -> class name).
-
-    Raises:
-        DdsError: ``asymmetric`` without a mapping, or a mapping naming unknown classes.
-    """
-    if kind == "symmetric":
-        return None
-    if kind == "pairflip":
-        if len(classes) < 2:
-            raise DdsError("pairflip label noise needs at least 2 classes")
-        return pairflip_map(len(classes))
-    if not manifest_map:
-        raise DdsError(f"--noise-kind asymmetric needs a class mapping (noise_map in the dataset's manifest), and "
-                       f"{source} has none; use --noise-kind symmetric or pairflip")
-    pos = {c: i for i, c in enumerate(classes)}
-    bad = sorted({n for kv in manifest_map.items() for n in kv if n not in pos})
-    if bad:
-        raise DdsError(f"the noise_map of {source} names unknown classes {bad}; classes: {classes}")
-    return {pos[a]: pos[b] for a, b in manifest_map.items()}
-
-
-def inject_noise(labels: np.ndarray, num_classes: int, fraction: float, kind: str, seed: int,
-                 mapping: dict[int, int] | None = None) -> np.ndarray:
-    """Noisy labels of ``kind``: ``symmetric`` (:func:`symmetric_noise`) or a class mapping (:func:`class_map_noise`)."""
-    if kind == "symmetric":
-        return symmetric_noise(labels, num_classes, fraction, seed)
-    return class_map_noise(labels, mapping or {}, fraction, seed)
-
+# ---------------------------------------------------------------- images
 
 def convert_image(img: Image.Image, mode: str) -> Image.Image:
     """``img`` as ``mode`` ("L" or "RGB"); high-bit-depth grey keeps its range (:func:`to_8bit`)."""
@@ -240,57 +78,6 @@ def image_sha(png: bytes) -> str:
 def sample_key(split: str, source_index: int) -> str:
     """The stable key of sample ``source_index`` (its position in the listed source) of ``split``."""
     return f"{split}-{source_index:07d}"
-
-
-# ---------------------------------------------------------------- writing tars
-
-
-class TarShardWriter:
-    """Writes ``{split}-{i:06d}.tar`` files of ``shard_size`` samples each into ``out_dir``.
-
-    Tar headers are fixed (mtime 0, uid/gid 0, mode 0444, ustar) so equal content gives equal bytes.
-    """
-
-    def __init__(self, out_dir: Path, split: str, shard_size: int) -> None:
-        self.out_dir, self.split, self.shard_size = out_dir, split, shard_size
-        self.shards: list[dict[str, Any]] = []  # one row per closed tar: shard, path, count, sha256
-        self._tar: tarfile.TarFile | None = None
-        self._count = 0
-
-    @property
-    def stem(self) -> str:
-        return f"{self.split}-{len(self.shards):06d}"
-
-    def write(self, key: str, png: bytes, label: int) -> str:
-        """Add one sample; returns the stem of the tar it went into."""
-        if self._tar is None:
-            self._tar = tarfile.open(self.out_dir / f"{self.stem}.tar", "w", format=tarfile.USTAR_FORMAT)
-        for name, data in ((f"{key}.png", png), (f"{key}.cls", str(int(label)).encode("ascii"))):
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o444
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
-        self._count += 1
-        stem = self.stem
-        if self._count == self.shard_size:
-            self._close()
-        return stem
-
-    def _close(self) -> None:
-        if self._tar is None:
-            return
-        self._tar.close()
-        path = self.out_dir / f"{self.stem}.tar"
-        with open(path, "rb") as f:
-            sha = hashlib.file_digest(f, "sha256").hexdigest()
-        self.shards.append({"shard": path.stem, "path": f"shards/{path.name}", "count": self._count, "sha256": sha})
-        self._tar, self._count = None, 0
-
-    def close(self) -> list[dict[str, Any]]:
-        """Close the open tar; returns the rows of every tar written."""
-        self._close()
-        return self.shards
 
 
 @dataclass
@@ -333,14 +120,14 @@ def write_split(split: str, sd: SplitData, order: np.ndarray, labels: np.ndarray
         drop: ``image_sha`` -> train key of the images this split leaves out (each becomes a reject).
     """
     res = SplitResult()
-    writer = TarShardWriter(out_dir, split, shard_size)
     label_of = dict(zip(order.tolist(), labels.tolist()))
 
     def reject(ref: str, e: Exception) -> None:
         log.warning("rejected %s: %s", ref, e)
         res.rejects.append((ref, f"unreadable image: {type(e).__name__}: {e}"))
 
-    with tqdm(total=len(order), desc=desc, unit="img", disable=not progress) as bar:
+    with tqdm(total=len(order), desc=desc, unit="img", disable=not progress) as bar, \
+            ShardWriter(out_dir, split, shard_size) as writer:
         for i, img in decoded(sd, order, reject):
             bar.update(1)
             try:
@@ -357,12 +144,12 @@ def write_split(split: str, sd: SplitData, order: np.ndarray, labels: np.ndarray
                 continue
             if stats:
                 _add_stats(res, img, image_size)
-            shard = writer.write(sample_key(split, i), png, label_of[i])
+            shard = writer.add(sample_key(split, i), {"png": png, "cls": str(int(label_of[i])).encode("ascii")})
             for k, v in (("key", sample_key(split, i)), ("label", label_of[i]), ("label_orig", int(sd.labels[i])),
                          ("shard", shard), ("source", sd.refs[i]), ("image_sha", sha)):
                 res.samples[k].append(v)
         bar.update(len(order) - bar.n)
-    res.shards = writer.close()
+        res.shards = [{**row, "path": f"shards/{row['shard']}.tar"} for row in writer.close()]
     log.info("%s: %d images in %d tars, %d rejected", desc, len(res.samples["key"]), len(res.shards), len(res.rejects))
     return res
 
@@ -378,8 +165,34 @@ def _add_stats(res: SplitResult, img: Image.Image, image_size: int) -> None:
     res.pixel_n += a.shape[0]
 
 
-# ---------------------------------------------------------------- the stage
+# ---------------------------------------------------------------- opening a source
 
+def open_source(source: str, *, split: str | None = None, name: str | None = None) -> SourceData:
+    """List ``source``: a manifest name or ``.toml`` file, ``imagefolder:PATH``, ``tar:GLOB``, or a user source
+    (``csv:FILE``, ``torchvision:NAME:ROOT``, ``hf-disk:PATH``: :mod:`dds.pipeline.user_sources`).
+
+    Args:
+        source: the SOURCE argument of ``dds shard``.
+        split: ``train`` or ``test`` to read one split; None reads every split the source has.
+        name: the ``--name`` given; when it names a manifest, a ``tar:`` source takes its classes from it.
+
+    Raises:
+        DdsError: the source does not exist, is empty, or lacks the split asked for.
+    """
+    scheme, ident = parse_source(source)
+    if scheme == "manifest":
+        return read_manifest(get_manifest(ident), split)
+    if scheme == "manifest-file":
+        return read_manifest(add_manifest(ident), split)
+    if scheme in ("csv", "torchvision", "hf-disk"):
+        return read_user_source(scheme, ident, split)
+    if scheme == "imagefolder":
+        return read_imagefolder(Path(ident), split)
+    manifest = get_manifest(name) if name and name in list_manifests() else None
+    return read_tars(ident, split, manifest)
+
+
+# ---------------------------------------------------------------- the stage
 
 def _check_options(split: str | None, limit: int | None, val: int | None, shard_size: int, label_noise: float,
                    noise_kind: str, overlap: str) -> None:

@@ -1,4 +1,5 @@
-"""Source readers for ``dds shard``: a manifest's IDX files, an image folder, or existing WebDataset tars.
+"""Source readers for ``dds shard``: a manifest's IDX files, an image folder, or existing WebDataset tars
+(the user's own formats are :mod:`dds.pipeline.user_sources`; ``dds.pipeline.shard.open_source`` picks the reader).
 
 Each reader lists a source cheaply (labels, and for image files their header: mode and size) into a
 :class:`SourceData`; pixels are decoded later, one sample at a time, by ``SplitData.load(i)``. Inputs
@@ -21,9 +22,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from dds._validate import parse_source
 from dds.errors import DdsError
-from dds.manifests import Manifest, add_manifest, get_manifest, list_manifests
+from dds.manifests import Manifest
 from dds.shards import parse_label
 
 #: what reading or decoding a corrupt image or tar member raises (PIL's UnidentifiedImageError is an
@@ -59,34 +59,6 @@ class SourceData:
     classes: list[str]  # class names in label order
     splits: dict[str, SplitData]  # only the splits asked for
     manifest: Manifest | None = None  # the manifest the classes and normalisation come from
-
-
-def open_source(source: str, *, split: str | None = None, name: str | None = None) -> SourceData:
-    """List ``source``: a manifest name or ``.toml`` file, ``imagefolder:PATH``, ``tar:GLOB``, or a user source
-    (``csv:FILE``, ``torchvision:NAME:ROOT``, ``hf-disk:PATH``: :mod:`dds.pipeline.user_sources`).
-
-    Args:
-        source: the SOURCE argument of ``dds shard``.
-        split: ``train`` or ``test`` to read one split; None reads every split the source has.
-        name: the ``--name`` given; when it names a manifest, a ``tar:`` source takes its classes from it.
-
-    Raises:
-        DdsError: the source does not exist, is empty, or lacks the split asked for.
-    """
-    scheme, ident = parse_source(source)
-    if scheme == "manifest":
-        return read_manifest(get_manifest(ident), split)
-    if scheme == "manifest-file":
-        return read_manifest(add_manifest(ident), split)
-    if scheme in ("csv", "torchvision", "hf-disk"):
-        # here, not at the top: user_sources imports this module
-        from dds.pipeline.user_sources import read_user_source
-
-        return read_user_source(scheme, ident, split)
-    if scheme == "imagefolder":
-        return read_imagefolder(Path(ident), split)
-    manifest = get_manifest(name) if name and name in list_manifests() else None
-    return read_tars(ident, split, manifest)
 
 
 def _pick_splits(available: list[str], split: str | None, where: str) -> list[str]:

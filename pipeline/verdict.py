@@ -1,46 +1,16 @@
 """The static label verdict of ``dds index``: every train sample is ``clean``, ``relabel`` or ``suppress``.
 
 Only the given labels and held-out evidence are read; nothing here knows the injected truth
-(``label_orig``) or the noise rate, and no threshold is fitted to either.
+(``label_orig``) or the noise rate, and no threshold is fitted to either. ``evidence = (probs +
+votes) / 2``: the cross-fitted adapter probabilities and the label shares of the ``k`` global
+neighbours, served block by block by :class:`Views` so it is never held for all samples.
 
-Evidence. Two views of which class a sample belongs to, neither of which saw the sample's own label:
-
-* ``probs``: the cross-fitted adapter probabilities (:mod:`dds.pipeline.adapters`);
-* ``votes``: the labels of its ``k`` global neighbours in the frozen image space, as shares.
-
-``evidence = (probs + votes) / 2``, equal weights: two views, no constant to tune.
-
-Memory. The evidence is never held for all samples at once: :class:`Views` serves it block by
-block (about ``2**22`` (row, class) entries), recomputing the adapter probabilities and the votes
-of each block, and every step below is a pass over the blocks that keeps only per-class sums, a
-``(C, C)`` count matrix and per-sample results. ImageNet-1k's 1.28M x 1000 would otherwise need
-several 10 GB arrays.
-
-Steps (:func:`static_verdict`; :func:`trim_mask` and the trimmed passes run in ``dds index``):
-
-1. **Trimming.** Adapters trained on noisy labels learn the noise (a class's flips pull its
-   prompt towards the source class, most of all for pair-wise noise). A first pass marks the
-   confident-learning suspects (:func:`trim_mask`, a wide net); ``dds index`` then trains
-   the adapters again, cross-fitted on the same folds, *without* those samples, and recounts the
-   neighbour votes without them; a third pass leaves out only the second pass's verdict suspects
-   (steps 2-5), which gives back the clean samples the wide net caught. The suspects are only left
-   out of training: they are scored like every other sample of their fold.
-2. **Per-class thresholds** (confident learning): ``t_j`` = mean evidence for class ``j`` over the
-   samples labelled ``j``. A sample's *confident class* is the class with the highest evidence among
-   those where its evidence reaches ``t_j``. The thresholds follow each class's own distribution.
-3. **Noise model.** Counting given label against confident class (the confident joint), with each
-   row rescaled to its label's size, estimates ``T[i, j] = P(given label j | true class i)``, the
-   dataset's own label-noise transition matrix. Clean data gives a near-identity ``T``; 40 %
-   symmetric noise a diagonal near 0.6.
-4. **Posterior.** Noise depends on the class only, so ``P(true i | x, given j) ∝ evidence_i(x) ·
-   T[i, j]``. A sample is a suspect when the posterior of its given label is below
-   :data:`SUSPECT_BELOW` (= 1/2: another class is more likely than the label). The prior ``T`` is
-   what keeps genuinely hard samples of a clean dataset clean: where the data show little noise,
-   only overwhelming evidence flips the decision.
-5. **Relabel or suppress.** A suspect is relabelled to the posterior's top class when that class
-   has posterior at least :data:`RELABEL_MIN` *and* both views (adapter argmax and neighbour
-   majority) name it; otherwise it is suppressed. ``RELABEL_MIN`` = 0.9 is the relabel accuracy we
-   ask for: a calibrated posterior of 0.9 is right nine times in ten.
+:func:`static_verdict`: per-class confident-learning thresholds give each sample a confident class;
+counting given label against confident class estimates the noise transition matrix ``T``; the
+posterior ``∝ evidence · T[:, given]`` makes a sample a suspect below :data:`SUSPECT_BELOW`; a
+suspect is relabelled when its top class reaches :data:`RELABEL_MIN` and both views name it, else
+suppressed. :func:`trim_mask` marks the first pass's suspects, left out of the adapters' retraining.
+The steps and why: docs/pipeline.md, "Design notes: pipeline/verdict.py".
 """
 from __future__ import annotations
 
@@ -49,9 +19,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from dds.tables import CLEAN, RELABEL, STATUSES, SUPPRESS
+
 SUSPECT_BELOW = 0.5  # suspect: posterior probability of the given label below this
 RELABEL_MIN = 0.9  # relabel: posterior of the new class at least this, and both views agree on it
-STATUSES = ("clean", "relabel", "suppress")
 BLOCK_ELEMENTS = 1 << 22  # (row, class) entries of evidence made at a time: 32 MiB of float64
 
 
@@ -231,7 +202,7 @@ def static_verdict(views: Views, labels: np.ndarray) -> Verdict:
     """
     labels = np.asarray(labels, np.int64)
     t = noise_transition(confident_joint(views, labels, class_thresholds(views, labels))[0], labels)
-    status = np.full(views.n, "clean", dtype=object)
+    status = np.full(views.n, STATUSES[CLEAN], dtype=object)
     label_fixed, own = labels.copy(), np.empty(views.n)
     for rows, p, v, ev in views.evidence():
         y = labels[rows]
@@ -241,7 +212,7 @@ def static_verdict(views: Views, labels: np.ndarray) -> Verdict:
         suspect = post[at, y] < SUSPECT_BELOW
         agree = (p.argmax(axis=1) == top) & (v.argmax(axis=1) == top)
         relabel = suspect & (top != y) & (post[at, top] >= RELABEL_MIN) & agree
-        status[rows] = np.where(relabel, "relabel", np.where(suspect, "suppress", "clean"))
+        status[rows] = np.where(relabel, STATUSES[RELABEL], np.where(suspect, STATUSES[SUPPRESS], STATUSES[CLEAN]))
         label_fixed[rows] = np.where(relabel, top, y)
         own[rows] = post[at, y]
     return Verdict(status=status, label_fixed=label_fixed, label_posterior=own, transition=t)

@@ -6,26 +6,20 @@ Usage in a training loop (torch helpers live in ``dds.selector.torch``)::
     sel = Selector("dds", info, epochs=E, budget=0.5, seed=0)
     for epoch in range(E):
         plan = sel.plan(epoch)                     # EpochPlan(indices, weights, aug)
-        ...train on plan.indices in order, strong augmentation where plan.aug == 1,
+        ...train on plan.indices in order, strong augmentation of level plan.aug where > 0,
            loss = weighted_mean(per_sample_loss, weights)...
         sel.observe(indices, per_sample_losses)    # unweighted per-sample losses
 
-In an existing PyTorch loop, ``DropIn`` does all of that for InfoBatch's three lines (it imports torch
-on first use; docs/dropin.md)::
-
-    ds = DropIn(train_set, "dds", epochs=E, budget=0.5)   # scores: None | workspace_scores(...) | embeddings
-    loader = DataLoader(ds, batch_size=128, sampler=ds.sampler)
-    loss = ds.update(F.cross_entropy(model(x), y, reduction="none"))
-
-Policies (``list_policies()``): ``full``, ``budgeted``, ``random``, ``infobatch``, ``ucb``, ``dds``; new ones are
-added with ``@register_policy(name)`` on a ``Policy`` subclass. This package imports no torch.
+In an existing PyTorch loop, ``DropIn`` does this in InfoBatch's three lines (docs/dropin.md).
+Policies: ``list_policies()``; new ones are a ``Policy`` subclass under ``@register_policy(name)``.
+This package imports no torch.
 """
 from typing import Any
 
-from dds.selector._base import (AUG_LEVELS, REGIONS, STATUSES, EpochPlan, Policy, SampleInfo, encode_regions, encode_status,
-                                get_policy, list_policies, register_policy)
+from dds.selector._base import AUG_LEVELS, EpochPlan, Policy, SampleInfo, get_policy, list_policies, register_policy
 from dds.selector._scores import embedding_scores, workspace_scores
-from dds.selector._selector import Selector, bench_plan, synthetic_info
+from dds.selector._selector import Selector, synthetic_info
+from dds.tables import REGIONS, STATUSES, encode_regions, encode_status
 
 # built-in policies: importing registers them
 from dds.selector._simple import BudgetedConfig, FullConfig, RandomConfig  # noqa: E402
@@ -35,7 +29,7 @@ from dds.selector._dds import DdsConfig  # noqa: E402
 
 __all__ = [
     "AUG_LEVELS", "REGIONS", "STATUSES", "SampleInfo", "EpochPlan", "Selector", "Policy", "register_policy", "list_policies",
-    "get_policy", "encode_regions", "encode_status", "bench_plan", "synthetic_info", "DropIn", "workspace_scores",
+    "get_policy", "encode_regions", "encode_status", "synthetic_info", "DropIn", "workspace_scores",
     "embedding_scores",
     "BudgetedConfig", "FullConfig", "RandomConfig", "InfoBatchConfig", "UcbConfig", "DdsConfig",
 ]

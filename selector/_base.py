@@ -13,46 +13,10 @@ import numpy as np
 
 from dds.errors import DdsError
 from dds.registry import Registry
+from dds.tables import REGIONS, RELABEL, STATUSES
 
-#: Region names; ``SampleInfo.region`` holds their positions (int8 codes 0..3).
-REGIONS: tuple[str, ...] = ("augment", "keep", "redundant", "noisy")
-AUGMENT, KEEP, REDUNDANT, NOISY = 0, 1, 2, 3
-#: Label verdicts (the ``status`` column of ``scores``); ``SampleInfo.status`` holds their positions.
-STATUSES: tuple[str, ...] = ("clean", "relabel", "suppress")
-CLEAN, RELABEL, SUPPRESS = 0, 1, 2
 #: ``EpochPlan.aug`` codes: 0 = base augmentation, k in 1..AUG_LEVELS = strong at magnitude k / AUG_LEVELS.
 AUG_LEVELS = 4
-
-
-def _encode(names: Any, known: tuple[str, ...], what: str) -> np.ndarray:
-    arr = np.asarray(names).astype(str)
-    codes = np.full(arr.shape, -1, dtype=np.int8)
-    for code, name in enumerate(known):
-        codes[arr == name] = code
-    if (codes < 0).any():
-        bad = sorted(set(arr[codes < 0].tolist()))[:5]
-        raise DdsError(f"unknown {what} value(s) {bad}; known: {', '.join(known)}")
-    return codes
-
-
-def encode_regions(names: Any) -> np.ndarray:
-    """Region names (as in the ``scores`` table) -> int8 codes into ``REGIONS``.
-
-    Args:
-        names: (N,) strings, each one of ``REGIONS``.
-
-    Returns:
-        (N,) int8 codes.
-
-    Raises:
-        DdsError: a name is not a region.
-    """
-    return _encode(names, REGIONS, "region")
-
-
-def encode_status(names: Any) -> np.ndarray:
-    """Verdict names (``scores.status``: clean, relabel, suppress) -> int8 codes into ``STATUSES``."""
-    return _encode(names, STATUSES, "status")
 
 
 @dataclass(frozen=True)
@@ -200,13 +164,13 @@ class Policy:
         needs_scores: whether the policy reads joint, consistency and region when ``SampleInfo`` carries
             them (``dds train`` then requires ``dds index``); which options cannot run without them,
             :meth:`scores_required` says.
-        uses_budget: False for policies whose spend does not follow the budget (``full``; see
-            :meth:`spends_budget` for policies where it depends on the options).
+
+    A policy is built by ``Selector`` with ``total``, the run's budget in sample-steps (computed and
+    checked there); :meth:`follows_budget` says whether its plans spend it.
     """
 
     Config: ClassVar[type] = type(None)
     needs_scores: ClassVar[bool] = False
-    uses_budget: ClassVar[bool] = True
 
     def __init__(self, info: SampleInfo, cfg: Any, *, epochs: int, total: int) -> None:
         self.info = info
@@ -220,9 +184,9 @@ class Policy:
         return []
 
     @classmethod
-    def spends_budget(cls, cfg: Any) -> bool:
-        """Whether a run with options ``cfg`` follows ``--budget`` (else it spends what it spends)."""
-        return cls.uses_budget
+    def follows_budget(cls, cfg: Any) -> bool:
+        """Whether a run with options ``cfg`` spends the budget (else it spends what it spends, e.g. ``full``)."""
+        return True
 
     def epoch_sizes(self) -> np.ndarray:
         """(epochs,) int64 planned sample counts per epoch (an estimate where sizes depend on losses)."""
@@ -301,6 +265,14 @@ def check_int(name: str, value: Any, lo: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
         raise DdsError(f"{name} must be an integer >= {lo}, got {value!r}")
     return int(value)
+
+
+def check_budget(budget: Any) -> float:
+    """``budget`` must be a fraction of the full data's sample-steps in (0, 1]; returns it as float."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)) \
+            or not 0 < float(budget) <= 1:
+        raise DdsError(f"budget must be in (0, 1], got {budget!r}")
+    return float(budget)
 
 
 def check_bool(name: str, value: Any) -> bool:

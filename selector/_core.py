@@ -57,8 +57,8 @@ def largest_remainder(total: int, counts: np.ndarray) -> np.ndarray:
 def power_(x: np.ndarray, exponent: float) -> np.ndarray:
     """``x ** exponent`` in place for a float array ``x``; returns ``x``.
 
-    Small integer exponents (2 to 16) use repeated squaring: for float32 it is about 25 times
-    faster than ``np.power`` (0.4 ms against 10 ms for 1.28M values with exponent 4).
+    Small integer exponents (2 to 16) use repeated squaring, many times faster than ``np.power``
+    for float32 (docs/selector.md).
     """
     e = float(exponent)
     if e == 1:

@@ -1,58 +1,22 @@
 """``dds``: dynamic selection joined with augmentation (Yang et al., ICML 2025, arXiv 2505.03809).
 
-The "recommended reconstruction" of shared/research/paper-notes.md, sections 2.5-2.9, with the
-changes that won on ``val`` (optimistic unseen samples, a sharper draw, the linear loss term, the
-loss EMA's percentile rank instead of its min-max scaling, one draw over the whole split instead of
-class quotas, no warm-up, no strong augmentation by default;
-README, "Tuning dds on val"):
+Each epoch is one of three phases (every constant is a :class:`DdsConfig` field):
 
-* epochs ``e < warmup_epochs``: full data, base augmentation, weight 1 (losses for every sample);
-* epochs ``e >= delta * E`` (annealing): full data, base augmentation, weight 1; with
-  ``anneal_exclude_noisy`` (default) the ``noisy`` region is left out (the paper's annealing is the
-  full data; on noisy-label data re-admitting suspected mislabels at the end of training undoes the
-  suppression, so we leave them out by default; set it false for the paper's behaviour);
-* pruned epochs in between: a sample without replacement of the epoch size, class-balanced with
-  ``class_balance`` (class c gets ``size * N_c / N``, largest remainder) or, without it, one draw
-  over the whole split (a class gets what its samples' probabilities win), drawn with probability
-  ``∝ pi_i ** sharpness``, ``pi_i = eps + joint_i ** prior_weight * lnorm_i ** loss_weight``, where
-  ``lnorm`` is the per-sample training-loss EMA's percentile rank among the observed non-noisy
-  samples (``loss_norm='rank'``; ``'minmax'`` scales it by their min and max instead); a sample
-  never observed gets ``lnorm = 1`` with ``unseen='max'`` (optimistic: every
-  sample is tried in the first epochs, as a bandit tries every arm) or the mean with ``'mean'``;
-  ``eps`` is an exploration floor; ``sharpness > 1`` concentrates the draw on the largest ``pi``
-  (towards a greedy top-k, as ``ucb`` does); ``pi`` of the ``noisy`` region is multiplied by
-  ``noisy_weight`` (0 = never selected while a class has enough other samples; a class short of
-  them is topped up by other classes first, and only if all classes together are short do noisy
-  samples fill the rest, at random);
-* strong augmentation for the augmentation-suitable selected samples, never for suspects:
-  ``strong_aug='top_q'`` = the top ``aug_fraction`` of the selection by ``joint``; ``'region'`` =
-  the selected samples of region ``augment``; ``'all'`` = every selected clean sample; ``'none'`` =
-  selection only (the default: on Fashion-MNIST every strong-augmentation setting we measured on
-  ``val`` cost accuracy at 8 epochs and tied at 30; README, "Tuning dds on val"). Its magnitude is
-  per sample and per epoch (:func:`aug_codes`): the sample's suitability (its ``joint`` percentile
-  within its class: sparse and consistent samples get the strongest views) times the schedule's
-  ramp (:func:`augment_ramp`: growing over the pruned epochs, none in warm-up and annealing) times
-  ``aug_strength``, quantised to the plan codes 1..AUG_LEVELS;
-* the losses observed on strong views are deflated by their level's average inflation before they
-  enter the loss EMA (:func:`deflate_strong`), so augmentation alone does not raise a sample's
-  selection probability;
-* loss weights 1 by default; ``loss_rescale='const'`` gives ``N / size`` (the lab harness's 1/r),
-  ``'is'`` the class-wise importance weight ``sum_c(pi) / (N_c * pi_i)`` of the distribution drawn
-  from (``pi ** sharpness``), clipped to ``is_clip``.
+* warm-up (``e < warmup_epochs``) and annealing (``e >= delta * E``): full data, base augmentation,
+  weight 1; annealing leaves the ``noisy`` region out unless ``anneal_exclude_noisy`` is false;
+* pruned epochs in between: a sample without replacement of the epoch size, drawn with probability
+  ``∝ pi_i ** sharpness``, ``pi_i = eps + joint_i ** prior_weight * lnorm_i ** loss_weight``, with
+  ``lnorm`` the normalised loss EMA (:data:`LOSS_NORMS`); the ``noisy`` region's ``pi`` is scaled by
+  ``noisy_weight``; with ``class_balance`` each class gets its size's share, else one global draw;
+* optional strong augmentation of selected clean samples (``strong_aug``), its magnitude from
+  :func:`aug_codes`; strong views' losses are deflated (:func:`deflate_strong`) so augmentation alone
+  does not raise a sample's selection probability.
 
-Label noise (``noise_handling``): when the scores carry the static verdict of ``dds index``
-(``SampleInfo.status`` / ``label_fixed``), "noisy" above means ``status == suppress``, and samples
-with ``status == relabel`` are trained like clean ones on their corrected label (the plan's
-``labels``), in every phase, but never strongly augmented. ``'suppress'`` suppresses the relabel
-candidates too; ``'off'`` trains every sample on its given label with nothing suppressed. Without
-a verdict the ``noisy`` region is what is suppressed (``'off'`` turns that off too).
-
-Budget: warm-up and annealing epochs are charged at their real size; the pruned epochs share the
-rest evenly, so the sizes sum to ``total_sample_steps`` exactly. If the budget cannot pay for the
-warm-up and annealing epochs plus one sample per pruned epoch, annealing epochs are turned into
-pruned ones first, then warm-up epochs (logged as a warning); if even that fails, ``DdsError``.
-Where the budget exceeds what the schedule can use (pruned epochs are capped at N samples; e.g.
-budget 1.0 with the noisy region left out of annealing) the run spends less, and ``spent()`` says so.
+``noise_handling`` applies the static verdict of ``dds index``: ``relabel`` samples train on
+``label_fixed`` and are never strongly augmented, ``suppress`` samples count as ``noisy``. Warm-up and
+annealing are charged at their real size and the pruned epochs share the rest of the budget; what
+the schedule cannot spend shows in ``spent()``. Details and the reasons: docs/selector.md, "Design
+notes: selector/_dds.py".
 """
 from __future__ import annotations
 
@@ -62,10 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from dds.errors import DdsError
-from dds.selector._base import (AUG_LEVELS, AUGMENT, NOISY, RELABEL, SUPPRESS, EpochPlan, LossPolicy, anneal_start,
-                                check_bool, check_int, check_real, make_plan, register_policy)
+from dds.selector._base import (AUG_LEVELS, EpochPlan, LossPolicy, anneal_start, check_bool, check_int, check_real, make_plan,
+                                register_policy)
 from dds.selector._core import (ClassLayout, LossEma, capped_quotas, even_sizes, power_, sampling_keys, shuffle_order,
                                 shuffle_values, shuffled, top_k_mask, uniform_keys)
+from dds.tables import AUGMENT, CLEAN, NOISY, RELABEL, SUPPRESS
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +43,10 @@ AUG_BITS = AUG_LEVELS.bit_length()   # bits of a plan aug code
 
 @dataclass(frozen=True)
 class DdsConfig:
-    """Options of ``dds``. The defaults are the best settings measured on ``val`` (README, "Tuning dds on
-    val"); the paper's reconstruction (paper-notes section 3) is ``warmup_epochs=1 loss_weight=0.5
-    prior_weight=1 unseen=mean sharpness=1 strong_aug=top_q class_balance=true loss_norm=minmax``."""
+    """Options of ``dds``. The defaults are the best settings measured on ``val`` (docs/experiments.md,
+    "Tuning dds on val"); the paper's reconstruction (paper-notes section 3) is ``warmup_epochs=1 loss_weight=0.5
+    prior_weight=1 unseen=mean sharpness=1 strong_aug=top_q class_balance=true loss_norm=minmax``.
+    """
 
     warmup_epochs: int = 0              # first epochs on the full data, base augmentation, weight 1
     delta: float = 0.875                # annealing: epochs >= delta * epochs on the full data (1.0 = none)
@@ -131,8 +97,8 @@ def rank_term(ema: np.ndarray, seen: np.ndarray, exclude: np.ndarray, unseen: st
     nothing usable is observed yet or all reference values are equal.
 
     Above ``RANK_EXACT_MAX`` reference samples the share is read from a histogram over the top 20 bits
-    of the float32 values (monotone for values >= 0; bins 2**-11 of a value wide): about 25 ms for
-    1.28M samples instead of 0.6 s for the exact search; losses are >= 0.
+    of the float32 values (monotone for values >= 0; bins 2**-11 of a value wide), an order of
+    magnitude faster than the exact search (docs/selector.md); losses are >= 0.
     """
     ref = seen & (exclude == 0)
     count = int(np.count_nonzero(ref))
@@ -294,7 +260,7 @@ class DdsPolicy(LossPolicy):
 
     Per-sample arrays are kept in class layout (``ClassLayout``): class blocks are contiguous, so a
     pruned epoch is planned with a few vector passes, one row-wise partition for the per-class
-    cut and one sort for the shuffle (about 1.3M samples in well under 50 ms on one core).
+    cut and one sort for the shuffle (timing: docs/selector.md).
     """
 
     Config = DdsConfig
@@ -309,7 +275,7 @@ class DdsPolicy(LossPolicy):
         super().__init__(info, cfg, epochs=epochs, total=total)
         lay = self._layout = ClassLayout(info.labels, info.num_classes)
         noisy, relabel = noise_masks(info, cfg.noise_handling)
-        self._status = (np.where(noisy, SUPPRESS, np.where(relabel, RELABEL, 0)).astype(np.int8)
+        self._status = (np.where(noisy, SUPPRESS, np.where(relabel, RELABEL, CLEAN)).astype(np.int8)
                         if noisy.any() or relabel.any() else None)
         self._label_used = np.where(relabel, info.label_fixed, info.labels) if relabel.any() else None
         self._clean_idx = np.flatnonzero(~noisy)

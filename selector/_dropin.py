@@ -7,13 +7,10 @@ Wrap the dataset, hand its ``sampler`` to the ``DataLoader`` and let ``update`` 
     ...
     loss = ds.update(F.cross_entropy(logits, y, reduction="none"))
 
-Each ``iter()`` of the sampler is one epoch: it hands the previous epoch's losses to the selector
-(if they are not there yet) and yields the next plan, this rank's part of it in a DDP job. The
-loader yields the plan's samples in order, so the k-th ``update`` of an epoch holds the losses of
-the plan's next ``B`` samples: ``update`` knows their indices and weights without the batch
-carrying them (the same bookkeeping as ``dds train``). When the last loss of the epoch arrives, the
-ranks' losses are gathered in plan order and observed: every rank's selector stays the same.
-Imports torch; ``dds.selector`` exposes it lazily.
+Each ``iter()`` of the sampler is one epoch (this rank's part of the plan in a DDP job); since the
+loader yields the plan in order, ``update`` knows each batch's indices and weights without the batch
+carrying them (docs/selector.md, "Design notes: selector/_dropin.py"). Imports torch;
+``dds.selector`` exposes it lazily.
 """
 from __future__ import annotations
 
@@ -24,12 +21,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 
-from dds.distributed import Dist, gather_part, part_entries, part_size
 from dds.errors import DdsError
-from dds.selector._base import RELABEL, SampleInfo, check_int
+from dds.selector._base import SampleInfo, check_int
+from dds.selector._parts import Dist, part_entries, part_size
 from dds.selector._scores import embedding_scores
 from dds.selector._selector import Selector, _as_numpy
-from dds.selector.torch import state_to_numpy, state_to_torch, weighted_mean
+from dds.selector.torch import gather_part, state_to_numpy, state_to_torch, weighted_mean
+from dds.tables import RELABEL
 
 
 class DropIn(Dataset):

@@ -1,32 +1,15 @@
-"""``infobatch``: InfoBatch (Qin et al., ICLR 2024, arXiv 2303.04947), as published.
-
-The rule of the official code (``NUS-HPC-AI-Lab/InfoBatch:infobatch/infobatch.py``), which is the
-default here:
+"""``infobatch``: InfoBatch (Qin et al., ICLR 2024, arXiv 2303.04947), the rule of the official code.
 
 * score of a sample = its most recently observed training loss;
-* in a pruned epoch, the samples whose score is below the mean score ("well learned") are pruned
-  at ratio r: with the keep ratio ``k = clip(1 - r, 0.1, 1)`` (the official clamp), ``int(k * n_below)``
-  of them are kept, uniformly at random, with loss weight ``1 / k``; every sample at or above the
-  mean is kept with weight 1;
-* epochs ``e <= delta * E`` are pruned (delta = 0.875), epochs ``e > delta * E`` train on the full
-  data with weight 1 (annealing);
-* r is fixed (``prune_ratio``, official default 0.5): the run spends what the losses make it spend
-  (about 0.71 of the full data at r = 0.5 on B1), and ``Selector.spent()`` reports it. It does not
-  follow ``--budget``.
+* in epochs ``e <= delta * E`` (delta = 0.875) the samples below the mean score are pruned at a
+  fixed ratio r (``prune_ratio``): ``int(k * n_below)`` of them are kept at random, ``k = clip(1 -
+  r, 0.1, 1)``, with loss weight ``1 / k``; samples at or above the mean are kept with weight 1;
+* later epochs train on the full data with weight 1 (annealing).
 
-``match_budget=True`` is our budget-matched variant (not InfoBatch as published): r is set per
-pruned epoch so that the run spends the budget, ``r = min(needed_drop / n_below, max_prune_ratio)``;
-InfoBatch can never drop high-loss samples, so below what it can reach it overspends.
-
-Where we differ from the official code, on purpose:
-
-* Unseen samples (no loss observed yet) are always kept and left out of the mean; the official code
-  gives them the constant score 3 instead. Both make epoch 0 a full epoch, and after it every
-  sample has been seen, so the plans agree.
-* The official sampler resets the weights to 1 only when ``e == delta * E + 1``, which for a
-  non-integer ``delta * E`` never happens, so its annealing epochs reuse the last pruned epoch's
-  weights; here annealing epochs have weight 1, as the paper describes.
-* Randomness comes from the epoch's generator, not the global numpy seed.
+It spends what the losses make it spend (``Selector.spent()``), not ``--budget``;
+``match_budget=True`` is our budget-matched variant, ``r = min(needed_drop / n_below,
+max_prune_ratio)`` per pruned epoch. Where it differs from the official code, and why:
+docs/selector.md, "Design notes: selector/_infobatch.py".
 """
 from __future__ import annotations
 
@@ -103,7 +86,7 @@ class InfoBatchPolicy(LossPolicy):
     Config = InfoBatchConfig
 
     @classmethod
-    def spends_budget(cls, cfg: InfoBatchConfig) -> bool:
+    def follows_budget(cls, cfg: InfoBatchConfig) -> bool:
         return cfg.match_budget
 
     def __init__(self, info, cfg, *, epochs: int, total: int) -> None:

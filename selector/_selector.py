@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from typing import Any
 
 import numpy as np
 
 from dds.errors import DdsError
-from dds.selector._base import EpochPlan, SampleInfo, check_int, get_policy, make_config
+from dds.selector._base import EpochPlan, SampleInfo, check_budget, check_int, get_policy, make_config
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +47,14 @@ class Selector:
         n: number of samples N.
         total_sample_steps: ``round(budget * epochs * N)``, the run's budget in sample-steps.
         follows_budget: whether the policy's spend follows ``budget`` (False for ``full`` and
-            fixed-ratio ``infobatch``).
+            fixed-ratio ``infobatch``); ``spent()`` is what it spent.
+
+    The selector is the one place the budget is checked and turned into sample-steps; a trainer
+    reads ``budget``, ``total_sample_steps``, ``follows_budget`` and ``spent()`` from it.
 
     Raises:
-        DdsError: budget outside (0, 1], bad epochs/seed, unknown policy or option, bad option value,
-            or options that need scores without them.
+        DdsError: budget outside (0, 1] or rounding to 0 sample-steps, bad epochs/seed, unknown policy
+            or option, bad option value, or options that need scores without them.
     """
 
     def __init__(self, policy: str, info: SampleInfo, *, epochs: int, budget: float = 1.0, seed: int = 0,
@@ -61,9 +63,7 @@ class Selector:
             raise DdsError(f"info must be a SampleInfo, got {type(info).__name__}")
         self.epochs = check_int("epochs", epochs, 1)
         self.seed = check_int("seed", seed, 0)
-        if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)) \
-                or not 0 < float(budget) <= 1:
-            raise DdsError(f"budget must be in (0, 1], got {budget!r}")
+        self.budget = check_budget(budget)
         cls = get_policy(policy)
         self.config = make_config(policy, cls.Config, dict(policy_options))
         required = cls.scores_required(self.config)
@@ -71,15 +71,22 @@ class Selector:
             raise DdsError(f"policy {policy} needs scores (joint, consistency, region) for {', '.join(required)}: "
                            "run `dds index NAME` first, or leave these options at their defaults")
         self.policy, self.info, self.n = policy, info, info.n
-        self.budget = float(budget)
-        if not cls.spends_budget(self.config) and self.budget < 1.0:
+        self.follows_budget = cls.follows_budget(self.config)
+        if not self.follows_budget and self.budget < 1.0:
             log.warning("policy %s with these options ignores budget %g and spends what it spends (cap 1.0)",
                         policy, self.budget)
             self.budget = 1.0
-        self.follows_budget = cls.spends_budget(self.config)
-        self.total_sample_steps = int(round(self.budget * self.epochs * self.n))
-        self._policy = cls(info, self.config, epochs=self.epochs, total=self.total_sample_steps)
+        total = int(round(self.budget * self.epochs * self.n))
+        if total < 1:
+            raise DdsError(f"budget {self.budget:g} of {self.epochs} epochs x {self.n} samples rounds to 0 "
+                           "sample-steps (below one sample per epoch); raise the budget or the epochs")
+        self._policy = cls(info, self.config, epochs=self.epochs, total=total)
         self._sizes = np.full(self.epochs, -1, np.int64)      # planned size per epoch, -1 = not planned
+
+    @property
+    def total_sample_steps(self) -> int:
+        """``round(budget * epochs * N)``: the run's budget in sample-steps (handed to the policy)."""
+        return self._policy.total
 
     def plan(self, epoch: int) -> EpochPlan:
         """The plan of ``epoch`` (0-based); deterministic given seed, epoch, observed losses and earlier plans.
@@ -91,6 +98,9 @@ class Selector:
         spent_before = int(self._sizes[:epoch][self._sizes[:epoch] >= 0].sum())
         plan = self._policy.plan(epoch, rng, spent_before=spent_before)
         self._sizes[epoch] = len(plan)
+        if self.follows_budget and spent_before + len(plan) > self.total_sample_steps >= spent_before:
+            log.warning("policy %s planned more than its budget of %d sample-steps", self.policy,
+                        self.total_sample_steps)
         return plan
 
     def observe(self, indices: Any, losses: Any, aug: Any = None) -> None:
@@ -133,7 +143,7 @@ class Selector:
         return self._policy.status()
 
     def spent(self) -> int:
-        """Sample-steps planned so far (sum of the planned epochs' sizes)."""
+        """Sample-steps planned so far (sum of the planned epochs' sizes): the run's spend."""
         return int(self._sizes[self._sizes >= 0].sum())
 
     def epoch_sizes(self) -> np.ndarray:
@@ -181,39 +191,3 @@ def synthetic_info(n: int, classes: int, *, noisy_fraction: float = 0.1, seed: i
     region = np.where(consistency < noisy_fraction, 3, np.where(joint > 0.5, 0, np.where(density > 0.7, 2, 1)))
     return SampleInfo(labels=labels, num_classes=classes, density=density, consistency=consistency,
                       joint=joint, region=region.astype(np.int8))
-
-
-def bench_plan(n: int = 1_280_000, classes: int = 1000, policy: str = "dds", *, repeats: int = 5,
-               epochs: int = 10, budget: float = 0.5, **policy_options: Any) -> dict:
-    """Time planning one pruned epoch on synthetic scores, with losses observed for every sample.
-
-    Args:
-        n: samples (ImageNet-1k size by default).
-        classes: classes.
-        policy: policy to time.
-        repeats: timed plans (after one untimed warm-up plan); the median is reported.
-        epochs: epochs of the synthetic run (the timed epoch is epoch 1, a pruned one for dds).
-        budget: budget of the synthetic run.
-        **policy_options: options for the policy.
-
-    Returns:
-        {"policy", "n", "classes", "selected" (samples in the plan), "ms_median", "ms_min" (wall-clock
-        per plan), "cpu_ms_median" (process CPU time per plan: close to the wall-clock of an idle
-        machine when the CPU is shared), "setup_ms" (building the Selector)}.
-    """
-    info = synthetic_info(n, classes)
-    t0 = time.perf_counter()
-    sel = Selector(policy, info, epochs=epochs, budget=budget, seed=0, **policy_options)
-    setup_ms = (time.perf_counter() - t0) * 1e3
-    rng = np.random.default_rng(1)
-    sel.observe(np.arange(n), rng.gamma(2.0, 0.5, size=n).astype(np.float32))
-    sel.plan(1)
-    wall, cpu = [], []
-    for _ in range(max(1, repeats)):
-        t, c = time.perf_counter(), time.process_time()
-        plan = sel.plan(1)
-        wall.append((time.perf_counter() - t) * 1e3)
-        cpu.append((time.process_time() - c) * 1e3)
-    return {"policy": policy, "n": n, "classes": classes, "selected": len(plan),
-            "ms_median": round(float(np.median(wall)), 2), "ms_min": round(float(np.min(wall)), 2),
-            "cpu_ms_median": round(float(np.median(cpu)), 2), "setup_ms": round(setup_ms, 1)}

@@ -25,7 +25,10 @@ class FullPolicy(Policy):
     """
 
     Config = FullConfig
-    uses_budget = False
+
+    @classmethod
+    def follows_budget(cls, cfg: FullConfig) -> bool:
+        return False
 
     def epoch_sizes(self) -> np.ndarray:
         return np.full(self.epochs, self.info.n, np.int64)

@@ -1,5 +1,6 @@
-"""Torch helpers for ``EpochPlan``s: a sampler that replays a plan, the weighted loss mean, and selector
-state in the form ``torch.save``/``torch.load(weights_only=True)`` keep.
+"""Torch helpers for ``EpochPlan``s: a sampler that replays a plan, the gather of a distributed rank's
+per-sample values back into plan order, the weighted loss mean, and selector state in the form
+``torch.save``/``torch.load(weights_only=True)`` keep.
 
 Importing this module imports torch; ``dds.selector`` itself does not.
 """
@@ -9,17 +10,18 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from dds.distributed import part_entries
 from dds.selector._base import EpochPlan
+from dds.selector._parts import Dist, interleave, part_entries
 
 
 class PlanSampler(torch.utils.data.Sampler[int]):
     """Yields ``plan.indices`` in the plan's order (the plan is already shuffled); ``len`` = M.
 
     Hand it to a map-style ``DataLoader`` as ``sampler=``. In a distributed job every rank holds the
-    same plan; ``rank``/``world`` make it yield that rank's part (:func:`dds.distributed.part_positions`:
-    equal sizes on every rank), and :func:`dds.distributed.gather_part` puts the ranks' losses back
+    same plan; ``rank``/``world`` make it yield that rank's part (:func:`~dds.selector._parts.part_positions`:
+    equal sizes on every rank), and :func:`gather_part` puts the ranks' losses back
     in plan order for ``observe``.
     """
 
@@ -35,6 +37,15 @@ class PlanSampler(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         return int(self._indices.shape[0])
+
+
+def gather_part(d: Dist, part: torch.Tensor, m: int) -> torch.Tensor:
+    """Every rank's per-sample values of its part, gathered back into the plan's order: ``(m,)``."""
+    if not d.enabled:
+        return part[:m]
+    out = [torch.empty_like(part) for _ in range(d.world)]
+    dist.all_gather(out, part.contiguous())
+    return interleave(torch.stack(out), m)
 
 
 def weighted_mean(per_sample_loss: torch.Tensor, weights: torch.Tensor | np.ndarray) -> torch.Tensor:

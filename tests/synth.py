@@ -50,7 +50,7 @@ def write_dataset(ws, name: str, splits: dict[str, int], shard_size: int = 24, *
 
 def write_scores(ws, name: str, encoder: str, keys: list[str]) -> None:
     """A scores.parquet with random density/consistency/joint and every region represented."""
-    from dds.selector import REGIONS
+    from dds.tables import REGIONS
 
     n, rng = len(keys), np.random.default_rng(1)
     samples = pq.read_table(ws.dataset_dir(name) / "samples.parquet").to_pylist()

@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 
 from dds.cli import app
 from dds.errors import DdsError
-from dds.pipeline.bench_index import bench_index, recall_at_k, synthetic_embeddings
+from dds.bench.index import bench_index, recall_at_k, synthetic_embeddings
 
 
 def test_recall_at_k_on_a_constructed_case():

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from dds.train.bench import TABLE_BLOCK, regenerate_tables
+from dds.bench.training import TABLE_BLOCK, regenerate_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

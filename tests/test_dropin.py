@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader
 
 from dds.errors import DdsError
 from dds.selector import DropIn, SampleInfo, Selector, embedding_scores, workspace_scores
-from dds.selector._base import RELABEL, STATUSES
 from dds.selector.torch import state_to_numpy
+from dds.tables import RELABEL, STATUSES
 from dds.train.data import load_sample_info
 from dds.workspace import Workspace
 

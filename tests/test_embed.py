@@ -18,8 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
+from dds.bench.embed import bench_embed
 from dds.errors import DdsError
-from dds.pipeline.embed import average_prompts, bench_embed, class_prompts, run_embed
+from dds.pipeline.embed import average_prompts, class_prompts, run_embed
 from dds.shards import iter_tar_samples
 from dds.pipeline.encoders import (Preprocess, create_encoder, list_encoders, map_lite0_state_dict,
                                    parse_openclip_spec)

@@ -10,9 +10,9 @@ from dds import catalog
 from dds.errors import DdsError
 from dds.pipeline import adapters as adapt
 from dds.pipeline import knn as knn_mod
-from dds.pipeline.index import (REGIONS, assign_regions, compute_scores, joint_score, knn_agreement,
-                                local_density, run_index)
+from dds.pipeline.index import assign_regions, compute_scores, joint_score, knn_agreement, local_density, run_index
 from dds.pipeline.knn import knn
+from dds.tables import REGIONS
 from dds.workspace import Workspace, atomic_write_json, write_parquet
 
 
@@ -124,7 +124,7 @@ def test_merge_graphs_keeps_the_best_distinct_neighbours():
 def test_index_merges_the_approximate_global_graph_with_the_class_graph(monkeypatch):
     """Above the exact threshold the global graph is ivf merged with the exact per-class graph: it finds
     at least what ivf alone found, and every same-label neighbour the exact search would give."""
-    from dds.pipeline.bench_index import synthetic_embeddings
+    from dds.bench.index import synthetic_embeddings
     from dds.pipeline.index import index_arrays
 
     d = synthetic_embeddings(3000, 16, 3, seed=0)

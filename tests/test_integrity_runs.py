@@ -107,15 +107,16 @@ def test_a_live_run_locks_its_dataset_and_records_its_generations(ws, cli, monke
     import dds.train.loop as loop
 
     refused = []
-    epochs = loop._epochs
+    train_epoch = loop.train_epoch
 
-    def shard_meanwhile(out, *a, **kw):   # another process re-shards while the run trains
-        with pytest.raises(DdsError) as e:
-            run_shard(ws, _source(ws), name="ds", label_noise=0.3, progress=False)
-        refused.append(str(e.value))
-        return epochs(out, *a, **kw)
+    def shard_meanwhile(*a, **kw):   # another process re-shards while the run trains its first epoch
+        if not refused:
+            with pytest.raises(DdsError) as e:
+                run_shard(ws, _source(ws), name="ds", label_noise=0.3, progress=False)
+            refused.append(str(e.value))
+        return train_epoch(*a, **kw)
 
-    monkeypatch.setattr(loop, "_epochs", shard_meanwhile)
+    monkeypatch.setattr(loop, "train_epoch", shard_meanwhile)
     before = _generation(ws)
     run_id = run_train(ws, _cfg(), progress=False)["run_id"]
     assert refused == [f"dataset 'ds' is in use by another dds process (run {run_id}, pid {dds.workspace.os.getpid()}); "

@@ -16,7 +16,9 @@ from dds.pipeline import verdict as V
 from dds.pipeline.adapters import ClassScores
 from dds.pipeline.index import compute_scores
 from dds.pipeline.knn import knn
-from dds.pipeline.shard import class_map_noise, inject_noise, noise_map, pairflip_map, run_shard
+from dds.pipeline.shard import run_shard
+from dds.pipeline.surgery import class_map_noise, inject_noise, noise_map, pairflip_map
+from dds.tables import STATUSES
 from dds.workspace import Workspace
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz")
@@ -127,7 +129,7 @@ def test_verdict_known_answers():
     assert (v.status[0:8] == "relabel").all() and (v.label_fixed[0:8] == [1] * 4 + [2] * 4).all()
     assert v.status[8] == "suppress" and v.label_fixed[8] == 0  # suppressed keeps the given label
     assert (v.status[9:] == "clean").all() and (v.label_fixed[9:] == labels[9:]).all()
-    assert set(v.status) <= set(V.STATUSES)
+    assert set(v.status) <= set(STATUSES)
     np.testing.assert_allclose(v.transition.sum(1), 1)
     assert ((v.label_posterior >= 0) & (v.label_posterior <= 1)).all() and v.label_posterior[9:].min() > 0.5
     assert v.transition[1, 0] > 0 and v.transition[2, 0] > 0 and v.transition[0, 1] == 0

@@ -16,10 +16,11 @@ from synth import write_tar
 from PIL import Image
 from typer.testing import CliRunner
 
+from dds.bench.training import run_bench
 from dds.cli import app
 from dds.errors import DdsError
 from dds.pipeline.audit import auroc, cleanlab_flags, flag_metrics, named_labels, precision_recall_at_k, run_audit
-from dds.train import TrainConfig, run_bench, run_train
+from dds.train import TrainConfig, run_train
 from dds.selector._core import capped_quotas
 from dds.train.export import coreset_weights, run_export, select_coreset, selection_stats
 from dds.train.report import (ISSUE_COLUMNS, POLICY_COLORS, budget_curve, class_rates, default_epoch, fig_budget,

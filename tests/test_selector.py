@@ -7,15 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dds.bench.plan import bench_plan
 from dds.errors import DdsError
-from dds.selector import (AUG_LEVELS, REGIONS, EpochPlan, SampleInfo, Selector, bench_plan, encode_regions, list_policies,
+from dds.selector import (AUG_LEVELS, EpochPlan, SampleInfo, Selector, encode_regions, list_policies,
                           register_policy)
 from dds.selector._core import (ClassLayout, capped_quotas, even_sizes, largest_remainder, power_, sampling_keys,
                                 shuffle_values, top_k_mask)
 from dds.selector._infobatch import infobatch_prune
+from dds.tables import AUGMENT, NOISY
 
 REPO = Path(__file__).resolve().parents[1]
-NOISY, AUGMENT = REGIONS.index("noisy"), REGIONS.index("augment")
 CLASS_SIZES = (150, 120, 110, 90, 80, 50)          # unequal on purpose
 BUDGET = {"full": 1.0, "infobatch": 1.0}            # policies that spend what they spend
 PAPER = dict(warmup_epochs=1, loss_weight=0.5, prior_weight=1.0, unseen="mean", sharpness=1.0,
@@ -366,6 +367,20 @@ def test_full_ignores_the_budget():
     assert sel.budget == 1.0 and sel.total_sample_steps == 3 * sel.n
 
 
+def test_the_selector_checks_the_budget_once_and_warns_when_a_plan_overspends_it(caplog):
+    tiny = SampleInfo(labels=np.zeros(4, np.int64), num_classes=1)
+    with pytest.raises(DdsError, match=r"budget 0.05 of 2 epochs x 4 samples rounds to 0 sample-steps"):
+        Selector("random", tiny, epochs=2, budget=0.05)
+    with pytest.raises(DdsError, match=r"budget must be in \(0, 1\], got True"):
+        Selector("random", tiny, epochs=2, budget=True)
+    sel = Selector("infobatch", make_info(), epochs=8, budget=0.3, seed=0, match_budget=True)  # cannot reach 0.3
+    with caplog.at_level("WARNING", logger="dds.selector._selector"):
+        run(sel)
+    assert sel.follows_budget and sel.spent() > sel.total_sample_steps
+    warned = [r.getMessage() for r in caplog.records if "planned more than" in r.getMessage()]
+    assert warned == [f"policy infobatch planned more than its budget of {sel.total_sample_steps} sample-steps"]
+
+
 def test_observe_validates_and_accepts_torch_tensors():
     import torch
 
@@ -544,7 +559,7 @@ def test_dds_defaults_are_the_ones_the_docs_tuning_table_picked():
     import re
 
     from dds.selector import DdsConfig
-    from dds.train.bench import parse_entry
+    from dds.options import parse_entry
     readme = (REPO / "docs" / "experiments.md").read_text() + (REPO / "docs" / "selector.md").read_text()
     row = next(line for line in readme.splitlines() if "the defaults)" in line and line.startswith("| **selection"))
     picked = dict(kv.split("=") for kv in re.findall(r"`([^`]+)`", row)[0].split())

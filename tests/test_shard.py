@@ -2,6 +2,7 @@
 folders and tars made here, and a small slice of the real Fashion-MNIST."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
@@ -15,8 +16,10 @@ from PIL import Image
 
 from dds.errors import DdsError
 from dds.manifests import add_manifest
-from dds.pipeline.shard import carve_val, encode_png, run_shard, stratified_subset, symmetric_noise
+from dds.pipeline.shard import encode_png, run_shard
 from dds.pipeline.sources import target_mode, typical_size
+from dds.pipeline.surgery import carve_val, stratified_subset, symmetric_noise
+from dds.shards import ShardWriter, TarWriter, iter_tar_samples
 from dds.workspace import Workspace, write_parquet
 
 
@@ -536,3 +539,34 @@ def test_unreadable_or_broken_tars_are_recorded(tmp_path):
     assert {Path(r["source"]).name for r in rejects} == {"b.tar", "c.tar"}
     kept_from_c = out["splits"]["train"] - 6
     assert 0 < kept_from_c < 6 and out["rejects"] == 2
+
+
+def test_tar_writer_is_atomic_and_reproducible(tmp_path):
+    path = tmp_path / "a.tar"
+    with pytest.raises(RuntimeError), TarWriter(path) as w:
+        w.add("k0", {"png": b"xy"})
+        raise RuntimeError("killed mid-write")
+    assert list(tmp_path.iterdir()) == []  # neither the tar nor its temporary
+    with TarWriter(path) as w:
+        w.add("k0", {"png": b"xy", "cls": b"3"})
+        assert not path.exists()  # nothing under the final name before the commit
+        sha = w.commit()
+    assert list(tmp_path.iterdir()) == [path] and sha == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert list(iter_tar_samples(path)) == [("k0", {"png": b"xy", "cls": b"3"})]
+    with TarWriter(tmp_path / "b.tar") as w:
+        w.add("k0", {"png": b"xy", "cls": b"3"})
+        assert w.commit() == sha  # equal content, equal bytes
+
+
+def test_shard_writer_rolls_over_at_shard_size(tmp_path):
+    with ShardWriter(tmp_path, "train", 2) as w:
+        stems = [w.add(f"k{i}", {"cls": str(i).encode()}) for i in range(5)]
+        rows = w.close()
+    assert stems == ["train-000000"] * 2 + ["train-000001"] * 2 + ["train-000002"]
+    assert [(r["shard"], r["count"]) for r in rows] == [("train-000000", 2), ("train-000001", 2), ("train-000002", 1)]
+    assert [k for k, _ in iter_tar_samples(tmp_path / "train-000001.tar")] == ["k2", "k3"]
+    with pytest.raises(RuntimeError), ShardWriter(tmp_path / "x", "test", 2) as w:
+        (tmp_path / "x").mkdir()
+        w.add("k0", {"cls": b"0"})
+        raise RuntimeError("killed mid-shard")
+    assert list((tmp_path / "x").iterdir()) == []  # the open tar's temporary is gone

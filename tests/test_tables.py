@@ -8,11 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from synth import write_dataset, write_scores
 from typer.testing import CliRunner
 
-from dds import catalog
+from dds import catalog, generations
 from dds.cli import app
-from dds.tables import TABLES, table_files
+from dds.tables import TABLES, load_scores, table_files
 from dds.workspace import Workspace
 
 
@@ -33,7 +34,7 @@ def full_ws(tmp_path_factory) -> Workspace:
     from dds.pipeline.index import run_index
     from dds.pipeline.shard import run_shard
     from dds.train import TrainConfig, run_train
-    from dds.train.bench import run_bench
+    from dds.bench.training import run_bench
 
     tmp = tmp_path_factory.mktemp("tables")
     ws = Workspace(tmp / "ws")
@@ -74,3 +75,19 @@ def test_index_k_larger_than_the_smallest_class_is_one_line(tmp_path):
     assert res.exit_code != 0 and isinstance(res.exception, Exception)
     assert "--k 3 needs more than 3 train samples in every class, but class 'bb' has 3; use --k 2 or less" \
         in str(res.exception)
+
+
+def test_load_scores_reads_the_generation_in_use(tmp_path):
+    ws = Workspace(tmp_path)
+    write_dataset(ws, "ds", {"train": 6, "test": 2})
+    assert load_scores(ws, "ds", "enc") is None  # never indexed
+    keys = [f"train-{i:07d}" for i in range(6)]
+    write_scores(ws, "ds", "enc", keys)  # a table from before the label verdict: no status column
+    df = load_scores(ws, "ds", "enc", ["key", "region", "status"])
+    assert list(df.columns) == ["key", "region"] and df["key"].tolist() == keys
+    folder = ws.index_dir("ds", "enc")
+    for n in (4, 2):  # two `dds index` generations, the second committed over the first
+        gen = generations.new_generation(folder, generations.INDEX_LINKED)
+        pq.write_table(pa.table({"key": keys[:n]}), gen / "scores.parquet")
+        generations.commit(folder, gen, generations.INDEX_LINKED)
+        assert load_scores(ws, "ds", "enc")["key"].tolist() == keys[:n]

@@ -1,8 +1,10 @@
 """Tests of dds.train on a tiny synthetic sharded dataset (8x8 grey PNGs), CPU only."""
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
-import math
+import re
 
 import numpy as np
 import pytest
@@ -11,10 +13,11 @@ import torch
 
 from dds.catalog import query
 from dds.errors import DdsError
-from dds.selector import AUG_LEVELS, list_policies
-from dds.train import (TrainConfig, create_augment, create_model, format_bench_table, list_augments, list_models,
-                       load_sample_info, lr_at, open_split, resume_train, run_bench, run_train)
-from dds.train.bench import lossless_budget, parse_entry, summarise
+from dds.selector import AUG_LEVELS, DdsConfig, InfoBatchConfig, RandomConfig, list_policies
+from dds.bench.training import format_bench_table, lossless_budget, run_bench, summarise
+from dds.options import parse_entry
+from dds.train import (TrainConfig, create_augment, create_model, list_augments, list_models, load_sample_info, lr_at,
+                       open_split, resume_train, run_train)
 from dds.train.augment import Augmenter, crop_flip_params, epoch_aug_seeds
 from dds.train.loop import history_columns
 from dds.workspace import Workspace
@@ -48,7 +51,8 @@ def test_smoke_run_writes_runs_epochs_history(ws):
     assert {"run_id", "dataset", "policy", "budget", "epochs", "seed", "status", "config", "budget_spent",
             "test_acc", "wall_s"} <= set(runs.columns)
     assert runs.loc[0, "status"] == "done"
-    assert TrainConfig.from_json(runs.loc[0, "config"]) == _cfg()
+    resolved = dataclasses.replace(_cfg(), policy_options=dataclasses.asdict(RandomConfig()))  # defaults filled in
+    assert TrainConfig.from_json(runs.loc[0, "config"]) == resolved
     epochs = _table(ws, f"SELECT * FROM epochs WHERE run_id = '{run_id}' ORDER BY epoch")
     assert {"run_id", "epoch", "selected", "sample_steps", "train_loss", "test_acc", "wall_s", "data_s", "compute_s",
             "select_s", "eval_s"} <= set(epochs.columns)
@@ -128,6 +132,32 @@ def test_resume_repeats_an_uninterrupted_run(ws):
     assert resumed["test_acc"] == full["test_acc"]
     status = _table(ws, f"SELECT status FROM runs WHERE run_id = '{part['run_id']}'")
     assert status["status"].tolist() == ["done"]
+
+
+def test_runs_config_holds_the_resolved_policy_config_and_old_checkpoints_still_resume(ws):
+    from dds.train.loop import load_trained, save_checkpoint
+
+    cfg = _cfg(policy="dds", epochs=3, policy_options={"warmup_epochs": 1})
+    full = run_train(ws, cfg, progress=False)
+    resolved = dataclasses.asdict(DdsConfig(warmup_epochs=1))
+    assert resolved["delta"] == 0.875 and len(resolved) > 1   # every option, defaults filled in
+    stored = json.loads(_table(ws, f"SELECT config FROM runs WHERE run_id = '{full['run_id']}'")["config"][0])
+    assert stored == {**dataclasses.asdict(cfg), "policy_options": resolved}
+    assert load_trained(ws.run_dir(full["run_id"]) / "checkpoint.pt")[1]["config"] == stored
+    # a checkpoint of an older dds: the raw -o options and the budget fields in its state
+    part = run_train(ws, cfg, progress=False, stop_after=1)
+    run_dir = ws.run_dir(part["run_id"])
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    ckpt["config"] = cfg.to_json()
+    ckpt["state"].update(budget=0.5, total_sample_steps=96, follows_budget=True, budget_spent=full["budget_spent"])
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    save_checkpoint(run_dir, buf.getvalue())
+    resumed = resume_train(ws, part["run_id"], progress=False)
+    assert resumed["status"] == "done" and resumed["test_acc"] == full["test_acc"]
+    assert {k: resumed[k] for k in ("budget", "total_sample_steps", "follows_budget", "budget_spent")} == \
+        {"budget": 0.5, "total_sample_steps": 96, "follows_budget": True, "budget_spent": full["budget_spent"]}
+    assert json.loads(_table(ws, f"SELECT config FROM runs WHERE run_id = '{part['run_id']}'")["config"][0]) == stored
 
 
 def test_streaming_and_cache_yield_the_same_batches(ws):
@@ -338,7 +368,7 @@ def test_prefetch_raises_producer_errors_in_the_consumer_and_stops_its_thread():
 
 
 def test_prefetch_trains_the_same_epoch_as_the_training_thread(ws):
-    from dds.train.loop import _train_epoch
+    from dds.train.loop import train_epoch
 
     train = open_split(ws, "tiny", "train")
     plan = _strong_plan(N_TRAIN, 40)
@@ -347,8 +377,8 @@ def test_prefetch_trains_the_same_epoch_as_the_training_thread(ws):
         torch.manual_seed(0)
         model = create_model("cnn3", CLASSES, 1, SIZE)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        losses, timing = _train_epoch(model, opt, train, plan, cfg=_cfg(prefetch=prefetch), device=torch.device("cpu"),
-                                      augmenter=Augmenter(SIZE), steps_done=0, total_steps=10, progress=False)
+        losses, timing = train_epoch(model, opt, train, plan, cfg=_cfg(prefetch=prefetch), device=torch.device("cpu"),
+                                     augmenter=Augmenter(SIZE), steps_done=0, total_steps=10, progress=False)
         out[prefetch] = losses, [p.detach().clone() for p in model.parameters()]
         assert timing["data_s"] >= 0 and timing["compute_s"] > 0
     assert torch.equal(out[0][0], out[2][0])
@@ -384,7 +414,7 @@ def test_eval_split_val_and_per_policy_bench_options(tmp_path, ws):
                      progress=False)
     runs = _table(ws, "SELECT run_id, seed, config FROM runs")
     dds_cfg = json.loads(runs.set_index("run_id").loc[rows[1]["run_ids"][0], "config"])
-    assert dds_cfg["policy_options"] == {"warmup_epochs": 0} and dds_cfg["seed"] == 4
+    assert dds_cfg["policy_options"] == dataclasses.asdict(DdsConfig(warmup_epochs=0)) and dds_cfg["seed"] == 4
     assert dds_cfg["eval_split"] == "val"
     with pytest.raises(DdsError, match="options given for ucb"):
         run_bench(ws, "withval", policies=["random"], budgets=[0.5], epochs=1, seeds=1, policy_options={"ucb": {}})
@@ -489,7 +519,7 @@ def test_history_columns_one_row_per_sample():
 
 
 def test_load_sample_info_joins_scores_in_idx_order(tmp_path):
-    from dds.selector import REGIONS
+    from dds.tables import REGIONS
 
     ws = Workspace(tmp_path)
     write_dataset(ws, "scored", {"train": 12, "test": 4})
@@ -514,7 +544,8 @@ def test_bench_rows_budgets_entries_and_table(ws):
     assert ib["budget_spent"] <= 1.0
     runs = _table(ws, "SELECT run_id, config FROM runs")
     cfg = json.loads(runs.set_index("run_id").loc[ib["run_ids"][0], "config"])
-    assert cfg["policy"] == "infobatch" and cfg["policy_options"] == {"prune_ratio": 0.8}
+    assert cfg["policy"] == "infobatch"
+    assert cfg["policy_options"] == dataclasses.asdict(InfoBatchConfig(prune_ratio=0.8))
 
     def train_s(run_ids):   # recomputed from the epochs table, independently of the bench's own sums
         ids = ", ".join(f"'{r}'" for r in run_ids)
@@ -522,13 +553,58 @@ def test_bench_rows_budgets_entries_and_table(ws):
                        "GROUP BY run_id")
         return e["s"].mean()
 
-    assert r3["wall_ratio"] == pytest.approx(train_s(r3["run_ids"]) / train_s(full["run_ids"]), rel=1e-6)
+    # seed by seed, the second round rotated by half: full 0, r3 1, r6 2, ib 3 | r6 4, ib 5, full 6, r3 7
+    assert [r["orders"] for r in rows] == [[0, 6], [1, 7], [2, 4], [3, 5]]
+    per_run = [train_s([a]) / train_s([f]) for a, f in zip(r3["run_ids"], full["run_ids"])]   # the full of its round
+    assert r3["wall_ratio"] == pytest.approx(np.mean(per_run), rel=1e-6)
+    assert (r3["wall_ratio_min"], r3["wall_ratio_max"]) == pytest.approx((min(per_run), max(per_run)), rel=1e-6)
+    f0, f1 = (train_s([f]) for f in full["run_ids"])   # ib's seed 0 (order 3) is as near to both fulls: their mean
+    ib_runs = [train_s([ib["run_ids"][0]]) / ((f0 + f1) / 2), train_s([ib["run_ids"][1]]) / f1]
+    assert ib["wall_ratio"] == pytest.approx(np.mean(ib_runs), rel=1e-6) and full["wall_ratio"] == pytest.approx(1.0)
     assert all(0 <= r["acc_mean"] <= 1 and r["acc_std"] >= 0 and len(r["accs"]) == 2 for r in rows)
     bench = _table(ws, "SELECT * FROM bench")
     assert {"bench_id", "dataset", "policy", "budget", "seeds", "acc_mean", "acc_std", "budget_spent", "wall_ratio",
             "select_s", "lossless_budget"} <= set(bench.columns)
     table = format_bench_table(rows)
     assert "infobatch:prune_ratio=0.8" in table and "lossless at" in table
+    r3_line = next(ln for ln in table.splitlines() if ln.startswith("random ") and " 0.3 " in ln)
+    assert r3_line.endswith(" 1,7") and f"{r3['wall_ratio_min']:.3f}-{r3['wall_ratio_max']:.3f}" in r3_line
+
+
+def test_bench_run_order_rotates_each_seed_and_ratios_take_the_nearest_full():
+    from dds.bench.training import nearest_runs, run_order
+
+    assert run_order(3, 3) == [(0, 0), (1, 0), (2, 0), (1, 1), (2, 1), (0, 1), (2, 2), (0, 2), (1, 2)]
+    assert [g for g, s in run_order(6, 3) if s == 1][0] == 2 and run_order(2, 1) == [(0, 0), (1, 0)]
+    refs = [{"order": 0}, {"order": 4}, {"order": 9}]
+    assert nearest_runs(3, refs) == [{"order": 4}] and nearest_runs(2, refs) == [{"order": 0}, {"order": 4}]
+
+    def res(order, seconds):
+        return {"test_acc": 0.9, "budget_spent": 1.0, "data_s": 0.0, "compute_s": seconds, "select_s": 0.0,
+                "eval_s": 0.0, "run_id": f"r{order}", "order": order}
+
+    # a machine that slows to half speed: full takes 10 s early and 20 s late, random 5 s and 10 s
+    rows = summarise([("full", None, [res(0, 10.0), res(3, 20.0)]), ("random", 0.5, [res(1, 5.0), res(2, 10.0)])])
+    assert rows[1]["wall_ratio"] == pytest.approx(0.5) and rows[1]["orders"] == [1, 2]
+    assert (rows[1]["wall_ratio_min"], rows[1]["wall_ratio_max"]) == pytest.approx((0.5, 0.5))
+
+
+def test_cli_bench_prints_the_run_order_and_the_ratio_spread(ws):
+    from typer.testing import CliRunner
+
+    from dds.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "tiny", "--policies", "full,random", "--budgets", "0.5", "--epochs", "1",
+                                   "--seeds", "2", "--model", "cnn3", "-w", str(ws.root), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    lines = lines[next(i for i, ln in enumerate(lines) if ln.startswith("policy ")):]   # the table (logs before it)
+    assert "min-max" in lines[0] and lines[0].rstrip().endswith("run order")
+    full, rnd = lines[2:4]
+    assert full.endswith(" 0,3") and rnd.endswith(" 1,2")   # the second seed's round starts with random
+    mean, low, high = map(float, re.search(r" (\d+\.\d{3}) +(\d+\.\d{3})-(\d+\.\d{3}) ", rnd).groups())
+    assert low <= mean <= high and "1.000-1.000" in full
+    assert "nearest to it in the run order" in res.output
 
 
 def test_report_of_a_bench_draws_accuracy_against_budget(tmp_path):
@@ -554,22 +630,26 @@ def test_bench_writes_one_result_line_per_run(ws, tmp_path):
     run_bench(ws, "tiny", policies=["full", "budgeted"], budgets=[0.5], epochs=1, seeds=2, model="cnn3",
               progress=False, results=out, command="dds bench tiny")
     lines = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [(x["policy"], x["seed"]) for x in lines] == [("full", 0), ("full", 1), ("budgeted", 0), ("budgeted", 1)]
+    assert [(x["policy"], x["seed"], x["order"]) for x in lines] == [("full", 0, 0), ("budgeted", 0, 1),
+                                                                     ("budgeted", 1, 2), ("full", 1, 3)]
     assert {"command", "commit", "budget", "budget_spent", "acc", "train_s", "run_id"} <= set(lines[0])
     assert lines[2]["budget"] == 0.5 and lines[2]["budget_spent"] == pytest.approx(0.5, abs=1 / 64)
-    from dds.train.bench import table_from_results
+    from dds.bench.training import table_from_results
 
     md = table_from_results(lines).splitlines()
     assert len(md) == 4 and md[2].startswith("| tiny | 1 | full | - | 2 |") and "| budgeted | 0.5 | 2 |" in md[3]
-    ratio = lines[2]["train_s"] / ((lines[0]["train_s"] + lines[1]["train_s"]) / 2)
-    ratio2 = lines[3]["train_s"] / ((lines[0]["train_s"] + lines[1]["train_s"]) / 2)
+    ratio = lines[1]["train_s"] / lines[0]["train_s"]    # each budgeted run against the full run nearest in order
+    ratio2 = lines[2]["train_s"] / lines[3]["train_s"]
     assert f"| {(ratio + ratio2) / 2:.3f} |" in md[3]
+    old = [{k: v for k, v in x.items() if k != "order"} for x in lines]   # rows written before runs had an order
+    full_mean = (lines[0]["train_s"] + lines[3]["train_s"]) / 2
+    assert f"| {(lines[1]['train_s'] + lines[2]['train_s']) / 2 / full_mean:.3f} |" in table_from_results(old)
 
 
 def test_lossless_budget_on_a_constructed_table():
     def res(acc, spent):
         return {"test_acc": acc, "budget_spent": spent, "data_s": 1.0, "compute_s": spent, "select_s": 0.0,
-                "eval_s": 0.1, "run_id": "r"}
+                "eval_s": 0.1, "run_id": "r", "order": 0}
 
     runs = [("full", None, [res(0.900, 1.0), res(0.904, 1.0)]),          # mean 0.902: lossless = >= 0.901
             ("random", 0.3, [res(0.880, 0.3)]), ("random", 0.5, [res(0.9012, 0.5)]), ("random", 0.7, [res(0.91, 0.7)]),
@@ -595,19 +675,19 @@ def test_cli_train_prints_the_run_id_refuses_resume_mismatch_and_hints_on_ctrl_c
     runner = CliRunner()
     args = ["train", "tiny", "--policy", "random", "--epochs", "2", "--model", "cnn3", "--batch-size", "16",
             "-w", str(ws.root), "--no-progress"]
-    epochs = loop._epochs
+    train_epoch = loop.train_epoch
 
-    def interrupted(out, *a, **kw):   # Ctrl-C after the run exists, before any epoch
+    def interrupted(*a, **kw):   # Ctrl-C after the run exists, before any epoch is trained
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "_epochs", interrupted)
+    monkeypatch.setattr(loop, "train_epoch", interrupted)
     res = runner.invoke(app, args)
     assert res.exit_code == 130
     run_id = res.output.split("run ", 1)[1].split(" ", 1)[0]
     assert f"resume with: dds train tiny --resume {run_id}" in res.output.splitlines()[-1]
     status = _table(ws, f"SELECT status FROM runs WHERE run_id = '{run_id}'")["status"].tolist()
     assert status == ["stopped"]
-    monkeypatch.setattr(loop, "_epochs", epochs)
+    monkeypatch.setattr(loop, "train_epoch", train_epoch)
     res = runner.invoke(app, ["train", "tiny", "--resume", run_id, "--epochs", "5", "-w", str(ws.root)])
     assert res.exit_code != 0 and "--resume continues a run with its saved options; drop --epochs" in str(res.exception)
     res = runner.invoke(app, ["train", "other", "--resume", run_id, "-w", str(ws.root)])
@@ -619,7 +699,7 @@ def test_cli_train_prints_the_run_id_refuses_resume_mismatch_and_hints_on_ctrl_c
 
 def test_bench_train_reports_bare_step_and_loop_side_by_side(ws):
     from dds.device import cpu_has_amx
-    from dds.train.bench import bench_train
+    from dds.bench.training import bench_train
 
     rows = bench_train(ws, "tiny", model="cnn3", batch_size=8, samples=64, device="cpu", repeats=1)
     bare = [r for r in rows if r["what"] == "bare"]
@@ -696,7 +776,7 @@ def test_the_loop_trains_on_the_plan_labels(ws, monkeypatch):
     import torch.nn.functional as F
 
     from dds.selector._base import make_plan
-    from dds.train.loop import _train_epoch
+    from dds.train.loop import train_epoch
 
     train = open_split(ws, "tiny", "train")
     idx = np.arange(0, N_TRAIN, 2)
@@ -710,8 +790,8 @@ def test_the_loop_trains_on_the_plan_labels(ws, monkeypatch):
     monkeypatch.setattr(F, "cross_entropy", spy)
     model = create_model("cnn3", CLASSES, 1, SIZE)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    _train_epoch(model, opt, train, make_plan(0, idx, labels=flipped), cfg=_cfg(), device=torch.device("cpu"),
-                 augmenter=Augmenter(SIZE), steps_done=0, total_steps=10, progress=False)
+    train_epoch(model, opt, train, make_plan(0, idx, labels=flipped), cfg=_cfg(), device=torch.device("cpu"),
+                augmenter=Augmenter(SIZE), steps_done=0, total_steps=10, progress=False)
     assert torch.equal(torch.cat(seen), torch.from_numpy(flipped))
 
 

@@ -3,7 +3,6 @@
 Importing this package imports torch; ``dds.train.config`` alone does not.
 """
 from dds.train.augment import create_augment, list_augments, normalize, register_augment
-from dds.train.bench import format_bench_table, run_bench
 from dds.train.config import TrainConfig
 from dds.train.data import load_sample_info, open_split
 from dds.train.loop import load_trained, lr_at, resume_train, run_train
@@ -13,7 +12,6 @@ __all__ = [
     "TrainConfig",
     "create_augment",
     "create_model",
-    "format_bench_table",
     "list_augments",
     "list_models",
     "load_sample_info",
@@ -23,7 +21,6 @@ __all__ = [
     "open_split",
     "register_augment",
     "register_model",
-    "run_bench",
     "resume_train",
     "run_train",
 ]

@@ -52,7 +52,6 @@ class TrainConfig:
         """Check the values that need no registry; raises DdsError with one sentence. Returns self."""
         if not self.dataset:
             raise DdsError("no dataset given; name a dataset sharded with `dds shard`")
-        check_fraction("budget", self.budget)
         check_positive_int("epochs", self.epochs)
         check_positive_int("batch_size", self.batch_size)
         check_positive_int("eval_every", self.eval_every)

@@ -29,6 +29,7 @@ from torchvision.transforms.v2 import functional as F
 
 from dds.errors import DdsError
 from dds.pipeline.sources import DECODE_ERRORS
+from dds.selector._scores import load_sample_info  # noqa: F401  (the trainer's name for it: dds.train.load_sample_info)
 from dds.shards import iter_tar_samples, parse_label, shard_rows
 from dds.tables import check_disjoint_splits
 from dds.train.augment import Augmenter, epoch_aug_seeds
@@ -384,63 +385,3 @@ def open_split(ws: Workspace, name: str, split: str, *, cache: bool = True, deco
         DdsError: the dataset is not sharded, or has no such split (the message says how to add it).
     """
     return CachedSplit(ws, name, split) if cache else StreamingSplit(ws, name, split, decode_workers)
-
-
-# ---------------------------------------------------------------- selector inputs
-
-def load_sample_info(ws: Workspace, name: str, encoder: str, *, need_scores: bool = True):
-    """The selector's static inputs for the train split of ``name``, in ``samples.idx`` order.
-
-    Scores come from ``index/{encoder_slug(encoder)}/scores.parquet``; without that file the result has no
-    scores (the selector then refuses the dds policy with its own message).
-
-    Returns:
-        ``dds.selector.SampleInfo``: labels int64 ``(N,)``, num_classes, and density, consistency,
-        joint (float32 ``(N,)``) and region (int8 codes into ``REGIONS``) when scores exist, plus
-        status and label_fixed when the scores carry the label verdict.
-
-    Args:
-        need_scores: whether the policy reads scores; if not, scores that miss samples are ignored.
-
-    Raises:
-        DdsError: scores exist but do not cover every train sample (when ``need_scores``), were
-            computed for other labels (the dataset was re-sharded), or hold an unknown region.
-    """
-    from dds.selector import REGIONS, SampleInfo, encode_status
-
-    info = ws.dataset_info(name)
-    samples = ws.split_samples(name, "train", ["key", "label"])
-    labels = samples["label"].to_numpy().astype(np.int64)
-    num_classes = len(info["classes"])
-    path = ws.index_dir(name, encoder) / "scores.parquet"
-    if not path.exists():
-        return SampleInfo(labels=labels, num_classes=num_classes)
-    have = set(pq.read_schema(path).names)
-    verdict = ["status", "label_fixed"] if {"status", "label_fixed"} <= have else []   # older scores lack them
-    scores = pq.read_table(path, columns=["key", "label", "density", "consistency", "joint", "region",
-                                          *verdict]).to_pandas()
-    joined = samples[["key", "label"]].merge(scores, on="key", how="left", suffixes=("", "_scored"),
-                                             validate="one_to_one")
-    fix = f"re-run `dds index {name} --encoder {encoder}`"
-    missing = joined["density"].isna()
-    if missing.any():
-        if not need_scores:  # policies that do not read scores train on a dataset with partial scores
-            return SampleInfo(labels=labels, num_classes=num_classes)
-        raise DdsError(f"scores of {name} ({encoder}) miss {int(missing.sum())} of {len(joined)} train samples; "
-                       f"{fix} (samples whose images could not be embedded stay unscored: see `dds embed` output)")
-    stale = int((joined["label"] != joined["label_scored"]).sum())
-    if stale:
-        raise DdsError(f"scores of {name} ({encoder}) were computed for other labels ({stale} samples differ, "
-                       f"the dataset was re-sharded); {fix}")
-    unknown = sorted(set(joined["region"]) - set(REGIONS))
-    if unknown:
-        raise DdsError(f"scores of {name} hold unknown regions {unknown}; known: {', '.join(REGIONS)}")
-    region = joined["region"].map({r: i for i, r in enumerate(REGIONS)}).to_numpy().astype(np.int8)
-    extra = {}
-    if verdict:
-        extra = {"status": encode_status(joined["status"].to_numpy()),
-                 "label_fixed": joined["label_fixed"].to_numpy().astype(np.int64)}
-    return SampleInfo(labels=labels, num_classes=num_classes,
-                      density=joined["density"].to_numpy(np.float32),
-                      consistency=joined["consistency"].to_numpy(np.float32),
-                      joint=joined["joint"].to_numpy(np.float32), region=region, **extra)

@@ -1,33 +1,20 @@
 """``dds export RUN_ID --budget F``: a run's history and scores as a static subset (a coreset).
 
-Which samples (``select_coreset``), exactly ``round(F * N)`` of the N train samples:
-
-1. class quotas proportional to the class sizes ``N_c`` (largest remainder), so the subset keeps
-   the class balance of the dataset; a class with too few eligible samples passes its shortfall
-   on to the other classes in the same proportions;
-2. samples in the ``noisy`` region are not eligible; only when F exceeds the share of non-noisy
-   samples are the remaining places filled with noisy ones (class-balanced in the same way);
-3. within a class, samples are ranked by how often the run selected them (``times_selected``,
-   descending), then by ``joint`` (descending: sparse and consistent first), then by
-   ``samples.idx``. For a ``full`` run every sample was selected every epoch and ``joint`` decides.
-
-Weights: ``uniform`` gives every sample weight 1; ``class`` gives ``N_c / n_c`` (class size over
-samples exported from the class), so a class's weights sum to its full size and a weighted loss
-sees the dataset's class proportions even where the quotas had to deviate from them.
-
-Output: a parquet file with key, label, weight, region, times_selected, mean_loss (mean
-history loss over the epochs the sample was selected; null if never), and optionally new
-WebDataset shards (``{key}.png``, ``{key}.cls``, ``{key}.txt`` class name) of the subset as
-``train-*.tar`` plus a copy of the dataset's ``test-*.tar``, which ``dds shard "tar:DIR/*.tar"``
-reads back as a new dataset for training another architecture.
+:func:`select_coreset` picks exactly ``round(F * N)`` of the N train samples: class quotas
+proportional to the class sizes (largest remainder; a class short of eligible samples passes its
+shortfall on to the others), ``noisy`` samples only once the others run out (class-balanced in the
+same way), and within a class by ``times_selected``, then ``joint`` (both descending), then
+``samples.idx``; for a ``full`` run ``joint`` decides. Weights are 1 (``uniform``) or ``N_c / n_c``
+(``class``), so a weighted loss sees the dataset's class proportions even where the quotas deviate.
+The output is a parquet file (key, label, weight, region, times_selected, mean_loss: the mean
+history loss over the epochs the sample was selected, null if never) and, optionally, WebDataset
+shards that ``dds shard "tar:DIR/*.tar"`` reads back as a new dataset (docs/report.md).
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 import shutil
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +24,8 @@ import pyarrow as pa
 from dds._validate import check_choice, check_fraction, check_positive_int
 from dds.errors import DdsError
 from dds.selector._core import capped_quotas
-from dds.shards import iter_tar_samples, shard_rows
-from dds.tables import check_run_data, load_history, load_run, load_scores, load_train_samples
+from dds.shards import ShardWriter, iter_tar_samples, shard_rows
+from dds.tables import NOISY, REGIONS, check_run_data, load_history, load_run, load_scores, load_train_samples
 from dds.workspace import Workspace, temp_path, write_parquet
 
 log = logging.getLogger(__name__)
@@ -130,12 +117,6 @@ def selection_stats(selected: np.ndarray, loss: np.ndarray, positions: np.ndarra
 
 # ---------------------------------------------------------------- I/O edge
 
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o444, 0, 0
-    tar.addfile(info, io.BytesIO(data))
-
-
 def write_subset_shards(ws: Workspace, dataset: str, samples, keys: list[str], out: Path, *,
                         shard_size: int = 5000) -> list[str]:
     """Write the train samples ``keys`` as ``out/train-{i:06d}.tar`` and copy the dataset's test tars.
@@ -148,29 +129,16 @@ def write_subset_shards(ws: Workspace, dataset: str, samples, keys: list[str], o
     wanted = dict(zip(samples["key"], samples["label"]))
     wanted = {k: int(wanted[k]) for k in keys}
     stems = set(samples.loc[samples["key"].isin(wanted), "shard"])
-    written, tar, tmp, count = [], None, None, 0
-    for row in shard_rows(ws, dataset, ["train"]):
-        if row["shard"] not in stems:
-            continue
-        for key, members in iter_tar_samples(row["url"]):
-            if key not in wanted or "png" not in members:
+    with ShardWriter(out, "train", shard_size) as writer:
+        for row in shard_rows(ws, dataset, ["train"]):
+            if row["shard"] not in stems:
                 continue
-            if tar is None:
-                written.append(str(out / f"train-{len(written):06d}.tar"))
-                tmp = temp_path(Path(written[-1]))
-                tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
-            label = wanted[key]
-            for ext, data in (("png", members["png"]), ("cls", str(label).encode()),
-                              ("txt", str(classes[label]).encode())):
-                _tar_add(tar, f"{key}.{ext}", data)
-            count += 1
-            if count % shard_size == 0:
-                tar.close()
-                os.replace(tmp, written[-1])
-                tar = None
-    if tar is not None:
-        tar.close()
-        os.replace(tmp, written[-1])
+            for key, members in iter_tar_samples(row["url"]):
+                if key in wanted and "png" in members:
+                    label = wanted[key]
+                    writer.add(key, {"png": members["png"], "cls": str(label).encode(),
+                                     "txt": str(classes[label]).encode()})
+        written = [str(out / f"{r['shard']}.tar") for r in writer.close()]
     for test in [r["url"] for r in shard_rows(ws, dataset, ["test"])]:
         tmp = temp_path(out / test.name)
         shutil.copyfile(test, tmp)
@@ -226,7 +194,7 @@ def run_export(ws: Workspace, run_id: str, budget: float, out: str | Path, *, we
         s = samples[["key"]].merge(scores[["key", "joint", "region"]], on="key", how="left")
         joint, region = s["joint"].fillna(0.0).to_numpy(np.float64), s["region"].to_numpy(object)
     labels = samples["label"].to_numpy(np.int64)
-    noisy = region == "noisy"
+    noisy = region == REGIONS[NOISY]
     chosen = select_coreset(labels, num_classes, noisy, times, joint, budget)
 
     table = pa.table({"key": pa.array(samples["key"].to_numpy()[chosen].astype(str)),

@@ -1,6 +1,9 @@
 """The training loop: selector plan -> batches -> weighted per-sample loss -> SGD -> observe -> evaluate.
 
-Reads top to bottom like nanoGPT's train.py, but as functions. Per epoch::
+Reads top to bottom like nanoGPT's train.py, but as functions, three levels deep: :func:`run_train`
+and :func:`resume_train` call ``_run`` (set up, restore, the epoch loop, the run's records), which
+calls :func:`train_epoch` for the steps of each epoch. The budget belongs to the selector: the run
+reads its ``budget``, ``total_sample_steps`` and ``spent()``. Per epoch::
 
     plan = selector.plan(epoch)                      # indices (shuffled), weights, aug codes
     for batch in train.plan_batches(plan, ...):      # base/strong augmentation per sample, assembled
@@ -40,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from dds import catalog
 from dds.device import resolve_device, uses_bf16
@@ -47,11 +51,12 @@ from dds.distributed import (Dist, all_sum, broadcast_object, check_same, device
                              part_size, sync_buffers)
 from dds.distributed import init as dist_init
 from dds.errors import DdsError
-from dds.selector.torch import state_to_numpy, state_to_torch
+from dds.selector import EpochPlan, Selector, get_policy
+from dds.selector.torch import state_to_numpy, state_to_torch, weighted_mean
 from dds.tables import check_run_data, dataset_generation, index_info
 from dds.train.augment import AUG_NAMES, Augmenter, channel_stats, code_magnitude, normalize
 from dds.train.config import TrainConfig
-from dds.train.data import Prefetcher, load_sample_info, open_split
+from dds.train.data import Prefetcher, _Split, load_sample_info, open_split
 from dds.train.models import create_model
 from dds.workspace import Workspace, atomic_write_bytes, atomic_write_json, write_parquet
 
@@ -185,34 +190,44 @@ def epoch_steps(m: int, batch_size: int, world: int = 1) -> int:
 class RunState:
     """What a run has done so far: counters, timers and the last evaluation (saved in every checkpoint).
 
-    Config lives in :class:`TrainConfig` and is never changed by the trainer; this is the rest.
+    Config lives in :class:`TrainConfig` and the budget in the :class:`~dds.selector.Selector` (its
+    ``budget``, ``total_sample_steps``, ``follows_budget`` and ``spent()``); this is the rest.
     """
 
     run_id: str
-    budget: float  # the budget the selector runs at (1.0 for policies that do not follow --budget)
-    total_sample_steps: int  # round(budget * epochs * N): the run's cap in sample-steps
-    follows_budget: bool = True  # whether the policy's spend follows the budget (False: full, fixed-ratio infobatch)
     epochs_done: int = 0
     sample_steps: int = 0  # samples trained so far (distributed padding included)
     steps: int = 0  # optimiser steps taken so far
     total_steps: int = 0  # the run's steps as counted before the latest epoch (exact once the last epoch is planned)
-    budget_spent: float = 0.0  # sample_steps / (epochs * N)
     test_acc: float | None = None  # the latest evaluation
     dataset_generation: str | None = None  # id of the dataset generation trained on (dds.tables.dataset_generation)
     index_generation: str | None = None  # id of the index generation whose scores the selector read (None: no scores)
     reason: str | None = None  # why the run failed or stopped (None while it runs or when done)
     timers: dict[str, float] = field(default_factory=lambda: {t: 0.0 for t in TIMERS})
 
-    def summary(self, status: str) -> dict[str, Any]:
-        """The flat dict ``run_train`` returns and the runs table stores."""
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any]) -> "RunState":
+        """The state a checkpoint saved (older checkpoints also saved the budget fields: the selector's now)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names})
+
+    def summary(self, status: str, sel: Selector) -> dict[str, Any]:
+        """The flat dict ``run_train`` returns and the runs table stores, with the budget as ``sel`` ran it."""
         out = {k: v for k, v in dataclasses.asdict(self).items() if k != "timers"}
-        return {"status": status, **out, **self.timers,
+        return {"status": status, **out, **budget_columns(sel), **self.timers,
                 "train_s": self.timers["data_s"] + self.timers["compute_s"] + self.timers["select_s"]}
 
 
-def _train_epoch(model, opt, train, plan, *, cfg: TrainConfig, device: torch.device, augmenter: Augmenter,
-                 steps_done: int, total_steps: int, progress: bool,
-                 dist_: Dist = Dist()) -> tuple[torch.Tensor, dict[str, float]]:
+def budget_columns(sel: Selector) -> dict[str, Any]:
+    """The budget a run ran at and what it spent, from its selector: budget (as used), total_sample_steps,
+    follows_budget and budget_spent (``sel.spent()`` as a fraction of ``epochs * N``)."""
+    return {"budget": sel.budget, "total_sample_steps": sel.total_sample_steps, "follows_budget": sel.follows_budget,
+            "budget_spent": sel.spent() / (sel.epochs * sel.n)}
+
+
+def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, train: _Split, plan: EpochPlan, *,
+                cfg: TrainConfig, device: torch.device, augmenter: Augmenter, steps_done: int, total_steps: int,
+                progress: bool, dist_: Dist = Dist()) -> tuple[torch.Tensor, dict[str, float]]:
     """Train one epoch on ``plan``; returns the (P,) per-sample losses of this rank's part (on device;
     P = M in a single process) and its timings (plus ``lr_first``/``lr_last``, the LR of its first and
     last step). A distributed rank trains its part (:func:`dds.distributed.part_positions`) in
@@ -221,10 +236,6 @@ def _train_epoch(model, opt, train, plan, *, cfg: TrainConfig, device: torch.dev
     With a prefetch depth > 0 (:func:`prefetch_depth`) the batches are assembled and augmented by a :class:`Prefetcher`
     thread up to that many batches ahead, while this thread computes; they are the same batches in
     the same order as without it. ``data_s`` is the time this thread waited for a batch (see TIMERS)."""
-    from tqdm import tqdm
-
-    from dds.selector.torch import weighted_mean
-
     model.train()
     positions = part_positions(len(plan.indices), dist_.rank, dist_.world) if dist_.enabled else None
     m = len(plan.indices) if positions is None else len(positions)
@@ -350,9 +361,9 @@ def load_trained(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model.eval(), card
 
 
-def _write_run(ws: Workspace, cfg: TrainConfig, state: RunState, status: str) -> None:
+def _write_run(ws: Workspace, cfg: TrainConfig, sel: Selector, state: RunState, status: str) -> None:
     row = {"dataset": cfg.dataset, "policy": cfg.policy, "epochs": cfg.epochs, "seed": cfg.seed,
-           "config": cfg.to_json(), "model": cfg.model, **state.summary(status),
+           "config": resolved_config(cfg, sel), "model": cfg.model, **state.summary(status, sel),
            "pid": os.getpid(), "host": socket.gethostname(),
            "updated": datetime.datetime.now().isoformat(timespec="seconds")}
     schema = {"epochs": pa.int32(), "seed": pa.int32(), "epochs_done": pa.int32(), "test_acc": pa.float64(),
@@ -362,6 +373,13 @@ def _write_run(ws: Workspace, cfg: TrainConfig, state: RunState, status: str) ->
     atomic_write_json(ws.run_dir(run_id) / "run.json", row)
     write_parquet(ws.run_dir(run_id) / "run.parquet",
                   pa.table({k: pa.array([v], type=schema.get(k)) for k, v in row.items()}))
+
+
+def resolved_config(cfg: TrainConfig, sel: Selector) -> str:
+    """``cfg`` as json with ``policy_options`` resolved by ``sel``: every option of the policy's config
+    dataclass, defaults filled in (what ``runs.config`` and the checkpoint store; a run restarted from
+    it plans the same)."""
+    return dataclasses.replace(cfg, policy_options=dataclasses.asdict(sel.config)).to_json()
 
 
 def _write_epoch(ws: Workspace, run_id: str, epoch: int, row: dict[str, Any], keys: np.ndarray,
@@ -400,10 +418,10 @@ def run_train(ws: Workspace, cfg: TrainConfig, *, progress: bool = True, stop_af
             with the resume command); on the main rank only.
 
     Returns:
-        :meth:`RunState.summary`: run_id, status, test_acc (last evaluation), budget (as run),
-        budget_spent (fraction of epochs * N), sample_steps, total_sample_steps, steps, total_steps,
-        epochs_done and the summed timers data_s, compute_s, select_s, eval_s, wall_s and
-        train_s (= data_s + compute_s + select_s).
+        :meth:`RunState.summary`: run_id, status, test_acc (last evaluation), budget (as the selector
+        ran it), budget_spent (its ``spent()`` as a fraction of epochs * N), follows_budget, sample_steps,
+        total_sample_steps, steps, total_steps, epochs_done and the summed timers data_s, compute_s,
+        select_s, eval_s, wall_s and train_s (= data_s + compute_s + select_s).
 
     Raises:
         DdsError: bad config, unknown policy/model, missing dataset or eval split.
@@ -438,12 +456,27 @@ def resume_train(ws: Workspace, run_id: str, *, progress: bool = True, stop_afte
                 announce=announce)
 
 
+@dataclass
+class _Trainee:
+    """What a run trains with (built by :func:`_setup`): its selector, model, optimiser and splits, and where."""
+
+    sel: Selector
+    model: torch.nn.Module  # the bare model: evaluated and saved
+    net: torch.nn.Module  # what is trained: ``model``, or its DistributedDataParallel wrapper in a distributed job
+    opt: torch.optim.Optimizer
+    train: _Split
+    test: _Split
+    device: torch.device
+    dist: Dist
+
+
 def _run(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, *, run_id: str | None, progress: bool,
          stop_after: int | None, data: tuple | None, announce: Callable[[str], None] | None) -> dict[str, Any]:
     """A new run (``run_id`` None), a run restarted under its id (no checkpoint yet) or a resume from ``ckpt``.
 
     The main process holds the dataset's lock shared for the whole run, so `dds shard` cannot
     replace the data under it; a resume must find the dataset and index generations it started on.
+    The run's own lock lets one process at a time train it. ``progress`` shows tqdm bars on the main rank.
     """
     cfg.validate()
     d = dist_init(cfg.device)
@@ -455,71 +488,66 @@ def _run(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, *, run_id
     rid = ckpt["state"]["run_id"] if ckpt is not None else broadcast_object(
         d, run_id or new_run_id(cfg.dataset, cfg.policy))
     ws.dataset_info(cfg.dataset)  # a clear error for a missing dataset before its folder is locked
-    hold = ws.lock(cfg.dataset, shared=True, holder=f"run {rid}") if d.is_main else contextlib.nullcontext()
-    with hold:
+    with contextlib.ExitStack() as held:
+        if d.is_main:
+            held.enter_context(ws.lock(cfg.dataset, shared=True, holder=f"run {rid}"))
         gens = {"dataset_generation": dataset_generation(ws, cfg.dataset),
                 "index_generation": index_info(ws, cfg.dataset, cfg.encoder).get("generation")}
         if ckpt is not None:
             check_run_data(ws, {"run_id": rid, "dataset": cfg.dataset, "config": {"encoder": cfg.encoder},
                                 **{k: ckpt["state"].get(k) for k in gens}})
-        return _run_on(ws, cfg, ckpt, d, rid, gens, resumed=run_id is not None or ckpt is not None,
-                       progress=progress, stop_after=stop_after, data=data, announce=announce)
-
-
-def _run_on(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, d: Dist, run_id: str,
-            gens: dict[str, str | None], *, resumed: bool, progress: bool, stop_after: int | None,
-            data: tuple | None, announce: Callable[[str], None] | None) -> dict[str, Any]:
-    """:func:`_run` once the dataset is locked: set up, restore the checkpoint, train under the run's lock."""
-    device = device_for(d, resolve_device(cfg.device))
-    sel, model, opt, train, test = _setup(ws, cfg, device, data)
-    if sel.total_sample_steps < 1:
-        raise DdsError(f"budget {cfg.budget} of {cfg.epochs} epochs x {train.n} samples rounds to 0 sample-steps; "
-                       "raise --budget or --epochs")
-    if ckpt is None:
-        state = RunState(run_id=run_id, budget=sel.budget, total_sample_steps=sel.total_sample_steps,
-                         follows_budget=sel.follows_budget, dataset_generation=gens["dataset_generation"],
-                         index_generation=gens["index_generation"] if sel.info.has_scores else None)
-        start_epoch = 0
-    else:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])  # moves the momentum buffers to the parameters' device
-        sel.load_state_dict(state_to_numpy(ckpt["selector"]))
-        torch.set_rng_state(ckpt["torch_rng"])
-        state = RunState(**ckpt["state"])
-        start_epoch = ckpt["epoch"] + 1
-        log.info("resuming %s at epoch %d", state.run_id, start_epoch)
-    if d.is_main:
-        log.info("run %s: %s, %s, %d train / %d %s samples, budget %d sample-steps, %s", state.run_id,
-                 cfg.model, cfg.optimizer, train.n, test.n, cfg.eval_split, state.total_sample_steps, device)
-    net = model
-    if d.enabled:  # gradients averaged over the ranks; the checkpoint keeps the bare model's state
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    out = _Writer(ws, cfg, state, main=d.is_main)
-    lock = ws.lock(ws.run_dir(state.run_id), f"run {state.run_id}") if d.is_main else contextlib.nullcontext()
-    with lock:  # one process per run: a second --resume of a live run is refused
-        if d.is_main and resumed:
-            _drop_later_epochs(ws, state.run_id, start_epoch - 1)  # files written after the checkpoint are redone
-        return _train_locked(out, sel, model, net, opt, train, test, device, d, start_epoch=start_epoch,
-                             stop_after=stop_after, progress=progress, announce=announce)
-
-
-def _train_locked(out: _Writer, sel, model, net, opt, train, test, device, d: Dist, *, start_epoch: int,
-                  stop_after: int | None, progress: bool, announce: Callable[[str], None] | None) -> dict[str, Any]:
-    state = out.state
-    out.run("running")
-    if announce is not None and d.is_main:
-        announce(state.run_id)
-    try:
-        status = _epochs(out, sel, model, net, opt, train, test, device, d, start_epoch=start_epoch,
-                         stop_after=stop_after, progress=progress and d.is_main)
-    except KeyboardInterrupt:
-        out.mark("stopped", "interrupted")
-        raise
-    except BaseException as e:
-        out.mark("failed", f"{type(e).__name__}: {e}")
-        raise
-    out.run(status)
-    return state.summary(status)
+        run = _setup(ws, cfg, d, data, ckpt)
+        sel = run.sel
+        if ckpt is None:
+            state = RunState(run_id=rid, dataset_generation=gens["dataset_generation"],
+                             index_generation=gens["index_generation"] if sel.info.has_scores else None)
+        else:
+            state = RunState.from_checkpoint(ckpt["state"])
+            log.info("resuming %s at epoch %d", rid, state.epochs_done)
+        if d.is_main:
+            log.info("run %s: %s, %s, %d train / %d %s samples, budget %d sample-steps, %s", rid, cfg.model,
+                     cfg.optimizer, run.train.n, run.test.n, cfg.eval_split, sel.total_sample_steps, run.device)
+            held.enter_context(ws.lock(ws.run_dir(rid), f"run {rid}"))  # a second --resume of a live run is refused
+            if run_id is not None or ckpt is not None:
+                _drop_later_epochs(ws, rid, state.epochs_done - 1)  # files written after the checkpoint are redone
+        out = _Writer(ws, cfg, sel, state, main=d.is_main)
+        out.run("running")
+        if announce is not None and d.is_main:
+            announce(rid)
+        augmenter = Augmenter(run.train.image_size, run.train.channels)
+        status = "done"
+        try:
+            for epoch in range(state.epochs_done, cfg.epochs):
+                t_start = time.perf_counter()
+                plan = sel.plan(epoch)
+                check_same(d, plan, run.device)
+                state.total_steps = state.steps + _planned_steps(sel, epoch, len(plan), cfg, d.world)
+                select_s = time.perf_counter() - t_start
+                losses, timing = train_epoch(run.net, run.opt, run.train, plan, cfg=cfg, device=run.device,
+                                             augmenter=augmenter, steps_done=state.steps,
+                                             total_steps=state.total_steps, progress=progress and d.is_main, dist_=d)
+                t0 = time.perf_counter()
+                losses_np = gather_part(d, losses, len(plan)).cpu().numpy()  # one device -> host copy per epoch
+                sel.observe(plan.indices, losses_np, plan.aug)
+                select_s += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                test_acc = _evaluate_after(run, cfg, epoch, len(plan))
+                eval_s = time.perf_counter() - t0
+                times = {"wall_s": time.perf_counter() - t_start, **timing, "select_s": select_s, "eval_s": eval_s}
+                row = _count_epoch(state, sel, epoch, len(plan), losses_np, test_acc, times, cfg=cfg, world=d.world)
+                out.epoch(epoch, plan, losses_np, row, run)
+                log.info("%s", epoch_line(cfg.policy, epoch, cfg.epochs, row))
+                if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.epochs:
+                    status = "stopped"
+                    break
+        except KeyboardInterrupt:
+            out.mark("stopped", "interrupted")
+            raise
+        except BaseException as e:
+            out.mark("failed", f"{type(e).__name__}: {e}")
+            raise
+        out.run(status)
+        return state.summary(status, sel)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -533,14 +561,14 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
                            weight_decay=cfg.weight_decay)
 
 
-def _setup(ws: Workspace, cfg: TrainConfig, device: torch.device, data: tuple | None) -> tuple:
-    """Selector, model (on ``device``), optimiser, train and evaluation splits of a run.
+def _setup(ws: Workspace, cfg: TrainConfig, d: Dist, data: tuple | None, ckpt: dict[str, Any] | None) -> _Trainee:
+    """Selector, model (on this rank's device), optimiser, train and evaluation splits of a run, restored
+    from ``ckpt`` when given (with the global torch RNG), the model wrapped for DDP in a distributed job.
 
-    The selector and the model come first: they are cheap and reject unknown names before any
-    decoding; then the evaluation split (``cfg.eval_split``; its absence is an error), then train.
+    The selector and the model come first: they are cheap and reject unknown names and a bad budget
+    before any decoding; then the evaluation split (``cfg.eval_split``; its absence is an error), then train.
     """
-    from dds.selector import Selector, get_policy
-
+    device = device_for(d, resolve_device(cfg.device))
     info = ws.dataset_info(cfg.dataset)
     need_scores = get_policy(cfg.policy).needs_scores
     sample_info = load_sample_info(ws, cfg.dataset, cfg.encoder, need_scores=need_scores)
@@ -559,19 +587,58 @@ def _setup(ws: Workspace, cfg: TrainConfig, device: torch.device, data: tuple | 
         train = open_split(ws, cfg.dataset, "train", cache=cfg.cache, decode_workers=cfg.decode_workers)
     else:
         train, test = data
-    return sel, model, opt, train, test
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])  # moves the momentum buffers to the parameters' device
+        sel.load_state_dict(state_to_numpy(ckpt["selector"]))
+        torch.set_rng_state(ckpt["torch_rng"])
+    net = model
+    if d.enabled:  # gradients averaged over the ranks; the checkpoint keeps the bare model's state
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return _Trainee(sel=sel, model=model, net=net, opt=opt, train=train, test=test, device=device, dist=d)
+
+
+def _evaluate_after(run: _Trainee, cfg: TrainConfig, epoch: int, m: int) -> float | None:
+    """Accuracy on the evaluation split after ``epoch`` (``m`` samples trained), or None when no evaluation is
+    due: every ``eval_every`` epochs and after the last; an empty epoch (``budgeted`` after its budget) only
+    if it is the last."""
+    if epoch + 1 != cfg.epochs and not (m and (epoch + 1) % cfg.eval_every == 0):
+        return None
+    sync_buffers(run.dist, run.model)  # then the bare model, the same on every rank, is evaluated
+    return evaluate(run.model, run.test, device=run.device, batch_size=cfg.eval_batch_size, amp=cfg.amp,
+                    channels_last=cfg.channels_last, dist_=run.dist)
+
+
+def _count_epoch(state: RunState, sel: Selector, epoch: int, m_plan: int, losses: np.ndarray,
+                 test_acc: float | None, times: dict[str, Any], *, cfg: TrainConfig, world: int) -> dict[str, Any]:
+    """Add an epoch of ``m_plan`` planned samples to ``state``; returns its row of the ``epochs`` table
+    (without ``selected``). ``times``: the epoch's timers and its first and last LR."""
+    m = part_size(m_plan, world) * world  # trained: the plan plus the ranks' padding (< world)
+    steps = epoch_steps(m_plan, cfg.batch_size, world)
+    state.sample_steps += m
+    state.steps += steps
+    row = {"sample_steps": m, "train_loss": float(losses.mean()) if m else float("nan"), "test_acc": test_acc,
+           **times, "steps": steps, "total_steps": state.total_steps, "samples_done": state.sample_steps,
+           "budget_spent": budget_columns(sel)["budget_spent"]}
+    for t in TIMERS:
+        state.timers[t] += row[t]
+    state.epochs_done = epoch + 1
+    if test_acc is not None:
+        state.test_acc = test_acc
+    return row
 
 
 class _Writer:
     """Where a run's files go; in a distributed job only rank 0 writes (the others' calls do nothing)."""
 
-    def __init__(self, ws: Workspace, cfg: TrainConfig, state: RunState, *, main: bool) -> None:
-        self.ws, self.cfg, self.state, self.main = ws, cfg, state, main
+    def __init__(self, ws: Workspace, cfg: TrainConfig, sel: Selector, state: RunState, *, main: bool) -> None:
+        self.ws, self.cfg, self.sel, self.state, self.main = ws, cfg, sel, state, main
+        self.card: dict[str, Any] | None = None
 
     def run(self, status: str) -> None:
         """The run's row in ``runs``."""
         if self.main:
-            _write_run(self.ws, self.cfg, self.state, status)
+            _write_run(self.ws, self.cfg, self.sel, self.state, status)
             catalog.refresh(self.ws)
 
     def mark(self, status: str, reason: str) -> None:
@@ -582,6 +649,24 @@ class _Writer:
             self.run(status)
         except Exception as e:
             log.error("could not record run %s as %s (%s): %s", self.state.run_id, status, reason, e)
+
+    def epoch(self, epoch: int, plan: EpochPlan, losses: np.ndarray, row: dict[str, Any], run: _Trainee) -> None:
+        """An epoch's row in ``epochs``, its per-sample ``history``, the checkpoint and the run's row."""
+        if self.main:  # history and checkpoint are built only where they are written
+            train, state = run.train, self.state
+            used = train.labels[plan.indices] if plan.labels is None else plan.labels
+            hist = history_columns(train.n, plan.indices, plan.weights, plan.aug, losses, used, self.sel.status())
+            _write_epoch(self.ws, state.run_id, epoch, {"selected": int(np.count_nonzero(hist["selected"])), **row},
+                         train.keys, hist)
+            if self.card is None:  # what load_trained needs
+                self.card = {"classes": list(self.ws.dataset_info(self.cfg.dataset)["classes"]),
+                             "channels": train.channels, "image_size": train.image_size, "mean": train.mean,
+                             "std": train.std}
+            save_checkpoint(self.ws.run_dir(state.run_id), _checkpoint_bytes(
+                config=resolved_config(self.cfg, self.sel), card=self.card, epoch=epoch, model=run.model.state_dict(),
+                optimizer=run.opt.state_dict(), selector=self.sel.state_dict(), torch_rng=torch.get_rng_state(),
+                state=dataclasses.asdict(state)))
+        self.run("running")
 
 
 def epoch_line(policy: str, epoch: int, epochs: int, row: dict[str, Any]) -> str:
@@ -597,73 +682,7 @@ def epoch_line(policy: str, epoch: int, epochs: int, row: dict[str, Any]) -> str
             f"{rate:.0f} img/s, {row['wall_s']:.1f} s")
 
 
-def _planned_steps(sel, epoch: int, m: int, cfg: TrainConfig, world: int) -> int:
+def _planned_steps(sel: Selector, epoch: int, m: int, cfg: TrainConfig, world: int) -> int:
     """Steps of ``epoch`` (``m`` planned samples) plus the steps the selector expects after it."""
     later = sel.epoch_sizes()[epoch + 1:]
     return epoch_steps(m, cfg.batch_size, world) + sum(epoch_steps(int(s), cfg.batch_size, world) for s in later)
-
-
-def _epochs(out: _Writer, sel, model, net, opt, train, test, device, d: Dist, *, start_epoch: int,
-            stop_after: int | None, progress: bool) -> str:
-    """The epoch loop of :func:`run_train`; updates ``out.state`` in place and returns the final status.
-
-    ``net`` is ``model`` or its DistributedDataParallel wrapper (trained through; ``model`` is saved).
-    An epoch the selector leaves empty (``budgeted`` after its budget) trains nothing and is evaluated
-    only if it is the last one.
-    """
-    cfg, state = out.cfg, out.state
-    augmenter = Augmenter(train.image_size, train.channels)
-    card = {"classes": list(out.ws.dataset_info(cfg.dataset)["classes"]), "channels": train.channels,
-            "image_size": train.image_size, "mean": train.mean, "std": train.std}  # what load_trained needs
-    for epoch in range(start_epoch, cfg.epochs):
-        t_start = time.perf_counter()
-        plan = sel.plan(epoch)
-        check_same(d, plan, device)
-        m_plan = len(plan.indices)
-        state.total_steps = state.steps + _planned_steps(sel, epoch, m_plan, cfg, d.world)
-        select_s = time.perf_counter() - t_start
-        losses, timing = _train_epoch(net, opt, train, plan, cfg=cfg, device=device, augmenter=augmenter,
-                                      steps_done=state.steps, total_steps=state.total_steps,
-                                      progress=progress, dist_=d)
-        t0 = time.perf_counter()
-        losses_np = gather_part(d, losses, m_plan).cpu().numpy()  # one device -> host copy per epoch
-        sel.observe(plan.indices, losses_np, plan.aug)
-        select_s += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        test_acc = None
-        last = epoch + 1 == cfg.epochs
-        if last or (m_plan and (epoch + 1) % cfg.eval_every == 0):
-            sync_buffers(d, model)  # then the bare model, the same on every rank, is evaluated
-            test_acc = evaluate(model, test, device=device, batch_size=cfg.eval_batch_size, amp=cfg.amp,
-                                channels_last=cfg.channels_last, dist_=d)
-        eval_s = time.perf_counter() - t0
-        m = part_size(m_plan, d.world) * d.world  # trained: the plan plus the ranks' padding (< world)
-        steps = epoch_steps(m_plan, cfg.batch_size, d.world)
-        if state.follows_budget and state.sample_steps + m > state.total_sample_steps >= state.sample_steps:
-            log.warning("policy %s planned more than its budget of %d sample-steps", cfg.policy,
-                        state.total_sample_steps)
-        state.sample_steps += m
-        state.steps += steps
-        state.budget_spent = state.sample_steps / (cfg.epochs * train.n)
-        row = {"sample_steps": m, "train_loss": float(losses_np.mean()) if m else float("nan"), "test_acc": test_acc,
-               "wall_s": time.perf_counter() - t_start, **timing, "select_s": select_s, "eval_s": eval_s,
-               "steps": steps, "total_steps": state.total_steps,
-               "samples_done": state.sample_steps, "budget_spent": state.budget_spent}
-        for t in TIMERS:
-            state.timers[t] += row[t]
-        state.epochs_done = epoch + 1
-        if test_acc is not None:
-            state.test_acc = test_acc
-        if out.main:  # history and checkpoint are built only where they are written
-            used = train.labels[plan.indices] if plan.labels is None else plan.labels
-            hist = history_columns(train.n, plan.indices, plan.weights, plan.aug, losses_np, used, sel.status())
-            _write_epoch(out.ws, state.run_id, epoch, {"selected": int(np.count_nonzero(hist["selected"])), **row},
-                         train.keys, hist)
-            save_checkpoint(out.ws.run_dir(state.run_id), _checkpoint_bytes(
-                config=cfg.to_json(), card=card, epoch=epoch, model=model.state_dict(), optimizer=opt.state_dict(),
-                selector=sel.state_dict(), torch_rng=torch.get_rng_state(), state=dataclasses.asdict(state)))
-        out.run("running")
-        log.info("%s", epoch_line(cfg.policy, epoch, cfg.epochs, row))
-        if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.epochs:
-            return "stopped"
-    return "done"

@@ -1,23 +1,11 @@
 """``dds report``: PNG figures of one or more runs (or benches) and one self-contained HTML page.
 
-The page has three parts (matplotlib, Agg backend; each figure also written as a PNG next to ``index.html``):
-
-* **Comparison**, every run: ``budget.png`` (for a ``dds bench`` id: final accuracy against the
-  budget spent per bench entry, ``full`` as a band) and ``curves.png`` (test accuracy and train loss
-  per epoch, against the epoch, the budget spent and the wall-clock).
-* **One section per policy** (bench entry), from its first run: ``POLICY-joint.png`` (density vs
-  consistency by region, and the samples selected in one epoch, base and strong augmentation
-  apart), ``POLICY-class_rates.png`` (per class and epoch, the share selected and strongly
-  augmented) and, where the selector kept a label verdict, ``POLICY-suspects.png``. A policy that
-  trains on every sample every epoch (``full``) gets a note instead.
-* **The dataset** of the ``dds`` run (else the first run): ``examples.png`` (the samples that stand
-  for each region) and the label-issue gallery: the most likely mislabelled train samples
-  (thumbnail, given -> suggested class, posterior of the given label, source), also written as
-  ``label_issues.csv``.
-
-Each policy keeps one colour in every figure (:func:`policy_colors`). Epochs are 0-based, as in the
-``epochs`` and ``history`` tables. ``index.html`` embeds every image as a base64 data URI, so the
-page alone opens offline anywhere.
+The page (matplotlib, Agg backend) has a comparison of every run (``curves.png``; ``budget.png``
+for a bench), one section per policy with its first run's selection figures, and the dataset of
+the ``dds`` run (else the first run): region examples and the label-issue gallery, also written as
+``label_issues.csv``. Each policy keeps one colour in every figure (:func:`policy_colors`); epochs
+are 0-based, as in the tables; ``index.html`` embeds every image as a data URI so it opens offline.
+Figure by figure: docs/report.md.
 """
 from __future__ import annotations
 
@@ -39,17 +27,19 @@ from PIL import Image
 from dds.errors import DdsError
 from dds.pipeline.audit import load_audit_inputs, suspicion
 from dds.shards import read_images
-from dds.tables import check_run_data, load_epochs, load_history, load_run, load_scores, load_train_samples
+from dds.tables import (AUGMENT, KEEP, NOISY, REDUNDANT, REGIONS, RELABEL, STATUSES, SUPPRESS, check_run_data, load_epochs,
+                        load_history, load_run, load_scores, load_train_samples)
 from dds.workspace import Workspace, atomic_write_bytes, slug
 
 log = logging.getLogger(__name__)
 
-REGION_COLORS = {"augment": "tab:orange", "keep": "tab:green", "redundant": "tab:blue", "noisy": "tab:red"}
+REGION_COLORS = {REGIONS[AUGMENT]: "tab:orange", REGIONS[KEEP]: "tab:green", REGIONS[REDUNDANT]: "tab:blue",
+                 REGIONS[NOISY]: "tab:red"}
 #: region -> (column, descending, what the grid shows)
-EXAMPLE_RANKING = {"augment": ("joint", True, "highest joint (sparse and consistent)"),
-                   "keep": ("prob_label", True, "most typical (highest prob_label)"),
-                   "redundant": ("density", True, "most redundant (densest)"),
-                   "noisy": ("prob_label", False, "most suspicious labels (lowest prob_label)")}
+EXAMPLE_RANKING = {REGIONS[AUGMENT]: ("joint", True, "highest joint (sparse and consistent)"),
+                   REGIONS[KEEP]: ("prob_label", True, "most typical (highest prob_label)"),
+                   REGIONS[REDUNDANT]: ("density", True, "most redundant (densest)"),
+                   REGIONS[NOISY]: ("prob_label", False, "most suspicious labels (lowest prob_label)")}
 #: the built-in policies keep these colours in every figure of every report
 POLICY_COLORS = {"full": "black", "budgeted": "tab:gray", "random": "tab:blue", "infobatch": "tab:green",
                  "ucb": "tab:purple", "dds": "tab:red"}
@@ -115,7 +105,7 @@ def suspects_by_epoch(epoch: np.ndarray, status: np.ndarray, flipped: np.ndarray
         (relabelled samples whose corrected label is the true one); NaN where undefined.
     """
     ep = np.asarray(epoch, np.int64)
-    relabel, suppress = status == "relabel", status == "suppress"
+    relabel, suppress = status == STATUSES[RELABEL], status == STATUSES[SUPPRESS]
     out = {"relabel": np.bincount(ep, weights=relabel, minlength=num_epochs).astype(np.int64),
            "suppress": np.bincount(ep, weights=suppress, minlength=num_epochs).astype(np.int64)}
     if flipped is None:

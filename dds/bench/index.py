@@ -19,6 +19,7 @@ import numpy as np
 
 from dds._validate import check_positive_int
 from dds.errors import DdsError
+from dds.tables import NOISY, REGIONS
 
 CLUSTERS_PER_CLASS = 3  # gaussian clusters per class
 RANK = 16  # the clusters vary along a shared RANK-dim subspace (real embeddings have a low intrinsic dimension) ...
@@ -137,7 +138,7 @@ def bench_index(n: int, dim: int, classes: int, *, k: int = 10, seed: int = 0, u
     rows = np.sort(np.random.default_rng(seed + 1).choice(n, min(n, queries), replace=False))
     _, exact = exact_knn_rows(data["img"], rows, k, device=device)
     seconds["exact_reference"] = round(time.perf_counter() - t, 3)
-    flagged = res["cols"]["region"] == "noisy"
+    flagged = res["cols"]["region"] == REGIONS[NOISY]
     flipped = data["flipped"]
     return {"n": n, "dim": dim, "classes": classes, "k": k, "knn_backend": f"{res['knn_backend']} ({device})",
             "adapters": "on (cross-fitted)" if use_adapters else "off (zero-shot)",

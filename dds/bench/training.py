@@ -1,4 +1,5 @@
-"""``dds bench``: every policy x budget x seed in one process on the same decoded data.
+"""``dds bench``: every policy x budget x seed in one process on the same decoded data; ``bench-table``
+and ``bench-train``.
 
 A bench entry is a policy name with optional options, ``NAME[:KEY=VALUE[:KEY=VALUE...]]`` (e.g.
 ``infobatch:prune_ratio=0.8``), so one policy can appear with several settings. Entries whose spend
@@ -7,9 +8,14 @@ and spend what they spend. ``full`` is the reference: wall-clock ratios are rela
 without it) and each entry's *lossless budget* is the smallest spend whose mean accuracy is at
 least full's mean minus 0.1 points.
 
+Wall-clock ratios survive a machine that slows down over a long bench: the runs go seed by seed,
+each seed's round rotated (:func:`run_order`), and every run is compared with the ``full`` run
+nearest to it in the run order (:func:`nearest_runs`); an entry's ratio is the mean over its seeds,
+printed with their min-max.
+
 Rows go to ``bench/{bench_id}.parquet`` (catalog view ``bench``) and, with ``results=FILE``, one
-JSON line per run is appended to FILE (command, git commit, entry, budget, seed, spend, accuracy,
-seconds), the form in which benchmark results are committed to the repository.
+JSON line per run is appended to FILE (command, git commit, entry, budget, seed, order, spend,
+accuracy, seconds), the form in which benchmark results are committed to the repository.
 """
 from __future__ import annotations
 
@@ -23,15 +29,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 
 from dds import catalog
-from dds._validate import check_fraction, check_positive_int
+from dds._validate import check_positive_int
 from dds.distributed import from_env
 from dds.errors import DdsError
+from dds.options import parse_entry
 from dds.train.config import TrainConfig
 from dds.device import cpu_has_amx, resolve_device, uses_bf16
 from dds.train.data import open_split
@@ -43,26 +50,8 @@ log = logging.getLogger(__name__)
 LOSSLESS_TOL = 0.001  # lossless = mean accuracy >= full's mean - 0.1 points
 
 # what run_bench returns per row (the bench parquet adds bench_id, dataset, seeds, model, eval_split, train_s, eval_s)
-ROW_KEYS = ("policy", "budget", "acc_mean", "acc_std", "accs", "budget_spent", "wall_ratio", "wall_ratio_eval",
-            "select_s", "lossless_budget", "run_ids")
-
-
-def parse_entry(entry: str) -> tuple[str, dict[str, Any]]:
-    """``"infobatch:prune_ratio=0.8"`` -> ``("infobatch", {"prune_ratio": 0.8})``; values parsed as JSON
-    where they parse (numbers, booleans), else kept as strings."""
-    name, *pairs = entry.strip().split(":")
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or not key:
-            raise DdsError(f"bench entry '{entry}': options are written NAME:KEY=VALUE, got '{pair}'")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    if not name:
-        raise DdsError(f"bench entry '{entry}' has no policy name")
-    return name, options
+ROW_KEYS = ("policy", "budget", "acc_mean", "acc_std", "accs", "budget_spent", "wall_ratio", "wall_ratio_min",
+            "wall_ratio_max", "wall_ratio_eval", "select_s", "lossless_budget", "run_ids", "orders")
 
 
 def lossless_budget(points: list[tuple[float, float]], full_mean: float, tol: float = LOSSLESS_TOL) -> float | None:
@@ -99,15 +88,17 @@ def run_bench(ws: Workspace, name: str, *, policies: list[str], budgets: list[fl
     Returns:
         One dict per (entry, budget), entries in the given order, budgets ascending: policy (the
         entry), budget (None for entries that do not follow it), acc_mean, acc_std (ddof 0), accs
-        (per seed), budget_spent (mean), wall_ratio (data+compute+select seconds / full's),
+        (per seed), budget_spent (mean), wall_ratio (data+compute+select seconds / those of the
+        nearest ``full`` run, mean over seeds), wall_ratio_min and wall_ratio_max (their spread),
         wall_ratio_eval (the same with evaluation), select_s, lossless_budget (per entry, the same
-        on each of its rows; None when no budget is lossless or there is no ``full``), run_ids.
+        on each of its rows; None when no budget is lossless or there is no ``full``), run_ids and
+        orders (per seed: the run's 0-based place in the bench's run order, :func:`run_order`).
 
     Raises:
         DdsError: empty or duplicate entries, bad budgets/epochs/seeds, or any error of run_train.
     """
     from dds.selector import get_policy
-    from dds.selector._base import make_config
+    from dds.selector._base import check_budget, make_config
 
     if not policies:
         raise DdsError("no policies given; try --policies full,budgeted,random,infobatch,dds")
@@ -116,7 +107,7 @@ def run_bench(ws: Workspace, name: str, *, policies: list[str], budgets: list[fl
     if not budgets:
         raise DdsError("no budgets given; try --budgets 0.5")
     for b in budgets:
-        check_fraction("budget", b)
+        check_budget(b)
     check_positive_int("epochs", epochs)
     check_positive_int("seeds", seeds)
     if from_env().enabled:
@@ -132,7 +123,7 @@ def run_bench(ws: Workspace, name: str, *, policies: list[str], budgets: list[fl
     for entry, (policy, opts) in parsed.items():
         options = {**shared.get(policy, {}), **opts}
         cls = get_policy(policy)  # unknown names fail here, before any decoding
-        follows = cls.spends_budget(make_config(policy, cls.Config, options))
+        follows = cls.follows_budget(make_config(policy, cls.Config, options))
         for b in (sorted(set(budgets)) if follows else [None]):
             cfgs = [TrainConfig.from_dict({**base, "dataset": name, "policy": policy, "budget": 1.0 if b is None else b,
                                            "epochs": epochs, "model": model, "seed": seed0 + s,
@@ -145,20 +136,22 @@ def run_bench(ws: Workspace, name: str, *, policies: list[str], budgets: list[fl
     bench_id = f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
     commit = _git_commit()
     command = command or " ".join(["dds", *sys.argv[1:]])
-    runs: list[tuple[str, float | None, list[dict[str, Any]]]] = []
-    for entry, b, cfgs in plan:
-        out = []
-        for cfg in cfgs:
-            r = run_train(ws, cfg, progress=progress, data=data)
-            out.append(r)
-            if results is not None:
-                _append_jsonl(results, {"bench_id": bench_id, "command": command, "commit": commit, "dataset": name,
-                                        "policy": entry, "budget": b, "epochs": epochs, "seed": cfg.seed,
-                                        "model": model, "eval_split": cfg.eval_split, "budget_spent": r["budget_spent"],
-                                        "acc": r["test_acc"], "train_s": r["train_s"], "eval_s": r["eval_s"],
-                                        "wall_s": r["wall_s"], "select_s": r["select_s"], "steps": r["steps"],
-                                        "bf16": uses_bf16(resolve_device(cfg.device), cfg.amp), "run_id": r["run_id"]})
-        runs.append((entry, b, out))
+    done: list[list[dict[str, Any]]] = [[{} for _ in cfgs] for _, _, cfgs in plan]
+    for order, (g, s) in enumerate(run_order(len(plan), seeds)):
+        entry, b, cfgs = plan[g]
+        cfg = cfgs[s]
+        log.info("bench run %d of %d: %s%s, seed %d", order + 1, len(plan) * seeds, entry,
+                 "" if b is None else f" at budget {b:g}", cfg.seed)
+        r = run_train(ws, cfg, progress=progress, data=data)
+        done[g][s] = {**r, "order": order}
+        if results is not None:
+            _append_jsonl(results, {"bench_id": bench_id, "command": command, "commit": commit, "dataset": name,
+                                    "policy": entry, "budget": b, "epochs": epochs, "seed": cfg.seed, "order": order,
+                                    "model": model, "eval_split": cfg.eval_split, "budget_spent": r["budget_spent"],
+                                    "acc": r["test_acc"], "train_s": r["train_s"], "eval_s": r["eval_s"],
+                                    "wall_s": r["wall_s"], "select_s": r["select_s"], "steps": r["steps"],
+                                    "bf16": uses_bf16(resolve_device(cfg.device), cfg.amp), "run_id": r["run_id"]})
+    runs = [(entry, b, out) for (entry, b, _), out in zip(plan, done)]
     rows = summarise(runs)
     extra = {"bench_id": bench_id, "dataset": name, "seeds": int(seeds), "model": model, "eval_split": first.eval_split}
     table = pa.Table.from_pylist([{**extra, **row} for row in rows], schema=_bench_schema(rows[0]))
@@ -171,46 +164,85 @@ def run_bench(ws: Workspace, name: str, *, policies: list[str], budgets: list[fl
 def _bench_schema(row: dict[str, Any]) -> pa.Schema:
     types = {"bench_id": pa.string(), "dataset": pa.string(), "seeds": pa.int32(), "model": pa.string(),
              "eval_split": pa.string(), "policy": pa.string(), "budget": pa.float64(), "accs": pa.list_(pa.float64()),
-             "lossless_budget": pa.float64(), "run_ids": pa.list_(pa.string())}
+             "lossless_budget": pa.float64(), "run_ids": pa.list_(pa.string()), "orders": pa.list_(pa.int32())}
     names = ["bench_id", "dataset", "seeds", "model", "eval_split", *row]
     return pa.schema([(k, types.get(k, pa.float64())) for k in dict.fromkeys(names)])
+
+
+def run_order(groups: int, seeds: int) -> list[tuple[int, int]]:
+    """``(group, seed)`` index pairs in the order a bench runs them: seed by seed, each seed's round of
+    groups starting ``seed * groups // seeds`` groups further on.
+
+    Rotating the rounds costs no extra run (timing ``full`` again at the end would cost the longest
+    one) and puts every entry early in some rounds and late in others, so a machine that slows down
+    over the bench does not favour the entries that happen to run first.
+    """
+    return [((s * groups // seeds + i) % groups, s) for s in range(seeds) for i in range(groups)]
+
+
+def nearest_runs(order: int, refs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs of ``refs`` (each with an ``order``) nearest to position ``order`` in the run order:
+    one, or the two on either side at the same distance."""
+    gap = min(abs(r["order"] - order) for r in refs)
+    return [r for r in refs if abs(r["order"] - order) == gap]
+
+
+def _ratio(run: dict[str, Any], refs: list[dict[str, Any]], seconds: Callable[[dict[str, Any]], float]) -> float:
+    """``seconds(run)`` over the mean ``seconds`` of the reference runs nearest to it (NaN without any)."""
+    if not refs:
+        return math.nan
+    ref = float(np.mean([seconds(r) for r in nearest_runs(run["order"], refs)]))
+    return seconds(run) / ref if ref > 0 else math.nan
+
+
+def _train_s(r: dict[str, Any]) -> float:
+    return r["data_s"] + r["compute_s"] + r["select_s"]
 
 
 def summarise(runs: list[tuple[str, float | None, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
     """Per-(entry, budget) summary of run_train results (pure); ratios and lossless budgets are
     relative to the entry named ``full``.
 
+    Each run's wall ratio is taken against the ``full`` run(s) nearest to it in the run order
+    (:func:`nearest_runs`); an entry's ``wall_ratio`` is the mean over its runs, ``wall_ratio_min``
+    and ``wall_ratio_max`` their spread.
+
     Args:
         runs: ``(entry, budget or None, run_train results)`` per group; results carry test_acc,
-            budget_spent, data_s, compute_s, select_s, eval_s, run_id.
+            budget_spent, data_s, compute_s, select_s, eval_s, run_id and order (position in the run order).
     """
+    full = [r for entry, _, results in runs if entry == "full" for r in results]
+    if not full:
+        log.warning("no 'full' policy in this bench: wall ratios and lossless budgets are not computed")
     rows = []
     for entry, b, results in runs:
         accs = [float(r["test_acc"]) for r in results]
+        ratios = [_ratio(r, full, _train_s) for r in results]
         rows.append({"policy": entry, "budget": b, "acc_mean": float(np.mean(accs)), "acc_std": float(np.std(accs)),
                      "accs": accs, "budget_spent": float(np.mean([r["budget_spent"] for r in results])),
-                     "train_s": float(np.mean([r["data_s"] + r["compute_s"] + r["select_s"] for r in results])),
+                     "train_s": float(np.mean([_train_s(r) for r in results])),
                      "eval_s": float(np.mean([r["eval_s"] for r in results])),
                      "select_s": float(np.mean([r["select_s"] for r in results])),
-                     "run_ids": [r["run_id"] for r in results]})
-    ref = next((r for r in rows if r["policy"] == "full"), None)
-    if ref is None:
-        log.warning("no 'full' policy in this bench: wall ratios and lossless budgets are not computed")
+                     "wall_ratio": float(np.mean(ratios)), "wall_ratio_min": float(np.min(ratios)),
+                     "wall_ratio_max": float(np.max(ratios)),
+                     "wall_ratio_eval": float(np.mean([_ratio(r, full, lambda x: _train_s(x) + x["eval_s"])
+                                                       for r in results])),
+                     "run_ids": [r["run_id"] for r in results], "orders": [int(r["order"]) for r in results]})
+    full_mean = float(np.mean([r["test_acc"] for r in full])) if full else None
     for row in rows:
-        row["wall_ratio"] = row["train_s"] / ref["train_s"] if ref and ref["train_s"] > 0 else math.nan
-        both = ref["train_s"] + ref["eval_s"] if ref else 0.0
-        row["wall_ratio_eval"] = (row["train_s"] + row["eval_s"]) / both if both > 0 else math.nan
         points = [(r["budget_spent"], r["acc_mean"]) for r in rows if r["policy"] == row["policy"]]
-        row["lossless_budget"] = lossless_budget(points, ref["acc_mean"]) if ref else None
+        row["lossless_budget"] = lossless_budget(points, full_mean) if full else None
     return rows
 
 
 def format_bench_table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table of bench rows (accuracy in %, mean ± std; ratios to full; lossless budget per entry)."""
+    """A plain-text table of bench rows (accuracy in %, mean ± std; ratios to full with their min-max over
+    seeds; lossless budget per entry; each seed's place in the run order)."""
     top = {}
     for r in rows:
         top[r["policy"]] = max(top.get(r["policy"], 0.0), r["budget_spent"])
-    header = ("policy", "budget", "accuracy %", "spent", "wall/full", "wall+eval/full", "select s", "lossless at")
+    header = ("policy", "budget", "accuracy %", "spent", "wall/full", "min-max", "wall+eval/full", "select s",
+              "lossless at", "run order")
 
     def lossless(r: dict[str, Any]) -> str:
         if r["policy"] == "full":
@@ -219,7 +251,8 @@ def format_bench_table(rows: list[dict[str, Any]]) -> str:
 
     lines = [(r["policy"], "-" if r["budget"] is None else f"{r['budget']:g}",
               f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f}", f"{r['budget_spent']:.3f}",
-              f"{r['wall_ratio']:.3f}", f"{r['wall_ratio_eval']:.3f}", f"{r['select_s']:.2f}", lossless(r))
+              f"{r['wall_ratio']:.3f}", f"{r['wall_ratio_min']:.3f}-{r['wall_ratio_max']:.3f}",
+              f"{r['wall_ratio_eval']:.3f}", f"{r['select_s']:.2f}", lossless(r), ",".join(map(str, r["orders"])))
              for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
@@ -231,8 +264,9 @@ def table_from_results(lines: list[dict[str, Any]]) -> str:
     entry x budget, so the README's tables can be regenerated from the files.
 
     Rows of the same (dataset, epochs, eval_split) are one comparison: wall ratios are taken within
-    each bench against its own ``full`` runs (side by side in one process) and averaged over benches;
-    the lossless budget compares with the mean of every ``full`` run of the comparison.
+    each bench against its own ``full`` runs (side by side in one process), the nearest in the run
+    order for rows that record it (``order``; older rows: the mean of the bench's ``full`` runs), and
+    averaged; the lossless budget compares with the mean of every ``full`` run of the comparison.
     """
     groups: dict[tuple, dict[tuple, list[dict[str, Any]]]] = {}
     for x in lines:
@@ -243,9 +277,9 @@ def table_from_results(lines: list[dict[str, Any]]) -> str:
     for (dataset, epochs, split), entries in groups.items():
         full = entries.get(("full", None), [])
         full_mean = float(np.mean([x["acc"] for x in full])) if full else None
-        full_train = {}
+        full_runs: dict[str, list[dict[str, Any]]] = {}
         for x in full:
-            full_train.setdefault(x["bench_id"], []).append(x["train_s"])
+            full_runs.setdefault(x["bench_id"], []).append(x)
         points: dict[str, list[tuple[float, float]]] = {}
         for (policy, b), xs in entries.items():
             points.setdefault(policy, []).append((float(np.mean([x["budget_spent"] for x in xs])),
@@ -253,7 +287,7 @@ def table_from_results(lines: list[dict[str, Any]]) -> str:
         for (policy, b), xs in entries.items():
             xs = sorted(xs, key=lambda x: x["seed"])
             accs = [100 * x["acc"] for x in xs]
-            ratios = [x["train_s"] / np.mean(full_train[x["bench_id"]]) for x in xs if x["bench_id"] in full_train]
+            ratios = [_result_ratio(x, full_runs[x["bench_id"]]) for x in xs if x["bench_id"] in full_runs]
             lossless = "-"
             if full_mean is not None and policy != "full":
                 lb = lossless_budget(points[policy], full_mean)
@@ -263,6 +297,14 @@ def table_from_results(lines: list[dict[str, Any]]) -> str:
                        f"{np.mean(accs):.2f} ± {np.std(accs):.2f} | {np.mean([x['budget_spent'] for x in xs]):.3f} | "
                        f"{f'{np.mean(ratios):.3f}' if ratios else 'n/a'} | {lossless} |")
     return "\n".join(out)
+
+
+def _result_ratio(row: dict[str, Any], full: list[dict[str, Any]]) -> float:
+    """A results row's train seconds over its bench's ``full`` runs': the nearest in the run order when
+    the rows record it, else their mean."""
+    if "order" in row and all("order" in f for f in full):
+        return _ratio(row, full, lambda x: x["train_s"])
+    return row["train_s"] / float(np.mean([f["train_s"] for f in full]))
 
 
 def read_results(paths: list[Path]) -> list[dict[str, Any]]:
@@ -335,7 +377,7 @@ def bench_train(ws: Workspace, name: str, *, model: str = "resnet20", batch_size
       False), bf16 autocast; as many steps as the loop takes (at least 3). The CPU bf16 variants are
       measured once whatever ``repeats``; on a CPU without AMX, where they run several times slower
       and the trainer does not use them, with a quarter of the steps (at least 3);
-    * loop: :func:`dds.train.loop._train_epoch` on a plan of ``samples`` train samples (base
+    * loop: :func:`dds.train.loop.train_epoch` on a plan of ``samples`` train samples (base
       augmentation) with the trainer's own settings, once with batches built in the training
       thread (prefetch 0) and once with ``prefetch`` batches built ahead in a background thread, both
       on the split cached in RAM; with ``cache=False`` a third time, prefetching, streamed from the
@@ -357,7 +399,7 @@ def bench_train(ws: Workspace, name: str, *, model: str = "resnet20", batch_size
     from dds.device import resolve_device
     from dds.selector._base import make_plan
     from dds.train.augment import Augmenter, channel_stats, normalize
-    from dds.train.loop import _memory_format, _train_epoch
+    from dds.train.loop import _memory_format, train_epoch
     from dds.train.models import create_model
 
     check_positive_int("samples", samples)
@@ -413,8 +455,8 @@ def bench_train(ws: Workspace, name: str, *, model: str = "resnet20", batch_size
 
     def loop(key: tuple[int, str], epoch_plan=plan) -> tuple[float, float]:
         net, opt = new_model(cfg.channels_last)
-        _, t = _train_epoch(net, opt, splits[key[1]], epoch_plan, cfg=cfgs[key], device=dev, augmenter=augmenter,
-                            steps_done=0, total_steps=10 ** 9, progress=False)
+        _, t = train_epoch(net, opt, splits[key[1]], epoch_plan, cfg=cfgs[key], device=dev, augmenter=augmenter,
+                           steps_done=0, total_steps=10 ** 9, progress=False)
         spent = t["data_s"] + t["compute_s"]
         return len(epoch_plan.indices) / spent, t["data_s"] / spent
 
