@@ -239,6 +239,8 @@ def test_report_pure_cores():
     assert list(picks) == ["keep", "redundant", "noisy"]
     assert picks["noisy"].tolist() == [2, 0]  # most suspicious (lowest prob_label) first
     assert default_epoch(np.array([64, 32, 32])) == 1
+    assert default_epoch(np.array([64, 64, 0, 0])) == 0   # budgeted's empty epochs would show no selection
+    assert default_epoch(np.array([0, 0])) == 0
 
 
 # ---------------------------------------------------------------- audit

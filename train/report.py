@@ -144,8 +144,10 @@ def pick_examples(region: np.ndarray, values: dict[str, np.ndarray], per_region:
 
 
 def default_epoch(selected_per_epoch: np.ndarray) -> int:
-    """The most selective epoch (fewest samples selected; the earliest on ties)."""
-    return int(np.argmin(np.asarray(selected_per_epoch)))
+    """The most selective epoch that trained on anything (fewest samples selected, the earliest on ties):
+    ``budgeted`` ends with empty epochs, whose selection figure would show nothing."""
+    sel = np.asarray(selected_per_epoch, dtype=float)
+    return int(np.argmin(np.where(sel > 0, sel, np.inf))) if (sel > 0).any() else 0
 
 
 def policy_colors(entries: list[str]) -> dict[str, str]:
@@ -264,7 +266,7 @@ def fig_curves(curves: list[dict[str, Any]], colors: dict[str, str]):
         colors: entry -> colour (:func:`policy_colors`).
     """
     plt = _plt()
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), sharey="row")
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), sharex="col", sharey="row")  # one x range per column
     shown: set[str] = set()
     for c in curves:
         label = "_nolegend_" if c["entry"] in shown else c["entry"]   # one legend line per policy, seeds alike
