@@ -1,6 +1,6 @@
 """Read throughput of dds's tar reader against webdataset's, on the same shards. One JSON line.
 
-    python benchmarks/tar_read.py [--dir /tmp/dds-tar-read] [--samples 20000] [--shards 4] [--reps 3]
+    python benchmarks/tar_read.py [--dir DIR] [--samples 20000] [--shards 4] [--reps 3]
                                   [--out benchmarks/results/tar-read.jsonl]
 
 Needs webdataset (``pip install 'dds[test]'``). Writes ``--samples`` small grayscale PNG samples
@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,14 +67,14 @@ READERS = {"dds": read_dds, "wds": read_wds, "wds_pipeline": read_wds_pipeline}
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", type=Path, default=Path("/tmp/dds-tar-read"))
+    ap.add_argument("--dir", type=Path, default=None, help="where to write the shards [default: a new temporary folder]")
     ap.add_argument("--samples", type=int, default=20000)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None, help="append the JSON line to this file")
     args = ap.parse_args()
 
-    urls = write_shards(args.dir, args.samples, args.shards)
+    urls = write_shards(args.dir or Path(tempfile.mkdtemp(prefix="dds-tar-read-")), args.samples, args.shards)
     for read in READERS.values():  # warm the page cache and check every reader sees every sample
         if read(urls) != args.samples:
             sys.exit(f"{read.__name__} did not read {args.samples} samples")

@@ -90,6 +90,10 @@ def _connect(ws: Workspace):
         except DdsError as e:
             unreadable[name] = e
             continue
+        except (pa.ArrowException, OSError) as e:  # runs are read whole here: a damaged data page surfaces now
+            unreadable[name] = DdsError(f"table {name} is unreadable ({str(e).splitlines()[0]}); move the damaged "
+                                        f"file under {ws.root / 'runs'} away and re-run {_WRITERS[name]}")
+            continue
         con.register(f"_{name}_arrow", data)
         con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}_arrow")
     for key, value in LOCKED_DOWN.items():

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, NoReturn, Optional
 
 import typer
 
@@ -35,14 +35,25 @@ app = typer.Typer(
 )
 
 
+def _interrupted(message: str) -> NoReturn:
+    """Say what Ctrl-C left behind in one line and exit with status 130."""
+    global _INTERRUPT_TOLD
+    _INTERRUPT_TOLD = True
+    typer.echo(f"dds: interrupted; {message}", err=True)
+    sys.exit(130)
+
+
+#: whether a command already said what its interruption kept (else main() says the generic line)
+_INTERRUPT_TOLD = False
+
+
 @contextlib.contextmanager
 def _on_interrupt(kept: str) -> Iterator[None]:
     """Ctrl-C inside the block: one line saying what was kept and how to go on (``kept``), exit status 130."""
     try:
         yield
     except KeyboardInterrupt:
-        typer.echo(f"dds: interrupted; {kept}", err=True)
-        sys.exit(130)
+        _interrupted(kept)
 
 
 @app.command()
@@ -109,8 +120,9 @@ def embed(
     ws.dataset_info(name)
     _relaunch(nproc)
     with _on_interrupt(f"the shards embedded so far are kept; run dds embed {name} again to embed the rest"):
-        summary = run_embed(ws, name, encoder=encoder, batch_size=batch_size, splits=splits,
-                            num_workers=workers, device=device, progress=progress)
+        with ws.lock(name, shared=True, holder=f"dds embed {name}"):   # no dds shard swaps the tars under it
+            summary = run_embed(ws, name, encoder=encoder, batch_size=batch_size, splits=splits,
+                                num_workers=workers, device=device, progress=progress)
     _print_summary(f"dds embed {name}", summary)
 
 
@@ -273,15 +285,12 @@ def train(
             result = run_train(ws, cfg, progress=progress, announce=announce)
     except KeyboardInterrupt:
         if started:
-            typer.echo(f"dds: interrupted; run {started[0]} is kept at its last finished epoch; resume with: "
-                       f"dds train {name} --resume {started[0]}", err=True)
-        elif resume:
-            typer.echo(f"dds: interrupted; run {resume} is unchanged (training had not begun); resume with: "
-                       f"dds train {name} --resume {resume}", err=True)
-        else:
-            typer.echo("dds: interrupted; nothing was written (the run had not started); run the same command again",
-                       err=True)
-        sys.exit(130)
+            _interrupted(f"run {started[0]} is kept at its last finished epoch; resume with: "
+                         f"dds train {name} --resume {started[0]}")
+        if resume:
+            _interrupted(f"run {resume} is unchanged (training had not begun); resume with: "
+                         f"dds train {name} --resume {resume}")
+        _interrupted("nothing was written (the run had not started); run the same command again")
     _print_summary("dds train", result)
     if _rank() == 0:
         typer.echo(f"model weights: {ws.run_dir(result['run_id']) / 'checkpoint.pt'} "
@@ -330,7 +339,8 @@ def audit(
     ws = _ws(workspace)
     if out:
         ws.check_output(out, "--out")
-    result = run_audit(ws, name, encoder=encoder, use_cleanlab=cleanlab)
+    with ws.lock(name, shared=True, holder=f"dds audit {name}"):   # scores and samples of one generation
+        result = run_audit(ws, name, encoder=encoder, use_cleanlab=cleanlab)
     _print_audit(result, top)
     if out:
         import pyarrow as pa   # 0.4 s: only when the ranking is written
@@ -370,7 +380,12 @@ def export(
     """Export a static, class-balanced coreset of a run's dataset (noisy region excluded) with weights."""
     from dds.train.export import run_export
 
-    result = run_export(_ws(workspace), run_id, budget, out, weighting=weights, shards=shards, shard_size=shard_size)
+    from dds.tables import load_run
+
+    ws = _ws(workspace)
+    dataset = load_run(ws, ws.check_run_id(run_id))["dataset"]
+    with ws.lock(dataset, shared=True, holder=f"dds export {run_id}"):   # the run's data stays as it was checked
+        result = run_export(ws, run_id, budget, out, weighting=weights, shards=shards, shard_size=shard_size)
     _print_summary(f"dds export {run_id}", result)
 
 
@@ -385,6 +400,10 @@ class _LogFormat(logging.Formatter):
         return record.getMessage() if record.levelno == logging.INFO else super().format(record)
 
 
+_GENERIC_INTERRUPT = ("every file is written whole or not at all, so nothing half-written was left; run the same "
+                      "command again (dds train: --resume RUN_ID, see dds sql \"SELECT run_id, status FROM runs\")")
+
+
 def main() -> None:
     """Console entry point: DdsError becomes one line on stderr and exit status 2."""
     # under torchrun the ranks log the same warnings: rank 0 shows them, the others only errors
@@ -397,9 +416,11 @@ def main() -> None:
         typer.echo(f"dds: error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo("dds: interrupted; rerun the same command to resume (dds train: --resume RUN_ID, "
-                   "see dds sql \"SELECT run_id, status FROM runs\")", err=True)
-        sys.exit(130)
+        _interrupted(_GENERIC_INTERRUPT)
+    except SystemExit as e:  # typer turns a Ctrl-C outside the commands' own handlers into a silent exit 130
+        if e.code == 130 and not _INTERRUPT_TOLD:
+            _interrupted(_GENERIC_INTERRUPT)
+        raise
     except Exception as e:  # an unexpected failure: one line, the traceback only on request
         if os.environ.get("DDS_DEBUG"):
             raise

@@ -63,8 +63,13 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, b
                         yield key, members
                     key, members = k, {}
                 members[ext.lower()] = data
-            if tf.offset + 2 * tarfile.BLOCKSIZE > os.path.getsize(path):  # stream mode ends silently on a cut
-                raise tarfile.ReadError("no end-of-archive marker: the file is cut short")
+            # stream mode ends silently on a cut file or a damaged header: the end-of-archive blocks must follow
+            with open(path, "rb") as f:
+                f.seek(tf.offset)
+                tail = f.read(2 * tarfile.BLOCKSIZE)
+            if len(tail) < 2 * tarfile.BLOCKSIZE or tail.count(0) != len(tail):
+                raise tarfile.ReadError("no end-of-archive marker where the members end: the file is cut short "
+                                        "or a member header is damaged")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         where = f"after member {last}" if last else "at its start"
         raise DdsError(f"shard {path} is truncated or corrupt {where} ({e}); re-run `dds shard` for this "

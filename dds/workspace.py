@@ -30,7 +30,7 @@ from dds.errors import DdsError
 DEFAULT_WORKSPACE = "./dds-work"
 
 #: run ids as the trainer issues them: {dataset}-{policy}-{YYYYmmdd-HHMMSS}-{4 hex}
-RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*-[a-z0-9_]+-\d{8}-\d{6}-[0-9a-f]{4}")
+RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*-[A-Za-z0-9_]+-\d{8}-\d{6}-[0-9a-f]{4}")
 
 
 def slug(name: str) -> str:

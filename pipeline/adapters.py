@@ -1,4 +1,4 @@
-"""Dataset adapters on frozen image/text features, trained cross-fitted (paper-notes §2.2).
+"""Cross-fitted dataset adapters on frozen image and text features (after the authors' earlier CLIP-based selection).
 
 Each tower maps its frozen feature linearly into one shared space of ``S`` dimensions and adds a
 CLIP-Adapter style residual MLP there (``u = normalize(h + alpha * MLP(h))``, ``W2`` starting at

@@ -580,12 +580,16 @@ def _invalidate_derived(ds_dir: Path, changed: set[str], *, prompts_changed: boo
     """Delete embeddings / scores made from tars (or classes, prompt names, templates) that changed:
     later stages would otherwise reuse them."""
     removed = [p for stem in changed for p in ds_dir.glob(f"embed/*/shards/{stem}.parquet")]
-    if any(stem.startswith("train-") for stem in changed) or prompts_changed:
-        removed += [p for f in ("knn.parquet", "scores.parquet") for p in ds_dir.glob(f"index/*/{f}")]
+    if any(stem.startswith("train-") for stem in changed) or prompts_changed:  # the whole index: links and generations
+        removed += [p for d in ds_dir.glob("index/*") for p in d.iterdir()
+                    if p.name in (*generations.INDEX_LINKED, generations.CURRENT) or p.name.startswith("gen-")]
     if prompts_changed:
         removed += list(ds_dir.glob("embed/*/text.parquet"))
     for p in removed:
-        p.unlink()
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
     if removed:
         log.warning("removed %d embedding/index file(s) made from the previous shards; run dds embed / dds index again",
                     len(removed))

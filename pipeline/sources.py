@@ -272,6 +272,12 @@ def read_tars(pattern: str, split: str | None, manifest: Manifest | None) -> Sou
     if not paths:
         raise DdsError(f"no tar files match '{pattern}'; give tar:GLOB matching existing WebDataset shards")
     by_tar = [_tar_split_of(p) for p in paths]
+    named = [Path(p).name for p, b in zip(paths, by_tar) if b]
+    untagged = [Path(p).name for p, b in zip(paths, by_tar) if not b]
+    if named and untagged:  # folding them into one split would mix test (or val) images into train
+        raise DdsError(f"tar:{pattern} mixes tars named train-*/test-* ({named[0]}) with others ({untagged[0]}, "
+                       f"{len(untagged)} in all; a val-* tar is dds's own held-out split: carve one with --val N); "
+                       "give a glob that matches one kind, e.g. 'DIR/train-*.tar'")
     if all(by_tar):
         present = [s for s in SPLITS if s in by_tar]
         groups = {s: [p for p, b in zip(paths, by_tar) if b == s] for s in _pick_splits(present, split, f"tar:{pattern}")}

@@ -100,7 +100,7 @@ def read_csv(file: str, split: str | None) -> SourceData:
     """
     path = Path(file)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:   # -sig: a spreadsheet's byte-order mark is not a column name
             reader = csv.DictReader(f)
             rows = list(reader)
             columns = list(reader.fieldnames or [])
@@ -147,6 +147,8 @@ def _torchvision_split(cls: type, root: str, split: str) -> Any:
         return cls(root, **kw)
     except (RuntimeError, ValueError, OSError) as e:  # torchvision: "Dataset not found or corrupted ..."
         return f"{type(e).__name__}: {e}"
+    except TypeError as e:  # a dataset that needs arguments dds does not pass (DatasetFolder's loader, video clips)
+        return f"it needs arguments dds does not pass ({e}); dds reads classification datasets such as MNIST or CIFAR10"
 
 
 def _torchvision_labels(ds: Any) -> list[int]:

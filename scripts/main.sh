@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: Fashion-MNIST with the offline encoder pair (lite0-minilm).
 # shard -> embed -> index -> a summary of the scores table -> a short bench of `full` against the
-# reduced-cost policies at half the budget (`budgeted`, `random`, `dds`). 2.5 to 11 minutes on 2 CPU cores,
-# set-up included (README, "Two commands").
+# reduced-cost policies at half the budget (`budgeted`, `random`, `dds`). A few minutes on 2 CPU cores,
+# set-up included (the README's "Two commands" gives a measured time and the table to expect).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

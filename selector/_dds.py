@@ -44,7 +44,7 @@ AUG_BITS = AUG_LEVELS.bit_length()   # bits of a plan aug code
 @dataclass(frozen=True)
 class DdsConfig:
     """Options of ``dds``. The defaults are the best settings measured on ``val`` (docs/experiments.md,
-    "Tuning dds on val"); the paper's reconstruction (paper-notes section 3) is ``warmup_epochs=1 loss_weight=0.5
+    "Tuning dds on val"); the paper's reconstruction (docs/selector.md) is ``warmup_epochs=1 loss_weight=0.5
     prior_weight=1 unseen=mean sharpness=1 strong_aug=top_q class_balance=true loss_norm=minmax``.
     """
 

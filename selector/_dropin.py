@@ -118,7 +118,7 @@ class DropIn(Dataset):
         self._losses[self._done:self._done + b] = per_sample_loss.detach()   # on device: no sync per batch
         self._done += b
         loss = weighted_mean(per_sample_loss, self._plan.weights[pos])
-        if self._done == part:
+        if self._done == part and not self._observed:
             self._observe()
         return loss
 
@@ -132,7 +132,13 @@ class DropIn(Dataset):
 
     def state_dict(self) -> dict:
         """The selector, the next epoch and this rank's losses not yet observed (none once an epoch's
-        every batch was updated), as tensors and python scalars: ``torch.save`` keeps it."""
+        every batch was updated), as tensors and python scalars: ``torch.save`` keeps it.
+
+        Under DDP every rank calls it between epochs, as DDP checkpoints do: the ranks' pending losses
+        (``drop_last=True`` leaves some) are gathered and observed first, so rank 0's state holds them all.
+        """
+        if not self._observed and self._done and self._dist.world > 1:
+            self._observe()   # a collective over the ranks
         pending = {"indices": np.empty(0, np.int64), "losses": np.empty(0, np.float32)}
         if not self._observed and self._done:
             pending = {"indices": self._plan.indices[self._entries[:self._done]],

@@ -7,7 +7,7 @@ highest scores and fills the ``epsilon`` share with uniform random picks from th
 epsilon-greedy exploration the paper pairs with its bandit selectors). Samples never observed
 have an infinite score (tried first, in random order). Sizes are spread evenly over the epochs as
 for ``random``; weight 1; base augmentation. The paper's own constants were not available; the
-defaults below are ours ([I] in paper-notes terms).
+defaults below are ours.
 """
 from __future__ import annotations
 

@@ -88,7 +88,7 @@ def state_to_torch(obj: Any) -> Any:
 def state_to_numpy(obj: Any) -> Any:
     """Inverse of :func:`state_to_torch` for the selector state (every tensor back to a numpy array)."""
     if torch.is_tensor(obj):
-        return obj.numpy()
+        return obj.detach().cpu().numpy()   # a checkpoint loaded onto a GPU holds CUDA tensors
     if isinstance(obj, dict):
         return {k: state_to_numpy(v) for k, v in obj.items()}
     if isinstance(obj, list):

@@ -235,6 +235,20 @@ def test_a_corrupt_shard_names_the_tar_and_the_sample(tiny, corrupt, cache):
     assert ("after member train-" if corrupt == "truncated" else "sample 'train-0000005'") in msg
 
 
+def test_a_damaged_member_header_is_an_error_not_a_shorter_shard(tiny):
+    from dds.shards import iter_tar_samples
+
+    tar = tiny.shards_dir("tiny") / "train-000000.tar"
+    with tarfile.open(tar) as tf:
+        third = tf.getmembers()[4]            # the header of the third sample's first member
+    data = bytearray(tar.read_bytes())
+    data[third.offset + 10] ^= 0xFF           # its checksum no longer matches: tarfile's stream mode would just stop
+    tar.write_bytes(bytes(data))
+    with pytest.raises(DdsError, match=rf"shard {tar} is truncated or corrupt after member train-\d+\.\w+ "
+                                       r"\(no end-of-archive marker where the members end"):
+        list(iter_tar_samples(tar))
+
+
 def test_dds_train_on_a_truncated_tar_is_one_line_and_rc_2(tiny, monkeypatch, capsys):
     tar = tiny.shards_dir("tiny") / "train-000001.tar"
     tar.write_bytes(tar.read_bytes()[:2048])
@@ -270,6 +284,20 @@ def test_a_broken_table_file_fails_only_the_queries_that_need_it(tiny, monkeypat
     con = duckdb.connect(str(tiny.catalog_path), read_only=True)
     assert con.sql("SELECT count(*) FROM samples").fetchall() == [(24,)]
     con.close()
+
+
+def test_a_runs_file_with_a_damaged_data_page_fails_only_the_queries_on_runs(tiny):
+    path = tiny.root / "runs" / "tiny-full-20260101-000000-abcd" / "run.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"run_id": ["tiny-full-20260101-000000-abcd"], "dataset": ["tiny"], "status": ["done"],
+                             "config": ["{}" * 200]}), path, compression="NONE")
+    data = bytearray(path.read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little") + 8
+    data[4:len(data) - footer] = bytes(len(data) - footer - 4)   # the pages zeroed, the footer (schema) intact
+    path.write_bytes(bytes(data))
+    assert catalog.query(tiny, "SELECT count(*) AS n FROM samples").to_pylist() == [{"n": 24}]
+    with pytest.raises(DdsError, match=r"table runs is unreadable .*move the damaged file"):
+        catalog.query(tiny, "SELECT * FROM runs")
 
 
 def test_two_writers_of_one_file_never_share_a_temporary_name(tmp_path):

@@ -167,10 +167,59 @@ def test_resume_refuses_a_checkpoint_that_fails_its_checksum(ws, cli):
     ckpt.write_bytes(good[:middle] + bytes(64) + good[middle + 64:])
     _one_line_error(cli("train", "ds", "--resume", run_id, "--no-progress"),
                     f"checkpoint {ckpt}", "sha256 differs from the one in checkpoint.json", "start a new run")
-    # killed between the sidecar and the checkpoint: the sidecar names the next one, the previous still verifies
     ckpt.write_bytes(good)
+    sidecar = ws.run_dir(run_id) / "checkpoint.json"
+    sidecar.unlink()   # a checksummed checkpoint without its sidecar is not taken unverified
+    _one_line_error(cli("train", "ds", "--resume", run_id, "--no-progress"), "checkpoint.json is missing",
+                    "start a new run")
+    sidecar.write_text("{not json")
+    _one_line_error(cli("train", "ds", "--resume", run_id, "--no-progress"), "checkpoint.json is unreadable")
+    # killed between the sidecar and the checkpoint: the sidecar names the next one, the previous still verifies
     (ws.run_dir(run_id) / "checkpoint.json").write_text(json.dumps({"sha256": "0" * 64, "previous": side["sha256"]}))
     assert resume_train(ws, run_id, progress=False)["status"] == "done"
+
+
+def test_resharding_new_labels_removes_the_whole_index_generation(ws):
+    from dds.pipeline.embed import run_embed
+    from dds.pipeline.index import run_index
+
+    run_embed(ws, "ds", encoder="tiny-clip", batch_size=16, num_workers=0, device="cpu", progress=False)
+    run_index(ws, "ds", encoder="tiny-clip", k=4, folds=2, device="cpu", progress=False)
+    idir = ws.index_dir("ds", "tiny-clip")
+    assert (idir / "index.json").exists()
+    run_shard(ws, _source(ws), name="ds", label_noise=0.3, progress=False)
+    assert sorted(p.name for p in idir.iterdir()) == [".lock"]   # no index.json or generation of the old labels
+
+
+def test_train_refuses_scores_computed_on_other_train_images(ws, tmp_path):
+    import shutil
+
+    from dds.pipeline.embed import run_embed
+    from dds.pipeline.index import run_index
+
+    run_embed(ws, "ds", encoder="tiny-clip", batch_size=16, num_workers=0, device="cpu", progress=False)
+    run_index(ws, "ds", encoder="tiny-clip", k=4, folds=2, device="cpu", progress=False)
+    idir = ws.index_dir("ds", "tiny-clip")
+    shutil.copytree(idir, tmp_path / "old-index", symlinks=True)
+    image = ws.root.parent / "src" / "train" / "dark" / "000.png"
+    Image.fromarray(np.full((8, 8), 7, np.uint8), "L").save(image)    # same keys and labels, another image
+    run_shard(ws, _source(ws), name="ds", progress=False)
+    shutil.rmtree(idir)
+    shutil.copytree(tmp_path / "old-index", idir, symlinks=True)       # an index left from before the re-shard
+    with pytest.raises(DdsError, match=r"scores of 'ds' \(tiny-clip\) were computed on train samples of generation"):
+        run_train(ws, _cfg(policy="dds", encoder="tiny-clip"), progress=False)
+
+
+def test_a_tar_glob_that_mixes_split_tars_with_others_is_refused(ws, tmp_path):
+    shards = ws.dataset_dir("ds") / "shards"
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for tar in shards.glob("*.tar"):
+        (mixed / tar.name).write_bytes(tar.read_bytes())
+    (mixed / "val-000000.tar").write_bytes(next(shards.glob("test-*.tar")).read_bytes())
+    with pytest.raises(DdsError, match=r"mixes tars named train-\*/test-\* .* with others \(val-000000.tar"):
+        run_shard(ws, f"tar:{mixed}/*.tar", name="copy", progress=False)
+    assert not ws.dataset_dir("copy").joinpath("dataset.json").exists()
 
 
 # ---------------------------------------------------------------- case 5: a kill inside dds index
@@ -268,6 +317,17 @@ def test_a_run_that_fills_the_disk_is_marked_failed_with_the_reason(ws, monkeypa
     got = query(ws, "SELECT status, reason FROM runs").to_pylist()
     assert got == [{"status": "failed", "reason": "OSError: [Errno 28] No space left on device"}]
     assert not [p for p in ws.run_dir(run_id).iterdir() if p.name.endswith(".tmp")]
+
+
+def test_ctrl_c_outside_a_commands_own_handler_still_says_one_line(ws, cli, monkeypatch):
+    """typer turns a KeyboardInterrupt it catches into a silent exit 130: main() says the generic line."""
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("dds.catalog.query_all", interrupted)
+    rc, err = cli("sql", "SELECT 1")
+    lines = err.strip().splitlines()
+    assert rc == 130 and len(lines) == 1 and lines[0].startswith("dds: interrupted; "), err
 
 
 @pytest.mark.parametrize("command, patch, kept", [

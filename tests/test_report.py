@@ -370,6 +370,15 @@ def test_export_errors(ws, runs, tmp_path):
     assert isinstance(res.exception, DdsError)
 
 
+def test_export_refuses_a_shards_folder_that_already_holds_tars(ws, runs, tmp_path):
+    shards = tmp_path / "shards"
+    run_export(ws, runs[0], 0.5, tmp_path / "a.parquet", shards=shards, shard_size=8)
+    before = {p.name: p.read_bytes() for p in shards.iterdir()}
+    with pytest.raises(DdsError, match=r"already holds \d+ tar\(s\).*empty or new folder"):
+        run_export(ws, runs[0], 0.1, tmp_path / "b.parquet", shards=shards)
+    assert {p.name: p.read_bytes() for p in shards.iterdir()} == before and not (tmp_path / "b.parquet").exists()
+
+
 def test_export_writes_the_budget_and_shards_that_dds_shard_reads_back(ws, runs, tmp_path):
     out, shards = tmp_path / "core.parquet", tmp_path / "shards"
     result = run_export(ws, runs[0], 0.3, out, weighting="class", shards=shards, shard_size=8)

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLASS_SIZES = (150, 120, 110, 90, 80, 50)          # unequal on purpose
 BUDGET = {"full": 1.0, "infobatch": 1.0}            # policies that spend what they spend
 PAPER = dict(warmup_epochs=1, loss_weight=0.5, prior_weight=1.0, unseen="mean", sharpness=1.0,
-             strong_aug="top_q", class_balance=True, loss_norm="minmax")   # dds as paper-notes reconstructs it (not the defaults)
+             strong_aug="top_q", class_balance=True, loss_norm="minmax")   # dds as we reconstruct the paper (not the defaults)
 
 
 def make_info(class_sizes=CLASS_SIZES, noisy_fraction=0.1, seed=0, scores=True) -> SampleInfo:
@@ -567,7 +567,7 @@ def test_dds_defaults_are_the_ones_the_docs_tuning_table_picked():
     assert cfg.strong_aug == "none" and cfg.warmup_epochs == 0          # "selection only", no warm-up
     for key, value in picked.items():
         assert str(getattr(cfg, key)).lower() in (value, str(float(value)) if value[0].isdigit() else value), key
-    paper = re.search(r"The paper's reconstruction \(paper-notes §3\) is `(.+?)`\.", readme, re.S).group(1)
+    paper = re.search(r"The paper's reconstruction \(our reading of its method\) is `(.+?)`\.", readme, re.S).group(1)
     _, options = parse_entry("dds:" + ":".join(re.findall(r"-o (\S+)", paper)))
     assert DdsConfig(**options) != cfg and set(options) >= set(picked)
 

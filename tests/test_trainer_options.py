@@ -50,6 +50,7 @@ def test_defaults_are_the_reference_recipe(ws):
     cfg = TrainConfig(dataset="tiny")
     assert (cfg.model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay, cfg.label_smoothing) == \
         ("resnet20", "sgd", 0.1, 0.9, True, 5e-4, 0.1)
+    assert TrainConfig(dataset="tiny", optimizer="adamw").lr == 1e-3   # from Python too, not only the CLI
     _, run_id = _train(ws, "--model", "cnn3")
     saved = _config(ws, run_id)
     assert (saved["optimizer"], saved["lr"], saved["weight_decay"], saved["label_smoothing"]) == ("sgd", 0.1, 5e-4, 0.1)
@@ -145,7 +146,7 @@ def test_unreachable_hub_fails_at_once_and_turns_offline_mode_on(monkeypatch):
     t0 = time.perf_counter()
     with pytest.raises(DdsError) as e:
         encoders.create_encoder("openclip:ViT-B-32/laion2b_s34b_b79k")
-    assert time.perf_counter() - t0 < 5   # open_clip's own path retries for about a minute
+    assert time.perf_counter() - t0 < 30   # not open_clip's own path, which retries for about a minute
     msg = str(e.value)
     assert "\n" not in msg and "weights for openclip:ViT-B-32/laion2b_s34b_b79k" in msg
     assert "127.0.0.1 cannot be reached" in msg and "--encoder openclip:ViT-B-32//PATH/TO/" in msg

@@ -147,7 +147,7 @@ class Augmenter:
         self.transforms = [create_augment(base_name, image_size, channels)] + [
             create_augment(strong_name, image_size, channels, magnitude=k / AUG_LEVELS)
             for k in range(1, AUG_LEVELS + 1)]
-        for name, t in zip(names, self.transforms[:2]):
+        for name, t in zip([base_name] + [strong_name] * AUG_LEVELS, self.transforms):  # every level, not only the first
             for kind in _unseeded(t):
                 raise DdsError(f"augmentation '{name}' uses {kind.__name__}, whose random parameters dds cannot "
                                "draw per sample; build it from v2.Compose, v2.RandomChoice and "

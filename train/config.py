@@ -26,7 +26,7 @@ class TrainConfig:
     seed: int = 0  # seeds model init, the selector and the per-epoch augmentation streams
     batch_size: int = 128  # samples per optimiser step (the last batch of an epoch may be smaller)
     optimizer: str = "sgd"  # sgd (momentum, Nesterov) or adamw (decoupled weight decay)
-    lr: float = 0.1  # peak learning rate (DEFAULT_LR: 0.1 suits sgd, adamw wants about 1e-3)
+    lr: float | None = None  # peak learning rate; None: the optimiser's DEFAULT_LR (0.1 for sgd, 1e-3 for adamw)
     momentum: float = 0.9  # SGD momentum (Nesterov when `nesterov`); unused by adamw
     nesterov: bool = True  # Nesterov momentum; unused by adamw
     weight_decay: float = 5e-4  # weight decay, applied to every parameter (L2 for sgd, decoupled for adamw)
@@ -48,6 +48,10 @@ class TrainConfig:
     # cuda, 0 on cpu (on 2 cores the thread takes cores from the model: resnet20 loop 0.945 vs 1.029 x bare step)
     prefetch: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.lr is None:   # an unknown optimiser keeps None here and is refused by validate()
+            self.lr = DEFAULT_LR.get(self.optimizer)
+
     def validate(self) -> "TrainConfig":
         """Check the values that need no registry; raises DdsError with one sentence. Returns self."""
         if not self.dataset:
@@ -68,7 +72,7 @@ class TrainConfig:
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("eval_split", self.eval_split, EVAL_SPLITS)
         check_choice("device", self.device, DEVICES)
-        if not self.lr > 0:
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise DdsError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise DdsError(f"momentum must be in [0, 1), got {self.momentum}")

@@ -117,6 +117,13 @@ def selection_stats(selected: np.ndarray, loss: np.ndarray, positions: np.ndarra
 
 # ---------------------------------------------------------------- I/O edge
 
+def _check_no_tars(folder: Path) -> None:
+    """Refuse a shards folder that holds tars: `dds shard "tar:DIR/*.tar"` would read the union of two exports."""
+    old = sorted(p.name for p in folder.glob("*.tar")) if folder.is_dir() else []
+    if old:
+        raise DdsError(f"--shards {folder} already holds {len(old)} tar(s) ({old[0]}, ...); give an empty or new folder")
+
+
 def write_subset_shards(ws: Workspace, dataset: str, samples, keys: list[str], out: Path, *,
                         shard_size: int = 5000) -> list[str]:
     """Write the train samples ``keys`` as ``out/train-{i:06d}.tar`` and copy the dataset's test tars.
@@ -124,6 +131,7 @@ def write_subset_shards(ws: Workspace, dataset: str, samples, keys: list[str], o
     Each sample keeps its key and PNG bytes; ``.cls`` is its training label and ``.txt`` its class name.
     Every tar is written under a unique temporary name and renamed once complete. Returns the paths written.
     """
+    _check_no_tars(out)
     out.mkdir(parents=True, exist_ok=True)
     classes = ws.dataset_info(dataset)["classes"]
     wanted = dict(zip(samples["key"], samples["label"]))
@@ -173,6 +181,8 @@ def run_export(ws: Workspace, run_id: str, budget: float, out: str | Path, *, we
     check_positive_int("--shard-size", shard_size)
     out = ws.check_output(out, "--out")
     shards = ws.check_output(shards, "--shards") if shards else None
+    if shards:
+        _check_no_tars(shards)   # before anything is written
     run = load_run(ws, run_id)
     check_run_data(ws, run)
     dataset, encoder = run["dataset"], run["config"].get("encoder", "lite0-minilm")

@@ -53,7 +53,7 @@ from dds.distributed import init as dist_init
 from dds.errors import DdsError
 from dds.selector import EpochPlan, Selector, get_policy
 from dds.selector.torch import state_to_numpy, state_to_torch, weighted_mean
-from dds.tables import check_run_data, dataset_generation, index_info
+from dds.tables import check_index_current, check_run_data, dataset_generation, index_info
 from dds.train.augment import AUG_NAMES, Augmenter, channel_stats, code_magnitude, normalize
 from dds.train.config import TrainConfig
 from dds.train.data import Prefetcher, _Split, load_sample_info, open_split
@@ -309,13 +309,13 @@ def _read_checkpoint(path: Path, what: str) -> dict[str, Any]:
 def save_checkpoint(run_dir: Path, data: bytes) -> None:
     """Write ``checkpoint.pt`` with its sha256 in ``checkpoint.json``, so a resume can verify it.
 
-    The sidecar is written first and names the new and the previous checkpoint's sha256: a kill
-    between the two writes leaves the previous checkpoint, which still verifies.
+    The sidecar is written first and names the new checkpoint's sha256 and that of the file on disk:
+    a kill between the two writes leaves the previous checkpoint, which still verifies.
     """
-    side = run_dir / "checkpoint.json"
-    previous = json.loads(side.read_text()).get("sha256") if side.exists() else None
-    atomic_write_json(side, {"sha256": hashlib.sha256(data).hexdigest(), "previous": previous})
-    atomic_write_bytes(run_dir / "checkpoint.pt", data)
+    path = run_dir / "checkpoint.pt"
+    previous = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+    atomic_write_json(run_dir / "checkpoint.json", {"sha256": hashlib.sha256(data).hexdigest(), "previous": previous})
+    atomic_write_bytes(path, data)
 
 
 def _load_checkpoint(ws: Workspace, run_id: str) -> dict[str, Any] | None:
@@ -325,13 +325,19 @@ def _load_checkpoint(ws: Workspace, run_id: str) -> dict[str, Any] | None:
     if not path.exists():
         return None
     side = path.with_suffix(".json")
-    if side.exists():   # runs from before checksums were written have none
-        sums = json.loads(side.read_text())
+    refuse = f"so run '{run_id}' cannot be resumed; start a new run"
+    if side.exists():
+        try:
+            sums = json.loads(side.read_text())
+        except (OSError, ValueError):
+            raise DdsError(f"{side} is unreadable, so checkpoint {path} cannot be verified; {refuse}") from None
         if hashlib.sha256(path.read_bytes()).hexdigest() not in (sums.get("sha256"), sums.get("previous")):
             raise DdsError(f"checkpoint {path} is not a dds checkpoint as written: its sha256 differs from the one "
-                           f"in {side.name} (damaged or changed since), so run '{run_id}' cannot be resumed; start a "
-                           "new run")
-    return _read_checkpoint(path, f"checkpoint of run '{run_id}' (it cannot be resumed)")
+                           f"in {side.name} (damaged or changed since), {refuse}")
+    state = _read_checkpoint(path, f"checkpoint of run '{run_id}' (it cannot be resumed)")
+    if not side.exists() and "card" in state:  # written with a checksum: its sidecar must be there
+        raise DdsError(f"{side} is missing, so checkpoint {path} cannot be verified; {refuse}")
+    return state
 
 
 def load_trained(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -511,12 +517,12 @@ def _run(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, *, run_id
             if run_id is not None or ckpt is not None:
                 _drop_later_epochs(ws, rid, state.epochs_done - 1)  # files written after the checkpoint are redone
         out = _Writer(ws, cfg, sel, state, main=d.is_main)
-        out.run("running")
-        if announce is not None and d.is_main:
-            announce(rid)
         augmenter = Augmenter(run.train.image_size, run.train.channels)
         status = "done"
-        try:
+        try:  # every write of the run's status is inside: a full disk there too marks the run failed
+            out.run("running")
+            if announce is not None and d.is_main:
+                announce(rid)
             for epoch in range(state.epochs_done, cfg.epochs):
                 t_start = time.perf_counter()
                 plan = sel.plan(epoch)
@@ -540,13 +546,13 @@ def _run(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, *, run_id
                 if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.epochs:
                     status = "stopped"
                     break
+            out.run(status)
         except KeyboardInterrupt:
             out.mark("stopped", "interrupted")
             raise
         except BaseException as e:
             out.mark("failed", f"{type(e).__name__}: {e}")
             raise
-        out.run(status)
         return state.summary(status, sel)
 
 
@@ -576,6 +582,8 @@ def _setup(ws: Workspace, cfg: TrainConfig, d: Dist, data: tuple | None, ckpt: d
         raise DdsError(f"policy {cfg.policy} needs the scores of {cfg.dataset} under encoder {cfg.encoder}: run "
                        f"`dds embed {cfg.dataset} --encoder {cfg.encoder}` and `dds index {cfg.dataset} "
                        f"--encoder {cfg.encoder}` first")
+    if sample_info.has_scores:   # scores made on the train samples in use, not on those of an earlier shard
+        check_index_current(ws, cfg.dataset, cfg.encoder)
     sel = Selector(cfg.policy, sample_info, epochs=cfg.epochs, budget=cfg.budget, seed=cfg.seed, **cfg.policy_options)
     with torch.random.fork_rng(devices=[]):  # model init from the run's seed, global RNG left untouched
         torch.manual_seed(cfg.seed)
