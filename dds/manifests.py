@@ -32,8 +32,8 @@ class Manifest:
     splits: dict[str, dict[str, str]] = field(default_factory=dict)  # split -> {images, labels} file names
     image_size: int = 0
     channels: int = 3
-    mean: list[float] = field(default_factory=lambda: [0.5])  # per-channel normalisation
-    std: list[float] = field(default_factory=lambda: [0.5])
+    mean: list[float] | None = None  # per-channel normalisation; None: dds shard computes it from the images
+    std: list[float] | None = None
     homepage: str = ""
     noise_map: dict[str, str] = field(default_factory=dict)  # class -> confusable class, for asymmetric label noise
 
@@ -48,8 +48,13 @@ def manifest_from_dict(d: dict[str, Any]) -> Manifest:
     unknown = set(d) - known
     if unknown:
         raise DdsError(f"manifest '{d.get('name', '?')}' has unknown fields {sorted(unknown)}; known: {sorted(known)}")
+    if not isinstance(d.get("name"), str) or not d["name"]:
+        raise DdsError("manifest has no name; add a line name = \"my-dataset\"")
+    classes = d.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        raise DdsError(f"manifest '{d['name']}': classes must be a list of class names, e.g. classes = [\"cat\", \"dog\"]")
     d = dict(d)
-    d.setdefault("prompt_names", [c.lower() for c in d.get("classes", [])])
+    d.setdefault("prompt_names", [c.lower() for c in classes])
     m = Manifest(**d)
     if not m.classes:
         raise DdsError(f"manifest '{m.name}' lists no classes")

@@ -295,7 +295,10 @@ def _write_generation(ws: Workspace, src: SourceData, name: str, source: str, *,
     prompts = _prompt_info(old, src, prompts, name)
     train_images = _train_images(_read_table(ds_dir / "samples.parquet")) if overlap == "drop" else None
     mapping = noise_map(noise_kind, list(src.classes), src.manifest.noise_map if src.manifest else None, source)
-    image_size = typical_size([sz for sd in src.splits.values() for sz in sd.sizes]) or old.get("image_size", 0)
+    # the size the model trains at comes from the train images; a split written alone keeps the dataset's
+    sized = [src.splits["train"]] if "train" in src.splits else []
+    image_size = (typical_size([sz for sd in sized for sz in sd.sizes]) or old.get("image_size", 0)
+                  or typical_size([sz for sd in src.splits.values() for sz in sd.sizes]))
     gen = generations.new_generation(ds_dir)
     try:
         results = _write_all_splits(src, gen, name, mode=mode, limit=limit, val=val, shard_size=shard_size,
@@ -366,7 +369,7 @@ def _write_all_splits(src: SourceData, gen: Path, name: str, *, mode: str, limit
             labels = (inject_noise(orig, len(src.classes), label_noise, noise[0], seed, noise[1])
                       if part == "train" else orig)
             res = write_split(part, sd, order, labels, mode=mode, out_dir=gen / "shards", shard_size=shard_size,
-                              stats=src.manifest is None, progress=progress, desc=f"shard {name}/{part}",
+                              stats=not (src.manifest and src.manifest.mean), progress=progress, desc=f"shard {name}/{part}",
                               image_size=image_size, drop=train_images if part != "train" else None)
             if part == "train" and train_images is not None:
                 train_images = dict(zip(res.samples["image_sha"], res.samples["key"]))
@@ -558,7 +561,7 @@ def _dataset_info(old: dict[str, Any], src: SourceData, name: str, source: str, 
                         else old.get("label_noise", {"fraction": 0.0, "kind": noise_kind, "seed": seed})),
         "shard_options": {**old.get("shard_options", {}), **{s: {**options, "source": source} for s in results}},
     }
-    if m is not None and m.image_size:
+    if m is not None and m.image_size and m.mean and m.std:   # a manifest that states its normalisation
         info.update(mean=list(m.mean), std=list(m.std), image_size=m.image_size)
     else:
         stats = None if (old and "train" not in results and "mean" in old) else _norm_stats(results)

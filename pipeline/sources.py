@@ -110,7 +110,8 @@ def read_manifest(m: Manifest, split: str | None) -> SourceData:
             raise DdsError(f"{files['images']} ({images.shape}) and {files['labels']} ({labels.shape}) do not match; "
                            f"reinstall with `{m.install_hint}`")
         refs = [f"{files['images'].name}#{i}" for i in range(len(labels))]
-        sd = SplitData(labels=labels.astype(np.int64), refs=refs, load=lambda i, a=images: Image.fromarray(a[i]))
+        sd = SplitData(labels=labels.astype(np.int64), refs=refs, load=lambda i, a=images: Image.fromarray(a[i]),
+                       sizes=[(images.shape[2], images.shape[1])] * len(labels))
         bad = sd.labels >= len(m.classes)
         sd.rejects.extend((sd.refs[i], f"label {sd.labels[i]} outside 0..{len(m.classes) - 1}") for i in np.flatnonzero(bad))
         splits[s] = _keep(sd, ~bad)
@@ -169,6 +170,11 @@ def read_imagefolder(root: Path, split: str | None) -> SourceData:
         raise DdsError(f"imagefolder path {root} does not exist or is not a folder; give a folder with one sub-folder per class")
     if _is_split_layout(root):
         present = [s for s in SPLITS if (root / s).is_dir()]
+        others = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in SPLITS and _class_dirs(d, root))
+        if others:  # e.g. ImageNet's val/: dds's own val split is carved from train with --val N
+            log.warning("imagefolder %s: folder(s) %s are not read (dds reads train/ and test/); rename the held-out "
+                        "one to test/, or shard it alone as imagefolder:%s --split test", root, ", ".join(others),
+                        root / others[0])
         bases = {s: root / s for s in _pick_splits(present, split, f"imagefolder {root}")}
         classes = sorted({d.name for s in present for d in _class_dirs(root / s, root)})
     else:

@@ -570,3 +570,31 @@ def test_shard_writer_rolls_over_at_shard_size(tmp_path):
         w.add("k0", {"cls": b"0"})
         raise RuntimeError("killed mid-shard")
     assert list((tmp_path / "x").iterdir()) == []  # the open tar's temporary is gone
+
+
+def test_the_train_images_set_the_image_size_and_a_test_split_sharded_alone_keeps_it(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, size, n in (("train", 8, 6), ("test", 16, 10)):   # more test images, and larger ones
+        for cls in ("a", "b"):
+            (tmp_path / "src" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8), "L").save(
+                    tmp_path / "src" / split / cls / f"{i}.png")
+    ws = Workspace(tmp_path / "ws")
+    run_shard(ws, f"imagefolder:{tmp_path / 'src'}", name="ds", progress=False)
+    assert ws.dataset_info("ds")["image_size"] == 8
+    run_shard(ws, f"imagefolder:{tmp_path / 'src'}", name="ds", split="test", progress=False)
+    assert ws.dataset_info("ds")["image_size"] == 8
+
+
+def test_an_imagefolder_split_dds_does_not_read_is_named_in_a_warning(tmp_path, caplog):
+    for split in ("train", "test", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / "src" / split / cls).mkdir(parents=True)
+            for i in range(4):
+                value = 30 * i + (100 if cls == "b" else 0) + {"train": 0, "test": 5, "val": 10}[split]
+                Image.fromarray(np.full((8, 8), value, np.uint8), "L").save(
+                    tmp_path / "src" / split / cls / f"{split}{i}.png")
+    with caplog.at_level("WARNING", logger="dds"):
+        run_shard(Workspace(tmp_path / "ws"), f"imagefolder:{tmp_path / 'src'}", name="ds", progress=False)
+    assert any("folder(s) val are not read" in r.getMessage() for r in caplog.records), caplog.text

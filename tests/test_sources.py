@@ -210,6 +210,16 @@ def test_manifest_from_a_file_path_with_a_relative_root(tmp_path):
     assert _pipeline(ws, "toy-file")["status"] == "done"
     with pytest.raises(DdsError, match="cannot read manifest file"):
         run_shard(ws, str(tmp_path / "absent.toml"), progress=False)
+    # without image_size and mean/std the images give both (not 0 px and a 0.5/0.5 guess)
+    toml.write_text(toml.read_text().replace('name = "toy-file"', 'name = "toy-bare"').replace("image_size = 8\n", ""))
+    run_shard(ws, str(toml), progress=False)
+    bare = _info(ws, "toy-bare")
+    assert bare["image_size"] == 8 and bare["mean"] != [0.5] and bare["std"] != [0.5]
+    for bad, why in (('classes = ["Dark", "Light"]', "classes must be a list"), ('name = "toy-bare"', "no name")):
+        toml.write_text(toml.read_text().replace(bad, ""))
+        with pytest.raises(DdsError, match=why):
+            run_shard(ws, str(toml), progress=False)
+        toml.write_text(toml.read_text().replace("format =", f"{bad}\nformat =", 1))
 
 
 # ---------------------------------------------------------------- class names and templates
