@@ -8,6 +8,7 @@ Modes:
     dropin OUT: three epochs of ``DropIn`` (rank and world size given explicitly) over a dataset whose
         x is the sample index; each rank saves the indices its loader yielded per epoch and its
         ``state_dict`` to OUT/rank{R}.pkl.
+    dropin_drop_last OUT: one epoch with ``drop_last=True``, then each rank's ``state_dict``.
 """
 import pickle
 import sys
@@ -69,9 +70,25 @@ def dropin(out: Path) -> None:
     (out / f"rank{d.rank}.pkl").write_bytes(pickle.dumps({"seen": seen, "state": ds.state_dict()}))
 
 
+def dropin_drop_last(out: Path) -> None:
+    """One epoch of ``DropIn`` with ``drop_last=True`` (a last, short batch is never updated), then every
+    rank's ``state_dict``, saved to OUT/rank{R}.pkl."""
+    from torch.utils.data import DataLoader
+
+    from dds.selector import DropIn
+
+    d = init("cpu")
+    data = [(torch.tensor(float(i)), i % 3) for i in range(41)]
+    ds = DropIn(data, "dds", epochs=3, budget=0.5, seed=2, labels=[y for _, y in data], rank=d.rank,
+                world_size=d.world)
+    for x, _ in DataLoader(ds, batch_size=4, sampler=ds.sampler, drop_last=True):
+        ds.update(torch.from_numpy(fake_losses(x.long().numpy())))
+    (out / f"rank{d.rank}.pkl").write_bytes(pickle.dumps({"state": ds.state_dict()}))
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     if mode == "train":
         train(out, sys.argv[3])
     else:
-        {"selector": selector, "dropin": dropin}[mode](out)
+        {"selector": selector, "dropin": dropin, "dropin_drop_last": dropin_drop_last}[mode](out)

@@ -227,6 +227,18 @@ def test_two_gloo_processes_train_disjoint_parts_that_cover_each_plan(tmp_path):
         _assert_same_state(state_to_numpy(rank["state"])["selector"], sel.state_dict())
 
 
+def test_under_ddp_every_ranks_state_holds_the_losses_drop_last_left_pending(tmp_path):
+    """With drop_last=True the epoch's losses are still pending when the loop ends: state_dict() gathers
+    them on every rank, so rank 0's file (what a DDP job saves) holds the other rank's losses too."""
+    _torchrun(str(HERE / "dist_worker.py"), "dropin_drop_last", str(tmp_path))
+    states = [state_to_numpy(pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes())["state"]) for r in range(2)]
+    for state in states:
+        assert len(state["pending"]["indices"]) == 0 and int(state["next_epoch"]) == 1
+    _assert_same_state(states[0]["selector"], states[1]["selector"])
+    # epoch 0 plans 21 samples, 11 per rank; two full batches of 4 per rank: 16 losses, both ranks' of them
+    assert states[0]["selector"]["policy_state"]["loss"]["seen"].sum() == 16
+
+
 # ---------------------------------------------------------------- the examples, on tiny generated images
 
 
