@@ -120,9 +120,8 @@ def embed(
     ws.dataset_info(name)
     _relaunch(nproc)
     with _on_interrupt(f"the shards embedded so far are kept; run dds embed {name} again to embed the rest"):
-        with ws.lock(name, shared=True, holder=f"dds embed {name}"):   # no dds shard swaps the tars under it
-            summary = run_embed(ws, name, encoder=encoder, batch_size=batch_size, splits=splits,
-                                num_workers=workers, device=device, progress=progress)
+        summary = run_embed(ws, name, encoder=encoder, batch_size=batch_size, splits=splits,
+                            num_workers=workers, device=device, progress=progress)
     _print_summary(f"dds embed {name}", summary)
 
 
@@ -339,8 +338,7 @@ def audit(
     ws = _ws(workspace)
     if out:
         ws.check_output(out, "--out")
-    with ws.lock(name, shared=True, holder=f"dds audit {name}"):   # scores and samples of one generation
-        result = run_audit(ws, name, encoder=encoder, use_cleanlab=cleanlab)
+    result = run_audit(ws, name, encoder=encoder, use_cleanlab=cleanlab)
     _print_audit(result, top)
     if out:
         import pyarrow as pa   # 0.4 s: only when the ranking is written
@@ -380,12 +378,7 @@ def export(
     """Export a static, class-balanced coreset of a run's dataset (noisy region excluded) with weights."""
     from dds.train.export import run_export
 
-    from dds.tables import load_run
-
-    ws = _ws(workspace)
-    dataset = load_run(ws, ws.check_run_id(run_id))["dataset"]
-    with ws.lock(dataset, shared=True, holder=f"dds export {run_id}"):   # the run's data stays as it was checked
-        result = run_export(ws, run_id, budget, out, weighting=weights, shards=shards, shard_size=shard_size)
+    result = run_export(_ws(workspace), run_id, budget, out, weighting=weights, shards=shards, shard_size=shard_size)
     _print_summary(f"dds export {run_id}", result)
 
 

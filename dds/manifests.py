@@ -37,6 +37,11 @@ class Manifest:
     homepage: str = ""
     noise_map: dict[str, str] = field(default_factory=dict)  # class -> confusable class, for asymmetric label noise
 
+    @property
+    def states_normalisation(self) -> bool:
+        """Whether the manifest gives mean and std (else ``dds shard`` computes them from the images)."""
+        return bool(self.mean and self.std)
+
     def prompts(self) -> list[list[str]]:
         """For each class, its prompts (one per template)."""
         return [[t.format(n) for t in self.templates] for n in self.prompt_names]

@@ -177,8 +177,10 @@ def run_audit(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", use_cl
     Raises:
         DdsError: no such dataset, no scores, or scores computed on an earlier generation of the dataset.
     """
-    check_index_current(ws, name, encoder)
-    df = load_audit_inputs(ws, name, encoder)
+    ws.dataset_info(name)   # a clear error for an unknown dataset before its folder is locked
+    with ws.lock(name, shared=True, holder=f"dds audit {name}"):   # scores and samples of one generation
+        check_index_current(ws, name, encoder)
+        df = load_audit_inputs(ws, name, encoder)
     notes: list[str] = []
     susp = suspicion(df["label_posterior"].to_numpy())
     flags = None

@@ -378,41 +378,42 @@ def run_embed(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", batch_
     t0 = time.perf_counter()
     d = dist_init(device)  # under torchrun: this process's rank (and its GPU); else a single process
     info = ws.dataset_info(name)
-    if batch_size < 1:
-        raise DdsError(f"batch_size must be a positive integer, got {batch_size}")
-    if num_workers is not None and num_workers < 0:
-        raise DdsError(f"num_workers must be 0 or more, got {num_workers}")
-    tasks = shard_tasks(ws, name, tuple(splits))
-    enc = create_encoder(encoder, device, image_size=image_size)
-    out_dir = ws.embed_dir(name, enc.name)
-    if d.is_main:  # rank 0 writes encoder.json; the others then only compare with it
-        check_encoder_json(out_dir, enc.describe())
-    # rank 0's list of missing shards, so that no rank sees a shard another rank has just written
-    todo = broadcast_object(d, [t for t in tasks if not _is_done(out_dir / "shards" / f"{t.stem}.parquet", t)]
-                            if d.is_main else None)
-    if not d.is_main:
-        check_encoder_json(out_dir, enc.describe())
-    mine = todo[d.rank::d.world]  # whole shards per rank: each writes its own shard files
-    workers = default_workers(enc.device.type) if num_workers is None else num_workers
-    stats = {"images": 0, "corrupt": 0, "corrupt_keys": [], "failed": [], "seconds": 0.0}
-    if mine:
-        log.info("embedding %d of %d shards with %s on %s", len(mine), len(tasks), enc.name, enc.device)
-        stats = embed_shards(ws, name, enc, mine, batch_size=batch_size, num_workers=workers,
-                             progress=progress and d.is_main)
-    stats = merge_stats(gather_objects(d, stats))
-    text_path = out_dir / "text.parquet"
-    if d.is_main:
-        if not text_path.exists():
-            write_text_embeddings(text_path, info, enc)
-        refresh(ws)
-    barrier(d)  # every rank returns once the whole dataset is embedded
-    if stats["failed"]:
-        raise DdsError(f"shard(s) {', '.join(stats['failed'])} do not match shards.parquet (sample count); "
-                       f"run `dds shard` for '{name}' again, then dds embed resumes")
-    return {"encoder": enc.name, "weights": enc.weights, "dim": enc.dim, "aligned": enc.aligned,
-            "image_size": enc.image_size, "device": str(enc.device),
-            "processes": d.world,
-            "shards_embedded": len(todo), "shards_skipped": len(tasks) - len(todo), "images": stats["images"],
-            "corrupt": stats["corrupt"], "corrupt_keys": stats["corrupt_keys"],
-            "images_per_s": round(stats["images"] / stats["seconds"], 1) if stats["seconds"] else None,
-            "seconds": round(time.perf_counter() - t0, 2)}
+    with ws.lock(name, shared=True, holder=f"dds embed {name}"):   # no dds shard swaps the tars under it
+        if batch_size < 1:
+            raise DdsError(f"batch_size must be a positive integer, got {batch_size}")
+        if num_workers is not None and num_workers < 0:
+            raise DdsError(f"num_workers must be 0 or more, got {num_workers}")
+        tasks = shard_tasks(ws, name, tuple(splits))
+        enc = create_encoder(encoder, device, image_size=image_size)
+        out_dir = ws.embed_dir(name, enc.name)
+        if d.is_main:  # rank 0 writes encoder.json; the others then only compare with it
+            check_encoder_json(out_dir, enc.describe())
+        # rank 0's list of missing shards, so that no rank sees a shard another rank has just written
+        todo = broadcast_object(d, [t for t in tasks if not _is_done(out_dir / "shards" / f"{t.stem}.parquet", t)]
+                                if d.is_main else None)
+        if not d.is_main:
+            check_encoder_json(out_dir, enc.describe())
+        mine = todo[d.rank::d.world]  # whole shards per rank: each writes its own shard files
+        workers = default_workers(enc.device.type) if num_workers is None else num_workers
+        stats = {"images": 0, "corrupt": 0, "corrupt_keys": [], "failed": [], "seconds": 0.0}
+        if mine:
+            log.info("embedding %d of %d shards with %s on %s", len(mine), len(tasks), enc.name, enc.device)
+            stats = embed_shards(ws, name, enc, mine, batch_size=batch_size, num_workers=workers,
+                                 progress=progress and d.is_main)
+        stats = merge_stats(gather_objects(d, stats))
+        text_path = out_dir / "text.parquet"
+        if d.is_main:
+            if not text_path.exists():
+                write_text_embeddings(text_path, info, enc)
+            refresh(ws)
+        barrier(d)  # every rank returns once the whole dataset is embedded
+        if stats["failed"]:
+            raise DdsError(f"shard(s) {', '.join(stats['failed'])} do not match shards.parquet (sample count); "
+                           f"run `dds shard` for '{name}' again, then dds embed resumes")
+        return {"encoder": enc.name, "weights": enc.weights, "dim": enc.dim, "aligned": enc.aligned,
+                "image_size": enc.image_size, "device": str(enc.device),
+                "processes": d.world,
+                "shards_embedded": len(todo), "shards_skipped": len(tasks) - len(todo), "images": stats["images"],
+                "corrupt": stats["corrupt"], "corrupt_keys": stats["corrupt_keys"],
+                "images_per_s": round(stats["images"] / stats["seconds"], 1) if stats["seconds"] else None,
+                "seconds": round(time.perf_counter() - t0, 2)}

@@ -369,8 +369,8 @@ def _write_all_splits(src: SourceData, gen: Path, name: str, *, mode: str, limit
             labels = (inject_noise(orig, len(src.classes), label_noise, noise[0], seed, noise[1])
                       if part == "train" else orig)
             res = write_split(part, sd, order, labels, mode=mode, out_dir=gen / "shards", shard_size=shard_size,
-                              stats=not (src.manifest and src.manifest.mean), progress=progress, desc=f"shard {name}/{part}",
-                              image_size=image_size, drop=train_images if part != "train" else None)
+                              stats=not (src.manifest and src.manifest.states_normalisation), progress=progress,
+                              desc=f"shard {name}/{part}", image_size=image_size, drop=train_images if part != "train" else None)
             if part == "train" and train_images is not None:
                 train_images = dict(zip(res.samples["image_sha"], res.samples["key"]))
             if res.repeated:
@@ -561,8 +561,8 @@ def _dataset_info(old: dict[str, Any], src: SourceData, name: str, source: str, 
                         else old.get("label_noise", {"fraction": 0.0, "kind": noise_kind, "seed": seed})),
         "shard_options": {**old.get("shard_options", {}), **{s: {**options, "source": source} for s in results}},
     }
-    if m is not None and m.image_size and m.mean and m.std:   # a manifest that states its normalisation
-        info.update(mean=list(m.mean), std=list(m.std), image_size=m.image_size)
+    if m is not None and m.states_normalisation:
+        info.update(mean=list(m.mean), std=list(m.std), image_size=m.image_size or image_size)
     else:
         stats = None if (old and "train" not in results and "mean" in old) else _norm_stats(results)
         mean, std = stats if stats else (old.get("mean", [0.5]), old.get("std", [0.5]))

@@ -121,7 +121,8 @@ def _check_no_tars(folder: Path) -> None:
     """Refuse a shards folder that holds tars: `dds shard "tar:DIR/*.tar"` would read the union of two exports."""
     old = sorted(p.name for p in folder.glob("*.tar")) if folder.is_dir() else []
     if old:
-        raise DdsError(f"--shards {folder} already holds {len(old)} tar(s) ({old[0]}, ...); give an empty or new folder")
+        raise DdsError(f"--shards {folder} already holds {len(old)} tar(s) ({old[0]}, ...); "
+                       "give an empty or new folder")
 
 
 def write_subset_shards(ws: Workspace, dataset: str, samples, keys: list[str], out: Path, *,
@@ -131,7 +132,6 @@ def write_subset_shards(ws: Workspace, dataset: str, samples, keys: list[str], o
     Each sample keeps its key and PNG bytes; ``.cls`` is its training label and ``.txt`` its class name.
     Every tar is written under a unique temporary name and renamed once complete. Returns the paths written.
     """
-    _check_no_tars(out)
     out.mkdir(parents=True, exist_ok=True)
     classes = ws.dataset_info(dataset)["classes"]
     wanted = dict(zip(samples["key"], samples["label"]))
@@ -184,39 +184,42 @@ def run_export(ws: Workspace, run_id: str, budget: float, out: str | Path, *, we
     if shards:
         _check_no_tars(shards)   # before anything is written
     run = load_run(ws, run_id)
-    check_run_data(ws, run)
-    dataset, encoder = run["dataset"], run["config"].get("encoder", "lite0-minilm")
-    samples = load_train_samples(ws, dataset)
-    hist = load_history(ws, run_id)
-    if not len(hist):
-        raise DdsError(f"run {run_id} has no epochs in its history yet; export it after its first epoch")
-    n, num_classes = len(samples), len(ws.dataset_info(dataset)["classes"])
-    position = hist["key"].map(dict(zip(samples["key"], range(n))))
-    hist = hist[position.notna()]
-    times, mean_loss = selection_stats(hist["selected"].to_numpy(bool), hist["loss"].to_numpy(np.float64, na_value=np.nan),
-                                       position.dropna().to_numpy(np.int64), n)
-    scores = load_scores(ws, dataset, encoder)
-    if scores is None:
-        log.warning("no scores of %s under %s: ranking by times selected only, no noisy region excluded",
-                    dataset, encoder)
-        joint, region = np.zeros(n), np.full(n, None, dtype=object)
-    else:
-        s = samples[["key"]].merge(scores[["key", "joint", "region"]], on="key", how="left")
-        joint, region = s["joint"].fillna(0.0).to_numpy(np.float64), s["region"].to_numpy(object)
-    labels = samples["label"].to_numpy(np.int64)
-    noisy = region == REGIONS[NOISY]
-    chosen = select_coreset(labels, num_classes, noisy, times, joint, budget)
+    with ws.lock(run["dataset"], shared=True, holder=f"dds export {run_id}"):   # the data stays as checked
+        check_run_data(ws, run)
+        dataset, encoder = run["dataset"], run["config"].get("encoder", "lite0-minilm")
+        samples = load_train_samples(ws, dataset)
+        hist = load_history(ws, run_id)
+        if not len(hist):
+            raise DdsError(f"run {run_id} has no epochs in its history yet; export it after its first epoch")
+        n, num_classes = len(samples), len(ws.dataset_info(dataset)["classes"])
+        position = hist["key"].map(dict(zip(samples["key"], range(n))))
+        hist = hist[position.notna()]
+        times, mean_loss = selection_stats(hist["selected"].to_numpy(bool),
+                                           hist["loss"].to_numpy(np.float64, na_value=np.nan),
+                                           position.dropna().to_numpy(np.int64), n)
+        scores = load_scores(ws, dataset, encoder)
+        if scores is None:
+            log.warning("no scores of %s under %s: ranking by times selected only, no noisy region excluded",
+                        dataset, encoder)
+            joint, region = np.zeros(n), np.full(n, None, dtype=object)
+        else:
+            s = samples[["key"]].merge(scores[["key", "joint", "region"]], on="key", how="left")
+            joint, region = s["joint"].fillna(0.0).to_numpy(np.float64), s["region"].to_numpy(object)
+        labels = samples["label"].to_numpy(np.int64)
+        noisy = region == REGIONS[NOISY]
+        chosen = select_coreset(labels, num_classes, noisy, times, joint, budget)
 
-    table = pa.table({"key": pa.array(samples["key"].to_numpy()[chosen].astype(str)),
-                      "label": pa.array(labels[chosen].astype(np.int32)),
-                      "weight": pa.array(coreset_weights(labels, chosen, num_classes, weighting)),
-                      "region": pa.array(region[chosen].tolist(), pa.string()),
-                      "times_selected": pa.array(times[chosen].astype(np.int32)),
-                      "mean_loss": pa.array(mean_loss[chosen].astype(np.float32), mask=np.isnan(mean_loss[chosen]))})
-    write_parquet(out, table)
-    written = write_subset_shards(ws, dataset, samples, table["key"].to_pylist(), shards,
-                                  shard_size=shard_size) if shards else []
-    return {"out": str(out), "samples": len(chosen), "of": n, "budget": float(budget),
-            "per_class": np.bincount(labels[chosen], minlength=num_classes).tolist(),
-            "noisy_included": int(noisy[chosen].sum()), "weighting": weighting,
-            "shards": written}
+        table = pa.table({"key": pa.array(samples["key"].to_numpy()[chosen].astype(str)),
+                          "label": pa.array(labels[chosen].astype(np.int32)),
+                          "weight": pa.array(coreset_weights(labels, chosen, num_classes, weighting)),
+                          "region": pa.array(region[chosen].tolist(), pa.string()),
+                          "times_selected": pa.array(times[chosen].astype(np.int32)),
+                          "mean_loss": pa.array(mean_loss[chosen].astype(np.float32),
+                                                mask=np.isnan(mean_loss[chosen]))})
+        write_parquet(out, table)
+        written = write_subset_shards(ws, dataset, samples, table["key"].to_pylist(), shards,
+                                      shard_size=shard_size) if shards else []
+        return {"out": str(out), "samples": len(chosen), "of": n, "budget": float(budget),
+                "per_class": np.bincount(labels[chosen], minlength=num_classes).tolist(),
+                "noisy_included": int(noisy[chosen].sum()), "weighting": weighting,
+                "shards": written}

@@ -299,9 +299,11 @@ def _checkpoint_bytes(**state: Any) -> bytes:
     return buf.getvalue()
 
 
-def _read_checkpoint(path: Path, what: str) -> dict[str, Any]:
+def _read_checkpoint(source: Path | bytes, what: str) -> dict[str, Any]:
+    """A checkpoint from its file or its bytes already read."""
     try:  # weights_only: tensors, containers and scalars only, so a crafted file cannot run code
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu",
+                          weights_only=True)
     except Exception as e:  # torch raises UnpicklingError or RuntimeError for files it refuses
         raise DdsError(f"{what} is not a dds checkpoint ({type(e).__name__})") from None
 
@@ -326,15 +328,16 @@ def _load_checkpoint(ws: Workspace, run_id: str) -> dict[str, Any] | None:
         return None
     side = path.with_suffix(".json")
     refuse = f"so run '{run_id}' cannot be resumed; start a new run"
+    data = path.read_bytes()   # read once: hashed, then loaded
     if side.exists():
         try:
             sums = json.loads(side.read_text())
         except (OSError, ValueError):
             raise DdsError(f"{side} is unreadable, so checkpoint {path} cannot be verified; {refuse}") from None
-        if hashlib.sha256(path.read_bytes()).hexdigest() not in (sums.get("sha256"), sums.get("previous")):
+        if hashlib.sha256(data).hexdigest() not in (sums.get("sha256"), sums.get("previous")):
             raise DdsError(f"checkpoint {path} is not a dds checkpoint as written: its sha256 differs from the one "
                            f"in {side.name} (damaged or changed since), {refuse}")
-    state = _read_checkpoint(path, f"checkpoint of run '{run_id}' (it cannot be resumed)")
+    state = _read_checkpoint(data, f"checkpoint of run '{run_id}' (it cannot be resumed)")
     if not side.exists() and "card" in state:  # written with a checksum: its sidecar must be there
         raise DdsError(f"{side} is missing, so checkpoint {path} cannot be verified; {refuse}")
     return state
