@@ -16,8 +16,7 @@ This package imports no torch.
 """
 from typing import Any
 
-from dds.selector._base import (AUG_LEVELS, UNLABELED, EpochPlan, Policy, SampleInfo, get_policy, list_policies,
-                                register_policy)
+from dds.selector._base import AUG_LEVELS, EpochPlan, Policy, SampleInfo, get_policy, list_policies, register_policy
 from dds.selector._scores import embedding_scores, workspace_scores
 from dds.selector._selector import Selector, synthetic_info
 from dds.tables import REGIONS, STATUSES, encode_regions, encode_status
@@ -29,7 +28,7 @@ from dds.selector._ucb import UcbConfig  # noqa: E402
 from dds.selector._dds import DdsConfig  # noqa: E402
 
 __all__ = [
-    "AUG_LEVELS", "UNLABELED", "REGIONS", "STATUSES", "SampleInfo", "EpochPlan", "Selector", "Policy", "register_policy", "list_policies",
+    "AUG_LEVELS", "REGIONS", "STATUSES", "SampleInfo", "EpochPlan", "Selector", "Policy", "register_policy", "list_policies",
     "get_policy", "encode_regions", "encode_status", "synthetic_info", "DropIn", "workspace_scores",
     "embedding_scores",
     "BudgetedConfig", "FullConfig", "RandomConfig", "InfoBatchConfig", "UcbConfig", "DdsConfig",

@@ -17,9 +17,6 @@ from dds.tables import REGIONS, RELABEL, STATUSES
 
 #: ``EpochPlan.aug`` codes: 0 = base augmentation, k in 1..AUG_LEVELS = strong at magnitude k / AUG_LEVELS.
 AUG_LEVELS = 4
-#: ``EpochPlan.labels`` value of a sample trained without its given label: on the model's pseudo-label of a
-#: weak (base) view, computed without gradient, when its confidence reaches ``EpochPlan.pseudo_threshold``.
-UNLABELED = -1
 
 
 @dataclass(frozen=True)
@@ -114,12 +111,7 @@ class EpochPlan:
         aug: (M,) uint8, 0 = base augmentation, k in 1..AUG_LEVELS = strong augmentation at
             magnitude k / AUG_LEVELS.
         labels: (M,) int64 label each planned sample is trained on, or None for the dataset's
-            labels (``dds`` sets it when it trains relabelled samples on their corrected label);
-            :data:`UNLABELED` marks a sample trained on its pseudo-label (see the constant).
-        pseudo_threshold: the confidence (largest softmax probability on the weak view) an UNLABELED
-            sample's pseudo-label needs to be trained on; below it the sample's loss weight is 0.
-        extra_steps: sample-steps charged to the budget on top of the M trained samples: the cost of
-            the UNLABELED samples' no-grad weak-view forwards.
+            labels (``dds`` sets it when it trains relabelled samples on their corrected label).
     """
 
     epoch: int
@@ -127,8 +119,6 @@ class EpochPlan:
     weights: np.ndarray
     aug: np.ndarray
     labels: np.ndarray | None = None
-    pseudo_threshold: float = 1.0
-    extra_steps: int = 0
 
     def __post_init__(self) -> None:
         m = self.indices.shape
@@ -143,16 +133,14 @@ class EpochPlan:
 
 
 def make_plan(epoch: int, indices: np.ndarray, weights: np.ndarray | float = 1.0,
-              aug: np.ndarray | None = None, labels: np.ndarray | None = None, *,
-              pseudo_threshold: float = 1.0, extra_steps: int = 0) -> EpochPlan:
+              aug: np.ndarray | None = None, labels: np.ndarray | None = None) -> EpochPlan:
     """Build an ``EpochPlan`` with the contract dtypes (weights may be a scalar, aug defaults to 0,
     labels to None = the dataset's labels)."""
     idx = np.asarray(indices, dtype=np.int64)
     w = np.broadcast_to(np.asarray(weights, dtype=np.float32), idx.shape).copy()
     a = np.zeros(idx.shape, np.uint8) if aug is None else np.asarray(aug, dtype=np.uint8)
     y = None if labels is None else np.asarray(labels, dtype=np.int64)
-    return EpochPlan(epoch=int(epoch), indices=idx, weights=w, aug=a, labels=y,
-                     pseudo_threshold=float(pseudo_threshold), extra_steps=int(extra_steps))
+    return EpochPlan(epoch=int(epoch), indices=idx, weights=w, aug=a, labels=y)
 
 
 def anneal_start(epochs: int, delta: float, *, strict: bool = False) -> int:
@@ -208,12 +196,9 @@ class Policy:
         """The plan of ``epoch``; ``spent_before`` = sample-steps planned for the epochs before it."""
         raise NotImplementedError
 
-    def observe(self, indices: np.ndarray, losses: np.ndarray, aug: np.ndarray | None = None,
-                targets: np.ndarray | None = None) -> None:
+    def observe(self, indices: np.ndarray, losses: np.ndarray, aug: np.ndarray | None = None) -> None:
         """Record validated per-sample losses: (K,) int64 indices, (K,) float32 losses and, when the
-        caller knows them, the (K,) uint8 augmentation codes the losses were measured under and the
-        (K,) int64 labels they were measured against (an UNLABELED sample's pseudo-label; -1 where it
-        was below the plan's ``pseudo_threshold``)."""
+        caller knows them, the (K,) uint8 augmentation codes the losses were measured under."""
 
     def status(self) -> np.ndarray | None:
         """(N,) int8 codes into ``STATUSES``: how the policy treats each sample's label now, or None
@@ -300,8 +285,7 @@ def check_bool(name: str, value: Any) -> bool:
 class LossPolicy(Policy):
     """A policy whose whole state is a per-sample training-loss tracker ``self._loss`` (``LossEma``)."""
 
-    def observe(self, indices: np.ndarray, losses: np.ndarray, aug: np.ndarray | None = None,
-                targets: np.ndarray | None = None) -> None:
+    def observe(self, indices: np.ndarray, losses: np.ndarray, aug: np.ndarray | None = None) -> None:
         self._loss.update(indices, losses)
 
     def state_dict(self) -> dict:

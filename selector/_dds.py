@@ -9,33 +9,28 @@ Each epoch is one of three phases (every constant is a :class:`DdsConfig` field)
   ``lnorm`` the normalised loss EMA (:data:`LOSS_NORMS`); the ``noisy`` region's ``pi`` is scaled by
   ``noisy_weight``; with ``class_balance`` each class gets its size's share, else one global draw;
 * optional strong augmentation of selected clean samples (``strong_aug``), its magnitude from
-  :func:`aug_codes`; strong views' losses are deflated (:func:`deflate_strong`) so augmentation alone
-  does not raise a sample's selection probability.
+  :func:`aug_codes`, or with ``strong_aug=gap`` from the held-out gap (:func:`gap_codes`): two random
+  probe sets of clean samples ride along every pruned epoch, one trained (the anchor), one measured
+  at weight 0 (held out), and strong views grow as the anchor's loss falls below the held-out one;
+  strong views' losses are deflated (:func:`deflate_strong`) so augmentation alone does not raise a
+  sample's selection probability.
 
 ``noise_handling`` applies the static verdict of ``dds index``: ``relabel`` samples train on
-``label_fixed`` and are never strongly augmented, ``suppress`` samples count as ``noisy`` (suspects).
-With ``suspects=unlabeled`` the suspects are not dropped from the pruned epochs but trained as unlabeled
-data (FixMatch, Sohn et al. 2020): each pruned epoch draws their share of the epoch uniformly, plans
-them ``UNLABELED`` with a strong view, and the trainer uses the model's pseudo-label of a weak view
-where its confidence reaches the epoch's ``pseudo_threshold``, the mean confidence the model gave the
-trusted labels of the previous epoch's base views (:func:`pseudo_threshold`). The weak forwards are
-charged to the budget (``extra_steps``, ``forward_cost`` each). A suspect whose confident pseudo-label
-names its given label ``unsuspect_after`` times in a row is clean again (:func:`agreement_counts`).
-Warm-up and annealing are charged at their real size and the pruned epochs share the rest of the
-budget; what the schedule cannot spend shows in ``spent()``. Details and the reasons: docs/selector.md, "Design
+``label_fixed`` and are never strongly augmented, ``suppress`` samples count as ``noisy``. Warm-up and
+annealing are charged at their real size and the pruned epochs share the rest of the budget; what
+the schedule cannot spend shows in ``spent()``. Details and the reasons: docs/selector.md, "Design
 notes: selector/_dds.py".
 """
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from dds.errors import DdsError
-from dds.selector._base import (AUG_LEVELS, UNLABELED, EpochPlan, LossPolicy, anneal_start, check_bool, check_int,
-                                check_real, make_plan, register_policy)
+from dds.selector._base import (AUG_LEVELS, EpochPlan, LossPolicy, anneal_start, check_bool, check_int, check_real, make_plan,
+                                register_policy)
 from dds.selector._core import (ClassLayout, LossEma, capped_quotas, even_sizes, power_, sampling_keys, shuffle_order,
                                 shuffle_values, shuffled, top_k_mask, uniform_keys)
 from dds.tables import AUGMENT, CLEAN, NOISY, RELABEL, SUPPRESS
@@ -45,7 +40,6 @@ log = logging.getLogger(__name__)
 STRONG_AUG = ("gap", "top_q", "region", "all", "none")
 LOSS_RESCALE = ("none", "const", "is")
 NOISE_HANDLING = ("relabel", "suppress", "off")
-SUSPECTS = ("drop", "unlabeled")
 UNSEEN = ("mean", "max")
 AUG_BITS = AUG_LEVELS.bit_length()   # bits of a plan aug code
 PROBE_MIN = 50   # strong_aug=gap: smallest probe set (held out, anchor) where the data allows
@@ -70,6 +64,7 @@ class DdsConfig:
     sharpness: float = 4.0              # tau: samples drawn with probability ∝ pi**tau (large = greedy top-pi)
     strong_aug: str = "none"            # who gets strong augmentation: none | gap | top_q | region | all
     probe_fraction: float = 0.02        # strong_aug=gap: share of the clean samples in each probe set (held out, anchor)
+    gap_full: float = 1.0               # strong_aug=gap: the held-out gap at which views reach full strength
     aug_fraction: float = 0.5           # q: share of each pruned selection augmented when strong_aug = top_q
     aug_strength: float = 1.0           # largest strong-augmentation magnitude in [0, 1] (see aug_codes)
     loss_rescale: str = "none"          # pruned-epoch loss weights: none (1) | const (N/size) | is (importance)
@@ -77,9 +72,6 @@ class DdsConfig:
     noise_handling: str = "relabel"     # label verdict: relabel (train on label_fixed) | suppress | off
     class_balance: bool = False         # pruned epochs: class quotas by class size (false: one global draw)
     loss_norm: str = "rank"             # loss EMA -> [0, 1]: rank (percentile among observed clean samples) | minmax
-    suspects: str = "drop"              # suppressed samples in pruned epochs: drop | unlabeled (pseudo-labels)
-    unsuspect_after: int = 2            # confident pseudo-labels naming the given label, in a row, that clear a suspect (0 = never)
-    forward_cost: float = 0.25          # a no-grad forward's cost in training steps, charged per unlabeled sample
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -97,9 +89,8 @@ class DdsConfig:
         set_(self, "aug_strength", check_real("aug_strength", self.aug_strength, 0.0, 1.0))
         set_(self, "is_clip", check_real("is_clip", self.is_clip, 1.0))
         set_(self, "probe_fraction", check_real("probe_fraction", self.probe_fraction, 0.0, 0.25, lo_open=True))
-        set_(self, "unsuspect_after", check_int("unsuspect_after", self.unsuspect_after, 0))
-        set_(self, "forward_cost", check_real("forward_cost", self.forward_cost, 0.0, 1.0))
-        for name, choices in (("strong_aug", STRONG_AUG), ("loss_rescale", LOSS_RESCALE), ("suspects", SUSPECTS),
+        set_(self, "gap_full", check_real("gap_full", self.gap_full, 0.0, 1.0, lo_open=True))
+        for name, choices in (("strong_aug", STRONG_AUG), ("loss_rescale", LOSS_RESCALE),
                               ("noise_handling", NOISE_HANDLING), ("unseen", UNSEEN), ("loss_norm", tuple(LOSS_NORMS))):
             if getattr(self, name) not in choices:
                 raise DdsError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
@@ -238,14 +229,15 @@ def held_out_gap(held_out: np.ndarray, anchor: np.ndarray) -> float | None:
     return 0.0 if h <= 0 else max(0.0, 1.0 - float(anchor.astype(np.float64).mean()) / h)
 
 
-def gap_codes(gap: float, suitability: np.ndarray, phase: int, strength: float) -> np.ndarray:
-    """Plan aug codes of ``strong_aug=gap``: ``round(AUG_LEVELS * strength * gap * s)`` in pruned epochs
-    (phase 1), 0 in warm-up and annealing; ``s`` in [0, 1] is each sample's suitability (0 for
-    suspects and relabelled samples, else its joint score's percentile within its class).
+def gap_codes(gap: float, suitability: np.ndarray, phase: int, strength: float, full: float = 1.0) -> np.ndarray:
+    """Plan aug codes of ``strong_aug=gap``: ``round(AUG_LEVELS * strength * min(gap / full, 1) * s)`` in
+    pruned epochs (phase 1), 0 in warm-up and annealing; ``s`` in [0, 1] is each sample's suitability
+    (0 for suspects and relabelled samples, else its joint score's percentile within its class) and
+    ``full`` the gap at which the views reach full strength.
 
     A pure function of the held-out gap (:func:`held_out_gap`), the samples' suitability and the epoch's
     phase: short runs, whose gap stays small, keep base views (the rounding leaves a gap below
-    ``1 / (2 * AUG_LEVELS)`` at 0); long runs that memorise get strong views, sparse and consistent
+    ``full / (2 * AUG_LEVELS)`` at 0); long runs that memorise get strong views, sparse and consistent
     samples first.
 
     Returns:
@@ -253,7 +245,7 @@ def gap_codes(gap: float, suitability: np.ndarray, phase: int, strength: float) 
     """
     if phase != 1 or gap <= 0:
         return np.zeros(suitability.shape[0], np.uint8)
-    mag = np.clip(np.float32(strength * gap) * suitability, 0.0, 1.0)
+    mag = np.clip(np.float32(strength * min(gap / full, 1.0)) * suitability, 0.0, 1.0)
     return np.rint(mag * AUG_LEVELS).astype(np.uint8)
 
 
@@ -281,47 +273,6 @@ def deflate_strong(losses: np.ndarray, aug: np.ndarray) -> np.ndarray:
         factor = max(float(losses[at].mean()) / max(mean_base, 1e-12), 1.0)
         out[at] /= np.float32(factor)
     return out
-
-
-def pseudo_threshold(losses: np.ndarray) -> float | None:
-    """The confidence a pseudo-label needs: the model's mean probability of the trusted label,
-    ``mean(exp(-loss))``, over labelled base-view losses (the previous epoch's); None without any.
-
-    It follows the model: low while it learns (pseudo-labels are taken as readily as its own labelled
-    predictions are right), high once it is sure of the data it trusts. FreeMatch (Wang et al., ICLR
-    2023) sets its threshold from the model's confidence the same way, on the unlabelled data.
-    """
-    if losses.size == 0:
-        return None
-    return float(np.exp(-losses.astype(np.float64)).mean())
-
-
-def agreement_counts(counts: np.ndarray, targets: np.ndarray, given: np.ndarray) -> np.ndarray:
-    """Consecutive confident pseudo-labels naming the given label, after one more observation each.
-
-    Args:
-        counts: (K,) int counts so far; targets: (K,) pseudo-labels, -1 where not confident;
-        given: (K,) the samples' given labels.
-
-    Returns:
-        (K,) int16: ``counts + 1`` where the pseudo-label names the given label, 0 where it names
-        another, unchanged where it was not confident.
-    """
-    out = np.asarray(counts, np.int16).copy()
-    agree = targets == given
-    out[agree] += 1
-    out[(targets >= 0) & ~agree] = 0
-    return out
-
-
-def unlabeled_split(cost: int, suspects: int, n: int, forward_cost: float) -> tuple[int, int]:
-    """``(u, extra)``: the unlabeled samples of a pruned epoch of ``cost`` sample-steps and the
-    sample-steps their weak forwards cost; suspects get their share ``suspects / n`` of the epoch's
-    samples, each charged ``1 + forward_cost``; the labelled samples get ``cost - u - extra``."""
-    if suspects == 0 or cost <= 0:
-        return 0, 0
-    u = min(suspects, int(round(cost * suspects / n / (1.0 + forward_cost))))
-    return u, int(math.ceil(u * forward_cost))
 
 
 def noise_masks(info, handling: str) -> tuple[np.ndarray, np.ndarray]:
@@ -363,27 +314,34 @@ class DdsPolicy(LossPolicy):
         super().__init__(info, cfg, epochs=epochs, total=total)
         lay = self._layout = ClassLayout(info.labels, info.num_classes)
         noisy, relabel = noise_masks(info, cfg.noise_handling)
-        self._relabel = relabel
+        self._status = (np.where(noisy, SUPPRESS, np.where(relabel, RELABEL, CLEAN)).astype(np.int8)
+                        if noisy.any() or relabel.any() else None)
         self._label_used = np.where(relabel, info.label_fixed, info.labels) if relabel.any() else None
+        self._clean_idx = np.flatnonzero(~noisy)
+        # strong_aug=gap: the probe sets, planned apart from the draw (never drawn)
+        self._held, self._anchor = self._probes(~noisy & ~relabel) if cfg.strong_aug == "gap" else (None, None)
+        self._gap: float | None = None                  # the latest held_out_gap
+        probe_l = np.zeros(info.n, bool)
+        if self._held is not None:
+            probe_l[lay.slot[np.concatenate([self._held, self._anchor])]] = True
+        self._noisy_l = noisy[lay.order]
+        self._no_strong_l = (noisy | relabel)[lay.order]   # suspects are never strongly augmented
+        self._exclude_l = np.where(self._noisy_l, np.float32(np.inf), np.float32(0))
         joint = np.ones(info.n, np.float32) if info.joint is None else info.joint   # no scores: loss only
         self._joint_l = joint[lay.order]
         self._region_l = None if info.region is None else info.region[lay.order]
+        # strong-augmentation ranking: joint's float32 bits (monotone for x >= 0) + 1; suspects = 0 (never)
+        self._jkey_l = np.where(self._no_strong_l, 0, (self._joint_l + np.float32(0)).view(np.uint32) + 1)
+        mult_l = np.where(self._noisy_l, np.float32(cfg.noisy_weight), np.float32(1))
+        mult_l[probe_l] = 0
         prior_l = self._joint_l ** np.float32(cfg.prior_weight) if cfg.prior_weight != 1 else self._joint_l
-        self._prior_l = prior_l
-        # suitability for strong views: joint's percentile within its class (without scores: all 1)
-        self._pct_l = class_percentile(self._joint_l, lay) if info.joint is not None else np.ones(info.n, np.float32)
-        self._has_status = bool(noisy.any() or relabel.any())
-        self._unlabeled = cfg.suspects == "unlabeled" and cfg.noisy_weight == 0
-        self._held, self._anchor = self._probes(~noisy & ~relabel) if cfg.strong_aug == "gap" else (None, None)
-        self._probe_l = np.zeros(info.n, bool)
-        if self._held is not None:
-            self._probe_l[lay.slot[np.concatenate([self._held, self._anchor])]] = True
-        self._gap: float | None = None                  # the latest held_out_gap
-        self._set_suspects(noisy)
-        self._agree = np.zeros(info.n, np.int16)        # agreement_counts of each suspect
-        self._planned_u = np.zeros(info.n, bool)        # planned UNLABELED in the latest plan
-        self._tau: float | None = None                  # the latest pseudo_threshold
-        self._base_losses: list[np.ndarray] = []        # labelled base-view losses since the latest plan
+        self._jm_l = prior_l * mult_l                     # pi = jm * loss_term + em
+        # suitability for strong views: joint's percentile within its class (without scores: 1); suspects 0
+        pct_l = class_percentile(self._joint_l, lay) if info.joint is not None else np.ones(info.n, np.float32)
+        self._suit_l = np.where(self._no_strong_l, np.float32(0), pct_l)
+        self._em_l = np.float32(cfg.eps) * mult_l
+        eligible = (~self._noisy_l if cfg.noisy_weight == 0 else np.ones(info.n, bool)) & ~probe_l
+        self._cap = lay.class_counts(eligible)          # pi > 0 exactly on these when eps > 0
         self._loss = LossEma(info.n, momentum=cfg.loss_momentum, slot=lay.slot)
         self._phase, self._sizes = self._schedule()
         self._ramp = augment_ramp(self._phase)
@@ -391,35 +349,15 @@ class DdsPolicy(LossPolicy):
 
     def _probes(self, clean: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """``(held_out, anchor)``: two disjoint random sets of ``probe_fraction`` of the clean samples, at
-        least ``PROBE_MIN`` (a tenth of them on small sets; None, None with fewer than 20 clean samples). In every pruned epoch the anchor is trained and
-        the held-out set measured (planned at weight 0), both on base views: :func:`held_out_gap`."""
+        least ``PROBE_MIN`` (a tenth of them on small sets; None, None with fewer than 20 clean samples).
+        In every pruned epoch the anchor is trained and the held-out set measured (planned at weight 0),
+        both on base views: :func:`held_out_gap`."""
         pool = np.flatnonzero(clean)
         if pool.size < 20:
             return None, None
         k = max(min(PROBE_MIN, pool.size // 10), int(round(self.cfg.probe_fraction * pool.size)))
         pick = np.random.default_rng([0x9A9, self.info.n]).permutation(pool)
         return np.sort(pick[:k]), np.sort(pick[k:2 * k])
-
-    def _set_suspects(self, noisy: np.ndarray) -> None:
-        """Everything that follows from the (N,) suspect mask: status, the clean samples, and the
-        selection arrays in class layout (suspects: scale excluded, pi times ``noisy_weight``, no strong view)."""
-        cfg, lay = self.cfg, self._layout
-        self._suspect = noisy
-        self._status = (np.where(noisy, SUPPRESS, np.where(self._relabel, RELABEL, CLEAN)).astype(np.int8)
-                        if self._has_status else None)
-        self._clean_idx = np.flatnonzero(~noisy)
-        self._noisy_l = noisy[lay.order]
-        self._no_strong_l = (noisy | self._relabel)[lay.order]   # suspects are never strongly augmented
-        self._exclude_l = np.where(self._noisy_l, np.float32(np.inf), np.float32(0))
-        # strong-augmentation ranking: joint's float32 bits (monotone for x >= 0) + 1; suspects = 0 (never)
-        self._jkey_l = np.where(self._no_strong_l, 0, (self._joint_l + np.float32(0)).view(np.uint32) + 1)
-        mult_l = np.where(self._noisy_l, np.float32(cfg.noisy_weight), np.float32(1))
-        mult_l[self._probe_l] = 0                               # probes are planned apart, never drawn
-        self._jm_l = self._prior_l * mult_l                     # pi = jm * loss_term + em
-        self._suit_l = np.where(self._no_strong_l, np.float32(0), self._pct_l)
-        self._em_l = np.float32(cfg.eps) * mult_l
-        eligible = (~self._noisy_l if cfg.noisy_weight == 0 else np.ones(self.info.n, bool)) & ~self._probe_l
-        self._cap = lay.class_counts(eligible)          # pi > 0 exactly on these when eps > 0
 
     # ---- budget -> phases and sizes ----
 
@@ -466,48 +404,12 @@ class DdsPolicy(LossPolicy):
 
     def plan(self, epoch: int, rng: np.random.Generator, *, spent_before: int) -> EpochPlan:
         phase = self._phase[epoch]
-        self._planned_u[:] = False
-        if self._base_losses:   # the threshold of the pseudo-labels: the latest epoch's labelled confidence
-            self._tau = pseudo_threshold(np.concatenate(self._base_losses))
-            self._base_losses = []
         if phase == 0:
             return self._labelled(make_plan(epoch, shuffle_order(self.info.n, rng)))
         if phase == 2:
             base = self._clean_idx if self.cfg.anneal_exclude_noisy else np.arange(self.info.n)
             return self._labelled(make_plan(epoch, shuffled(base, rng)))
-        if self._unlabeled:
-            return self._with_unlabeled(epoch, rng, spent_before)
         return self._pruned(epoch, rng, int(self._sizes[epoch]))
-
-    def _with_unlabeled(self, epoch: int, rng: np.random.Generator, spent_before: int) -> EpochPlan:
-        """A pruned epoch with suspects as unlabeled data: suspects that kept agreeing are cleared
-        first, the epoch's cost is re-split from what is left of the budget (clearing changes the
-        annealing's size), the suspects get their share (:func:`unlabeled_split`) at strong views."""
-        cleared = self._suspect & (self._agree >= self.cfg.unsuspect_after) if self.cfg.unsuspect_after else None
-        if cleared is not None and cleared.any():
-            self._set_suspects(self._suspect & ~cleared)
-            log.info("dds: %d suspects cleared by their pseudo-labels", int(cleared.sum()))
-        later = self._phase[epoch:]
-        n_anneal = int(self._clean_idx.size) if self.cfg.anneal_exclude_noisy else self.info.n
-        rest = self.total - spent_before - int(np.count_nonzero(later == 2)) * n_anneal
-        cost = int(even_sizes(max(rest, 0), int(np.count_nonzero(later == 1)), cap=self.info.n)[0])
-        pool = np.flatnonzero(self._suspect)
-        u, extra = unlabeled_split(cost, pool.size, self.info.n, self.cfg.forward_cost) if self._tau else (0, 0)
-        self._sizes[epoch] = cost - extra
-        self._sizes[np.flatnonzero(self._phase == 2)] = n_anneal
-        plan = self._pruned(epoch, rng, cost - u - extra)
-        if u == 0:
-            return plan
-        picked = np.sort(rng.choice(pool, size=u, replace=False))
-        self._planned_u[picked] = True
-        code = aug_codes(np.ones(1, np.float32), 1.0, self.cfg.aug_strength)[0]
-        labels = plan.labels if plan.labels is not None else self.info.labels[plan.indices]
-        order = shuffle_order(len(plan) + u, rng)
-        cat = np.concatenate
-        return make_plan(epoch, cat([plan.indices, picked])[order], cat([plan.weights, np.ones(u, np.float32)])[order],
-                         cat([plan.aug, np.full(u, code, np.uint8)])[order],
-                         cat([labels, np.full(u, UNLABELED, np.int64)])[order],
-                         pseudo_threshold=self._tau, extra_steps=extra)
 
     def _pruned(self, epoch: int, rng: np.random.Generator, size: int) -> EpochPlan:
         """A pruned epoch of ``size`` labelled samples drawn by ``pi`` (see the module docstring), the
@@ -531,7 +433,7 @@ class DdsPolicy(LossPolicy):
             keys_l[zero] = (uniform_keys(int(zero.sum()), rng) >> 9) | 1   # in [1, 2**23): below positive keys
             pos = lay.select(keys_l, quotas)
         if self.cfg.strong_aug == "gap":
-            aug = gap_codes(self._gap or 0.0, self._suit_l[pos], 1, self.cfg.aug_strength)
+            aug = gap_codes(self._gap or 0.0, self._suit_l[pos], 1, self.cfg.aug_strength, self.cfg.gap_full)
             log.info("dds: held-out gap %.3f, %.0f%% of the selection at strong views", self._gap or 0.0,
                      100.0 * np.count_nonzero(aug) / max(aug.size, 1))
         else:
@@ -568,21 +470,11 @@ class DdsPolicy(LossPolicy):
             return lt
         return self._jm_l * np.float32(lt) + self._em_l
 
-    def observe(self, indices: np.ndarray, losses: np.ndarray, aug: np.ndarray | None = None,
-                targets: np.ndarray | None = None) -> None:
+    def observe(self, indices: np.ndarray, losses: np.ndarray, aug: np.ndarray | None = None) -> None:
         """Losses corrected for the augmentation (:func:`deflate_strong`): a loss measured on a strongly
         augmented view is higher because of the view, and would otherwise raise the sample's
-        selection probability and with it its next strong view. The latest plan's UNLABELED samples
-        update only their agreement counts (from ``targets``), not the loss EMA nor the threshold."""
-        unl = self._planned_u[indices]
-        if unl.any():
-            if targets is not None:
-                at = indices[unl]
-                self._agree[at] = agreement_counts(self._agree[at], targets[unl], self.info.labels[at])
-            keep = ~unl
-            indices, losses, aug = indices[keep], losses[keep], None if aug is None else aug[keep]
-        if self._unlabeled:
-            self._base_losses.append(losses if aug is None else losses[aug == 0])
+        selection probability and with it its next strong view. With ``strong_aug=gap`` the probes'
+        losses update the held-out gap."""
         if self._held is not None:
             gap = held_out_gap(losses[np.isin(indices, self._held)], losses[np.isin(indices, self._anchor)])
             if gap is not None:   # averaged with the previous estimate: a few dozen losses each are noisy
@@ -593,24 +485,12 @@ class DdsPolicy(LossPolicy):
         state = {"loss": self._loss.state_dict()}
         if self._held is not None:
             state["gap"] = -1.0 if self._gap is None else self._gap
-        if self._unlabeled:
-            state.update(suspect=self._suspect.copy(), agree=self._agree.copy(), planned_u=self._planned_u.copy(),
-                         sizes=self._sizes.copy(), tau=-1.0 if self._tau is None else self._tau,
-                         base_losses=np.concatenate(self._base_losses) if self._base_losses else np.zeros(0, np.float32))
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self._loss.load_state_dict(state["loss"])
         if self._held is not None and "gap" in state:
             self._gap = None if float(state["gap"]) < 0 else float(state["gap"])
-        if self._unlabeled and "suspect" in state:
-            self._set_suspects(np.asarray(state["suspect"], bool).copy())
-            self._agree = np.asarray(state["agree"], np.int16).copy()
-            self._planned_u = np.asarray(state["planned_u"], bool).copy()
-            self._sizes = np.asarray(state["sizes"], np.int64).copy()
-            self._tau = None if float(state["tau"]) < 0 else float(state["tau"])
-            base = np.asarray(state["base_losses"], np.float32)
-            self._base_losses = [base] if base.size else []
 
     def _strong(self, pos: np.ndarray) -> np.ndarray:
         """(M,) uint8 strong-augmentation flags of the selected layout positions (never suspects)."""

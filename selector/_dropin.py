@@ -70,9 +70,6 @@ class DropIn(Dataset):
         if getattr(self.selector.config, "strong_aug", "none") != "none":
             raise DdsError("DropIn trains on the dataset's own transforms; strong_aug needs `dds train` "
                            "(leave strong_aug at none)")
-        if getattr(self.selector.config, "suspects", "drop") != "drop":
-            raise DdsError("DropIn trains on the dataset's labels; suspects=unlabeled needs `dds train`, which "
-                           "computes pseudo-labels (leave suspects at drop)")
         self._dist = _check_dist(rank, world_size)
         status = self.selector.status()
         relabel = None if status is None else status == RELABEL

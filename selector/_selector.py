@@ -82,7 +82,6 @@ class Selector:
                            "sample-steps (below one sample per epoch); raise the budget or the epochs")
         self._policy = cls(info, self.config, epochs=self.epochs, total=total)
         self._sizes = np.full(self.epochs, -1, np.int64)      # planned size per epoch, -1 = not planned
-        self._extra = np.zeros(self.epochs, np.int64)         # extra_steps of each planned epoch
 
     @property
     def total_sample_steps(self) -> int:
@@ -96,16 +95,15 @@ class Selector:
         """
         epoch = self._check_epoch(epoch)
         rng = np.random.default_rng([self.seed, epoch])
-        spent_before = int(self._sizes[:epoch][self._sizes[:epoch] >= 0].sum() + self._extra[:epoch].sum())
+        spent_before = int(self._sizes[:epoch][self._sizes[:epoch] >= 0].sum())
         plan = self._policy.plan(epoch, rng, spent_before=spent_before)
-        self._sizes[epoch], self._extra[epoch] = len(plan), plan.extra_steps
-        cost = len(plan) + plan.extra_steps
-        if self.follows_budget and spent_before + cost > self.total_sample_steps >= spent_before:
+        self._sizes[epoch] = len(plan)
+        if self.follows_budget and spent_before + len(plan) > self.total_sample_steps >= spent_before:
             log.warning("policy %s planned more than its budget of %d sample-steps", self.policy,
                         self.total_sample_steps)
         return plan
 
-    def observe(self, indices: Any, losses: Any, aug: Any = None, targets: Any = None) -> None:
+    def observe(self, indices: Any, losses: Any, aug: Any = None) -> None:
         """Record per-sample training losses (unweighted CE, ``reduction='none'``).
 
         Args:
@@ -113,9 +111,6 @@ class Selector:
             losses: (K,) float losses of those samples.
             aug: optional (K,) augmentation codes the losses were measured under (the plan's ``aug``);
                 ``dds`` does not let a loss measured on a strongly augmented view move its selection.
-            targets: optional (K,) labels the losses were measured against: for a plan's UNLABELED
-                samples their pseudo-labels, -1 where below the plan's ``pseudo_threshold``
-                (``dds`` un-suspects a sample whose pseudo-label keeps naming its given label).
 
         May be called several times per epoch with parts of the epoch.
 
@@ -140,14 +135,7 @@ class Selector:
             if codes.shape != idx.shape:
                 raise DdsError(f"observe got {idx.size} indices but {codes.size} augmentation codes")
             codes = codes.astype(np.uint8, copy=False)
-        tgt = None
-        if targets is not None:
-            tgt = _as_numpy(targets).reshape(-1)
-            if tgt.shape != idx.shape or not np.issubdtype(tgt.dtype, np.integer):
-                raise DdsError(f"observe got {idx.size} indices but targets of shape {tgt.shape} dtype {tgt.dtype}; "
-                               "pass one integer label (or -1) per index")
-            tgt = tgt.astype(np.int64, copy=False)
-        self._policy.observe(idx.astype(np.int64, copy=False), loss, codes, tgt)
+        self._policy.observe(idx.astype(np.int64, copy=False), loss, codes)
 
     def status(self) -> np.ndarray | None:
         """(N,) int8 codes into ``STATUSES`` (clean / relabel / suppress): how the policy treats each
@@ -155,8 +143,8 @@ class Selector:
         return self._policy.status()
 
     def spent(self) -> int:
-        """Sample-steps planned so far (the planned epochs' sizes plus their ``extra_steps``): the run's spend."""
-        return int(self._sizes[self._sizes >= 0].sum() + self._extra.sum())
+        """Sample-steps planned so far (sum of the planned epochs' sizes): the run's spend."""
+        return int(self._sizes[self._sizes >= 0].sum())
 
     def epoch_sizes(self) -> np.ndarray:
         """(epochs,) int64 expected sizes of every epoch (exact for full, budgeted, random, ucb and dds;
@@ -168,7 +156,7 @@ class Selector:
         """Picklable state: numpy arrays and python scalars only."""
         return {"policy": self.policy, "n": self.n, "epochs": self.epochs, "seed": self.seed,
                 "budget": self.budget, "config": dataclasses.asdict(self.config),
-                "sizes": self._sizes.copy(), "extra": self._extra.copy(), "policy_state": self._policy.state_dict()}
+                "sizes": self._sizes.copy(), "policy_state": self._policy.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a ``state_dict``; later plans equal those of the uninterrupted selector.
@@ -181,7 +169,6 @@ class Selector:
         if diff:
             raise DdsError(f"selector state does not match this selector: {', '.join(diff)}")
         self._sizes = np.asarray(state["sizes"], dtype=np.int64).copy()
-        self._extra = np.asarray(state.get("extra", np.zeros(self.epochs)), dtype=np.int64).copy()
         self._policy.load_state_dict(state["policy_state"])
 
     def _check_epoch(self, epoch: Any) -> int:

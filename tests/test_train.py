@@ -377,7 +377,7 @@ def test_prefetch_trains_the_same_epoch_as_the_training_thread(ws):
         torch.manual_seed(0)
         model = create_model("cnn3", CLASSES, 1, SIZE)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        losses, _, timing = train_epoch(model, opt, train, plan, cfg=_cfg(prefetch=prefetch), device=torch.device("cpu"),
+        losses, timing = train_epoch(model, opt, train, plan, cfg=_cfg(prefetch=prefetch), device=torch.device("cpu"),
                                      augmenter=Augmenter(SIZE), steps_done=0, total_steps=10, progress=False)
         out[prefetch] = losses, [p.detach().clone() for p in model.parameters()]
         assert timing["data_s"] >= 0 and timing["compute_s"] > 0

@@ -29,7 +29,6 @@ from torchvision.transforms.v2 import functional as F
 
 from dds.errors import DdsError
 from dds.pipeline.sources import DECODE_ERRORS
-from dds.selector import UNLABELED
 from dds.selector._scores import load_sample_info  # noqa: F401  (the trainer's name for it: dds.train.load_sample_info)
 from dds.shards import iter_tar_samples, parse_label, shard_rows
 from dds.tables import check_disjoint_splits
@@ -39,7 +38,6 @@ from dds.workspace import Workspace
 log = logging.getLogger(__name__)
 
 Sample = dict[str, Any]
-_WEAK_STREAM = 0x3C6EF372FE94F82  # xor on an augmentation seed: the weak view's seed (< 2**62, so stays in range)
 
 
 # ---------------------------------------------------------------- stages (plain generators)
@@ -110,23 +108,14 @@ def decode(src: Iterable[Sample], channels: int, image_size: int, workers: int =
 
 
 def augment(batches: Iterable[Sample], augmenter: Augmenter, codes: np.ndarray, weights: np.ndarray,
-            seeds: np.ndarray, labels: np.ndarray | None = None) -> Iterator[Sample]:
+            seeds: np.ndarray) -> Iterator[Sample]:
     """Yields each batch with ``image`` augmented per its samples' plan positions ``pos`` (dropped), and
-    ``weight``/``aug`` added: one :meth:`Augmenter.batch` call a batch. With plan ``labels`` holding
-    ``UNLABELED`` entries, such a batch also carries ``unlabeled`` (B,) bool and ``weak``: those
-    samples' base views (U, C, H, W) under seeds of their own, for their pseudo-labels."""
+    ``weight``/``aug`` added: one :meth:`Augmenter.batch` call a batch."""
     for batch in batches:
         pos = batch.pop("pos").numpy()
-        out = {**batch, "image": augmenter.batch(batch["image"], codes[pos], seeds[pos]),
+        yield {**batch, "image": augmenter.batch(batch["image"], codes[pos], seeds[pos]),
                "weight": torch.from_numpy(np.asarray(weights[pos], dtype=np.float32)),
                "aug": torch.from_numpy(np.asarray(codes[pos], dtype=np.uint8))}
-        unl = None if labels is None else labels[pos] == UNLABELED
-        if unl is not None and unl.any():
-            at = np.flatnonzero(unl)
-            out["unlabeled"] = torch.from_numpy(unl)
-            out["weak"] = augmenter.batch(batch["image"][torch.from_numpy(at)], np.zeros(at.size, np.uint8),
-                                          seeds[pos[at]] ^ _WEAK_STREAM)
-        yield out
 
 
 def batched(src: Iterable[Sample], batch_size: int) -> Iterator[Sample]:
@@ -316,8 +305,7 @@ class _Split:
             end = int(positions.max()) + 1 if positions.size else 0
             seeds, take = epoch_aug_seeds(seed, plan.epoch, end)[positions], positions % max(m, 1)
         batches = self._plan_batches(np.asarray(plan.indices, dtype=np.int64)[take], batch_size)
-        labels = None if plan.labels is None else np.asarray(plan.labels)[take]
-        return augment(batches, augmenter, np.asarray(plan.aug)[take], np.asarray(plan.weights)[take], seeds, labels)
+        return augment(batches, augmenter, np.asarray(plan.aug)[take], np.asarray(plan.weights)[take], seeds)
 
     def _plan_batches(self, indices: np.ndarray, batch_size: int) -> Iterator[Sample]:
         """Unaugmented batches of the split's samples ``indices``, in that order, with ``pos`` (position

@@ -51,7 +51,7 @@ from dds.distributed import (Dist, all_sum, broadcast_object, check_same, device
                              part_size, sync_buffers)
 from dds.distributed import init as dist_init
 from dds.errors import DdsError
-from dds.selector import UNLABELED, EpochPlan, Selector, get_policy
+from dds.selector import EpochPlan, Selector, get_policy
 from dds.selector.torch import state_to_numpy, state_to_torch, weighted_mean
 from dds.tables import check_index_current, check_run_data, dataset_generation, index_info
 from dds.train.augment import AUG_NAMES, Augmenter, channel_stats, code_magnitude, normalize
@@ -105,8 +105,7 @@ def history_columns(n: int, indices: np.ndarray, weights: np.ndarray, aug: np.nd
         n: number of train samples N.
         indices, weights, aug, losses: ``(M,)`` plan indices (int64), weights (float32), aug codes
             (uint8) and unweighted per-sample losses (float32) of the epoch.
-        labels: ``(M,)`` labels the planned samples were trained on (None: no label column); -1 (a
-            pseudo-label below its threshold) is stored as null.
+        labels: ``(M,)`` labels the planned samples were trained on (None: no label column).
         status: ``(N,)`` codes into ``STATUSES`` of the epoch (None: all null).
 
     Returns:
@@ -133,7 +132,7 @@ def history_columns(n: int, indices: np.ndarray, weights: np.ndarray, aug: np.nd
     if labels is not None:
         used = np.zeros(n, np.int32)
         used[indices] = labels
-        cols["label_used"] = pa.array(used, mask=~selected | (used < 0))
+        cols["label_used"] = pa.array(used, mask=~selected)
     names = np.asarray(STATUSES, dtype=object)
     cols["status"] = pa.nulls(n, pa.string()) if status is None else pa.array(names[status], type=pa.string())
     return cols
@@ -228,11 +227,10 @@ def budget_columns(sel: Selector) -> dict[str, Any]:
 
 def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, train: _Split, plan: EpochPlan, *,
                 cfg: TrainConfig, device: torch.device, augmenter: Augmenter, steps_done: int, total_steps: int,
-                progress: bool, dist_: Dist = Dist()) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+                progress: bool, dist_: Dist = Dist()) -> tuple[torch.Tensor, dict[str, float]]:
     """Train one epoch on ``plan``; returns the (P,) per-sample losses of this rank's part (on device;
-    P = M in a single process), the (P,) labels they were measured against when the plan has
-    ``UNLABELED`` samples (else None; see :func:`pseudo_label`), and its timings (plus
-    ``lr_first``/``lr_last``, the LR of its first and last step). A distributed rank trains its part (:func:`dds.distributed.part_positions`) in
+    P = M in a single process) and its timings (plus ``lr_first``/``lr_last``, the LR of its first and
+    last step). A distributed rank trains its part (:func:`dds.distributed.part_positions`) in
     batches of ``batch_size / world``; step k of the run (1-based) runs at ``lr_at(k, total_steps)``.
 
     With a prefetch depth > 0 (:func:`prefetch_depth`) the batches are assembled and augmented by a :class:`Prefetcher`
@@ -242,9 +240,6 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, train: _Spli
     positions = part_positions(len(plan.indices), dist_.rank, dist_.world) if dist_.enabled else None
     m = len(plan.indices) if positions is None else len(positions)
     losses = torch.empty(m, dtype=torch.float32, device=device)  # kept on device: copied once per epoch
-    unlabeled = plan.labels is not None and bool((plan.labels == UNLABELED).any())
-    targets = torch.empty(m, dtype=torch.int64, device=device) if unlabeled else None
-    bare = getattr(model, "module", model)  # pseudo-labels from the bare model: no DDP collective per rank
     mean, std = channel_stats(train.mean, train.std, device)  # once per epoch, not per batch
     fmt = _memory_format(device, cfg.channels_last)
     label_of = None
@@ -271,9 +266,6 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, train: _Spli
             y = y.to(device, non_blocking=True)
             w = batch["weight"].to(device, non_blocking=True)
             t1 = time.perf_counter()
-            if "unlabeled" in batch:   # the model's confident pseudo-labels replace the UNLABELED entries
-                y, w = pseudo_label(bare, batch["weak"].to(device, non_blocking=True), batch["unlabeled"].to(device),
-                                    y, w, plan.pseudo_threshold, mean=mean, std=std, fmt=fmt, amp=cfg.amp)
             step += 1
             lr = lr_at(step, total_steps, lr=cfg.lr, schedule=cfg.schedule, warmup=cfg.warmup)
             for group in opt.param_groups:
@@ -289,8 +281,6 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, train: _Spli
             loss.backward()
             opt.step()
             losses[done:done + b] = per_sample.detach()  # device copy, no sync
-            if targets is not None:
-                targets[done:done + b] = torch.where(w > 0, y, -1) if "unlabeled" in batch else y
             done += b
             timing["data_s"] += t1 - t0
             timing["compute_s"] += time.perf_counter() - t1
@@ -300,35 +290,7 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, train: _Spli
         torch.cuda.synchronize()  # one sync per epoch, so compute_s includes the queued GPU work
         timing["compute_s"] += time.perf_counter() - t1
     bar.close()
-    return losses, targets, timing
-
-
-@torch.no_grad()
-def pseudo_label(model: torch.nn.Module, weak: torch.Tensor, unlabeled: torch.Tensor, y: torch.Tensor,
-                 w: torch.Tensor, threshold: float, *, mean: torch.Tensor, std: torch.Tensor,
-                 fmt: torch.memory_format = torch.contiguous_format, amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels and weights of a batch whose ``unlabeled`` (B,) entries train on pseudo-labels.
-
-    The model (in eval mode, without gradient, its train mode restored) predicts the (U, C, H, W) uint8
-    weak views; an unlabeled sample's label becomes the predicted class, and its weight is kept where
-    the prediction's probability reaches ``threshold``, else 0. The given labels in ``y`` at those
-    entries are never read.
-
-    Returns:
-        New ``(y, w)``; the caller's tensors are not modified.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        with _autocast(weak.device, amp):
-            logits = model(normalize(weak, mean, std).contiguous(memory_format=fmt))
-    finally:
-        model.train(was_training)
-    conf, pseudo = torch.softmax(logits.float(), dim=1).max(dim=1)
-    y, w = y.clone(), w.clone()
-    y[unlabeled] = pseudo
-    w[unlabeled] = w[unlabeled] * (conf >= threshold).to(w.dtype)
-    return y, w
+    return losses, timing
 
 
 def _checkpoint_bytes(**state: Any) -> bytes:
@@ -570,20 +532,19 @@ def _run(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, *, run_id
                 check_same(d, plan, run.device)
                 state.total_steps = state.steps + _planned_steps(sel, epoch, len(plan), cfg, d.world)
                 select_s = time.perf_counter() - t_start
-                losses, targets, timing = train_epoch(
-                    run.net, run.opt, run.train, plan, cfg=cfg, device=run.device, augmenter=augmenter,
-                    steps_done=state.steps, total_steps=state.total_steps, progress=progress and d.is_main, dist_=d)
+                losses, timing = train_epoch(run.net, run.opt, run.train, plan, cfg=cfg, device=run.device,
+                                             augmenter=augmenter, steps_done=state.steps,
+                                             total_steps=state.total_steps, progress=progress and d.is_main, dist_=d)
                 t0 = time.perf_counter()
                 losses_np = gather_part(d, losses, len(plan)).cpu().numpy()  # one device -> host copy per epoch
-                targets_np = None if targets is None else gather_part(d, targets, len(plan)).cpu().numpy()
-                sel.observe(plan.indices, losses_np, plan.aug, targets_np)
+                sel.observe(plan.indices, losses_np, plan.aug)
                 select_s += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 test_acc = _evaluate_after(run, cfg, epoch, len(plan))
                 eval_s = time.perf_counter() - t0
                 times = {"wall_s": time.perf_counter() - t_start, **timing, "select_s": select_s, "eval_s": eval_s}
                 row = _count_epoch(state, sel, epoch, len(plan), losses_np, test_acc, times, cfg=cfg, world=d.world)
-                out.epoch(epoch, plan, losses_np, targets_np, row, run)
+                out.epoch(epoch, plan, losses_np, row, run)
                 log.info("%s", epoch_line(cfg.policy, epoch, cfg.epochs, row))
                 if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.epochs:
                     status = "stopped"
@@ -700,13 +661,11 @@ class _Writer:
         except Exception as e:
             log.error("could not record run %s as %s (%s): %s", self.state.run_id, status, reason, e)
 
-    def epoch(self, epoch: int, plan: EpochPlan, losses: np.ndarray, targets: np.ndarray | None, row: dict[str, Any],
-              run: _Trainee) -> None:
-        """An epoch's row in ``epochs``, its per-sample ``history`` (``targets``: the labels trained on, when
-        the plan had pseudo-labels), the checkpoint and the run's row."""
+    def epoch(self, epoch: int, plan: EpochPlan, losses: np.ndarray, row: dict[str, Any], run: _Trainee) -> None:
+        """An epoch's row in ``epochs``, its per-sample ``history``, the checkpoint and the run's row."""
         if self.main:  # history and checkpoint are built only where they are written
             train, state = run.train, self.state
-            used = targets if targets is not None else train.labels[plan.indices] if plan.labels is None else plan.labels
+            used = train.labels[plan.indices] if plan.labels is None else plan.labels
             hist = history_columns(train.n, plan.indices, plan.weights, plan.aug, losses, used, self.sel.status())
             _write_epoch(self.ws, state.run_id, epoch, {"selected": int(np.count_nonzero(hist["selected"])), **row},
                          train.keys, hist)

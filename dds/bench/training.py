@@ -455,7 +455,7 @@ def bench_train(ws: Workspace, name: str, *, model: str = "resnet20", batch_size
 
     def loop(key: tuple[int, str], epoch_plan=plan) -> tuple[float, float]:
         net, opt = new_model(cfg.channels_last)
-        _, _, t = train_epoch(net, opt, splits[key[1]], epoch_plan, cfg=cfgs[key], device=dev, augmenter=augmenter,
+        _, t = train_epoch(net, opt, splits[key[1]], epoch_plan, cfg=cfgs[key], device=dev, augmenter=augmenter,
                            steps_done=0, total_steps=10 ** 9, progress=False)
         spent = t["data_s"] + t["compute_s"]
         return len(epoch_plan.indices) / spent, t["data_s"] / spent
