@@ -42,7 +42,6 @@ LOSS_RESCALE = ("none", "const", "is")
 NOISE_HANDLING = ("relabel", "suppress", "off")
 UNSEEN = ("mean", "max")
 AUG_BITS = AUG_LEVELS.bit_length()   # bits of a plan aug code
-PROBE_MIN = 50   # strong_aug=gap: smallest probe set (held out, anchor) where the data allows
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ class DdsConfig:
     unseen: str = "max"                 # loss term of never-observed samples: max (optimistic: seen soon) | mean
     sharpness: float = 4.0              # tau: samples drawn with probability ∝ pi**tau (large = greedy top-pi)
     strong_aug: str = "none"            # who gets strong augmentation: none | gap | top_q | region | all
-    probe_fraction: float = 0.02        # strong_aug=gap: share of the clean samples in each probe set (held out, anchor)
+    probe_size: int = 50                # strong_aug=gap: samples in each probe set (held out, anchor; at most 1/10 of the clean)
     gap_full: float = 1.0               # strong_aug=gap: the held-out gap at which views reach full strength
     aug_fraction: float = 0.5           # q: share of each pruned selection augmented when strong_aug = top_q
     aug_strength: float = 1.0           # largest strong-augmentation magnitude in [0, 1] (see aug_codes)
@@ -88,7 +87,7 @@ class DdsConfig:
         set_(self, "sharpness", check_real("sharpness", self.sharpness, 0.0, lo_open=True))
         set_(self, "aug_strength", check_real("aug_strength", self.aug_strength, 0.0, 1.0))
         set_(self, "is_clip", check_real("is_clip", self.is_clip, 1.0))
-        set_(self, "probe_fraction", check_real("probe_fraction", self.probe_fraction, 0.0, 0.25, lo_open=True))
+        set_(self, "probe_size", check_int("probe_size", self.probe_size, 1))
         set_(self, "gap_full", check_real("gap_full", self.gap_full, 0.0, 1.0, lo_open=True))
         for name, choices in (("strong_aug", STRONG_AUG), ("loss_rescale", LOSS_RESCALE),
                               ("noise_handling", NOISE_HANDLING), ("unseen", UNSEEN), ("loss_norm", tuple(LOSS_NORMS))):
@@ -348,14 +347,14 @@ class DdsPolicy(LossPolicy):
         self._id_bits = max(1, int(info.n - 1).bit_length())
 
     def _probes(self, clean: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """``(held_out, anchor)``: two disjoint random sets of ``probe_fraction`` of the clean samples, at
-        least ``PROBE_MIN`` (a tenth of them on small sets; None, None with fewer than 20 clean samples).
-        In every pruned epoch the anchor is trained and the held-out set measured (planned at weight 0),
-        both on base views: :func:`held_out_gap`."""
+        """``(held_out, anchor)``: two disjoint random sets of ``probe_size`` clean samples (a tenth of the
+        clean samples when they are fewer than 10 x that; None, None with fewer than 20). In every
+        pruned epoch the anchor is trained and the held-out set measured (planned at weight 0), both
+        on base views: :func:`held_out_gap`. A count, not a share: the gap's noise depends on it."""
         pool = np.flatnonzero(clean)
         if pool.size < 20:
             return None, None
-        k = max(min(PROBE_MIN, pool.size // 10), int(round(self.cfg.probe_fraction * pool.size)))
+        k = min(self.cfg.probe_size, pool.size // 10)
         pick = np.random.default_rng([0x9A9, self.info.n]).permutation(pool)
         return np.sort(pick[:k]), np.sort(pick[k:2 * k])
 

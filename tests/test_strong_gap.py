@@ -40,7 +40,7 @@ def _gap_run(epochs: int, anchor_factor: float, seed: int = 0):
 def test_gap_plans_probe_sets_every_pruned_epoch_and_spend_the_budget():
     sel, plans = _gap_run(8, 0.2)
     held = set(plans[0].indices[plans[0].weights == 0].tolist())
-    assert len(held) == 50   # 2 % of 1000, at least PROBE_MIN
+    assert len(held) == 50   # probe_size
     for plan in plans[:-1]:
         probe = plan.weights == 0
         assert set(plan.indices[probe].tolist()) == held and (plan.aug[probe] == 0).all()
