@@ -61,9 +61,9 @@ class DdsConfig:
     prior_weight: float = 0.0           # exponent a on joint in pi = eps + joint**a * loss term (0 = loss only)
     unseen: str = "max"                 # loss term of never-observed samples: max (optimistic: seen soon) | mean
     sharpness: float = 4.0              # tau: samples drawn with probability ∝ pi**tau (large = greedy top-pi)
-    strong_aug: str = "none"            # who gets strong augmentation: none | gap | top_q | region | all
+    strong_aug: str = "gap"             # who gets strong augmentation: gap (by the held-out gap) | none | top_q | region | all
     probe_size: int = 50                # strong_aug=gap: samples in each probe set (held out, anchor; at most 1/10 of the clean)
-    gap_full: float = 1.0               # strong_aug=gap: the held-out gap at which views reach full strength
+    gap_full: float = 0.25              # strong_aug=gap: the held-out gap at which views reach full strength
     aug_fraction: float = 0.5           # q: share of each pruned selection augmented when strong_aug = top_q
     aug_strength: float = 1.0           # largest strong-augmentation magnitude in [0, 1] (see aug_codes)
     loss_rescale: str = "none"          # pruned-epoch loss weights: none (1) | const (N/size) | is (importance)
@@ -228,7 +228,7 @@ def held_out_gap(held_out: np.ndarray, anchor: np.ndarray) -> float | None:
     return 0.0 if h <= 0 else max(0.0, 1.0 - float(anchor.astype(np.float64).mean()) / h)
 
 
-def gap_codes(gap: float, suitability: np.ndarray, phase: int, strength: float, full: float = 1.0) -> np.ndarray:
+def gap_codes(gap: float, suitability: np.ndarray, phase: int, strength: float, full: float = 0.25) -> np.ndarray:
     """Plan aug codes of ``strong_aug=gap``: ``round(AUG_LEVELS * strength * min(gap / full, 1) * s)`` in
     pruned epochs (phase 1), 0 in warm-up and annealing; ``s`` in [0, 1] is each sample's suitability
     (0 for suspects and relabelled samples, else its joint score's percentile within its class) and

@@ -14,6 +14,7 @@ carrying them (docs/selector.md, "Design notes: selector/_dropin.py"). Imports t
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterator
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 
 from dds.errors import DdsError
-from dds.selector._base import SampleInfo, check_int
+from dds.selector._base import SampleInfo, check_int, get_policy
 from dds.selector._parts import Dist, part_entries, part_size
 from dds.selector._scores import embedding_scores
 from dds.selector._selector import Selector, _as_numpy
@@ -66,6 +67,8 @@ class DropIn(Dataset):
                  rank: int = 0, world_size: int = 1, k: int = 10, **policy_options: Any) -> None:
         self.dataset = dataset
         info = _sample_info(dataset, scores, labels, num_classes, k)
+        if "strong_aug" in {f.name for f in dataclasses.fields(get_policy(policy).Config)}:
+            policy_options.setdefault("strong_aug", "none")   # the dataset's transforms: no strong views here
         self.selector = Selector(policy, info, epochs=epochs, budget=budget, seed=seed, **policy_options)
         if getattr(self.selector.config, "strong_aug", "none") != "none":
             raise DdsError("DropIn trains on the dataset's own transforms; strong_aug needs `dds train` "

@@ -78,7 +78,8 @@ def _train(ds: DropIn, epochs: range, batch_size: int = 7, drop_last: bool = Fal
     return seen
 
 
-@pytest.mark.parametrize("policy, scored, options", [("dds", True, {}), ("dds", False, {}),
+@pytest.mark.parametrize("policy, scored, options", [("dds", True, {"strong_aug": "none"}),
+                                                     ("dds", False, {"strong_aug": "none"}),
                                                      ("infobatch", False, {}), ("ucb", False, {"epsilon": 0.2})])
 def test_dropin_plans_equal_the_selector_as_dds_train_drives_it(ws, policy, scored, options):
     epochs, budget, seed = 5, 0.5, 3
@@ -105,7 +106,8 @@ def test_dropin_selects_what_dds_train_selected_from_the_losses_it_logged(ws):
     from dds.catalog import query
     from dds.train import TrainConfig, run_train
 
-    cfg = TrainConfig(dataset="tiny", policy="dds", budget=0.5, epochs=3, model="cnn3", batch_size=16, seed=3)
+    cfg = TrainConfig(dataset="tiny", policy="dds", budget=0.5, epochs=3, model="cnn3", batch_size=16, seed=3,
+                      policy_options={"strong_aug": "none"})   # what DropIn runs: no strong views, no probes
     run_id = run_train(ws, cfg, progress=False)["run_id"]
     hist = query(ws, f"SELECT epoch, key, selected, loss FROM history WHERE run_id = '{run_id}' ORDER BY epoch, key")
     idx = {k: i for i, k in enumerate(ws.split_samples("tiny", "train", ["key"])["key"])}
@@ -214,7 +216,7 @@ def test_two_gloo_processes_train_disjoint_parts_that_cover_each_plan(tmp_path):
 
     _torchrun(str(HERE / "dist_worker.py"), "dropin", str(tmp_path))
     ranks = [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(2)]
-    sel = Selector("dds", SampleInfo(np.arange(41) % 3, 3), epochs=3, budget=0.5, seed=2)
+    sel = Selector("dds", SampleInfo(np.arange(41) % 3, 3), epochs=3, budget=0.5, seed=2, strong_aug="none")
     for epoch in range(3):
         plan = sel.plan(epoch).indices
         sel.observe(plan, worker_losses(plan))

@@ -10,10 +10,11 @@ from dds.selector._dds import gap_codes, held_out_gap
 
 def test_gap_codes_are_a_pure_function_of_gap_suitability_and_phase():
     s = np.array([0.0, 0.25, 0.5, 1.0], np.float32)
-    assert gap_codes(0.9, s, 0, 1.0).tolist() == [0, 0, 0, 0]     # warm-up
-    assert gap_codes(0.9, s, 2, 1.0).tolist() == [0, 0, 0, 0]     # annealing
-    assert gap_codes(0.1, s, 1, 1.0).tolist() == [0, 0, 0, 0]     # a small gap keeps base views
-    mid, high = gap_codes(0.5, s, 1, 1.0), gap_codes(1.0, s, 1, 1.0)
+    assert gap_codes(0.9, s, 0, 1.0, full=1.0).tolist() == [0, 0, 0, 0]     # warm-up
+    assert gap_codes(0.9, s, 2, 1.0, full=1.0).tolist() == [0, 0, 0, 0]     # annealing
+    assert gap_codes(0.1, s, 1, 1.0, full=1.0).tolist() == [0, 0, 0, 0]     # a small gap keeps base views
+    assert gap_codes(0.03, s, 1, 1.0).tolist() == [0, 0, 0, 0]              # under gap_full / 8 (default 0.25)
+    mid, high = gap_codes(0.5, s, 1, 1.0, full=1.0), gap_codes(1.0, s, 1, 1.0, full=1.0)
     assert mid[0] == high[0] == 0                                  # suitability 0 (suspects): never
     assert (high >= mid).all() and high[-1] == AUG_LEVELS and (np.diff(high.astype(int)) >= 0).all()
     assert gap_codes(0.25, s, 1, 1.0, full=0.25).tolist() == high.tolist()   # full strength from gap_full on
