@@ -47,7 +47,7 @@ AUG_BITS = AUG_LEVELS.bit_length()   # bits of a plan aug code
 @dataclass(frozen=True)
 class DdsConfig:
     """Options of ``dds``. The defaults are the best settings measured on ``val`` (docs/experiments.md,
-    "Tuning dds on val"); the paper's reconstruction (docs/selector.md) is ``warmup_epochs=1 loss_weight=0.5
+    "Tuning dds on val", and for ``strong_aug``/``gap_full`` "Issue 28"); the paper's reconstruction (docs/selector.md) is ``warmup_epochs=1 loss_weight=0.5
     prior_weight=1 unseen=mean sharpness=1 strong_aug=top_q class_balance=true loss_norm=minmax``.
     """
 
@@ -61,8 +61,8 @@ class DdsConfig:
     prior_weight: float = 0.0           # exponent a on joint in pi = eps + joint**a * loss term (0 = loss only)
     unseen: str = "max"                 # loss term of never-observed samples: max (optimistic: seen soon) | mean
     sharpness: float = 4.0              # tau: samples drawn with probability ∝ pi**tau (large = greedy top-pi)
-    strong_aug: str = "gap"             # who gets strong augmentation: gap (by the held-out gap) | none | top_q | region | all
-    probe_size: int = 50                # strong_aug=gap: samples in each probe set (held out, anchor; at most 1/10 of the clean)
+    strong_aug: str = "gap"             # who gets strong views: gap (by the held-out gap) | none | top_q | region | all
+    probe_size: int = 50                # strong_aug=gap: samples in each probe set (held out, anchor)
     gap_full: float = 0.25              # strong_aug=gap: the held-out gap at which views reach full strength
     aug_fraction: float = 0.5           # q: share of each pruned selection augmented when strong_aug = top_q
     aug_strength: float = 1.0           # largest strong-augmentation magnitude in [0, 1] (see aug_codes)
@@ -441,8 +441,8 @@ class DdsPolicy(LossPolicy):
         ids = lay.order[pos]
         if probes:   # the anchor trained (weight 1), the held-out set measured (weight 0), base views
             ids = np.concatenate([ids, self._anchor, self._held])
-            weights = np.concatenate([np.broadcast_to(np.float32(weights), pos.shape), np.ones(self._anchor.size, np.float32),
-                                      np.zeros(self._held.size, np.float32)])
+            weights = np.concatenate([np.broadcast_to(np.float32(weights), pos.shape),
+                                      np.ones(self._anchor.size, np.float32), np.zeros(self._held.size, np.float32)])
             aug = np.concatenate([aug, np.zeros(probes, np.uint8)])
         if isinstance(weights, np.ndarray):
             order = shuffle_order(ids.shape[0], rng)
