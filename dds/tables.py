@@ -237,8 +237,8 @@ def load_epochs(ws: Workspace, run_id: str):
 
 
 def load_history(ws: Workspace, run_id: str):
-    """The run's ``history`` rows (pandas: epoch, key, selected, aug, loss, status)."""
-    return _read_dir(ws.run_dir(run_id) / "history", ["epoch", "key", "selected", "aug", "loss", "status"])
+    """The run's ``history`` rows (pandas: epoch, key, selected, weight, aug, loss, status)."""
+    return _read_dir(ws.run_dir(run_id) / "history", ["epoch", "key", "selected", "weight", "aug", "loss", "status"])
 
 
 def load_train_samples(ws: Workspace, dataset: str):

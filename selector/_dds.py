@@ -219,8 +219,8 @@ def aug_codes(suitability: np.ndarray, ramp: float, strength: float) -> np.ndarr
 
 def held_out_gap(held_out: np.ndarray, anchor: np.ndarray) -> float | None:
     """``max(0, 1 - mean(anchor) / mean(held_out))``: how much lower the loss of samples trained every
-    epoch (the anchor) is than that of samples never trained (held out), both drawn at random from the
-    clean samples and measured on base views in the same epoch; 0 while the model generalises to what
+    pruned epoch (the anchor) is than that of samples never trained in them (held out), both drawn at
+    random from the clean samples and measured on base views in the same epoch; 0 while the model generalises to what
     it has not seen, towards 1 as it memorises. None without losses of both."""
     if held_out.size == 0 or anchor.size == 0:
         return None
@@ -320,9 +320,12 @@ class DdsPolicy(LossPolicy):
         # strong_aug=gap: the probe sets, planned apart from the draw (never drawn)
         self._held, self._anchor = self._probes(~noisy & ~relabel) if cfg.strong_aug == "gap" else (None, None)
         self._gap: float | None = None                  # the latest held_out_gap
-        probe_l = np.zeros(info.n, bool)
+        self._probing = False                           # the latest plan holds the probes
+        probe_l = self._probe_l = np.zeros(info.n, bool)
         if self._held is not None:
             probe_l[lay.slot[np.concatenate([self._held, self._anchor])]] = True
+        elif cfg.strong_aug == "gap":
+            log.warning("dds: strong_aug=gap needs at least 20 clean samples for its probes; no strong views")
         self._noisy_l = noisy[lay.order]
         self._no_strong_l = (noisy | relabel)[lay.order]   # suspects are never strongly augmented
         self._exclude_l = np.where(self._noisy_l, np.float32(np.inf), np.float32(0))
@@ -403,6 +406,7 @@ class DdsPolicy(LossPolicy):
 
     def plan(self, epoch: int, rng: np.random.Generator, *, spent_before: int) -> EpochPlan:
         phase = self._phase[epoch]
+        self._probing = False
         if phase == 0:
             return self._labelled(make_plan(epoch, shuffle_order(self.info.n, rng)))
         if phase == 2:
@@ -415,7 +419,8 @@ class DdsPolicy(LossPolicy):
         probes of ``strong_aug=gap`` among them."""
         lay = self._layout
         probes = 0 if self._held is None else self._held.size + self._anchor.size
-        probes = probes if size > probes else 0   # an epoch too small for its probes plans none
+        probes = probes if size >= 4 * probes else 0   # an epoch too small for its probes plans none
+        self._probing = probes > 0
         size -= probes
         pi_l = self._pi_layout()
         if self.cfg.sharpness != 1:   # the distribution drawn from (and importance-weighted against)
@@ -427,9 +432,11 @@ class DdsPolicy(LossPolicy):
         elif size <= int(cap.sum()):
             pos = lay.select(keys_l, capped_quotas(size, lay.counts, cap))
         else:   # fewer positive-pi samples than the epoch size: all of them, then zero-pi ones at random
-            quotas = cap + capped_quotas(size - int(cap.sum()), lay.counts, lay.counts - cap)
+            spare = lay.counts - cap - lay.class_counts(self._probe_l)   # probes are planned apart
+            quotas = cap + capped_quotas(size - int(cap.sum()), lay.counts, spare)
             zero = pi_l <= 0
             keys_l[zero] = (uniform_keys(int(zero.sum()), rng) >> 9) | 1   # in [1, 2**23): below positive keys
+            keys_l[self._probe_l] = 0
             pos = lay.select(keys_l, quotas)
         if self.cfg.strong_aug == "gap":
             aug = gap_codes(self._gap or 0.0, self._suit_l[pos], 1, self.cfg.aug_strength, self.cfg.gap_full)
@@ -441,8 +448,10 @@ class DdsPolicy(LossPolicy):
         ids = lay.order[pos]
         if probes:   # the anchor trained (weight 1), the held-out set measured (weight 0), base views
             ids = np.concatenate([ids, self._anchor, self._held])
+            anchor_w = weights if np.isscalar(weights) else 1.0   # the selection's weight (loss_rescale=const)
             weights = np.concatenate([np.broadcast_to(np.float32(weights), pos.shape),
-                                      np.ones(self._anchor.size, np.float32), np.zeros(self._held.size, np.float32)])
+                                      np.full(self._anchor.size, anchor_w, np.float32),
+                                      np.zeros(self._held.size, np.float32)])
             aug = np.concatenate([aug, np.zeros(probes, np.uint8)])
         if isinstance(weights, np.ndarray):
             order = shuffle_order(ids.shape[0], rng)
@@ -474,7 +483,7 @@ class DdsPolicy(LossPolicy):
         augmented view is higher because of the view, and would otherwise raise the sample's
         selection probability and with it its next strong view. With ``strong_aug=gap`` the probes'
         losses update the held-out gap."""
-        if self._held is not None:
+        if self._probing:   # only pruned epochs hold the held-out set out
             gap = held_out_gap(losses[np.isin(indices, self._held)], losses[np.isin(indices, self._anchor)])
             if gap is not None:   # averaged with the previous estimate: a few dozen losses each are noisy
                 self._gap = gap if self._gap is None else 0.5 * (self._gap + gap)

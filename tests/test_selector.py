@@ -81,7 +81,8 @@ def test_plans_are_valid_and_spend_the_budget(policy):
         assert np.unique(p.indices).size == len(p), "indices repeat within an epoch"
         assert len(p) == 0 or (p.indices.min() >= 0 and p.indices.max() < info.n)
         assert (p.weights >= 0).all() and set(np.unique(p.aug).tolist()) <= set(range(AUG_LEVELS + 1))
-        assert (p.weights > 0).all() or policy == "dds"   # dds's held-out probes: measured at weight 0
+        if policy != "dds":   # dds's held-out probes are measured at weight 0 (tests/test_strong_gap.py)
+            assert (p.weights > 0).all()
     if policy == "infobatch":   # the published rule spends what it spends: here it pruned, so less than full
         assert not sel.follows_budget and 0.5 * sel.total_sample_steps < sel.spent() < sel.total_sample_steps
     else:

@@ -51,10 +51,34 @@ def test_gap_plans_probe_sets_every_pruned_epoch_and_spend_the_budget():
     assert sel.spent() == sel.total_sample_steps
 
 
+def test_gap_state_round_trip_repeats_the_plans():
+    labels = np.arange(1000) % 5
+    info = SampleInfo(labels=labels, num_classes=5)
+    first = Selector("dds", info, epochs=8, budget=0.5, seed=2)
+    for e in range(3):
+        plan = first.plan(e)
+        first.observe(plan.indices, np.where(plan.weights > 0, 0.5, 1.0).astype(np.float32), plan.aug)
+    again = Selector("dds", info, epochs=8, budget=0.5, seed=2)
+    again.load_state_dict(first.state_dict())
+    want, got = first.plan(3), again.plan(3)
+    assert (want.aug > 0).any() and np.array_equal(want.indices, got.indices) and np.array_equal(want.aug, got.aug)
+
+
+def test_probes_are_never_drawn_twice_when_the_epoch_outgrows_the_clean_samples():
+    from dds.selector import synthetic_info
+
+    info = synthetic_info(1000, 5, noisy_fraction=0.1)
+    sel = Selector("dds", info, epochs=6, budget=0.95, seed=0)
+    for e in range(6):
+        plan = sel.plan(e)
+        assert np.unique(plan.indices).size == len(plan)
+        sel.observe(plan.indices, np.ones(len(plan), np.float32), plan.aug)
+    assert sel.spent() == sel.total_sample_steps
+
+
 def test_gap_keeps_base_views_while_the_model_generalises():
     _, plans = _gap_run(8, 1.0)   # trained and held-out losses alike: no gap
     assert all((p.aug == 0).all() for p in plans)
-
 
 
 def _verdict_workspace(tmp_path):

@@ -194,7 +194,8 @@ def run_export(ws: Workspace, run_id: str, budget: float, out: str | Path, *, we
         n, num_classes = len(samples), len(ws.dataset_info(dataset)["classes"])
         position = hist["key"].map(dict(zip(samples["key"], range(n))))
         hist = hist[position.notna()]
-        times, mean_loss = selection_stats(hist["selected"].to_numpy(bool),
+        trained = hist["selected"].to_numpy(bool) & (hist["weight"].to_numpy(np.float64, na_value=0.0) > 0)
+        times, mean_loss = selection_stats(trained,   # dds's held-out probes (weight 0) were measured, not trained
                                            hist["loss"].to_numpy(np.float64, na_value=np.nan),
                                            position.dropna().to_numpy(np.int64), n)
         scores = load_scores(ws, dataset, encoder)
