@@ -47,8 +47,9 @@ AUG_BITS = AUG_LEVELS.bit_length()   # bits of a plan aug code
 @dataclass(frozen=True)
 class DdsConfig:
     """Options of ``dds``. The defaults are the best settings measured on ``val`` (docs/experiments.md,
-    "Tuning dds on val", and for ``strong_aug``/``gap_full`` "Issue 28"); the paper's reconstruction (docs/selector.md) is ``warmup_epochs=1 loss_weight=0.5
-    prior_weight=1 unseen=mean sharpness=1 strong_aug=top_q class_balance=true loss_norm=minmax``.
+    "Tuning dds on val", and for ``strong_aug``/``gap_full`` "Issue 28"); the paper's reconstruction
+    (docs/selector.md) is ``warmup_epochs=1 loss_weight=0.5 prior_weight=1 unseen=mean sharpness=1
+    strong_aug=top_q class_balance=true loss_norm=minmax``.
     """
 
     warmup_epochs: int = 0              # first epochs on the full data, base augmentation, weight 1
@@ -220,8 +221,8 @@ def aug_codes(suitability: np.ndarray, ramp: float, strength: float) -> np.ndarr
 def held_out_gap(held_out: np.ndarray, anchor: np.ndarray) -> float | None:
     """``max(0, 1 - mean(anchor) / mean(held_out))``: how much lower the loss of samples trained every
     pruned epoch (the anchor) is than that of samples never trained in them (held out), both drawn at
-    random from the clean samples and measured on base views in the same epoch; 0 while the model generalises to what
-    it has not seen, towards 1 as it memorises. None without losses of both."""
+    random from the clean samples and measured on base views in the same epoch; 0 while the model
+    generalises to what it has not seen, towards 1 as it memorises. None without losses of both."""
     if held_out.size == 0 or anchor.size == 0:
         return None
     h = float(held_out.astype(np.float64).mean())

@@ -30,8 +30,8 @@ class Selector:
     Args:
         policy: a registered policy name (``list_policies()``: dds, full, infobatch, random, ucb).
         info: the static per-sample inputs; ``dds`` reads joint, region and the verdict when given and
-            runs on losses alone without them (its options ``prior_weight > 0`` and ``strong_aug``
-            need them).
+            runs on losses alone without them (its options ``prior_weight > 0`` and
+            ``strong_aug=top_q|region|all`` need them).
         epochs: training epochs E.
         budget: fraction of full-data sample-steps (``epochs * N``) the whole run may spend, warm-up
             and annealing included, in (0, 1]. Policies that do not follow the budget (``full``;
