@@ -323,8 +323,10 @@ class DdsPolicy(LossPolicy):
         self._gap: float | None = None                  # the latest held_out_gap
         self._probing = False                           # the latest plan holds the probes
         probe_l = self._probe_l = np.zeros(info.n, bool)
+        self._probe_role = np.zeros(info.n, np.int8)    # by sample index: 1 held out, 2 anchor, 0 neither
         if self._held is not None:
             probe_l[lay.slot[np.concatenate([self._held, self._anchor])]] = True
+            self._probe_role[self._held], self._probe_role[self._anchor] = 1, 2
         elif cfg.strong_aug == "gap":
             log.warning("dds: strong_aug=gap needs at least 20 clean samples for its probes; no strong views")
         self._noisy_l = noisy[lay.order]
@@ -485,7 +487,8 @@ class DdsPolicy(LossPolicy):
         selection probability and with it its next strong view. With ``strong_aug=gap`` the probes'
         losses update the held-out gap."""
         if self._probing:   # only pruned epochs hold the held-out set out
-            gap = held_out_gap(losses[np.isin(indices, self._held)], losses[np.isin(indices, self._anchor)])
+            role = self._probe_role[indices]
+            gap = held_out_gap(losses[role == 1], losses[role == 2])
             if gap is not None:   # averaged with the previous estimate: a few dozen losses each are noisy
                 self._gap = gap if self._gap is None else 0.5 * (self._gap + gap)
         self._loss.update(indices, losses if aug is None else deflate_strong(losses, aug))

@@ -63,3 +63,12 @@ def write_scores(ws, name: str, encoder: str, keys: list[str]) -> None:
                              "consistency": np.arange(n, dtype=np.float32),
                              "joint": rng.random(n).astype(np.float32),
                              "region": [REGIONS[i % len(REGIONS)] for i in range(n)]}), path)
+
+
+def write_verdict(ws, name: str, encoder: str, status: np.ndarray, fixed: np.ndarray | None = None) -> None:
+    """Add a label verdict to ``write_scores``' file: ``status`` (N,) names and ``label_fixed`` (the given
+    labels where ``fixed`` is None)."""
+    path = ws.index_dir(name, encoder) / "scores.parquet"
+    t = pq.read_table(path)
+    label_fixed = t["label"] if fixed is None else pa.array(fixed, pa.int32())
+    pq.write_table(t.append_column("status", pa.array(status)).append_column("label_fixed", label_fixed), path)

@@ -82,9 +82,7 @@ def test_gap_keeps_base_views_while_the_model_generalises():
 
 
 def _verdict_workspace(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from synth import write_dataset, write_scores
+    from synth import write_dataset, write_scores, write_verdict
 
     from dds.workspace import Workspace
 
@@ -92,10 +90,8 @@ def _verdict_workspace(tmp_path):
     write_dataset(ws, "verdict", {"train": 96, "test": 8})
     keys = [f"train-{i:07d}" for i in range(96)]
     write_scores(ws, "verdict", "lite0-minilm", keys)
-    path = ws.index_dir("verdict", "lite0-minilm") / "scores.parquet"
-    t = pq.read_table(path)
     status = np.array(["clean", "clean", "suppress"] * 32, dtype=object)
-    pq.write_table(t.append_column("status", pa.array(status)).append_column("label_fixed", t["label"]), path)
+    write_verdict(ws, "verdict", "lite0-minilm", status)
     return ws, keys, status
 
 

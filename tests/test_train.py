@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from synth import write_dataset, write_scores
+from synth import write_dataset, write_scores, write_verdict
 import torch
 
 from dds.catalog import query
@@ -742,20 +742,16 @@ def test_bf16_only_where_it_is_fast_and_fp32_elsewhere(tmp_path, monkeypatch):
 
 
 def test_relabelled_samples_train_on_the_corrected_label_and_history_records_it(tmp_path):
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     ws = Workspace(tmp_path)
     write_dataset(ws, "verdict", {"train": 48, "test": 8})
     keys = [f"train-{i:07d}" for i in range(48)]
     write_scores(ws, "verdict", "lite0-minilm", keys)
-    path = ws.index_dir("verdict", "lite0-minilm") / "scores.parquet"
-    t = pq.read_table(path)
-    label = np.asarray(t["label"])
+    label = np.asarray(pq.read_table(ws.index_dir("verdict", "lite0-minilm") / "scores.parquet")["label"])
     status = np.array(["clean", "relabel", "suppress"] * 16, dtype=object)
     fixed = np.where(status == "relabel", (label + 1) % CLASSES, label)
-    pq.write_table(t.append_column("status", pa.array(status)).append_column("label_fixed", pa.array(fixed, pa.int32())),
-                   path)
+    write_verdict(ws, "verdict", "lite0-minilm", status, fixed)
     result = run_train(ws, _cfg(dataset="verdict", policy="dds", epochs=3, budget=0.6,
                                 policy_options={"strong_aug": "top_q"}), progress=False)
     h = _table(ws, f"SELECT epoch, key, selected, aug, label_used, status FROM history "
