@@ -42,6 +42,13 @@ LOSS_RESCALE = ("none", "const", "is")
 NOISE_HANDLING = ("relabel", "suppress", "off")
 UNSEEN = ("mean", "max")
 AUG_BITS = AUG_LEVELS.bit_length()   # bits of a plan aug code
+# strong_aug=gap: the held-out gap is averaged over pruned epochs as g <- m * g + (1 - m) * gap_epoch,
+# from g = 0. One epoch's gap (50 losses a side) has a standard error of 0.06-0.15, so with m = 0.5 a
+# single chance high in the first epochs put most of a short run on strong views; with 0.8 a lone
+# epoch moves g by a fifth of itself while a gap that stays open (long runs: 0.2-0.35 from the 20th
+# of 60 epochs) is followed a few epochs late. Picked from the per-epoch gaps of the val runs
+# (docs/experiments.md, "Issue 28").
+GAP_MOMENTUM = 0.8
 
 
 @dataclass(frozen=True)
@@ -219,14 +226,16 @@ def aug_codes(suitability: np.ndarray, ramp: float, strength: float) -> np.ndarr
 
 
 def held_out_gap(held_out: np.ndarray, anchor: np.ndarray) -> float | None:
-    """``max(0, 1 - mean(anchor) / mean(held_out))``: how much lower the loss of samples trained every
-    pruned epoch (the anchor) is than that of samples never trained in them (held out), both drawn at
-    random from the clean samples and measured on base views in the same epoch; 0 while the model
-    generalises to what it has not seen, towards 1 as it memorises. None without losses of both."""
+    """``1 - mean(anchor) / mean(held_out)``: how much lower the loss of samples trained every pruned
+    epoch (the anchor) is than that of samples never trained in them (held out), both drawn at random
+    from the clean samples and measured on base views in the same epoch; about 0 while the model
+    generalises to what it has not seen (negative by chance as often as positive), towards 1 as it
+    memorises. Signed, so that averaging it over epochs cancels the noise instead of keeping its
+    positive half (:data:`GAP_MOMENTUM`). None without losses of both."""
     if held_out.size == 0 or anchor.size == 0:
         return None
     h = float(held_out.astype(np.float64).mean())
-    return 0.0 if h <= 0 else max(0.0, 1.0 - float(anchor.astype(np.float64).mean()) / h)
+    return 0.0 if h <= 0 else 1.0 - float(anchor.astype(np.float64).mean()) / h
 
 
 def gap_codes(gap: float, suitability: np.ndarray, phase: int, strength: float, full: float = 0.25) -> np.ndarray:
@@ -320,7 +329,7 @@ class DdsPolicy(LossPolicy):
         self._clean_idx = np.flatnonzero(~noisy)
         # strong_aug=gap: the probe sets, planned apart from the draw (never drawn)
         self._held, self._anchor = self._probes(~noisy & ~relabel) if cfg.strong_aug == "gap" else (None, None)
-        self._gap: float | None = None                  # the latest held_out_gap
+        self._gap = 0.0                                 # held_out_gap averaged over pruned epochs
         self._probing = False                           # the latest plan holds the probes
         probe_l = self._probe_l = np.zeros(info.n, bool)
         self._probe_role = np.zeros(info.n, np.int8)    # by sample index: 1 held out, 2 anchor, 0 neither
@@ -442,8 +451,8 @@ class DdsPolicy(LossPolicy):
             keys_l[self._probe_l] = 0
             pos = lay.select(keys_l, quotas)
         if self.cfg.strong_aug == "gap":
-            aug = gap_codes(self._gap or 0.0, self._suit_l[pos], 1, self.cfg.aug_strength, self.cfg.gap_full)
-            log.info("dds: held-out gap %.3f, %.0f%% of the selection at strong views", self._gap or 0.0,
+            aug = gap_codes(self._gap, self._suit_l[pos], 1, self.cfg.aug_strength, self.cfg.gap_full)
+            log.info("dds: held-out gap %+.3f, %.0f%% of the selection at strong views", self._gap,
                      100.0 * np.count_nonzero(aug) / max(aug.size, 1))
         else:
             aug = self._strong(pos) * aug_codes(self._suit_l[pos], float(self._ramp[epoch]), self.cfg.aug_strength)
@@ -489,20 +498,20 @@ class DdsPolicy(LossPolicy):
         if self._probing:   # only pruned epochs hold the held-out set out
             role = self._probe_role[indices]
             gap = held_out_gap(losses[role == 1], losses[role == 2])
-            if gap is not None:   # averaged with the previous estimate: a few dozen losses each are noisy
-                self._gap = gap if self._gap is None else 0.5 * (self._gap + gap)
+            if gap is not None:   # a slow average from 0: one epoch's few dozen losses are noisy
+                self._gap = GAP_MOMENTUM * self._gap + (1.0 - GAP_MOMENTUM) * gap
         self._loss.update(indices, losses if aug is None else deflate_strong(losses, aug))
 
     def state_dict(self) -> dict:
         state = {"loss": self._loss.state_dict()}
         if self._held is not None:
-            state["gap"] = -1.0 if self._gap is None else self._gap
+            state["held_out_gap"] = self._gap
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self._loss.load_state_dict(state["loss"])
-        if self._held is not None and "gap" in state:
-            self._gap = None if float(state["gap"]) < 0 else float(state["gap"])
+        if self._held is not None and "held_out_gap" in state:
+            self._gap = float(state["held_out_gap"])
 
     def _strong(self, pos: np.ndarray) -> np.ndarray:
         """(M,) uint8 strong-augmentation flags of the selected layout positions (never suspects)."""

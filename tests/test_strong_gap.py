@@ -19,21 +19,23 @@ def test_gap_codes_are_a_pure_function_of_gap_suitability_and_phase():
     assert (high >= mid).all() and high[-1] == AUG_LEVELS and (np.diff(high.astype(int)) >= 0).all()
     assert gap_codes(0.25, s, 1, 1.0, full=0.25).tolist() == high.tolist()   # full strength from gap_full on
     assert held_out_gap(np.array([2.0]), np.array([0.5])) == pytest.approx(0.75)
-    assert held_out_gap(np.array([1.0]), np.array([3.0])) == 0.0 and held_out_gap(np.zeros(0), np.ones(2)) is None
+    assert held_out_gap(np.array([1.0]), np.array([3.0])) == pytest.approx(-2.0)   # signed
+    assert held_out_gap(np.zeros(0), np.ones(2)) is None
 
 
-def _gap_run(epochs: int, anchor_factor: float, seed: int = 0):
+def _gap_run(epochs: int, anchor_factor, seed: int = 0):
     """A dds run with strong_aug=gap whose trained samples' losses are ``anchor_factor`` times the
-    held-out ones (the probes: weight 0 = held out)."""
+    held-out ones (the probes: weight 0 = held out); a sequence gives one factor per epoch."""
     labels = np.arange(1000) % 5
     info = SampleInfo(labels=labels, num_classes=5)
     sel = Selector("dds", info, epochs=epochs, budget=0.5, seed=seed, strong_aug="gap")
+    factors = np.broadcast_to(np.asarray(anchor_factor, np.float32), (epochs,))
     plans = []
     for e in range(epochs):
         plan = sel.plan(e)
         plans.append(plan)
         losses = np.ones(len(plan), np.float32)
-        losses[plan.weights > 0] = anchor_factor
+        losses[plan.weights > 0] = factors[e]
         sel.observe(plan.indices, losses, plan.aug)
     return sel, plans
 
@@ -79,6 +81,15 @@ def test_probes_are_never_drawn_twice_when_the_epoch_outgrows_the_clean_samples(
 def test_gap_keeps_base_views_while_the_model_generalises():
     _, plans = _gap_run(8, 1.0)   # trained and held-out losses alike: no gap
     assert all((p.aug == 0).all() for p in plans)
+
+
+def test_one_chance_high_gap_leaves_base_views_and_a_low_one_cancels_it():
+    # epoch 0's gap 0.15 alone, the next ones as far below 0: averaged signed, no epoch goes strong
+    _, plans = _gap_run(8, [0.85, 1.15, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    assert all((p.aug == 0).all() for p in plans)
+    # the same 0.15 epoch after epoch (a gap that stays open) does bring strong views in
+    _, plans = _gap_run(12, 0.85)
+    assert (plans[0].aug == 0).all() and (plans[1].aug == 0).all() and (plans[9].aug > 0).mean() > 0.3
 
 
 def _verdict_workspace(tmp_path):
