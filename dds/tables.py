@@ -241,6 +241,12 @@ def load_history(ws: Workspace, run_id: str):
     return _read_dir(ws.run_dir(run_id) / "history", ["epoch", "key", "selected", "weight", "aug", "loss", "status"])
 
 
+def trained_rows(hist) -> np.ndarray:
+    """(R,) bool: the ``history`` rows whose sample was trained, i.e. selected at a loss weight above 0.
+    ``dds``'s held-out probes (``strong_aug=gap``) are selected at weight 0: measured, not trained."""
+    return hist["selected"].to_numpy(bool) & (hist["weight"].to_numpy(np.float64, na_value=0.0) > 0)
+
+
 def load_train_samples(ws: Workspace, dataset: str):
     """Train rows of ``samples.parquet`` (key, label, label_orig, shard, idx) in idx order."""
     ws.dataset_info(dataset)  # a clear error when the dataset is gone

@@ -108,6 +108,7 @@ def _verdict_workspace(tmp_path):
 
 def test_a_run_with_strong_aug_gap_trains_probes_augments_clean_samples_only_and_resumes(tmp_path):
     from dds.catalog import query
+    from dds.tables import load_history, trained_rows
     from dds.train import TrainConfig, resume_train, run_train
 
     ws, keys, status = _verdict_workspace(tmp_path)
@@ -121,6 +122,8 @@ def test_a_run_with_strong_aug_gap_trains_probes_augments_clean_samples_only_and
     held = h[(h["weight"] == 0)]
     assert held["epoch"].nunique() == 7 and (held["aug"] == "base").all()  # every pruned epoch, base views
     assert not (h[h["epoch"] == 7]["aug"] == "strong").any()             # annealing: base views
+    hist = load_history(ws, whole["run_id"])   # what export and report count as trained: not the held-out set
+    assert trained_rows(hist).sum() == len(h) - len(held) == int((hist["selected"] & (hist["weight"] > 0)).sum())
     part = run_train(ws, cfg, progress=False, stop_after=3)
     again = resume_train(ws, part["run_id"], progress=False)
     assert again["test_acc"] == whole["test_acc"] and again["budget_spent"] == whole["budget_spent"]

@@ -25,7 +25,8 @@ from dds._validate import check_choice, check_fraction, check_positive_int
 from dds.errors import DdsError
 from dds.selector._core import capped_quotas
 from dds.shards import ShardWriter, iter_tar_samples, shard_rows
-from dds.tables import NOISY, REGIONS, check_run_data, load_history, load_run, load_scores, load_train_samples
+from dds.tables import (NOISY, REGIONS, check_run_data, load_history, load_run, load_scores, load_train_samples,
+                        trained_rows)
 from dds.workspace import Workspace, temp_path, write_parquet
 
 log = logging.getLogger(__name__)
@@ -194,8 +195,7 @@ def run_export(ws: Workspace, run_id: str, budget: float, out: str | Path, *, we
         n, num_classes = len(samples), len(ws.dataset_info(dataset)["classes"])
         position = hist["key"].map(dict(zip(samples["key"], range(n))))
         hist = hist[position.notna()]
-        trained = hist["selected"].to_numpy(bool) & (hist["weight"].to_numpy(np.float64, na_value=0.0) > 0)
-        times, mean_loss = selection_stats(trained,   # dds's held-out probes (weight 0) were measured, not trained
+        times, mean_loss = selection_stats(trained_rows(hist),
                                            hist["loss"].to_numpy(np.float64, na_value=np.nan),
                                            position.dropna().to_numpy(np.int64), n)
         scores = load_scores(ws, dataset, encoder)

@@ -28,7 +28,7 @@ from dds.errors import DdsError
 from dds.pipeline.audit import load_audit_inputs, suspicion
 from dds.shards import read_images
 from dds.tables import (AUGMENT, KEEP, NOISY, REDUNDANT, REGIONS, RELABEL, STATUSES, SUPPRESS, check_run_data, load_epochs,
-                        load_history, load_run, load_scores, load_train_samples)
+                        load_history, load_run, load_scores, load_train_samples, trained_rows)
 from dds.workspace import Workspace, atomic_write_bytes, slug
 
 log = logging.getLogger(__name__)
@@ -419,6 +419,7 @@ def _selection_figures(ws: Workspace, run: dict[str, Any], entry: str, *, epoch:
     if not len(hist):
         notes.append(f"run {run_id} has no epochs yet: no selection figures")
         return {}
+    hist["selected"] = trained_rows(hist)   # dds's held-out probes (weight 0) were measured, not trained
     if hist["selected"].all():
         notes.append(f"run {run_id} trains on every sample every epoch: no selection figures")
         return {}
