@@ -1,17 +1,22 @@
 """What is left to gain from better label-noise handling? `dds` trained under oracle label handling.
 
-    python benchmarks/oracle_noise.py [-w WORKSPACE] NAME --mode MODE [--seeds 1] [--epochs 12] [--results FILE]
+    python benchmarks/oracle_noise.py [-w WORKSPACE] NAME --mode MODE [--seeds 1] [--epochs 12] [--policy dds]
+        [--results FILE]
 
 Diagnostic only: it reads the injected truth (``label_orig``), which no product code path does, and
 nothing here feeds back into the method or its constants. NAME needs injected noise and its
-`dds index` verdict. Each mode runs `dds bench NAME --policies dds --budgets 0.5 --eval-split val`
-with the verdict's masks replaced:
+`dds index` verdict. Each mode runs `dds bench NAME --policies POLICY --budgets 0.5 --eval-split val`
+(``--policy``: ``dds``, or ``dds`` with options, e.g. ``dds:strong_aug=none``) with the verdict's masks
+replaced. ``truth`` marks the flipped samples relabelled, so they never get strong views; compare it with
+``strong_aug=none`` on both sides. The modes:
 
 * ``verdict``: the verdict as `dds index` wrote it (what `dds` does);
 * ``drop-residual``: the verdict, and every sample it would train on a wrong label suppressed too
   (the cost of the wrong labels the verdict misses or relabels wrongly);
-* ``truth``: every sample trained on its true label, nothing suppressed (the ceiling: the cost of
-  the samples the verdict suppresses is ``truth`` minus ``drop-residual``).
+* ``truth``: every sample trained on its true label, nothing suppressed. It stands for `dds` with
+  ``noise_handling=off`` on the same images with their true labels, not for `dds` with its verdict
+  there: on clean data the verdict also suppresses the most ambiguous samples, which is worth about a
+  point on its own (docs/experiments.md, "Issue 28: the noise oracle checked").
 
 Rows go to ``--results`` like `dds bench` rows, this command line in their ``command``.
 """
@@ -59,11 +64,14 @@ def main() -> None:
     ap.add_argument("--mode", choices=MODES, required=True)
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--policy", default="dds", help="dds, or dds with options (dds:strong_aug=none)")
     ap.add_argument("--results")
     args = ap.parse_args()
+    if args.policy.split(":")[0] != "dds":
+        ap.error(f"--policy must be dds or dds:OPTIONS, got {args.policy!r}")
     ws = Workspace.resolve(args.workspace)
     dds_policy.noise_masks = oracle_masks(args.mode, true_labels(ws, args.name))
-    rows = run_bench(ws, args.name, policies=["dds"], budgets=[0.5], epochs=args.epochs, seeds=args.seeds,
+    rows = run_bench(ws, args.name, policies=[args.policy], budgets=[0.5], epochs=args.epochs, seeds=args.seeds,
                      base_config={"eval_split": "val", "eval_every": args.epochs}, progress=False,
                      results=args.results, command=shlex.join(["python", "benchmarks/oracle_noise.py", *sys.argv[1:]]))
     print(args.mode, {k: rows[0][k] for k in ("acc_mean", "accs", "budget_spent")})

@@ -43,11 +43,12 @@ NOISE_HANDLING = ("relabel", "suppress", "off")
 UNSEEN = ("mean", "max")
 AUG_BITS = AUG_LEVELS.bit_length()   # bits of a plan aug code
 # strong_aug=gap: the held-out gap is averaged over pruned epochs as g <- m * g + (1 - m) * gap_epoch,
-# from g = 0. One epoch's gap (50 losses a side) has a standard error of 0.06-0.15, so with m = 0.5 a
-# single chance high in the first epochs put most of a short run on strong views; with 0.8 a lone
-# epoch moves g by a fifth of itself while a gap that stays open (long runs: 0.2-0.35 from the 20th
-# of 60 epochs) is followed a few epochs late. Picked from the per-epoch gaps of the val runs
-# (docs/experiments.md, "Issue 28").
+# from g = 0. One epoch's gap (50 losses a side) has a standard error of 0.06-0.15. The first version
+# clipped each epoch at 0 and started from the first epoch's value, so a single chance high in the
+# first epochs put most of a short run on strong views; now a lone epoch moves g by a fifth of that
+# epoch's gap, while a gap that stays open (long runs: 0.2-0.35 from the 20th of 60 epochs) is
+# followed a few epochs late. Picked from the per-epoch gaps of the val runs (docs/experiments.md,
+# "Issue 28").
 GAP_MOMENTUM = 0.8
 
 
@@ -231,11 +232,12 @@ def held_out_gap(held_out: np.ndarray, anchor: np.ndarray) -> float | None:
     from the clean samples and measured on base views in the same epoch; about 0 while the model
     generalises to what it has not seen (negative by chance as often as positive), towards 1 as it
     memorises. Signed, so that averaging it over epochs cancels the noise instead of keeping its
-    positive half (:data:`GAP_MOMENTUM`). None without losses of both."""
+    positive half (:data:`GAP_MOMENTUM`), and held at -1 below as it is at 1 above, so that one epoch
+    cannot pull the average further down than up. None without losses of both."""
     if held_out.size == 0 or anchor.size == 0:
         return None
     h = float(held_out.astype(np.float64).mean())
-    return 0.0 if h <= 0 else 1.0 - float(anchor.astype(np.float64).mean()) / h
+    return 0.0 if h <= 0 else max(-1.0, 1.0 - float(anchor.astype(np.float64).mean()) / h)
 
 
 def gap_codes(gap: float, suitability: np.ndarray, phase: int, strength: float, full: float = 0.25) -> np.ndarray:
@@ -331,6 +333,7 @@ class DdsPolicy(LossPolicy):
         self._held, self._anchor = self._probes(~noisy & ~relabel) if cfg.strong_aug == "gap" else (None, None)
         self._gap = 0.0                                 # held_out_gap averaged over pruned epochs
         self._probing = False                           # the latest plan holds the probes
+        self._probe_sums = np.zeros(4)                  # its held-out and anchor loss sums and counts so far
         probe_l = self._probe_l = np.zeros(info.n, bool)
         self._probe_role = np.zeros(info.n, np.int8)    # by sample index: 1 held out, 2 anchor, 0 neither
         if self._held is not None:
@@ -418,6 +421,7 @@ class DdsPolicy(LossPolicy):
 
     def plan(self, epoch: int, rng: np.random.Generator, *, spent_before: int) -> EpochPlan:
         phase = self._phase[epoch]
+        self._fold_gap()
         self._probing = False
         if phase == 0:
             return self._labelled(make_plan(epoch, shuffle_order(self.info.n, rng)))
@@ -495,23 +499,37 @@ class DdsPolicy(LossPolicy):
         augmented view is higher because of the view, and would otherwise raise the sample's
         selection probability and with it its next strong view. With ``strong_aug=gap`` the probes'
         losses update the held-out gap."""
-        if self._probing:   # only pruned epochs hold the held-out set out
+        if self._probing:   # only pruned epochs hold the held-out set out; summed until the next plan
             role = self._probe_role[indices]
-            gap = held_out_gap(losses[role == 1], losses[role == 2])
-            if gap is not None:   # a slow average from 0: one epoch's few dozen losses are noisy
-                self._gap = GAP_MOMENTUM * self._gap + (1.0 - GAP_MOMENTUM) * gap
+            for k, r in ((0, 1), (2, 2)):
+                part = losses[role == r].astype(np.float64)
+                self._probe_sums[k:k + 2] += (part.sum(), part.size)
         self._loss.update(indices, losses if aug is None else deflate_strong(losses, aug))
+
+    def _fold_gap(self) -> None:
+        """The last planned epoch's held-out gap into the average: once per epoch, however many calls
+        of :meth:`observe` brought its losses (a slow average from 0: one epoch's losses are noisy)."""
+        h_sum, h_n, a_sum, a_n = self._probe_sums
+        if h_n and a_n:
+            gap = held_out_gap(np.array([h_sum / h_n]), np.array([a_sum / a_n]))
+            self._gap = GAP_MOMENTUM * self._gap + (1.0 - GAP_MOMENTUM) * gap
+        self._probe_sums[:] = 0
 
     def state_dict(self) -> dict:
         state = {"loss": self._loss.state_dict()}
         if self._held is not None:
             state["held_out_gap"] = self._gap
+            state["probe_sums"] = self._probe_sums.tolist()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self._loss.load_state_dict(state["loss"])
         if self._held is not None and "held_out_gap" in state:
             self._gap = float(state["held_out_gap"])
+            self._probe_sums = np.asarray(state["probe_sums"], np.float64).copy()
+        elif self._held is not None and "gap" in state:   # saved before the gap was averaged signed
+            log.warning("dds: this checkpoint's held-out gap was saved by an older dds (clipped, not signed); "
+                        "it restarts from 0, so strong views may come later than in an uninterrupted run")
 
     def _strong(self, pos: np.ndarray) -> np.ndarray:
         """(M,) uint8 strong-augmentation flags of the selected layout positions (never suspects)."""

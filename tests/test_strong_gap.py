@@ -19,7 +19,8 @@ def test_gap_codes_are_a_pure_function_of_gap_suitability_and_phase():
     assert (high >= mid).all() and high[-1] == AUG_LEVELS and (np.diff(high.astype(int)) >= 0).all()
     assert gap_codes(0.25, s, 1, 1.0, full=0.25).tolist() == high.tolist()   # full strength from gap_full on
     assert held_out_gap(np.array([2.0]), np.array([0.5])) == pytest.approx(0.75)
-    assert held_out_gap(np.array([1.0]), np.array([3.0])) == pytest.approx(-2.0)   # signed
+    assert held_out_gap(np.array([1.0]), np.array([1.5])) == pytest.approx(-0.5)   # signed
+    assert held_out_gap(np.array([1.0]), np.array([3.0])) == -1.0                  # held at -1 as at 1 above
     assert held_out_gap(np.zeros(0), np.ones(2)) is None
 
 
@@ -66,6 +67,38 @@ def test_gap_state_round_trip_repeats_the_plans():
     assert (want.aug > 0).any() and np.array_equal(want.indices, got.indices) and np.array_equal(want.aug, got.aug)
 
 
+def test_the_gap_moves_once_per_epoch_however_the_losses_are_observed():
+    labels = np.arange(1000) % 5
+    info = SampleInfo(labels=labels, num_classes=5)
+    whole, parts = (Selector("dds", info, epochs=10, budget=0.5, seed=3) for _ in range(2))
+    rng, seen_strong = np.random.default_rng(0), False
+    for e in range(10):
+        a, b = whole.plan(e), parts.plan(e)
+        assert np.array_equal(a.indices, b.indices) and np.array_equal(a.aug, b.aug)
+        losses = np.where(a.weights > 0, 0.7, 1.0).astype(np.float32) * rng.uniform(0.5, 1.5, len(a)).astype(np.float32)
+        whole.observe(a.indices, losses)   # without codes: no per-call deflation, only the gap could differ
+        for chunk in np.array_split(np.arange(len(b)), 7):   # a loop that observes batch by batch
+            parts.observe(b.indices[chunk], losses[chunk])
+        seen_strong = e > 0 and ((a.aug > 0).any() or seen_strong)
+    assert seen_strong   # the gap did open, so equal codes mean equal gaps
+
+
+def test_a_checkpoint_of_the_older_gap_restarts_it_from_0_with_a_warning(caplog):
+    labels = np.arange(1000) % 5
+    info = SampleInfo(labels=labels, num_classes=5)
+    sel = Selector("dds", info, epochs=8, budget=0.5, seed=2)
+    plan = sel.plan(0)
+    sel.observe(plan.indices, np.where(plan.weights > 0, 0.2, 1.0).astype(np.float32), plan.aug)
+    state = sel.state_dict()
+    policy = state["policy_state"]
+    policy["gap"] = policy.pop("held_out_gap")
+    del policy["probe_sums"]
+    fresh = Selector("dds", info, epochs=8, budget=0.5, seed=2)
+    with caplog.at_level("WARNING"):
+        fresh.load_state_dict(state)
+    assert "older dds" in caplog.text and (fresh.plan(1).aug == 0).all() and (sel.plan(1).aug > 0).any()
+
+
 def test_probes_are_never_drawn_twice_when_the_epoch_outgrows_the_clean_samples():
     from dds.selector import synthetic_info
 
@@ -84,8 +117,9 @@ def test_gap_keeps_base_views_while_the_model_generalises():
 
 
 def test_one_chance_high_gap_leaves_base_views_and_a_low_one_cancels_it():
-    # epoch 0's gap 0.15 alone, the next ones as far below 0: averaged signed, no epoch goes strong
-    _, plans = _gap_run(8, [0.85, 1.15, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    # gaps of +0.15 and -0.15 in turn: averaged signed they cancel and no epoch goes strong (clipped at
+    # 0 before averaging, the same epochs would average about +0.05 and go strong from the fourth plan)
+    _, plans = _gap_run(8, [0.85, 1.15] * 4)
     assert all((p.aug == 0).all() for p in plans)
     # the same 0.15 epoch after epoch (a gap that stays open) does bring strong views in
     _, plans = _gap_run(12, 0.85)
@@ -107,9 +141,11 @@ def _verdict_workspace(tmp_path):
 
 
 def test_a_run_with_strong_aug_gap_trains_probes_augments_clean_samples_only_and_resumes(tmp_path):
+    import pyarrow.parquet as pq
+
     from dds.catalog import query
-    from dds.tables import load_history, trained_rows
     from dds.train import TrainConfig, resume_train, run_train
+    from dds.train.export import run_export
 
     ws, keys, status = _verdict_workspace(tmp_path)
     cfg = TrainConfig(dataset="verdict", policy="dds", budget=0.6, epochs=8, model="cnn3", batch_size=16, seed=1,
@@ -122,8 +158,13 @@ def test_a_run_with_strong_aug_gap_trains_probes_augments_clean_samples_only_and
     held = h[(h["weight"] == 0)]
     assert held["epoch"].nunique() == 7 and (held["aug"] == "base").all()  # every pruned epoch, base views
     assert not (h[h["epoch"] == 7]["aug"] == "strong").any()             # annealing: base views
-    hist = load_history(ws, whole["run_id"])   # what export and report count as trained: not the held-out set
-    assert trained_rows(hist).sum() == len(h) - len(held) == int((hist["selected"] & (hist["weight"] > 0)).sum())
+    out = tmp_path / "core.parquet"   # dds export counts the epochs a sample trained in, not those it was measured in
+    run_export(ws, whole["run_id"], 0.6, out)
+    table = pq.read_table(out).to_pandas().set_index("key")
+    trained = h[h["weight"] > 0].groupby("key").size()
+    shown = table.index.intersection(held["key"].unique())
+    assert len(shown) and (table.loc[shown, "times_selected"] == 1).all()   # annealing only, not 7 + 1
+    assert (table["times_selected"] == trained.reindex(table.index, fill_value=0)).all()
     part = run_train(ws, cfg, progress=False, stop_after=3)
     again = resume_train(ws, part["run_id"], progress=False)
     assert again["test_acc"] == whole["test_acc"] and again["budget_spent"] == whole["budget_spent"]
