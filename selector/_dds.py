@@ -526,7 +526,7 @@ class DdsPolicy(LossPolicy):
         self._loss.load_state_dict(state["loss"])
         if self._held is not None and "held_out_gap" in state:
             self._gap = float(state["held_out_gap"])
-            self._probe_sums = np.asarray(state["probe_sums"], np.float64).copy()
+            self._probe_sums = np.asarray(state.get("probe_sums", np.zeros(4)), np.float64).copy()
         elif self._held is not None and "gap" in state:   # saved before the gap was averaged signed
             log.warning("dds: this checkpoint's held-out gap was saved by an older dds (clipped, not signed); "
                         "it restarts from 0, so strong views may come later than in an uninterrupted run")
