@@ -226,18 +226,15 @@ def aug_codes(suitability: np.ndarray, ramp: float, strength: float) -> np.ndarr
     return np.ceil(np.clip(mag, 0.0, 1.0) * AUG_LEVELS).astype(np.uint8)
 
 
-def held_out_gap(held_out: np.ndarray, anchor: np.ndarray) -> float | None:
-    """``1 - mean(anchor) / mean(held_out)``: how much lower the loss of samples trained every pruned
-    epoch (the anchor) is than that of samples never trained in them (held out), both drawn at random
-    from the clean samples and measured on base views in the same epoch; about 0 while the model
+def held_out_gap(held_out: float, anchor: float) -> float:
+    """``1 - anchor / held_out`` of two mean losses: how much lower the loss of samples trained every
+    pruned epoch (the anchor) is than that of samples never trained in them (held out), both drawn at
+    random from the clean samples and measured on base views in the same epoch; about 0 while the model
     generalises to what it has not seen (negative by chance as often as positive), towards 1 as it
     memorises. Signed, so that averaging it over epochs cancels the noise instead of keeping its
     positive half (:data:`GAP_MOMENTUM`), and held at -1 below as it is at 1 above, so that one epoch
-    cannot pull the average further down than up. None without losses of both."""
-    if held_out.size == 0 or anchor.size == 0:
-        return None
-    h = float(held_out.astype(np.float64).mean())
-    return 0.0 if h <= 0 else max(-1.0, 1.0 - float(anchor.astype(np.float64).mean()) / h)
+    cannot pull the average further down than up."""
+    return 0.0 if held_out <= 0 else max(-1.0, 1.0 - anchor / held_out)
 
 
 def gap_codes(gap: float, suitability: np.ndarray, phase: int, strength: float, full: float = 0.25) -> np.ndarray:
@@ -333,7 +330,7 @@ class DdsPolicy(LossPolicy):
         self._held, self._anchor = self._probes(~noisy & ~relabel) if cfg.strong_aug == "gap" else (None, None)
         self._gap = 0.0                                 # held_out_gap averaged over pruned epochs
         self._probing = False                           # the latest plan holds the probes
-        self._probe_sums = np.zeros(4)                  # its held-out and anchor loss sums and counts so far
+        self._probe_sums = np.zeros((2, 3))             # its loss sums (row 0) and counts (row 1) by role so far
         probe_l = self._probe_l = np.zeros(info.n, bool)
         self._probe_role = np.zeros(info.n, np.int8)    # by sample index: 1 held out, 2 anchor, 0 neither
         if self._held is not None:
@@ -501,17 +498,15 @@ class DdsPolicy(LossPolicy):
         losses update the held-out gap."""
         if self._probing:   # only pruned epochs hold the held-out set out; summed until the next plan
             role = self._probe_role[indices]
-            for k, r in ((0, 1), (2, 2)):
-                part = losses[role == r].astype(np.float64)
-                self._probe_sums[k:k + 2] += (part.sum(), part.size)
+            self._probe_sums += (np.bincount(role, weights=losses, minlength=3), np.bincount(role, minlength=3))
         self._loss.update(indices, losses if aug is None else deflate_strong(losses, aug))
 
     def _fold_gap(self) -> None:
         """The last planned epoch's held-out gap into the average: once per epoch, however many calls
         of :meth:`observe` brought its losses (a slow average from 0: one epoch's losses are noisy)."""
-        h_sum, h_n, a_sum, a_n = self._probe_sums
-        if h_n and a_n:
-            gap = held_out_gap(np.array([h_sum / h_n]), np.array([a_sum / a_n]))
+        (_, h_sum, a_sum), (_, h_n, a_n) = self._probe_sums
+        if h_n and a_n:   # losses of both sets
+            gap = held_out_gap(h_sum / h_n, a_sum / a_n)
             self._gap = GAP_MOMENTUM * self._gap + (1.0 - GAP_MOMENTUM) * gap
         self._probe_sums[:] = 0
 
@@ -526,7 +521,7 @@ class DdsPolicy(LossPolicy):
         self._loss.load_state_dict(state["loss"])
         if self._held is not None and "held_out_gap" in state:
             self._gap = float(state["held_out_gap"])
-            self._probe_sums = np.asarray(state.get("probe_sums", np.zeros(4)), np.float64).copy()
+            self._probe_sums = np.array(state.get("probe_sums", np.zeros((2, 3))), np.float64)
         elif self._held is not None and "gap" in state:   # saved before the gap was averaged signed
             log.warning("dds: this checkpoint's held-out gap was saved by an older dds (clipped, not signed); "
                         "it restarts from 0, so strong views may come later than in an uninterrupted run")

@@ -18,18 +18,20 @@ def test_gap_codes_are_a_pure_function_of_gap_suitability_and_phase():
     assert mid[0] == high[0] == 0                                  # suitability 0 (suspects): never
     assert (high >= mid).all() and high[-1] == AUG_LEVELS and (np.diff(high.astype(int)) >= 0).all()
     assert gap_codes(0.25, s, 1, 1.0, full=0.25).tolist() == high.tolist()   # full strength from gap_full on
-    assert held_out_gap(np.array([2.0]), np.array([0.5])) == pytest.approx(0.75)
-    assert held_out_gap(np.array([1.0]), np.array([1.5])) == pytest.approx(-0.5)   # signed
-    assert held_out_gap(np.array([1.0]), np.array([3.0])) == -1.0                  # held at -1 as at 1 above
-    assert held_out_gap(np.zeros(0), np.ones(2)) is None
+    assert held_out_gap(2.0, 0.5) == pytest.approx(0.75)
+    assert held_out_gap(1.0, 1.5) == pytest.approx(-0.5)   # signed
+    assert held_out_gap(1.0, 3.0) == -1.0                  # held at -1 as at 1 above
+    assert held_out_gap(0.0, 1.0) == 0.0
 
 
-def _gap_run(epochs: int, anchor_factor, seed: int = 0):
+INFO = SampleInfo(labels=np.arange(1000) % 5, num_classes=5)   # no scores: suitability 1 for every sample
+
+
+def _gap_run(epochs: int, anchor_factor, seed: int = 0, observe_held: bool = True):
     """A dds run with strong_aug=gap whose trained samples' losses are ``anchor_factor`` times the
-    held-out ones (the probes: weight 0 = held out); a sequence gives one factor per epoch."""
-    labels = np.arange(1000) % 5
-    info = SampleInfo(labels=labels, num_classes=5)
-    sel = Selector("dds", info, epochs=epochs, budget=0.5, seed=seed, strong_aug="gap")
+    held-out ones (the probes: weight 0 = held out); a sequence gives one factor per epoch. Without
+    ``observe_held`` the held-out losses are never reported."""
+    sel = Selector("dds", INFO, epochs=epochs, budget=0.5, seed=seed, strong_aug="gap")
     factors = np.broadcast_to(np.asarray(anchor_factor, np.float32), (epochs,))
     plans = []
     for e in range(epochs):
@@ -37,7 +39,8 @@ def _gap_run(epochs: int, anchor_factor, seed: int = 0):
         plans.append(plan)
         losses = np.ones(len(plan), np.float32)
         losses[plan.weights > 0] = factors[e]
-        sel.observe(plan.indices, losses, plan.aug)
+        keep = slice(None) if observe_held else plan.weights > 0
+        sel.observe(plan.indices[keep], losses[keep], plan.aug[keep])
     return sel, plans
 
 
@@ -55,22 +58,18 @@ def test_gap_plans_probe_sets_every_pruned_epoch_and_spend_the_budget():
 
 
 def test_gap_state_round_trip_repeats_the_plans():
-    labels = np.arange(1000) % 5
-    info = SampleInfo(labels=labels, num_classes=5)
-    first = Selector("dds", info, epochs=8, budget=0.5, seed=2)
+    first = Selector("dds", INFO, epochs=8, budget=0.5, seed=2)
     for e in range(3):
         plan = first.plan(e)
         first.observe(plan.indices, np.where(plan.weights > 0, 0.5, 1.0).astype(np.float32), plan.aug)
-    again = Selector("dds", info, epochs=8, budget=0.5, seed=2)
+    again = Selector("dds", INFO, epochs=8, budget=0.5, seed=2)
     again.load_state_dict(first.state_dict())
     want, got = first.plan(3), again.plan(3)
     assert (want.aug > 0).any() and np.array_equal(want.indices, got.indices) and np.array_equal(want.aug, got.aug)
 
 
 def test_the_gap_moves_once_per_epoch_however_the_losses_are_observed():
-    labels = np.arange(1000) % 5
-    info = SampleInfo(labels=labels, num_classes=5)
-    whole, parts = (Selector("dds", info, epochs=10, budget=0.5, seed=3) for _ in range(2))
+    whole, parts = (Selector("dds", INFO, epochs=10, budget=0.5, seed=3) for _ in range(2))
     rng, seen_strong = np.random.default_rng(0), False
     for e in range(10):
         a, b = whole.plan(e), parts.plan(e)
@@ -84,16 +83,14 @@ def test_the_gap_moves_once_per_epoch_however_the_losses_are_observed():
 
 
 def test_a_checkpoint_of_the_older_gap_restarts_it_from_0_with_a_warning(caplog):
-    labels = np.arange(1000) % 5
-    info = SampleInfo(labels=labels, num_classes=5)
-    sel = Selector("dds", info, epochs=8, budget=0.5, seed=2)
+    sel = Selector("dds", INFO, epochs=8, budget=0.5, seed=2)
     plan = sel.plan(0)
     sel.observe(plan.indices, np.where(plan.weights > 0, 0.2, 1.0).astype(np.float32), plan.aug)
     state = sel.state_dict()
     policy = state["policy_state"]
     policy["gap"] = policy.pop("held_out_gap")
     del policy["probe_sums"]
-    fresh = Selector("dds", info, epochs=8, budget=0.5, seed=2)
+    fresh = Selector("dds", INFO, epochs=8, budget=0.5, seed=2)
     with caplog.at_level("WARNING"):
         fresh.load_state_dict(state)
     assert "older dds" in caplog.text and (fresh.plan(1).aug == 0).all() and (sel.plan(1).aug > 0).any()
@@ -113,6 +110,11 @@ def test_probes_are_never_drawn_twice_when_the_epoch_outgrows_the_clean_samples(
 
 def test_gap_keeps_base_views_while_the_model_generalises():
     _, plans = _gap_run(8, 1.0)   # trained and held-out losses alike: no gap
+    assert all((p.aug == 0).all() for p in plans)
+
+
+def test_the_gap_waits_for_losses_of_both_probe_sets():
+    _, plans = _gap_run(8, 0.2, observe_held=False)   # a wide gap, but no held-out loss ever reported
     assert all((p.aug == 0).all() for p in plans)
 
 
