@@ -50,9 +50,6 @@ AUG_BITS = AUG_LEVELS.bit_length()   # bits of a plan aug code
 # followed a few epochs late. Picked from the per-epoch gaps of the val runs (docs/experiments.md,
 # "Issue 28").
 GAP_MOMENTUM = 0.8
-# recheck: a suppressed sample is cleared after this many re-measurements in a row at which its loss on
-# its given label is at most the held-out probes' median loss of the same epoch (see recheck_passed)
-RECHECK_PASSES = 2
 
 
 @dataclass(frozen=True)
@@ -77,7 +74,6 @@ class DdsConfig:
     probe_size: int = 50                # strong_aug=gap: samples in each probe set (held out, anchor)
     gap_start: float = 0.0              # strong_aug=gap: the held-out gap below which views stay base
     gap_full: float = 0.25              # strong_aug=gap: the held-out gap at which views reach full strength
-    recheck: float = 0.0                # share of each pruned epoch spent re-measuring suppressed samples (0 = never)
     aug_fraction: float = 0.5           # q: share of each pruned selection augmented when strong_aug = top_q
     aug_strength: float = 1.0           # largest strong-augmentation magnitude in [0, 1] (see aug_codes)
     loss_rescale: str = "none"          # pruned-epoch loss weights: none (1) | const (N/size) | is (importance)
@@ -104,7 +100,6 @@ class DdsConfig:
         set_(self, "probe_size", check_int("probe_size", self.probe_size, 1))
         set_(self, "gap_full", check_real("gap_full", self.gap_full, 0.0, 1.0, lo_open=True))
         set_(self, "gap_start", check_real("gap_start", self.gap_start, 0.0, 1.0))
-        set_(self, "recheck", check_real("recheck", self.recheck, 0.0, 0.5))
         if self.gap_start >= self.gap_full:
             raise DdsError(f"gap_start must be below gap_full, got {self.gap_start:g} >= {self.gap_full:g}")
         for name, choices in (("strong_aug", STRONG_AUG), ("loss_rescale", LOSS_RESCALE),
@@ -268,15 +263,6 @@ def gap_codes(gap: float, suitability: np.ndarray, phase: int, strength: float, 
     return np.rint(mag * AUG_LEVELS).astype(np.uint8)
 
 
-def recheck_passed(suspect_losses: np.ndarray, held_losses: np.ndarray) -> np.ndarray:
-    """(K,) bool: which re-measured suspects look clean this epoch. A suspect's loss on its given label,
-    measured untrained (weight 0), passes when it is at most the median loss of the held-out probes:
-    clean samples that the pruned epochs never train either, measured in the same epoch. The bar is
-    set by the run itself, so it follows the model's accuracy (lenient early, strict late), and a
-    sample passes only where the model finds its label as plausible as a typical unseen clean one."""
-    return suspect_losses <= np.median(held_losses)
-
-
 def deflate_strong(losses: np.ndarray, aug: np.ndarray) -> np.ndarray:
     """``losses`` with those of strong views divided by their level's inflation factor.
 
@@ -346,28 +332,18 @@ class DdsPolicy(LossPolicy):
                         if noisy.any() or relabel.any() else None)
         self._label_used = np.where(relabel, info.label_fixed, info.labels) if relabel.any() else None
         self._clean_idx = np.flatnonzero(~noisy)
-        # strong_aug=gap and recheck: the probe sets, planned apart from the draw (never drawn)
-        need_probes = cfg.strong_aug == "gap" or (cfg.recheck > 0 and bool(noisy.any()))
-        self._held, self._anchor = self._probes(~noisy & ~relabel) if need_probes else (None, None)
+        # strong_aug=gap: the probe sets, planned apart from the draw (never drawn)
+        self._held, self._anchor = self._probes(~noisy & ~relabel) if cfg.strong_aug == "gap" else (None, None)
         self._gap = 0.0                                 # held_out_gap averaged over pruned epochs
         self._probing = False                           # the latest plan holds the probes
         self._probe_sums = np.zeros((2, 3))             # its loss sums (row 0) and counts (row 1) by role so far
         probe_l = self._probe_l = np.zeros(info.n, bool)
-        self._probe_role = np.zeros(info.n, np.int8)    # by sample index: 1 held out, 2 anchor, 3 suspect, 0 neither
-        # recheck: suppressed samples in a fixed random order, re-measured in turn at weight 0
-        self._suspects = np.zeros(0, np.int64)
-        self._cursor = 0                                # position of the next re-measurement in the turn
-        self._passes = np.zeros(info.n, np.int8)        # re-measurements passed in a row
-        self._measured = np.full(info.n, np.nan, np.float32)   # latest pruned epoch's held-out and suspect losses
+        self._probe_role = np.zeros(info.n, np.int8)    # by sample index: 1 held out, 2 anchor, 0 neither
         if self._held is not None:
             probe_l[lay.slot[np.concatenate([self._held, self._anchor])]] = True
             self._probe_role[self._held], self._probe_role[self._anchor] = 1, 2
-            if cfg.recheck > 0:
-                self._suspects = np.random.default_rng([0x5C5, info.n]).permutation(np.flatnonzero(noisy))
-                self._probe_role[self._suspects] = 3
-        elif need_probes:
-            log.warning("dds: strong_aug=gap and recheck need at least 20 clean samples for their probes; "
-                        "no strong views and no re-measurement")
+        elif cfg.strong_aug == "gap":
+            log.warning("dds: strong_aug=gap needs at least 20 clean samples for its probes; no strong views")
         self._noisy_l = noisy[lay.order]
         self._no_strong_l = (noisy | relabel)[lay.order]   # suspects are never strongly augmented
         self._exclude_l = np.where(self._noisy_l, np.float32(np.inf), np.float32(0))
@@ -378,23 +354,18 @@ class DdsPolicy(LossPolicy):
         self._jkey_l = np.where(self._no_strong_l, 0, (self._joint_l + np.float32(0)).view(np.uint32) + 1)
         mult_l = np.where(self._noisy_l, np.float32(cfg.noisy_weight), np.float32(1))
         mult_l[probe_l] = 0
-        prior_l = self._prior_l = self._joint_l ** np.float32(cfg.prior_weight) if cfg.prior_weight != 1 else self._joint_l
+        prior_l = self._joint_l ** np.float32(cfg.prior_weight) if cfg.prior_weight != 1 else self._joint_l
         self._jm_l = prior_l * mult_l                     # pi = jm * loss_term + em
         # suitability for strong views: joint's percentile within its class (without scores: 1); suspects 0
         pct_l = class_percentile(self._joint_l, lay) if info.joint is not None else np.ones(info.n, np.float32)
         self._suit_l = np.where(self._no_strong_l, np.float32(0), pct_l)
         self._em_l = np.float32(cfg.eps) * mult_l
-        self._cap = self._eligible_counts()             # pi > 0 exactly on these when eps > 0
+        eligible = (~self._noisy_l if cfg.noisy_weight == 0 else np.ones(info.n, bool)) & ~probe_l
+        self._cap = lay.class_counts(eligible)          # pi > 0 exactly on these when eps > 0
         self._loss = LossEma(info.n, momentum=cfg.loss_momentum, slot=lay.slot)
         self._phase, self._sizes = self._schedule()
         self._ramp = augment_ramp(self._phase)
         self._id_bits = max(1, int(info.n - 1).bit_length())
-
-    def _eligible_counts(self) -> np.ndarray:
-        """(C,) samples per class that a pruned epoch may draw: not a probe, not suppressed (unless
-        ``noisy_weight > 0``)."""
-        eligible = (~self._noisy_l if self.cfg.noisy_weight == 0 else np.ones(self.info.n, bool)) & ~self._probe_l
-        return self._layout.class_counts(eligible)
 
     def _probes(self, clean: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """``(held_out, anchor)``: two disjoint random sets of ``probe_size`` clean samples (a tenth of the
@@ -454,7 +425,6 @@ class DdsPolicy(LossPolicy):
     def plan(self, epoch: int, rng: np.random.Generator, *, spent_before: int) -> EpochPlan:
         phase = self._phase[epoch]
         self._fold_gap()
-        self._fold_recheck(epoch)
         self._probing = False
         if phase == 0:
             return self._labelled(make_plan(epoch, shuffle_order(self.info.n, rng)))
@@ -470,8 +440,7 @@ class DdsPolicy(LossPolicy):
         probes = 0 if self._held is None else self._held.size + self._anchor.size
         probes = probes if size >= 4 * probes else 0   # an epoch too small for its probes plans none
         self._probing = probes > 0
-        checks = self._recheck_ids(size) if probes else self._suspects[:0]
-        size -= probes + checks.size
+        size -= probes
         pi_l = self._pi_layout()
         if self.cfg.sharpness != 1:   # the distribution drawn from (and importance-weighted against)
             pi_l = power_(pi_l, self.cfg.sharpness)   # pi_l is a fresh array
@@ -497,13 +466,13 @@ class DdsPolicy(LossPolicy):
             aug = self._strong(pos) * aug_codes(self._suit_l[pos], float(self._ramp[epoch]), self.cfg.aug_strength)
         weights = self._weights(pos, pi_l, size)
         ids = lay.order[pos]
-        if probes:   # the anchor trained (weight 1); the held-out set and suspects measured (weight 0); base views
-            ids = np.concatenate([ids, self._anchor, self._held, checks])
+        if probes:   # the anchor trained (weight 1), the held-out set measured (weight 0), base views
+            ids = np.concatenate([ids, self._anchor, self._held])
             anchor_w = weights if np.isscalar(weights) else 1.0   # the selection's weight (loss_rescale=const)
             weights = np.concatenate([np.broadcast_to(np.float32(weights), pos.shape),
                                       np.full(self._anchor.size, anchor_w, np.float32),
-                                      np.zeros(self._held.size + checks.size, np.float32)])
-            aug = np.concatenate([aug, np.zeros(probes + checks.size, np.uint8)])
+                                      np.zeros(self._held.size, np.float32)])
+            aug = np.concatenate([aug, np.zeros(probes, np.uint8)])
         if isinstance(weights, np.ndarray):
             order = shuffle_order(ids.shape[0], rng)
             return self._labelled(make_plan(epoch, ids[order], weights[order], aug[order]))
@@ -536,10 +505,7 @@ class DdsPolicy(LossPolicy):
         losses update the held-out gap."""
         if self._probing:   # only pruned epochs hold the held-out set out; summed until the next plan
             role = self._probe_role[indices]
-            self._probe_sums += (np.bincount(role, weights=losses, minlength=4)[:3], np.bincount(role, minlength=4)[:3])
-            if self._suspects.size:   # the held-out set's and the suspects' losses, for recheck
-                kept = (role == 1) | (role == 3)
-                self._measured[indices[kept]] = losses[kept]
+            self._probe_sums += (np.bincount(role, weights=losses, minlength=3), np.bincount(role, minlength=3))
         self._loss.update(indices, losses if aug is None else deflate_strong(losses, aug))
 
     def _fold_gap(self) -> None:
@@ -551,94 +517,15 @@ class DdsPolicy(LossPolicy):
             self._gap = GAP_MOMENTUM * self._gap + (1.0 - GAP_MOMENTUM) * gap
         self._probe_sums[:] = 0
 
-    # ---- recheck: suppressed samples re-measured on their given label ----
-
-    def _recheck_ids(self, size: int) -> np.ndarray:
-        """The suspects re-measured in a pruned epoch of ``size`` samples (planned at weight 0, charged as
-        steps): ``ceil(recheck * size)`` still-suppressed ones, first those that passed their last
-        re-measurement (to confirm them), then the next ones in their fixed random turn."""
-        pool = self._suspects[self._status[self._suspects] == SUPPRESS] if self._suspects.size else self._suspects
-        k = min(pool.size, int(np.ceil(self.cfg.recheck * size)))
-        if not k:
-            return pool[:0]
-        passed = self._passes[pool] > 0
-        first, rest = pool[passed][:k], pool[~passed]
-        k -= first.size
-        if not k or not rest.size:
-            return first
-        start = self._cursor % rest.size
-        self._cursor = start + k
-        return np.concatenate([first, np.take(rest, np.arange(start, start + k), mode="wrap")])
-
-    def _fold_recheck(self, epoch: int) -> None:
-        """The last pruned epoch's re-measurements: a suspect that passed :func:`recheck_passed`
-        ``RECHECK_PASSES`` times in a row is cleared (:meth:`_unsuspect`); a fail restarts its count."""
-        if not self._suspects.size:
-            return
-        held = self._measured[self._held]
-        held = held[np.isfinite(held)]
-        sus = self._suspects[np.isfinite(self._measured[self._suspects])]
-        losses = self._measured[sus]
-        self._measured[:] = np.nan
-        if not sus.size or not held.size:
-            return
-        passes = np.where(recheck_passed(losses, held), self._passes[sus] + 1, 0)
-        ready = passes >= RECHECK_PASSES
-        if ready.any() and not self._unsuspect(sus[ready], epoch):
-            passes[ready] = RECHECK_PASSES - 1   # no pruned epoch left to pay: they stay suppressed
-        self._passes[sus] = passes
-
-    def _unsuspect(self, idx: np.ndarray, epoch: int) -> bool:
-        """Clear the suppressed samples ``idx`` before planning ``epoch``: from then on they are drawn
-        as clean samples on their given label (never strongly augmented). The annealing epochs grow by
-        them, paid from the pruned epochs still to come; False (nothing changed) when none is left or
-        they cannot pay."""
-        later = np.arange(self.epochs) >= epoch
-        pruned = np.flatnonzero((self._phase == 1) & later)
-        annealed = np.flatnonzero((self._phase == 2) & later) if self.cfg.anneal_exclude_noisy else pruned[:0]
-        rest = int(self._sizes[pruned].sum()) - idx.size * annealed.size
-        if not pruned.size or rest < pruned.size:
-            return False
-        self._sizes[pruned] = even_sizes(rest, pruned.size, cap=self.info.n)
-        self._sizes[annealed] += idx.size
-        self._clear(idx)
-        log.info("dds: %d suppressed samples cleared by re-measurement (%d still suppressed)", idx.size,
-                 int(np.count_nonzero(self._status == SUPPRESS)))
-        return True
-
-    def _clear(self, idx: np.ndarray) -> None:
-        """The per-sample arrays of the suppressed samples ``idx`` set as for clean ones (suitability
-        stays 0: no strong views)."""
-        self._status[idx] = CLEAN
-        self._probe_role[idx] = 0
-        slot = self._layout.slot[idx]
-        self._noisy_l[slot] = False
-        self._exclude_l[slot] = 0
-        self._jm_l[slot] = self._prior_l[slot]
-        self._em_l[slot] = np.float32(self.cfg.eps)
-        self._cap = self._eligible_counts()
-        self._clean_idx = np.union1d(self._clean_idx, idx)
-
     def state_dict(self) -> dict:
         state = {"loss": self._loss.state_dict()}
         if self._held is not None:
             state["held_out_gap"] = self._gap
             state["probe_sums"] = self._probe_sums.tolist()
-        if self._suspects.size:
-            state["recheck"] = {"status": self._status.copy(), "passes": self._passes.copy(),
-                                "measured": self._measured.copy(), "cursor": self._cursor,
-                                "sizes": self._sizes.copy()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self._loss.load_state_dict(state["loss"])
-        if self._suspects.size and "recheck" in state:
-            rc = state["recheck"]
-            self._clear(np.flatnonzero((self._status == SUPPRESS) & (np.asarray(rc["status"]) == CLEAN)))
-            self._passes = np.asarray(rc["passes"], np.int8).copy()
-            self._measured = np.asarray(rc["measured"], np.float32).copy()
-            self._cursor = int(rc["cursor"])
-            self._sizes = np.asarray(rc["sizes"], np.int64).copy()
         if self._held is not None and "held_out_gap" in state:
             self._gap = float(state["held_out_gap"])
             self._probe_sums = np.array(state.get("probe_sums", np.zeros((2, 3))), np.float64)
