@@ -16,6 +16,7 @@ docs/pipeline.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -227,6 +228,14 @@ def compute_scores(class_sims: np.ndarray, global_idx: np.ndarray, labels: np.nd
         if trim is None:
             trim = verdict.trim_mask(verdict.Views.held_out(scores, global_idx, labels), labels)
         v = verdict.static_verdict(verdict.Views.held_out(scores, global_idx, labels, keep=~trim), labels)
+        blind, mean, guess = verdict.label_blind(out["prob_label"], labels)
+        if blind:   # the class scores cannot judge a label: take every label as given
+            log.warning("the held-out class scores give the given labels a mean probability of %.3f, no better "
+                        "than a label-blind guess (%.3f): this encoder does not separate these classes, so no "
+                        "label is judged (all clean); embed with a stronger encoder for a label verdict",
+                        mean, guess)
+            v = dataclasses.replace(v, status=np.full(len(labels), STATUSES[CLEAN], dtype=object),
+                                    label_fixed=labels.astype(np.int64))
         out["status"], out["label_fixed"] = v.status, v.label_fixed.astype(np.int32)
         out["label_posterior"] = v.label_posterior.astype(np.float32)
     with _timed(seconds, "regions"):

@@ -185,6 +185,21 @@ def label_posterior(evidence: np.ndarray, labels: np.ndarray, transition: np.nda
     return np.where(total > 0, post / np.where(total > 0, total, 1.0), evidence)
 
 
+def label_blind(prob_label: np.ndarray, labels: np.ndarray) -> tuple[bool, float, float]:
+    """``(blind, mean, guess)``: whether the held-out class scores give the given labels a mean
+    probability (``mean``) no higher than a label-blind guess that answers every sample with the class
+    frequencies (``guess = sum_c share_c**2``; 1/C for balanced classes). A view that blind cannot
+    judge a label: the verdict averages it with the neighbour votes and relabels only where both
+    agree, so with it every label would look doubtful. Only an encoder that does not separate the
+    classes, or labels with no relation to the images, gets there."""
+    labels = np.asarray(labels, np.int64)
+    if labels.size == 0:
+        return False, 1.0, 0.0
+    share = np.bincount(labels) / labels.size
+    mean, guess = float(np.mean(prob_label)), float(np.sum(share ** 2))
+    return mean <= guess, mean, guess
+
+
 def trim_mask(views: Views, labels: np.ndarray) -> np.ndarray:
     """Samples to leave out of the second adapter pass: ``(N,)`` bool, the first-pass suspects."""
     return confident_joint(views, labels, class_thresholds(views, labels))[1]

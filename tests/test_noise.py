@@ -165,6 +165,30 @@ def test_verdict_on_points_through_compute_scores():
     assert ((s["region"] == "noisy") == (s["status"] != "clean")).all()
 
 
+def test_class_scores_no_better_than_a_label_blind_guess_judge_no_label(caplog):
+    """An encoder whose class prompts point at the wrong clusters (its held-out scores give the given
+    labels less than a guess from the class frequencies) leaves every label as given, with a warning."""
+    rng = np.random.default_rng(0)
+    centres = np.eye(3, 16) * 3
+    x = np.repeat(centres, 30, axis=0) + 0.3 * rng.standard_normal((90, 16))
+    flips = np.repeat(centres[[1, 2]], 4, axis=0) + 0.3 * rng.standard_normal((8, 16))   # labelled 0
+    x = np.vstack([x, flips])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    labels = np.append(np.repeat([0, 1, 2], 30), [0] * 8)
+    text = np.eye(3, 16, dtype=np.float32)[[1, 2, 0]]   # class c's prompt sits on class c + 1's images
+    class_sims, _ = knn(x, 5, labels=labels)
+    _, global_idx = knn(x, 5)
+    scores = ClassScores(emb=x, text=text[None], group=np.zeros(len(x), np.int64), tau=np.array([0.05]))
+    assert V.label_blind(np.full(98, 0.5), labels)[0] is False
+    s = compute_scores(class_sims, global_idx, labels, scores)
+    blind, mean, guess = V.label_blind(s["prob_label"], labels)
+    assert blind and mean < 0.1 and guess == pytest.approx(np.sum((np.bincount(labels) / 98) ** 2))
+    # without the check the same evidence suppresses 3 samples
+    assert (s["status"] == "clean").all() and (s["label_fixed"] == labels).all()
+    assert "no better than a label-blind guess" in caplog.text and "no label is judged" in caplog.text
+    assert not (s["region"] == "noisy").any()
+
+
 def test_verdict_thresholds_follow_the_data():
     """Per-class thresholds are the class means; a clean dataset gives a near-identity noise model."""
     probs, votes, labels = _evidence_case()
