@@ -72,7 +72,6 @@ class DdsConfig:
     sharpness: float = 4.0              # tau: samples drawn with probability ∝ pi**tau (large = greedy top-pi)
     strong_aug: str = "gap"             # who gets strong views: gap (by the held-out gap) | none | top_q | region | all
     probe_size: int = 50                # strong_aug=gap: samples in each probe set (held out, anchor)
-    gap_start: float = 0.0              # strong_aug=gap: the held-out gap below which views stay base
     gap_full: float = 0.25              # strong_aug=gap: the held-out gap at which views reach full strength
     aug_fraction: float = 0.5           # q: share of each pruned selection augmented when strong_aug = top_q
     aug_strength: float = 1.0           # largest strong-augmentation magnitude in [0, 1] (see aug_codes)
@@ -99,9 +98,6 @@ class DdsConfig:
         set_(self, "is_clip", check_real("is_clip", self.is_clip, 1.0))
         set_(self, "probe_size", check_int("probe_size", self.probe_size, 1))
         set_(self, "gap_full", check_real("gap_full", self.gap_full, 0.0, 1.0, lo_open=True))
-        set_(self, "gap_start", check_real("gap_start", self.gap_start, 0.0, 1.0))
-        if self.gap_start >= self.gap_full:
-            raise DdsError(f"gap_start must be below gap_full, got {self.gap_start:g} >= {self.gap_full:g}")
         for name, choices in (("strong_aug", STRONG_AUG), ("loss_rescale", LOSS_RESCALE),
                               ("noise_handling", NOISE_HANDLING), ("unseen", UNSEEN), ("loss_norm", tuple(LOSS_NORMS))):
             if getattr(self, name) not in choices:
@@ -241,13 +237,11 @@ def held_out_gap(held_out: float, anchor: float) -> float:
     return 0.0 if held_out <= 0 else max(-1.0, 1.0 - anchor / held_out)
 
 
-def gap_codes(gap: float, suitability: np.ndarray, phase: int, strength: float, full: float = 0.25,
-              start: float = 0.0) -> np.ndarray:
-    """Plan aug codes of ``strong_aug=gap``: ``round(AUG_LEVELS * strength * r * s)`` with
-    ``r = clip((gap - start) / (full - start), 0, 1)`` in pruned epochs (phase 1), 0 in warm-up and
-    annealing; ``s`` in [0, 1] is each sample's suitability (0 for suspects and relabelled samples, else
-    its joint score's percentile within its class), ``start`` the gap below which views stay base and
-    ``full`` the gap at which they reach full strength.
+def gap_codes(gap: float, suitability: np.ndarray, phase: int, strength: float, full: float = 0.25) -> np.ndarray:
+    """Plan aug codes of ``strong_aug=gap``: ``round(AUG_LEVELS * strength * min(gap / full, 1) * s)`` in
+    pruned epochs (phase 1), 0 in warm-up and annealing; ``s`` in [0, 1] is each sample's suitability
+    (0 for suspects and relabelled samples, else its joint score's percentile within its class) and
+    ``full`` the gap at which the views reach full strength.
 
     A pure function of the held-out gap (:func:`held_out_gap`), the samples' suitability and the epoch's
     phase: short runs, whose gap stays small, keep base views (the rounding leaves a gap below
@@ -257,9 +251,9 @@ def gap_codes(gap: float, suitability: np.ndarray, phase: int, strength: float, 
     Returns:
         (M,) uint8 codes in 0..AUG_LEVELS.
     """
-    if phase != 1 or gap <= start:
+    if phase != 1 or gap <= 0:
         return np.zeros(suitability.shape[0], np.uint8)
-    mag = np.clip(np.float32(strength * min((gap - start) / (full - start), 1.0)) * suitability, 0.0, 1.0)
+    mag = np.clip(np.float32(strength * min(gap / full, 1.0)) * suitability, 0.0, 1.0)
     return np.rint(mag * AUG_LEVELS).astype(np.uint8)
 
 
@@ -458,8 +452,7 @@ class DdsPolicy(LossPolicy):
             keys_l[self._probe_l] = 0
             pos = lay.select(keys_l, quotas)
         if self.cfg.strong_aug == "gap":
-            aug = gap_codes(self._gap, self._suit_l[pos], 1, self.cfg.aug_strength, self.cfg.gap_full,
-                            self.cfg.gap_start)
+            aug = gap_codes(self._gap, self._suit_l[pos], 1, self.cfg.aug_strength, self.cfg.gap_full)
             log.info("dds: held-out gap %+.3f, %.0f%% of the selection at strong views", self._gap,
                      100.0 * np.count_nonzero(aug) / max(aug.size, 1))
         else:

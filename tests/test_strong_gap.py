@@ -18,10 +18,6 @@ def test_gap_codes_are_a_pure_function_of_gap_suitability_and_phase():
     assert mid[0] == high[0] == 0                                  # suitability 0 (suspects): never
     assert (high >= mid).all() and high[-1] == AUG_LEVELS and (np.diff(high.astype(int)) >= 0).all()
     assert gap_codes(0.25, s, 1, 1.0, full=0.25).tolist() == high.tolist()   # full strength from gap_full on
-    # gap_start: base views up to it, then the same ramp over [start, full]
-    assert gap_codes(0.1, s, 1, 1.0, full=0.3, start=0.1).tolist() == [0, 0, 0, 0]
-    assert gap_codes(0.2, s, 1, 1.0, full=0.3, start=0.1).tolist() == mid.tolist()
-    assert gap_codes(0.3, s, 1, 1.0, full=0.3, start=0.1).tolist() == high.tolist()
     assert held_out_gap(2.0, 0.5) == pytest.approx(0.75)
     assert held_out_gap(1.0, 1.5) == pytest.approx(-0.5)   # signed
     assert held_out_gap(1.0, 3.0) == -1.0                  # held at -1 as at 1 above
@@ -174,10 +170,3 @@ def test_a_run_with_strong_aug_gap_trains_probes_augments_clean_samples_only_and
     part = run_train(ws, cfg, progress=False, stop_after=3)
     again = resume_train(ws, part["run_id"], progress=False)
     assert again["test_acc"] == whole["test_acc"] and again["budget_spent"] == whole["budget_spent"]
-
-
-def test_gap_start_must_lie_below_gap_full():
-    from dds.errors import DdsError
-    from dds.selector._dds import DdsConfig
-    with pytest.raises(DdsError, match="gap_start must be below gap_full"):
-        DdsConfig(gap_start=0.3, gap_full=0.25)
