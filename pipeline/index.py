@@ -228,19 +228,25 @@ def compute_scores(class_sims: np.ndarray, global_idx: np.ndarray, labels: np.nd
         if trim is None:
             trim = verdict.trim_mask(verdict.Views.held_out(scores, global_idx, labels), labels)
         v = verdict.static_verdict(verdict.Views.held_out(scores, global_idx, labels, keep=~trim), labels)
-        blind, mean, guess = verdict.label_blind(out["prob_label"], labels)
-        if blind:   # the class scores cannot judge a label: take every label as given
-            log.warning("the held-out class scores give the given labels a mean probability of %.3f, no better "
-                        "than a label-blind guess (%.3f): this encoder does not separate these classes, so no "
-                        "label is judged (all clean); embed with a stronger encoder for a label verdict",
-                        mean, guess)
-            v = dataclasses.replace(v, status=np.full(len(labels), STATUSES[CLEAN], dtype=object),
-                                    label_fixed=labels.astype(np.int64))
+        v = _unless_blind(v, out["prob_label"], labels, "held-out class scores")
         out["status"], out["label_fixed"] = v.status, v.label_fixed.astype(np.int32)
         out["label_posterior"] = v.label_posterior.astype(np.float32)
     with _timed(seconds, "regions"):
         out["region"] = assign_regions(density, out["joint"], out["prob_label"], v.status != STATUSES[CLEAN], labels)
     return out
+
+
+def _unless_blind(v: verdict.Verdict, prob_label: np.ndarray, labels: np.ndarray, view: str) -> verdict.Verdict:
+    """``v``, or every label taken as given (with one warning) when ``prob_label``, the view's
+    probability of each given label, is no better than a label-blind guess (:func:`verdict.label_blind`)."""
+    blind, mean, guess = verdict.label_blind(prob_label, labels)
+    if not blind:
+        return v
+    log.warning("the %s give the given labels a mean probability of %.3f, no better than a label-blind guess "
+                "(%.3f): this encoder does not separate these classes, so no label is judged (all clean); "
+                "embed with a stronger encoder for a label verdict", view, mean, guess)
+    return dataclasses.replace(v, status=np.full(len(labels), STATUSES[CLEAN], dtype=object),
+                               label_fixed=np.asarray(labels, np.int64).copy())
 
 
 def image_scores(img: np.ndarray, labels: np.ndarray, num_classes: int, *, k: int = 10,
@@ -275,7 +281,8 @@ def image_scores(img: np.ndarray, labels: np.ndarray, num_classes: int, *, k: in
         v = verdict.neighbour_votes(global_idx[rows], labels, num_classes)
         return v, v
 
-    v = verdict.static_verdict(verdict.Views(len(labels), num_classes, votes), labels)
+    v = _unless_blind(verdict.static_verdict(verdict.Views(len(labels), num_classes, votes), labels), agreement,
+                      labels, "neighbour votes")
     joint = joint_score(density, agreement)
     return {"density": density, "knn_agreement": agreement, "joint": joint, "status": v.status,
             "label_fixed": v.label_fixed.astype(np.int64),

@@ -186,6 +186,17 @@ def test_embedding_scores_find_the_mislabelled_from_image_features_alone():
     np.testing.assert_array_equal(ds.selector.status(), info.status)
 
 
+def test_embedding_scores_judge_no_label_when_the_neighbours_ignore_the_labels(caplog):
+    """Clusters that hold every class alike: the neighbour votes give the given labels less than a
+    label-blind guess, and judged by them every sample would be suppressed; instead all stay clean."""
+    rng = np.random.default_rng(0)
+    emb = (rng.normal(size=(4, 16)) * 4)[np.repeat(np.arange(4), 30)] + rng.normal(size=(120, 16))
+    labels = np.tile(np.arange(30) % 4, 4)
+    info = embedding_scores(emb, labels, 4, k=10)
+    assert (info.status == 0).all() and (info.label_fixed == labels).all()
+    assert "neighbour votes give the given labels a mean probability of 0.223" in caplog.text
+
+
 def test_bad_input_gets_one_sentence():
     labels = np.arange(20) % 2
     with pytest.raises(DdsError, match="has no `targets`: pass labels="):
