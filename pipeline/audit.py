@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from dds.errors import DdsError
-from dds.tables import CLEAN, NOISY, REGIONS, RELABEL, STATUSES, SUPPRESS, check_index_current, load_scores
+from dds.tables import (CLEAN, NOISY, REGIONS, RELABEL, STATUSES, SUPPRESS, check_index_current, index_info,
+                        load_scores)
 from dds.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,12 @@ def load_audit_inputs(ws: Workspace, name: str, encoder: str):
     return scores.merge(samples, on="key", how="left")
 
 
+def verdict_notes(ws: Workspace, name: str, encoder: str) -> list[str]:
+    """``[why]`` when ``dds index`` judged no label of ``name`` (``index.json``'s ``verdict``), else ``[]``."""
+    said = str(index_info(ws, name, encoder).get("verdict", ""))
+    return [f"no label verdict: {said.removeprefix('skipped: ')}"] if said.startswith("skipped") else []
+
+
 def run_audit(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", use_cleanlab: bool = True) -> dict[str, Any]:
     """Rank the train samples of ``name`` by suspicion and, with injected noise, measure the ranking.
 
@@ -181,7 +188,7 @@ def run_audit(ws: Workspace, name: str, *, encoder: str = "lite0-minilm", use_cl
     with ws.lock(name, shared=True, holder=f"dds audit {name}"):   # scores and samples of one generation
         check_index_current(ws, name, encoder)
         df = load_audit_inputs(ws, name, encoder)
-    notes: list[str] = []
+    notes = verdict_notes(ws, name, encoder)
     susp = suspicion(df["label_posterior"].to_numpy())
     flags = None
     if use_cleanlab and df["probs"].isna().any():

@@ -16,7 +16,6 @@ docs/pipeline.md.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -215,7 +214,8 @@ def compute_scores(class_sims: np.ndarray, global_idx: np.ndarray, labels: np.nd
 
     Returns:
         Columns density, consistency, margin, knn_agreement, joint, region, pred_label, prob_label,
-        status, label_fixed, label_posterior.
+        status, label_fixed, label_posterior, and ``verdict_note``: None, or why no label was judged
+        (:func:`verdict.blind_note`).
     """
     labels = np.asarray(labels)
     with _timed(seconds, "scores"):
@@ -225,28 +225,19 @@ def compute_scores(class_sims: np.ndarray, global_idx: np.ndarray, labels: np.nd
         out["knn_agreement"] = knn_agreement(global_idx, labels)
         out["joint"] = joint_score(density, out["prob_label"])
     with _timed(seconds, "verdict"):
-        if trim is None:
-            trim = verdict.trim_mask(verdict.Views.held_out(scores, global_idx, labels), labels)
-        v = verdict.static_verdict(verdict.Views.held_out(scores, global_idx, labels, keep=~trim), labels)
-        v = _unless_blind(v, out["prob_label"], labels, "held-out class scores")
+        note = out["verdict_note"] = verdict.blind_note(out["prob_label"], labels, "class scores")
+        if note:
+            log.warning(note)
+            v = verdict.no_verdict(labels, scores.num_classes)
+        else:
+            if trim is None:
+                trim = verdict.trim_mask(verdict.Views.held_out(scores, global_idx, labels), labels)
+            v = verdict.static_verdict(verdict.Views.held_out(scores, global_idx, labels, keep=~trim), labels)
         out["status"], out["label_fixed"] = v.status, v.label_fixed.astype(np.int32)
         out["label_posterior"] = v.label_posterior.astype(np.float32)
     with _timed(seconds, "regions"):
         out["region"] = assign_regions(density, out["joint"], out["prob_label"], v.status != STATUSES[CLEAN], labels)
     return out
-
-
-def _unless_blind(v: verdict.Verdict, prob_label: np.ndarray, labels: np.ndarray, view: str) -> verdict.Verdict:
-    """``v``, or every label taken as given (with one warning) when ``prob_label``, the view's
-    probability of each given label, is no better than a label-blind guess (:func:`verdict.label_blind`)."""
-    blind, mean, guess = verdict.label_blind(prob_label, labels)
-    if not blind:
-        return v
-    log.warning("the %s give the given labels a mean probability of %.3f, no better than a label-blind guess "
-                "(%.3f): this encoder does not separate these classes, so no label is judged (all clean); "
-                "embed with a stronger encoder for a label verdict", view, mean, guess)
-    return dataclasses.replace(v, status=np.full(len(labels), STATUSES[CLEAN], dtype=object),
-                               label_fixed=np.asarray(labels, np.int64).copy())
 
 
 def image_scores(img: np.ndarray, labels: np.ndarray, num_classes: int, *, k: int = 10,
@@ -281,8 +272,11 @@ def image_scores(img: np.ndarray, labels: np.ndarray, num_classes: int, *, k: in
         v = verdict.neighbour_votes(global_idx[rows], labels, num_classes)
         return v, v
 
-    v = _unless_blind(verdict.static_verdict(verdict.Views(len(labels), num_classes, votes), labels), agreement,
-                      labels, "neighbour votes")
+    note = verdict.blind_note(agreement, labels, "neighbour votes")
+    if note:
+        log.warning(note)
+    v = verdict.no_verdict(labels, num_classes) if note else verdict.static_verdict(
+        verdict.Views(len(labels), num_classes, votes), labels)
     joint = joint_score(density, agreement)
     return {"density": density, "knn_agreement": agreement, "joint": joint, "status": v.status,
             "label_fixed": v.label_fixed.astype(np.int64),
@@ -564,6 +558,7 @@ def _build(name: str, encoder: str, data: dict[str, Any], out, train_gen: str, *
                "regions": {r: int((cols["region"] == r).sum()) for r in REGIONS},
                "status": {st: int((cols["status"] == st).sum()) for st in STATUSES},
                "trimmed": int(trim.sum()) if trim is not None else 0,
+               "verdict": f"skipped: {cols['verdict_note']}" if cols["verdict_note"] else "judged",
                "thresholds": THRESHOLDS, "out": str(out), "generation": gen.name,
                "train_generation": train_gen}
     try:

@@ -185,19 +185,29 @@ def label_posterior(evidence: np.ndarray, labels: np.ndarray, transition: np.nda
     return np.where(total > 0, post / np.where(total > 0, total, 1.0), evidence)
 
 
-def label_blind(prob_label: np.ndarray, labels: np.ndarray) -> tuple[bool, float, float]:
-    """``(blind, mean, guess)``: whether the held-out class scores give the given labels a mean
-    probability (``mean``) no higher than a label-blind guess that answers every sample with the class
-    frequencies (``guess = sum_c share_c**2``; 1/C for balanced classes). A view that blind cannot
-    judge a label: the verdict averages it with the neighbour votes and relabels only where both
-    agree, so with it every label would look doubtful. Only an encoder that does not separate the
-    classes, or labels with no relation to the images, gets there."""
+def blind_note(prob_label: np.ndarray, labels: np.ndarray, view: str) -> str | None:
+    """None when the view (``prob_label``: its probability of each given label) can judge labels, else
+    one sentence saying why not: its mean probability of the given labels is no higher than that of a
+    label-blind guess answering every sample with the class shares (``sum_c share_c**2``; 1/C for
+    balanced classes). Such a view makes every label look doubtful, and the verdict's prior reads the
+    encoder's confusions as noise; only an encoder that does not separate the classes, or labels
+    with no relation to the images, gets there (docs/pipeline.md, verdict step 6)."""
     labels = np.asarray(labels, np.int64)
     if labels.size == 0:
-        return False, 1.0, 0.0
-    share = np.bincount(labels) / labels.size
-    mean, guess = float(np.mean(prob_label)), float(np.sum(share ** 2))
-    return mean <= guess, mean, guess
+        return None
+    mean, guess = float(np.mean(prob_label)), float(np.sum((np.bincount(labels) / labels.size) ** 2))
+    if mean > guess:
+        return None
+    return (f"the {view} give the given labels a mean probability of {mean:.3f}, no better than a label-blind "
+            f"guess ({guess:.3f}): this encoder does not separate these classes, so no label is judged (all clean); "
+            "embed with a stronger encoder for a label verdict")
+
+
+def no_verdict(labels: np.ndarray, num_classes: int) -> Verdict:
+    """Every label taken as given: ``clean``, ``label_fixed`` = the label, posterior 1, identity ``T``."""
+    labels = np.asarray(labels, np.int64)
+    return Verdict(status=np.full(labels.size, STATUSES[CLEAN], dtype=object), label_fixed=labels.copy(),
+                   label_posterior=np.ones(labels.size), transition=np.eye(num_classes))
 
 
 def trim_mask(views: Views, labels: np.ndarray) -> np.ndarray:

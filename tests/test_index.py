@@ -329,7 +329,7 @@ def test_run_index_writes_contract_tables(tmp_path, aligned):
     ws, name, enc, keys, labels = _workspace(tmp_path, aligned=aligned)
     summary = run_index(ws, name, encoder=enc, k=4, folds=3, device="cpu", progress=False)
     assert summary["n"] == 60 and summary["k"] == 4 and sum(summary["regions"].values()) == 60
-    assert summary["adapters"].startswith("off" if aligned else "on")
+    assert summary["adapters"].startswith("off" if aligned else "on") and summary["verdict"] == "judged"
     out = ws.index_dir(name, enc)
     scores = pq.read_table(out / "scores.parquet")
     assert scores.column_names == SCORE_COLUMNS

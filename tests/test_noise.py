@@ -166,8 +166,8 @@ def test_verdict_on_points_through_compute_scores():
 
 
 def test_class_scores_no_better_than_a_label_blind_guess_judge_no_label(caplog):
-    """An encoder whose class prompts point at the wrong clusters (its held-out scores give the given
-    labels less than a guess from the class frequencies) leaves every label as given, with a warning."""
+    """An encoder whose class prompts point at the wrong clusters (its scores give the given labels
+    less than a guess from the class shares) leaves every label as given, with a warning."""
     rng = np.random.default_rng(0)
     centres = np.eye(3, 16) * 3
     x = np.repeat(centres, 30, axis=0) + 0.3 * rng.standard_normal((90, 16))
@@ -179,14 +179,16 @@ def test_class_scores_no_better_than_a_label_blind_guess_judge_no_label(caplog):
     class_sims, _ = knn(x, 5, labels=labels)
     _, global_idx = knn(x, 5)
     scores = ClassScores(emb=x, text=text[None], group=np.zeros(len(x), np.int64), tau=np.array([0.05]))
-    assert V.label_blind(np.full(98, 0.5), labels)[0] is False
+    judged = V.static_verdict(V.Views.held_out(scores, global_idx, labels), labels)
+    assert (judged.status != "clean").any()   # judged, this evidence would suspect some samples
     s = compute_scores(class_sims, global_idx, labels, scores)
-    blind, mean, guess = V.label_blind(s["prob_label"], labels)
-    assert blind and mean < 0.1 and guess == pytest.approx(np.sum((np.bincount(labels) / 98) ** 2))
-    # without the check the same evidence suppresses 3 samples
-    assert (s["status"] == "clean").all() and (s["label_fixed"] == labels).all()
-    assert "no better than a label-blind guess" in caplog.text and "no label is judged" in caplog.text
+    assert (s["status"] == "clean").all() and (s["label_fixed"] == labels).all() and (s["label_posterior"] == 1).all()
     assert not (s["region"] == "noisy").any()
+    guess = np.sum((np.bincount(labels) / labels.size) ** 2)
+    assert s["prob_label"].mean() < guess and s["verdict_note"] == V.blind_note(s["prob_label"], labels, "class scores")
+    assert f"no better than a label-blind guess ({guess:.3f})" in s["verdict_note"] and s["verdict_note"] in caplog.text
+    assert V.blind_note(np.full(98, guess + 0.01), labels, "class scores") is None
+    assert V.blind_note(np.full(98, guess), labels, "class scores") is not None
 
 
 def test_verdict_thresholds_follow_the_data():

@@ -280,6 +280,14 @@ def test_audit_ranks_injected_noise_and_compares_with_cleanlab(ws):
     assert result["notes"] == []
 
 
+def test_a_skipped_verdict_is_a_note_of_audit_and_report_not_a_list_of_issues(ws, runs, tmp_path, monkeypatch):
+    said = "the class scores give the given labels a mean probability of 0.085, no better than a guess"
+    monkeypatch.setattr("dds.pipeline.audit.index_info", lambda *a: {"verdict": f"skipped: {said}"})
+    assert f"no label verdict: {said}" in run_audit(ws, "tiny", encoder=ENC)["notes"]
+    result = write_report(ws, runs[:1], tmp_path / "rep", top_issues=5)
+    assert f"no label verdict: {said}: no label issues" in result["notes"] and result["csv"] is None
+
+
 def test_audit_without_cleanlab_is_a_note(ws, monkeypatch):
     monkeypatch.setitem(sys.modules, "cleanlab", None)  # import cleanlab raises ImportError
     monkeypatch.setitem(sys.modules, "cleanlab.filter", None)

@@ -25,7 +25,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from dds.errors import DdsError
-from dds.pipeline.audit import load_audit_inputs, suspicion
+from dds.pipeline.audit import load_audit_inputs, suspicion, verdict_notes
 from dds.shards import read_images
 from dds.tables import (AUGMENT, KEEP, NOISY, REDUNDANT, REGIONS, RELABEL, STATUSES, SUPPRESS, check_run_data, load_epochs,
                         load_history, load_run, load_scores, load_train_samples, trained_rows)
@@ -495,7 +495,10 @@ def _dataset_part(ws: Workspace, run: dict[str, Any], *, per_region: int, top: i
         return {}, None, {}
     classes = ws.dataset_info(dataset)["classes"]
     issues = None
-    if {"pred_label", "probs"} <= set(scores.columns):
+    skipped = verdict_notes(ws, dataset, encoder)
+    if skipped:
+        notes.extend(f"{n}: no label issues" for n in skipped)
+    elif {"pred_label", "probs"} <= set(scores.columns):
         verdict = load_audit_inputs(ws, dataset, encoder).merge(_sources(ws, dataset), on="key", how="left")
         issues = label_issues(verdict.fillna({"source": ""}), classes, top)
     else:
