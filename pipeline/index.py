@@ -21,7 +21,7 @@ import logging
 import shutil
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -197,6 +197,17 @@ def _timed(seconds: dict[str, float] | None, phase: str) -> Iterator[None]:
         seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - t
 
 
+def _judged(prob_label: np.ndarray, labels: np.ndarray, num_classes: int, view: str,
+            judge: Callable[[], verdict.Verdict]) -> tuple[verdict.Verdict, str | None]:
+    """``(judge(), None)``, or, when the view behind ``prob_label`` is blind (:func:`verdict.blind_note`),
+    every label taken as given and the reason, logged once."""
+    note = verdict.blind_note(prob_label, labels, view)
+    if note is None:
+        return judge(), None
+    log.warning(note)
+    return verdict.no_verdict(labels, num_classes), note
+
+
 def compute_scores(class_sims: np.ndarray, global_idx: np.ndarray, labels: np.ndarray, scores,
                    trim: np.ndarray | None = None, seconds: dict[str, float] | None = None) -> dict[str, np.ndarray]:
     """Every per-sample score column of ``scores.parquet`` (except identifiers) from the cores above.
@@ -225,14 +236,12 @@ def compute_scores(class_sims: np.ndarray, global_idx: np.ndarray, labels: np.nd
         out["knn_agreement"] = knn_agreement(global_idx, labels)
         out["joint"] = joint_score(density, out["prob_label"])
     with _timed(seconds, "verdict"):
-        note = out["verdict_note"] = verdict.blind_note(out["prob_label"], labels, "class scores")
-        if note:
-            log.warning(note)
-            v = verdict.no_verdict(labels, scores.num_classes)
-        else:
-            if trim is None:
-                trim = verdict.trim_mask(verdict.Views.held_out(scores, global_idx, labels), labels)
-            v = verdict.static_verdict(verdict.Views.held_out(scores, global_idx, labels, keep=~trim), labels)
+        def judge() -> verdict.Verdict:
+            keep = ~(verdict.trim_mask(verdict.Views.held_out(scores, global_idx, labels), labels)
+                     if trim is None else trim)
+            return verdict.static_verdict(verdict.Views.held_out(scores, global_idx, labels, keep=keep), labels)
+
+        v, out["verdict_note"] = _judged(out["prob_label"], labels, scores.num_classes, "class scores", judge)
         out["status"], out["label_fixed"] = v.status, v.label_fixed.astype(np.int32)
         out["label_posterior"] = v.label_posterior.astype(np.float32)
     with _timed(seconds, "regions"):
@@ -272,11 +281,8 @@ def image_scores(img: np.ndarray, labels: np.ndarray, num_classes: int, *, k: in
         v = verdict.neighbour_votes(global_idx[rows], labels, num_classes)
         return v, v
 
-    note = verdict.blind_note(agreement, labels, "neighbour votes")
-    if note:
-        log.warning(note)
-    v = verdict.no_verdict(labels, num_classes) if note else verdict.static_verdict(
-        verdict.Views(len(labels), num_classes, votes), labels)
+    v, _ = _judged(agreement, labels, num_classes, "neighbour votes",
+                   lambda: verdict.static_verdict(verdict.Views(len(labels), num_classes, votes), labels))
     joint = joint_score(density, agreement)
     return {"density": density, "knn_agreement": agreement, "joint": joint, "status": v.status,
             "label_fixed": v.label_fixed.astype(np.int64),
