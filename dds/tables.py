@@ -58,7 +58,7 @@ TABLES: dict[str, Table] = {
         ("dataset", _s), ("encoder", _s), ("key", _s), ("label", _i32), ("density", _f32), ("consistency", _f32),
         ("margin", _f32), ("knn_agreement", _f32), ("joint", _f32), ("region", _s), ("pred_label", _i32),
         ("prob_label", _f32), ("probs", pa.list_(_f32)), ("status", _s), ("label_fixed", _i32),
-        ("label_posterior", _f32), ("posterior", pa.list_(_f32)))),
+        ("label_posterior", _f32))),
     "runs": Table("runs/*/run.parquet", _schema(
         ("run_id", _s), ("dataset", _s), ("policy", _s), ("budget", _f64), ("epochs", _i32), ("seed", _i32),
         ("status", _s), ("config", _s), ("model", _s), ("budget_spent", _f64), ("sample_steps", _i64),

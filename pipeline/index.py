@@ -33,7 +33,7 @@ from dds.device import resolve_device
 from dds.errors import DdsError
 from dds.pipeline import adapters as adapt, verdict
 from dds.pipeline.knn import describe_backend, knn, merge_graphs, resolve_backend
-from dds.tables import AUGMENT, CLEAN, KEEP, NOISY, REDUNDANT, REGIONS, STATUSES, SUPPRESS, dataset_generation
+from dds.tables import AUGMENT, CLEAN, KEEP, NOISY, REDUNDANT, REGIONS, STATUSES, dataset_generation
 from dds.workspace import Workspace, atomic_write_json, write_parquet
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ def compute_scores(class_sims: np.ndarray, global_idx: np.ndarray, labels: np.nd
 
     Returns:
         Columns density, consistency, margin, knn_agreement, joint, region, pred_label, prob_label,
-        status, label_fixed, label_posterior, suspect_posterior (``(S, C)``, the suppressed samples'), and ``verdict_note``: None, or why no label was judged
+        status, label_fixed, label_posterior, and ``verdict_note``: None, or why no label was judged
         (:func:`verdict.blind_note`).
     """
     labels = np.asarray(labels)
@@ -244,7 +244,6 @@ def compute_scores(class_sims: np.ndarray, global_idx: np.ndarray, labels: np.nd
         v, out["verdict_note"] = _judged(out["prob_label"], labels, scores.num_classes, "class scores", judge)
         out["status"], out["label_fixed"] = v.status, v.label_fixed.astype(np.int32)
         out["label_posterior"] = v.label_posterior.astype(np.float32)
-        out["suspect_posterior"] = v.suspect_posterior
     with _timed(seconds, "regions"):
         out["region"] = assign_regions(density, out["joint"], out["prob_label"], v.status != STATUSES[CLEAN], labels)
     return out
@@ -476,20 +475,6 @@ def _probs_column(scores):
     return pa.FixedSizeListArray.from_arrays(pa.array(probs.ravel(), pa.float32()), c).cast(pa.list_(pa.float32()))
 
 
-def _posterior_column(status: np.ndarray, suspect_posterior: np.ndarray):
-    """The ``posterior`` list column: the verdict's class posterior of each suppressed sample (what
-    ``dds`` trains it towards), null for the others."""
-    rows = np.flatnonzero(np.asarray(status) == STATUSES[SUPPRESS])
-    c = suspect_posterior.shape[1]
-    offsets = np.zeros(len(status) + 1, np.int32)
-    offsets[rows + 1] = c
-    offsets = np.cumsum(offsets, dtype=np.int32)
-    valid = np.zeros(len(status), bool)
-    valid[rows] = True
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(suspect_posterior.ravel(), pa.float32()),
-                                    mask=pa.array(~valid))
-
-
 def _scores_table(name: str, encoder: str, keys: np.ndarray, labels: np.ndarray, cols: dict, scores):
     n = len(keys)
     return pa.table({
@@ -506,7 +491,6 @@ def _scores_table(name: str, encoder: str, keys: np.ndarray, labels: np.ndarray,
         "status": pa.array(list(cols["status"]), pa.string()),
         "label_fixed": pa.array(cols["label_fixed"], pa.int32()),
         "label_posterior": pa.array(cols["label_posterior"], pa.float32()),
-        "posterior": _posterior_column(cols["status"], cols["suspect_posterior"]),
     })
 
 

@@ -35,16 +35,12 @@ class Verdict:
         label_fixed: ``(N,)`` int64: the new label for ``relabel``, else the given label.
         label_posterior: ``(N,)`` float64 posterior probability that the given label is right.
         transition: ``(C, C)`` estimated ``P(given j | true i)``.
-        suspect_posterior: ``(S, C)`` float32 ``P(true class | evidence, given label)`` of the ``S``
-            suppressed samples, in sample order (rows sum to 1); only theirs is kept, since ``N x C``
-            can be large.
     """
 
     status: np.ndarray
     label_fixed: np.ndarray
     label_posterior: np.ndarray
     transition: np.ndarray
-    suspect_posterior: np.ndarray
 
 
 def row_blocks(n: int, width: int) -> Iterator[slice]:
@@ -211,8 +207,7 @@ def no_verdict(labels: np.ndarray, num_classes: int) -> Verdict:
     """Every label taken as given: ``clean``, ``label_fixed`` = the label, posterior 1, identity ``T``."""
     labels = np.asarray(labels, np.int64)
     return Verdict(status=np.full(labels.size, STATUSES[CLEAN], dtype=object), label_fixed=labels.copy(),
-                   label_posterior=np.ones(labels.size), transition=np.eye(num_classes),
-                   suspect_posterior=np.zeros((0, num_classes), np.float32))
+                   label_posterior=np.ones(labels.size), transition=np.eye(num_classes))
 
 
 def trim_mask(views: Views, labels: np.ndarray) -> np.ndarray:
@@ -234,7 +229,6 @@ def static_verdict(views: Views, labels: np.ndarray) -> Verdict:
     t = noise_transition(confident_joint(views, labels, class_thresholds(views, labels))[0], labels)
     status = np.full(views.n, STATUSES[CLEAN], dtype=object)
     label_fixed, own = labels.copy(), np.empty(views.n)
-    suspect_post: list[np.ndarray] = []
     for rows, p, v, ev in views.evidence():
         y = labels[rows]
         at = np.arange(len(y))
@@ -246,7 +240,4 @@ def static_verdict(views: Views, labels: np.ndarray) -> Verdict:
         status[rows] = np.where(relabel, STATUSES[RELABEL], np.where(suspect, STATUSES[SUPPRESS], STATUSES[CLEAN]))
         label_fixed[rows] = np.where(relabel, top, y)
         own[rows] = post[at, y]
-        suspect_post.append(post[suspect & ~relabel].astype(np.float32))
-    return Verdict(status=status, label_fixed=label_fixed, label_posterior=own, transition=t,
-                   suspect_posterior=np.concatenate(suspect_post) if suspect_post else
-                   np.zeros((0, views.num_classes), np.float32))
+    return Verdict(status=status, label_fixed=label_fixed, label_posterior=own, transition=t)

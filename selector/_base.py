@@ -13,7 +13,7 @@ import numpy as np
 
 from dds.errors import DdsError
 from dds.registry import Registry
-from dds.tables import REGIONS, RELABEL, STATUSES, SUPPRESS
+from dds.tables import REGIONS, RELABEL, STATUSES
 
 #: ``EpochPlan.aug`` codes: 0 = base augmentation, k in 1..AUG_LEVELS = strong at magnitude k / AUG_LEVELS.
 AUG_LEVELS = 4
@@ -37,9 +37,6 @@ class SampleInfo:
             instead of by the ``noisy`` region.
         label_fixed: (N,) int64 corrected labels (``label_fixed`` of ``scores``: the proposed label
             for ``relabel``, else the given one); required with ``status``.
-        posterior: (S, C) float32 class posterior of the S ``suppress`` samples, in sample order
-            (``scores.posterior``: rows sum to 1); optional, only with ``status``. ``noise_handling=soft``
-            trains suppressed samples towards it.
     """
 
     labels: np.ndarray
@@ -50,7 +47,6 @@ class SampleInfo:
     region: np.ndarray | None = None
     status: np.ndarray | None = None
     label_fixed: np.ndarray | None = None
-    posterior: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         labels = np.asarray(self.labels)
@@ -81,15 +77,6 @@ class SampleInfo:
                 raise DdsError(f"label_fixed must lie in [0, {self.num_classes})")
             if (self.label_fixed[self.status != RELABEL] != self.labels[self.status != RELABEL]).any():
                 raise DdsError("label_fixed may differ from labels only where status is relabel")
-        if self.posterior is not None:
-            post = np.asarray(self.posterior, dtype=np.float32)
-            s = 0 if self.status is None else int(np.count_nonzero(self.status == SUPPRESS))
-            if self.status is None or post.shape != (s, self.num_classes):
-                raise DdsError(f"posterior must have one row of {self.num_classes} class probabilities per suppressed "
-                               f"sample ({s}), got shape {post.shape}; re-run `dds index NAME`")
-            if not np.isfinite(post).all() or (post < 0).any():
-                raise DdsError("posterior must hold finite non-negative probabilities; re-run `dds index NAME`")
-            object.__setattr__(self, "posterior", post)
 
     def _set_optional(self, name: str, dtype: type) -> None:
         value = getattr(self, name)

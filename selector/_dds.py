@@ -39,8 +39,7 @@ log = logging.getLogger(__name__)
 
 STRONG_AUG = ("gap", "top_q", "region", "all", "none")
 LOSS_RESCALE = ("none", "const", "is")
-NOISE_HANDLING = ("relabel", "soft", "suppress", "off")
-SOFT_LABEL = -1   # plan label of a sample trained towards its verdict posterior (SampleInfo.posterior)
+NOISE_HANDLING = ("relabel", "suppress", "off")
 UNSEEN = ("mean", "max")
 AUG_BITS = AUG_LEVELS.bit_length()   # bits of a plan aug code
 # strong_aug=gap: the held-out gap is averaged over pruned epochs as g <- m * g + (1 - m) * gap_epoch,
@@ -78,7 +77,7 @@ class DdsConfig:
     aug_strength: float = 1.0           # largest strong-augmentation magnitude in [0, 1] (see aug_codes)
     loss_rescale: str = "none"          # pruned-epoch loss weights: none (1) | const (N/size) | is (importance)
     is_clip: float = 5.0                # upper clip of the importance weights (loss_rescale = is)
-    noise_handling: str = "relabel"     # label verdict: relabel (train on label_fixed) | soft | suppress | off
+    noise_handling: str = "relabel"     # label verdict: relabel (train on label_fixed) | suppress | off
     class_balance: bool = False         # pruned epochs: class quotas by class size (false: one global draw)
     loss_norm: str = "rank"             # loss EMA -> [0, 1]: rank (percentile among observed clean samples) | minmax
 
@@ -323,21 +322,12 @@ class DdsPolicy(LossPolicy):
         super().__init__(info, cfg, epochs=epochs, total=total)
         lay = self._layout = ClassLayout(info.labels, info.num_classes)
         noisy, relabel = noise_masks(info, cfg.noise_handling)
-        soft = np.zeros(info.n, bool)
-        if cfg.noise_handling == "soft" and noisy.any():
-            if info.posterior is None:
-                log.warning("dds: noise_handling=soft needs the verdict's posterior of the suppressed samples, which "
-                            "these scores lack (re-run `dds index`); the suppressed samples are left out instead")
-            else:   # suppressed samples train towards their posterior instead of being left out
-                soft, noisy = noisy, np.zeros(info.n, bool)
-        self._status = (np.where(noisy | soft, SUPPRESS, np.where(relabel, RELABEL, CLEAN)).astype(np.int8)
-                        if noisy.any() or relabel.any() or soft.any() else None)
-        self._label_used = (np.where(soft, SOFT_LABEL, np.where(relabel, info.label_fixed, info.labels))
-                            if relabel.any() or soft.any() else None)
+        self._status = (np.where(noisy, SUPPRESS, np.where(relabel, RELABEL, CLEAN)).astype(np.int8)
+                        if noisy.any() or relabel.any() else None)
+        self._label_used = np.where(relabel, info.label_fixed, info.labels) if relabel.any() else None
         self._clean_idx = np.flatnonzero(~noisy)
         # strong_aug=gap: the probe sets, planned apart from the draw (never drawn)
-        self._held, self._anchor = (self._probes(~noisy & ~relabel & ~soft) if cfg.strong_aug == "gap"
-                                    else (None, None))
+        self._held, self._anchor = self._probes(~noisy & ~relabel) if cfg.strong_aug == "gap" else (None, None)
         self._gap = 0.0                                 # held_out_gap averaged over pruned epochs
         self._probing = False                           # the latest plan holds the probes
         self._probe_sums = np.zeros((2, 3))             # its loss sums (row 0) and counts (row 1) by role so far
@@ -349,7 +339,7 @@ class DdsPolicy(LossPolicy):
         elif cfg.strong_aug == "gap":
             log.warning("dds: strong_aug=gap needs at least 20 clean samples for its probes; no strong views")
         self._noisy_l = noisy[lay.order]
-        self._no_strong_l = (noisy | relabel | soft)[lay.order]   # suspects are never strongly augmented
+        self._no_strong_l = (noisy | relabel)[lay.order]   # suspects are never strongly augmented
         self._exclude_l = np.where(self._noisy_l, np.float32(np.inf), np.float32(0))
         joint = np.ones(info.n, np.float32) if info.joint is None else info.joint   # no scores: loss only
         self._joint_l = joint[lay.order]

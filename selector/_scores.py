@@ -10,7 +10,7 @@ import numpy as np
 
 from dds.errors import DdsError
 from dds.selector._base import SampleInfo
-from dds.tables import SUPPRESS, encode_regions, encode_status, load_scores
+from dds.tables import encode_regions, encode_status, load_scores
 from dds.workspace import Workspace
 
 
@@ -89,7 +89,7 @@ def load_sample_info(ws: Workspace, name: str, encoder: str, *, need_scores: boo
     labels = samples["label"].to_numpy().astype(np.int64)
     num_classes = len(info["classes"])
     scores = load_scores(ws, name, encoder, ["key", "label", "density", "consistency", "joint", "region", "status",
-                                             "label_fixed", "posterior"])
+                                             "label_fixed"])
     if scores is None:
         return SampleInfo(labels=labels, num_classes=num_classes)
     verdict = {"status", "label_fixed"} <= set(scores.columns)   # older scores lack them
@@ -110,10 +110,6 @@ def load_sample_info(ws: Workspace, name: str, encoder: str, *, need_scores: boo
         region = encode_regions(joined["region"].to_numpy())
         extra = {"status": encode_status(joined["status"].to_numpy()),
                  "label_fixed": joined["label_fixed"].to_numpy().astype(np.int64)} if verdict else {}
-        if verdict and "posterior" in joined.columns:   # scores of older indexes lack it
-            rows = joined["posterior"][extra["status"] == SUPPRESS].to_list()
-            extra["posterior"] = (np.array(rows, np.float32).reshape(len(rows), num_classes)
-                                  if all(r is not None for r in rows) else None)
     except DdsError as e:
         raise DdsError(f"scores of {name} ({encoder}): {e}; {fix}") from None
     return SampleInfo(labels=labels, num_classes=num_classes,

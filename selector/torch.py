@@ -11,7 +11,6 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from dds.selector._base import EpochPlan
 from dds.selector._parts import Dist, interleave, part_entries
@@ -71,33 +70,6 @@ def weighted_mean(per_sample_loss: torch.Tensor, weights: torch.Tensor | np.ndar
     if per_sample_loss.numel() == 0:
         raise ValueError("weighted_mean of an empty batch")
     return (per_sample_loss * weights).sum() / per_sample_loss.numel()
-
-
-def plan_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None = None, *,
-              label_smoothing: float = 0.0) -> torch.Tensor:
-    """Per-sample training loss of a plan's batch: ``(B,)``, ``reduction='none'``.
-
-    A row whose label is ``-1`` (a plan's label for a sample trained towards a distribution,
-    ``noise_handling=soft``) is trained towards its row of ``targets`` (``(B, C)``, rows of the other
-    samples unused), smoothed like the hard labels. Its loss is the excess over that target's own floor,
-    ``KL(target || softmax)``, plus the floor of a smoothed hard label, so the observed losses of
-    both kinds share one scale (a sample predicted exactly as its target weighs what a fitted hard
-    sample does) while the gradient is the soft cross-entropy's. Other rows: cross-entropy on the label.
-    """
-    hard = F.cross_entropy(logits, labels.clamp_min(0), reduction="none", label_smoothing=label_smoothing)
-    soft = labels < 0
-    if targets is None or not bool(soft.any()):
-        return hard
-    c, eps = logits.shape[1], float(label_smoothing)
-    t = (1.0 - eps) * targets.to(logits.dtype) + eps / c
-    floor = _entropy(torch.full((1, c), eps / c, dtype=logits.dtype, device=logits.device)
-                     + (1.0 - eps) * F.one_hot(torch.zeros(1, dtype=torch.long, device=logits.device), c))
-    kl = (t * (t.clamp_min(1e-12).log() - F.log_softmax(logits, dim=1))).sum(1)
-    return torch.where(soft, kl + floor, hard)
-
-
-def _entropy(p: torch.Tensor) -> torch.Tensor:
-    return -(p * p.clamp_min(1e-12).log()).sum(1)
 
 
 def state_to_torch(obj: Any) -> Any:

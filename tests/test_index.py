@@ -320,7 +320,7 @@ def _workspace(tmp_path, *, aligned=False, n_per=20, C=3, embed=True):
 
 
 SCORE_COLUMNS = ["dataset", "encoder", "key", "label", "density", "consistency", "margin", "knn_agreement", "joint",
-                 "region", "pred_label", "prob_label", "probs", "status", "label_fixed", "label_posterior", "posterior"]
+                 "region", "pred_label", "prob_label", "probs", "status", "label_fixed", "label_posterior"]
 KNN_COLUMNS = ["dataset", "encoder", "key", "neighbor", "rank", "similarity", "scope"]
 
 

@@ -42,6 +42,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from dds import catalog
@@ -51,8 +52,8 @@ from dds.distributed import (Dist, all_sum, broadcast_object, check_same, device
 from dds.distributed import init as dist_init
 from dds.errors import DdsError
 from dds.selector import EpochPlan, Selector, get_policy
-from dds.selector.torch import plan_loss, state_to_numpy, state_to_torch, weighted_mean
-from dds.tables import SUPPRESS, check_index_current, check_run_data, dataset_generation, index_info
+from dds.selector.torch import state_to_numpy, state_to_torch, weighted_mean
+from dds.tables import check_index_current, check_run_data, dataset_generation, index_info
 from dds.train.augment import AUG_NAMES, Augmenter, channel_stats, code_magnitude, normalize
 from dds.train.config import TrainConfig
 from dds.train.data import Prefetcher, _Split, load_sample_info, open_split
@@ -226,8 +227,7 @@ def budget_columns(sel: Selector) -> dict[str, Any]:
 
 def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, train: _Split, plan: EpochPlan, *,
                 cfg: TrainConfig, device: torch.device, augmenter: Augmenter, steps_done: int, total_steps: int,
-                progress: bool, dist_: Dist = Dist(), soft: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, dict[str, float]]:
+                progress: bool, dist_: Dist = Dist()) -> tuple[torch.Tensor, dict[str, float]]:
     """Train one epoch on ``plan``; returns the (P,) per-sample losses of this rank's part (on device;
     P = M in a single process) and its timings (plus ``lr_first``/``lr_last``, the LR of its first and
     last step). A distributed rank trains its part (:func:`dds.distributed.part_positions`) in
@@ -235,8 +235,7 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, train: _Spli
 
     With a prefetch depth > 0 (:func:`prefetch_depth`) the batches are assembled and augmented by a :class:`Prefetcher`
     thread up to that many batches ahead, while this thread computes; they are the same batches in
-    the same order as without it. ``data_s`` is the time this thread waited for a batch (see TIMERS).
-    ``soft`` (:func:`soft_targets`) holds the targets of samples the plan labels -1 (:func:`plan_loss`)."""
+    the same order as without it. ``data_s`` is the time this thread waited for a batch (see TIMERS)."""
     model.train()
     positions = part_positions(len(plan.indices), dist_.rank, dist_.world) if dist_.enabled else None
     m = len(plan.indices) if positions is None else len(positions)
@@ -244,8 +243,6 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, train: _Spli
     mean, std = channel_stats(train.mean, train.std, device)  # once per epoch, not per batch
     fmt = _memory_format(device, cfg.channels_last)
     label_of = None
-    if plan.labels is None or not (plan.labels < 0).any():
-        soft = None   # no sample of this plan trains towards a posterior
     if plan.labels is not None:   # the plan trains some samples on other labels than the dataset's
         label_of = torch.from_numpy(train.labels.copy())
         label_of[torch.from_numpy(plan.indices)] = torch.from_numpy(plan.labels)
@@ -278,8 +275,7 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, train: _Spli
                 timing["lr_first"] = lr
             with _autocast(device, cfg.amp):
                 logits = model(normalize(x, mean, std).contiguous(memory_format=fmt))
-            targets = None if soft is None else soft[1][soft[0][batch["index"]].clamp_min(0)].to(device)
-            per_sample = plan_loss(logits.float(), y, targets, label_smoothing=cfg.label_smoothing)
+            per_sample = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=cfg.label_smoothing)
             loss = weighted_mean(per_sample, w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -295,18 +291,6 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, train: _Spli
         timing["compute_s"] += time.perf_counter() - t1
     bar.close()
     return losses, timing
-
-
-def soft_targets(info) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(row_of, targets)`` for :func:`train_epoch`: ``(N,)`` int64 row of each sample in ``targets``
-    (-1: none) and ``(S, C)`` float32 ``info.posterior``, the suppressed samples' verdict posterior;
-    None without one."""
-    if info.posterior is None or len(info.posterior) == 0:
-        return None
-    row_of = np.full(info.n, -1, np.int64)
-    rows = np.flatnonzero(info.status == SUPPRESS)
-    row_of[rows] = np.arange(rows.size)
-    return torch.from_numpy(row_of), torch.from_numpy(info.posterior)
 
 
 def _checkpoint_bytes(**state: Any) -> bytes:
@@ -537,7 +521,6 @@ def _run(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, *, run_id
                 _drop_later_epochs(ws, rid, state.epochs_done - 1)  # files written after the checkpoint are redone
         out = _Writer(ws, cfg, sel, state, main=d.is_main)
         augmenter = Augmenter(run.train.image_size, run.train.channels)
-        soft = soft_targets(sel.info)
         status = "done"
         try:  # every write of the run's status is inside: a full disk there too marks the run failed
             out.run("running")
@@ -551,8 +534,7 @@ def _run(ws: Workspace, cfg: TrainConfig, ckpt: dict[str, Any] | None, *, run_id
                 select_s = time.perf_counter() - t_start
                 losses, timing = train_epoch(run.net, run.opt, run.train, plan, cfg=cfg, device=run.device,
                                              augmenter=augmenter, steps_done=state.steps,
-                                             total_steps=state.total_steps, progress=progress and d.is_main, dist_=d,
-                                             soft=soft)
+                                             total_steps=state.total_steps, progress=progress and d.is_main, dist_=d)
                 t0 = time.perf_counter()
                 losses_np = gather_part(d, losses, len(plan)).cpu().numpy()  # one device -> host copy per epoch
                 sel.observe(plan.indices, losses_np, plan.aug)
