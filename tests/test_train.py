@@ -273,18 +273,48 @@ def test_an_augmentation_dds_cannot_seed_is_refused_by_name(monkeypatch):
 
 @pytest.mark.parametrize("size,channels", [(28, 1), (16, 3), (40, 3)])
 def test_batched_augmentation_equals_the_per_sample_transforms(size, channels):
-    """Augmenter.batch (the gathered crop + flip for base codes at <= 32 px) is bit for bit the per-sample path,
-    for all-base batches and for batches mixing every strong code."""
+    """Augmenter.batch (at <= 32 px the gathered crop + flip for every code and the strong views' affine
+    operations in one grid_sample) is bit for bit the per-sample path, for all-base batches and for
+    batches mixing every strong code over enough samples to draw every operation many times."""
+    from torchvision.transforms import v2
+
     aug = Augmenter(size, channels=channels)
-    images = torch.randint(0, 256, (24, channels, size, size), dtype=torch.uint8,
+    n = 24 * (AUG_LEVELS + 1) * 4
+    images = torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(2))
-    seeds = epoch_aug_seeds(9, 1, 24)
-    for codes in (np.zeros(24, np.uint8), (np.arange(24) % (AUG_LEVELS + 1)).astype(np.uint8)):
-        expected = torch.stack([aug(images[i], int(codes[i]), int(seeds[i])) for i in range(24)])
+    seeds = epoch_aug_seeds(9, 1, n)
+    for codes in (np.zeros(n, np.uint8), (np.arange(n) % (AUG_LEVELS + 1)).astype(np.uint8)):
+        expected = torch.stack([aug(images[i], int(codes[i]), int(seeds[i])) for i in range(n)])
         got = aug.batch(images, codes, seeds)
         assert got.dtype == torch.uint8 and torch.equal(got, expected)
     flips = crop_flip_params(seeds, 5)[2]
-    assert 0 < flips.sum() < 24   # both branches of the flip are exercised
+    assert 0 < flips.sum() < n   # both branches of the flip are exercised
+    if size <= 32:   # the batched strong path ran, affine operations included
+        assert aug._choices is not None and aug._affine_ok
+        assert any(type(op) is v2.RandomAffine for op in aug._choices[1][0].transforms)
+
+
+def test_batched_augmentation_of_another_strong_pair_runs_per_sample(monkeypatch):
+    """A strong augmentation other than the shipped one (registered by a user) is applied per sample to
+    the raw image, so batch and per-sample agree there too."""
+    from torchvision.transforms import v2
+
+    from dds.train.augment import AUGMENTS
+
+    monkeypatch.setitem(AUGMENTS._entries, "rotate_only",
+                        lambda image_size, channels, magnitude: v2.RandomAffine(degrees=90 * magnitude))
+    aug = Augmenter(28, channels=1, names=("base", "rotate_only"))
+    assert aug._choices is None
+    images = torch.randint(0, 256, (20, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    codes, seeds = (np.arange(20) % (AUG_LEVELS + 1)).astype(np.uint8), epoch_aug_seeds(1, 0, 20)
+    expected = torch.stack([aug(images[i], int(codes[i]), int(seeds[i])) for i in range(20)])
+    assert torch.equal(aug.batch(images, codes, seeds), expected)
+    # the shipped pair where torchvision's affine matrix cannot be imported: its affine operations per sample
+    monkeypatch.setattr("dds.train.augment._inverse_affine_matrix", None)
+    aug = Augmenter(28, channels=1)
+    assert aug._choices is not None and not aug._affine_ok
+    expected = torch.stack([aug(images[i], int(codes[i]), int(seeds[i])) for i in range(20)])
+    assert torch.equal(aug.batch(images, codes, seeds), expected)
 
 
 def _strong_plan(n: int, m: int, epoch: int = 1):

@@ -39,6 +39,11 @@ from dds.errors import DdsError
 from dds.registry import Registry
 from dds.selector import AUG_LEVELS
 
+try:   # torchvision's own inverse affine matrix, so the batched affine views are its pixels
+    from torchvision.transforms.v2.functional._geometry import _get_inverse_affine_matrix as _inverse_affine_matrix
+except ImportError:   # another torchvision layout: affine strong views run per sample
+    _inverse_affine_matrix = None
+
 AUGMENTS: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("augmentation")
 AUG_NAMES = ("base", "strong")  # plan.aug 0 -> base; codes >= 1 -> strong
 _AUG_STREAM = 0xA06  # separates the augmentation seed stream from other streams of the same seed
@@ -152,29 +157,65 @@ class Augmenter:
                 raise DdsError(f"augmentation '{name}' uses {kind.__name__}, whose random parameters dds cannot "
                                "draw per sample; build it from v2.Compose, v2.RandomChoice and "
                                f"{', '.join(sorted(c.__name__ for c in SEEDED))}")
+        # the shipped strong views of small images: crop + flip batched with base's, then one op per level
+        self._choices = None
+        if self._pad and strong_name == "strong":
+            self._choices = [None] + [(t.transforms[-1], torch.tensor(t.transforms[-1].p)) for t in self.transforms[1:]]
+        self._affine_ok = _inverse_affine_matrix is not None and all(
+            v2.InterpolationMode(op.interpolation) == v2.InterpolationMode.NEAREST and op.fill == 0 and op.center is None
+            for choice, _ in (self._choices or [None, (v2.RandomChoice([v2.Identity()]), None)])[1:]
+            for op in choice.transforms if type(op) is v2.RandomAffine)
 
     def batch(self, images: torch.Tensor, codes: np.ndarray, seeds: np.ndarray) -> torch.Tensor:
         """Augment a batch (uint8 ``(B, C, H, W)``): sample ``i`` with ``codes[i]`` under ``seeds[i]``.
 
-        Bit for bit ``torch.stack([self(images[i], codes[i], seeds[i]) for i in range(B)])``, but the
-        ``base`` samples of small images (crop with 2-px padding + flip, the usual case) are cropped and
-        flipped in one gather over the whole batch, with the parameters drawn from each sample's seed as
-        torchvision would draw them (:func:`crop_flip_params`): 26 us a sample instead of 185 on the
-        2-core CPU machine. Other codes, and larger images, run per sample.
+        Bit for bit ``torch.stack([self(images[i], codes[i], seeds[i]) for i in range(B)])``, but faster
+        for small images (<= 32 px) under the shipped ``base``/``strong`` pair, the usual case:
+        - every sample's crop (2-px padding) and flip run as one gather over the whole batch, with the
+          parameters drawn from each sample's seed as torchvision would draw them
+          (:func:`crop_flip_params`): 26 us a sample instead of 185 on the 2-core CPU machine;
+        - a strong sample then draws its operation and that operation's parameters from the same
+          generator, and the affine operations (rotate, translate, shear) of the whole batch run as
+          one ``grid_sample`` (:func:`affine_batch`); the others run per sample.
+        Other pairs, and larger images, run per sample.
         """
-        codes = np.asarray(codes)
-        fast = (codes == 0) if self._pad else np.zeros(codes.shape[0], bool)
-        if fast.all():
-            return padded_crop_flip(images, *crop_flip_params(seeds, 2 * self._pad + 1), pad=self._pad)
-        out = torch.empty_like(images)
-        if fast.any():
-            idx = np.flatnonzero(fast)
-            out[torch.from_numpy(idx)] = padded_crop_flip(images[torch.from_numpy(idx)],
-                                                          *crop_flip_params(np.asarray(seeds)[idx], 2 * self._pad + 1),
-                                                          pad=self._pad)
-        for i in np.flatnonzero(~fast).tolist():
-            out[i] = self(images[i], int(codes[i]), int(seeds[i]))
+        codes, seeds = np.asarray(codes), np.asarray(seeds)
+        if not self._pad:
+            out = torch.empty_like(images)
+            for i in range(codes.shape[0]):
+                out[i] = self(images[i], int(codes[i]), int(seeds[i]))
+            return out
+        out = padded_crop_flip(images, *crop_flip_params(seeds, 2 * self._pad + 1), pad=self._pad)
+        strong = np.flatnonzero(codes)
+        if self._choices is None:   # a strong augmentation of another make: per sample, from the raw image
+            for i in strong.tolist():
+                out[i] = self(images[i], int(codes[i]), int(seeds[i]))
+        elif strong.size:
+            self._strong_ops(out, strong, codes[strong], seeds[strong])
         return out
+
+    def _strong_ops(self, out: torch.Tensor, rows: np.ndarray, codes: np.ndarray, seeds: np.ndarray) -> None:
+        """Apply, in place, the operation ``strong`` draws for each of ``out[rows]`` (already cropped and
+        flipped): the draws continue each sample's generator after its crop and flip, in
+        ``RandomChoice``'s order; the affine ones run together (:func:`affine_batch`)."""
+        gen, span = torch.Generator(), 2 * self._pad + 1
+        affine_rows, affine_params = [], []
+        for row, code, seed in zip(rows.tolist(), codes.tolist(), seeds.tolist()):
+            gen.manual_seed(int(seed))
+            _randint(gen, span), _randint(gen, span), torch.rand(1, generator=gen)   # the crop and flip, drawn again
+            choice, p = self._choices[code]
+            op = choice.transforms[int(torch.multinomial(p, 1, generator=gen))]
+            params = SEEDED[type(op)](op, out[row], gen)
+            if params is None:
+                continue
+            if self._affine_ok and type(op) is v2.RandomAffine:
+                affine_rows.append(row)
+                affine_params.append(params)
+            else:
+                out[row] = op.transform(out[row], params)
+        if affine_rows:
+            at = torch.tensor(affine_rows)
+            out[at] = affine_batch(out[at], affine_params)
 
     def __call__(self, image: torch.Tensor, code: int, seed: int) -> torch.Tensor:
         """Augment ``image`` (uint8 ``(C, H, W)``) with the transform of ``code``, seeded by ``seed``.
@@ -185,6 +226,27 @@ class Augmenter:
         gen = torch.Generator()
         gen.manual_seed(int(seed))
         return apply_seeded(self.transforms[int(code)], image, gen)
+
+
+def affine_batch(images: torch.Tensor, params: list[dict[str, Any]]) -> torch.Tensor:
+    """uint8 ``(B, C, H, W)``, each image under its own ``v2.RandomAffine`` parameters (nearest
+    interpolation, fill 0, centre of the image): the pixels of ``F.affine`` on each image alone, in one
+    ``grid_sample`` for the batch. The inverse matrices are torchvision's own; the sampling grid and
+    its application follow the computation of its tensor kernel, with a batch of matrices."""
+    b, c, h, w = images.shape
+    theta = torch.tensor([_inverse_affine_matrix([0.0, 0.0], float(p["angle"]), [float(t) for t in p["translate"]],
+                                                 float(p["scale"]), [float(v) for v in p["shear"]]) for p in params],
+                         dtype=torch.float32).reshape(b, 2, 3)
+    base = torch.empty(1, h, w, 3)
+    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w))
+    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h).unsqueeze_(-1))
+    base[..., 2].fill_(1)
+    scaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * w, 0.5 * h]))
+    grid = torch.stack([base.view(1, h * w, 3).bmm(scaled[i:i + 1]) for i in range(b)]).view(b, h, w, 2)
+    sampled = torch.nn.functional.grid_sample(torch.cat([images.float(), torch.ones(b, 1, h, w)], dim=1), grid,
+                                              mode="nearest", padding_mode="zeros", align_corners=False)
+    img, mask = sampled[:, :c], sampled[:, c:]
+    return torch.where(mask < 0.5, torch.zeros(()), img).round_().to(torch.uint8)
 
 
 def crop_flip_params(seeds: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
