@@ -2,8 +2,9 @@
 
 The selector's plan gives every planned sample an augmentation code: 0 = ``base``; ``k`` in
 ``1..AUG_LEVELS`` = ``strong`` at magnitude ``k / AUG_LEVELS`` (:func:`code_magnitude`). Augmentations
-run per sample on uint8 ``(C, H, W)`` CPU tensors; normalisation with the dataset mean/std runs
-afterwards on the whole batch (:func:`normalize`), on the device.
+are defined per sample on uint8 ``(C, H, W)`` CPU tensors; :meth:`Augmenter.batch` runs a batch's
+crops, flips and affine operations together with the same pixels; normalisation with the dataset
+mean/std runs afterwards on the whole batch (:func:`normalize`), on the device.
 
 ``strong`` is TrivialAugment's recipe (one operation drawn uniformly per sample, its strength drawn
 uniformly; Muller & Hutter, ICCV 2021) over an operation list that fits the data, with the strength
