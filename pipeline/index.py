@@ -302,8 +302,9 @@ def index_arrays(img: np.ndarray, labels: np.ndarray, text: np.ndarray, *, k: in
         labels: ``(N,)`` ints in ``0..C-1``.
         text: ``(C, Dt)`` float32 L2-normalised class-prompt embeddings (row c = class c).
         k: neighbours per sample, in both the per-class and the global graph.
-        use_adapters: train cross-fitted adapters (``1 + TRIM_PASSES`` passes, trimmed after the first);
-            False: zero-shot cosines (aligned towers only).
+        use_adapters: train cross-fitted adapters (``1 + TRIM_PASSES`` passes, trimmed after the first;
+            one pass when the first is blind, :func:`verdict.blind_note`); False: zero-shot cosines
+            (aligned towers only).
         folds: cross-fitting folds.
         seed: seed of the folds, adapter training and the approximate kNN search.
         device: ``cpu`` or ``cuda``.
@@ -335,9 +336,12 @@ def index_arrays(img: np.ndarray, labels: np.ndarray, text: np.ndarray, *, k: in
         trim = None
         if use_adapters:  # trimmed passes: each trains without the previous pass's suspects (pipeline/verdict.py)
             fit = adapt.crossfit_adapters(img, labels, text, folds=folds, seed=seed, progress=progress, device=device)
-            trim = verdict.trim_mask(verdict.Views.held_out(fit.scores, global_idx, labels), labels)
+            # a blind first pass judges no label (compute_scores says why), so no trimmed pass is trained
+            first = label_scores_blocked(fit.scores, labels)["prob_label"]
+            blind = verdict.blind_note(first, labels, "class scores") is not None
+            trim = None if blind else verdict.trim_mask(verdict.Views.held_out(fit.scores, global_idx, labels), labels)
             fold = fit.fold
-            for p in range(TRIM_PASSES):
+            for p in range(0 if blind else TRIM_PASSES):
                 del fit  # its (N, S) embeddings go before the next pass makes its own (ImageNet-1k: 2.6 GB)
                 fit = adapt.crossfit_adapters(img, labels, text, folds=folds, seed=seed, progress=progress,
                                               device=device, fold=fold, train_mask=~trim)

@@ -191,6 +191,27 @@ def test_class_scores_no_better_than_a_label_blind_guess_judge_no_label(caplog):
     assert V.blind_note(np.full(98, guess), labels, "class scores") is not None
 
 
+def test_a_blind_first_adapter_pass_trains_no_trimmed_pass(monkeypatch):
+    """Embeddings that carry nothing of the labels: the first cross-fitted pass is blind, so no trimmed
+    pass is trained and no label is judged; embeddings that separate the classes get every pass."""
+    from dds.pipeline import adapters as adapt
+    from dds.pipeline.index import TRIM_PASSES, index_arrays
+
+    calls = []
+    fit = adapt.crossfit_adapters
+    monkeypatch.setattr(adapt, "crossfit_adapters", lambda *a, **k: calls.append(k.get("train_mask")) or fit(*a, **k))
+    labels = np.repeat([0, 1, 2], 40)
+    text = np.eye(3, 16, dtype=np.float32)
+    rng = np.random.default_rng(2)
+    noise = rng.standard_normal((120, 16)).astype(np.float32)
+    for x, passes in ((noise, 1), (np.eye(3, 16, dtype=np.float32)[labels] * 3 + noise * 0.3, 1 + TRIM_PASSES)):
+        calls.clear()
+        res = index_arrays(x / np.linalg.norm(x, axis=1, keepdims=True), labels, text, k=5, use_adapters=True)
+        assert len(calls) == passes and (res["trim"] is None) == (passes == 1)
+        assert (res["cols"]["verdict_note"] is not None) == (passes == 1)
+    assert (res["cols"]["status"] == "clean").mean() > 0.9   # the separable set is judged, and found clean
+
+
 def test_verdict_thresholds_follow_the_data():
     """Per-class thresholds are the class means; a clean dataset gives a near-identity noise model."""
     probs, votes, labels = _evidence_case()
