@@ -310,7 +310,7 @@ def test_batched_augmentation_of_another_strong_pair_runs_per_sample(monkeypatch
     expected = torch.stack([aug(images[i], int(codes[i]), int(seeds[i])) for i in range(20)])
     assert torch.equal(aug.batch(images, codes, seeds), expected)
     # the shipped pair where torchvision's affine matrix cannot be imported: its affine operations per sample
-    monkeypatch.setattr("dds.train.augment._inverse_affine_matrix", None)
+    monkeypatch.setattr("dds.train.augment._affine_grid", None)
     aug = Augmenter(28, channels=1)
     assert aug._choices is not None and not aug._affine_ok
     expected = torch.stack([aug(images[i], int(codes[i]), int(seeds[i])) for i in range(20)])

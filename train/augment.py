@@ -40,10 +40,11 @@ from dds.errors import DdsError
 from dds.registry import Registry
 from dds.selector import AUG_LEVELS
 
-try:   # torchvision's own inverse affine matrix, so the batched affine views are its pixels
+try:   # torchvision's own affine matrix and grid, so the batched affine views are its pixels
+    from torchvision.transforms.v2.functional._geometry import _affine_grid
     from torchvision.transforms.v2.functional._geometry import _get_inverse_affine_matrix as _inverse_affine_matrix
 except ImportError:   # another torchvision layout: affine strong views run per sample
-    _inverse_affine_matrix = None
+    _affine_grid = _inverse_affine_matrix = None
 
 AUGMENTS: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("augmentation")
 AUG_NAMES = ("base", "strong")  # plan.aug 0 -> base; codes >= 1 -> strong
@@ -162,10 +163,9 @@ class Augmenter:
         self._choices = None
         if self._pad and strong_name == "strong":
             self._choices = [None] + [(t.transforms[-1], torch.tensor(t.transforms[-1].p)) for t in self.transforms[1:]]
-        self._affine_ok = _inverse_affine_matrix is not None and all(
+        self._affine_ok = self._choices is not None and _affine_grid is not None and all(
             v2.InterpolationMode(op.interpolation) == v2.InterpolationMode.NEAREST and op.fill == 0 and op.center is None
-            for choice, _ in (self._choices or [None, (v2.RandomChoice([v2.Identity()]), None)])[1:]
-            for op in choice.transforms if type(op) is v2.RandomAffine)
+            for choice, _ in self._choices[1:] for op in choice.transforms if type(op) is v2.RandomAffine)
 
     def batch(self, images: torch.Tensor, codes: np.ndarray, seeds: np.ndarray) -> torch.Tensor:
         """Augment a batch (uint8 ``(B, C, H, W)``): sample ``i`` with ``codes[i]`` under ``seeds[i]``.
@@ -231,19 +231,14 @@ class Augmenter:
 
 def affine_batch(images: torch.Tensor, params: list[dict[str, Any]]) -> torch.Tensor:
     """uint8 ``(B, C, H, W)``, each image under its own ``v2.RandomAffine`` parameters (nearest
-    interpolation, fill 0, centre of the image): the pixels of ``F.affine`` on each image alone, in one
-    ``grid_sample`` for the batch. The inverse matrices are torchvision's own; the sampling grid and
-    its application follow the computation of its tensor kernel, with a batch of matrices."""
+    interpolation, fill 0, centre of the image): the pixels of ``F.affine`` on each image alone. Each
+    sampling grid is torchvision's own (its matrix and grid functions, one image at a time, so every
+    coordinate rounds as there); the images are then sampled in one ``grid_sample`` for the batch,
+    with a mask channel marking what falls outside, as its tensor kernel does."""
     b, c, h, w = images.shape
-    theta = torch.tensor([_inverse_affine_matrix([0.0, 0.0], float(p["angle"]), [float(t) for t in p["translate"]],
-                                                 float(p["scale"]), [float(v) for v in p["shear"]]) for p in params],
-                         dtype=torch.float32).reshape(b, 2, 3)
-    base = torch.empty(1, h, w, 3)
-    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w))
-    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h).unsqueeze_(-1))
-    base[..., 2].fill_(1)
-    scaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * w, 0.5 * h]))
-    grid = torch.stack([base.view(1, h * w, 3).bmm(scaled[i:i + 1]) for i in range(b)]).view(b, h, w, 2)
+    grid = torch.cat([_affine_grid(torch.tensor(_inverse_affine_matrix(
+        [0.0, 0.0], float(p["angle"]), [float(t) for t in p["translate"]], float(p["scale"]),
+        [float(v) for v in p["shear"]]), dtype=torch.float32).reshape(1, 2, 3), w=w, h=h, ow=w, oh=h) for p in params])
     sampled = torch.nn.functional.grid_sample(torch.cat([images.float(), torch.ones(b, 1, h, w)], dim=1), grid,
                                               mode="nearest", padding_mode="zeros", align_corners=False)
     img, mask = sampled[:, :c], sampled[:, c:]
