@@ -187,37 +187,31 @@ class Augmenter:
             for i in range(codes.shape[0]):
                 out[i] = self(images[i], int(codes[i]), int(seeds[i]))
             return out
-        out = padded_crop_flip(images, *crop_flip_params(seeds, 2 * self._pad + 1), pad=self._pad)
-        strong = np.flatnonzero(codes)
-        if self._choices is None:   # a strong augmentation of another make: per sample, from the raw image
-            for i in strong.tolist():
-                out[i] = self(images[i], int(codes[i]), int(seeds[i]))
-        elif strong.size:
-            self._strong_ops(out, strong, codes[strong], seeds[strong])
-        return out
+        ops: dict[int, tuple[Any, dict[str, Any]]] = {}   # strong samples: their operation and its parameters
 
-    def _strong_ops(self, out: torch.Tensor, rows: np.ndarray, codes: np.ndarray, seeds: np.ndarray) -> None:
-        """Apply, in place, the operation ``strong`` draws for each of ``out[rows]`` (already cropped and
-        flipped): the draws continue each sample's generator after its crop and flip, in
-        ``RandomChoice``'s order; the affine ones run together (:func:`affine_batch`)."""
-        gen, span = torch.Generator(), 2 * self._pad + 1
-        affine_rows, affine_params = [], []
-        for row, code, seed in zip(rows.tolist(), codes.tolist(), seeds.tolist()):
-            gen.manual_seed(int(seed))
-            _randint(gen, span), _randint(gen, span), torch.rand(1, generator=gen)   # the crop and flip, drawn again
-            choice, p = self._choices[code]
-            op = choice.transforms[int(torch.multinomial(p, 1, generator=gen))]
-            params = SEEDED[type(op)](op, out[row], gen)
-            if params is None:
-                continue
-            if self._affine_ok and type(op) is v2.RandomAffine:
-                affine_rows.append(row)
-                affine_params.append(params)
-            else:
-                out[row] = op.transform(out[row], params)
-        if affine_rows:
-            at = torch.tensor(affine_rows)
-            out[at] = affine_batch(out[at], affine_params)
+        def draw_op(i: int, gen: torch.Generator) -> None:   # continues the stream where the crop and flip left it
+            if codes[i]:
+                choice, p = self._choices[int(codes[i])]
+                op = choice.transforms[int(torch.multinomial(p, 1, generator=gen))]
+                params = SEEDED[type(op)](op, images[i], gen)
+                if params is not None:
+                    ops[i] = op, params
+
+        shipped = self._choices is not None
+        out = padded_crop_flip(images, *crop_flip_params(seeds, 2 * self._pad + 1, then=draw_op if shipped else None),
+                               pad=self._pad)
+        if not shipped:   # a strong augmentation of another make: per sample, from the raw image
+            for i in np.flatnonzero(codes).tolist():
+                out[i] = self(images[i], int(codes[i]), int(seeds[i]))
+            return out
+        together = [i for i, (op, _) in ops.items() if self._affine_ok and type(op) is v2.RandomAffine]
+        for i in ops.keys() - set(together):
+            op, params = ops[i]
+            out[i] = op.transform(out[i], params)
+        if together:   # the batch's affine operations in one grid_sample
+            at = torch.tensor(together)
+            out[at] = affine_batch(out[at], [ops[i][1] for i in together])
+        return out
 
     def __call__(self, image: torch.Tensor, code: int, seed: int) -> torch.Tensor:
         """Augment ``image`` (uint8 ``(C, H, W)``) with the transform of ``code``, seeded by ``seed``.
@@ -246,10 +240,13 @@ def affine_batch(images: torch.Tensor, params: list[dict[str, Any]]) -> torch.Te
     return torch.where(mask < 0.5, torch.zeros(()), img).round_().to(torch.uint8)
 
 
-def crop_flip_params(seeds: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def crop_flip_params(seeds: np.ndarray, span: int, then: Callable[[int, torch.Generator], None] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(top, left, flip)`` of ``base``'s padded crop + flip for each seed: what ``v2.RandomCrop`` (two
     ``randint(0, span)`` draws) and ``v2.RandomHorizontalFlip`` (flip when ``rand(1) < 0.5``) draw, in
-    that order, from a generator seeded with the sample's seed."""
+    that order, from a generator seeded with the sample's seed. ``then(i, generator)``, when given, is
+    called right after sample ``i``'s draws, so a transform that follows the flip (``strong``'s
+    operation) continues the same stream."""
     n = len(seeds)
     top, left, flip = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, bool)
     gen = torch.Generator()
@@ -258,6 +255,8 @@ def crop_flip_params(seeds: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarr
         top[i] = _randint(gen, span)
         left[i] = _randint(gen, span)
         flip[i] = bool(torch.rand(1, generator=gen) < 0.5)
+        if then is not None:
+            then(i, gen)
     return top, left, flip
 
 
