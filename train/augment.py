@@ -179,7 +179,7 @@ class Augmenter:
           generator, and the affine operations (rotate, translate, shear) of the whole batch run as
           one ``grid_sample`` (:func:`affine_batch`); the others run per sample.
         Other pairs, and larger images, run per sample. ``benchmarks/augment_speed.py`` times both paths
-        (28 px grey, one thread: 17 against 46 us a base view, 111 against 203 a strong one).
+        (28 px grey, one thread: 18 against 46 us a base view, about 100 against 210 a strong one).
         """
         codes, seeds = np.asarray(codes), np.asarray(seeds)
         if not self._pad:
