@@ -309,7 +309,7 @@ def test_batched_augmentation_of_another_strong_pair_runs_per_sample(monkeypatch
     codes, seeds = (np.arange(20) % (AUG_LEVELS + 1)).astype(np.uint8), epoch_aug_seeds(1, 0, 20)
     expected = torch.stack([aug(images[i], int(codes[i]), int(seeds[i])) for i in range(20)])
     assert torch.equal(aug.batch(images, codes, seeds), expected)
-    # the shipped pair where torchvision's affine matrix cannot be imported: its affine operations per sample
+    # the shipped pair where torchvision's private affine functions cannot be imported: affine views per sample
     monkeypatch.setattr("dds.train.augment._affine_grid", None)
     aug = Augmenter(28, channels=1)
     assert aug._choices is not None and not aug._affine_ok
