@@ -50,11 +50,6 @@ AUG_BITS = AUG_LEVELS.bit_length()   # bits of a plan aug code
 # followed a few epochs late. Picked from the per-epoch gaps of the val runs (docs/experiments.md,
 # "Issue 28").
 GAP_MOMENTUM = 0.8
-# strong_aug=gap plans by the averaged gap less GAP_Z of its standard errors (the per-epoch errors of the
-# delta method, averaged with the gap's weights): views come on only where the gap stands clear of the
-# noise of 50 losses a side. B1's averaged gap ends at 0.06-0.08, about 2 standard errors of 0.036;
-# B3's at 0.28-0.31 (docs/experiments.md, "Issue 28").
-GAP_Z = 2.0
 
 
 @dataclass(frozen=True)
@@ -242,24 +237,6 @@ def held_out_gap(held_out: float, anchor: float) -> float:
     return 0.0 if held_out <= 0 else max(-1.0, 1.0 - anchor / held_out)
 
 
-def gap_variance(held_out: np.ndarray, anchor: np.ndarray) -> float:
-    """The delta-method variance of :func:`held_out_gap` from the sums of two sets' losses.
-
-    Args:
-        held_out, anchor: ``(sum, sum of squares, count)`` of each set's losses.
-
-    Returns:
-        ``(a / h)**2 * (var_a / (n_a a**2) + var_h / (n_h h**2))`` for the means ``a``, ``h`` and the
-        sample variances ``var``; 0 when a mean is not positive or a set has under two losses.
-    """
-    (hs, hq, hn), (as_, aq, an) = held_out, anchor
-    if hn < 2 or an < 2 or hs <= 0 or as_ <= 0:
-        return 0.0
-    h, a = hs / hn, as_ / an
-    var_h, var_a = max(hq - hn * h * h, 0.0) / (hn - 1), max(aq - an * a * a, 0.0) / (an - 1)
-    return float((a / h) ** 2 * (var_a / (an * a * a) + var_h / (hn * h * h)))
-
-
 def gap_codes(gap: float, suitability: np.ndarray, phase: int, strength: float, full: float = 0.25) -> np.ndarray:
     """Plan aug codes of ``strong_aug=gap``: ``round(AUG_LEVELS * strength * min(gap / full, 1) * s)`` in
     pruned epochs (phase 1), 0 in warm-up and annealing; ``s`` in [0, 1] is each sample's suitability
@@ -352,9 +329,8 @@ class DdsPolicy(LossPolicy):
         # strong_aug=gap: the probe sets, planned apart from the draw (never drawn)
         self._held, self._anchor = self._probes(~noisy & ~relabel) if cfg.strong_aug == "gap" else (None, None)
         self._gap = 0.0                                 # held_out_gap averaged over pruned epochs
-        self._gap_var = 0.0                             # the variance of that average (gap_variance, averaged)
         self._probing = False                           # the latest plan holds the probes
-        self._probe_sums = np.zeros((3, 3))             # its loss sums, sums of squares and counts (rows) by role
+        self._probe_sums = np.zeros((2, 3))             # its loss sums (row 0) and counts (row 1) by role so far
         probe_l = self._probe_l = np.zeros(info.n, bool)
         self._probe_role = np.zeros(info.n, np.int8)    # by sample index: 1 held out, 2 anchor, 0 neither
         if self._held is not None:
@@ -476,10 +452,8 @@ class DdsPolicy(LossPolicy):
             keys_l[self._probe_l] = 0
             pos = lay.select(keys_l, quotas)
         if self.cfg.strong_aug == "gap":
-            bound = self._gap - GAP_Z * np.sqrt(self._gap_var)
-            aug = gap_codes(bound, self._suit_l[pos], 1, self.cfg.aug_strength, self.cfg.gap_full)
-            log.info("dds: held-out gap %+.3f (%+.3f less %g standard errors), %.0f%% of the selection at strong "
-                     "views", self._gap, bound, GAP_Z,
+            aug = gap_codes(self._gap, self._suit_l[pos], 1, self.cfg.aug_strength, self.cfg.gap_full)
+            log.info("dds: held-out gap %+.3f, %.0f%% of the selection at strong views", self._gap,
                      100.0 * np.count_nonzero(aug) / max(aug.size, 1))
         else:
             aug = self._strong(pos) * aug_codes(self._suit_l[pos], float(self._ramp[epoch]), self.cfg.aug_strength)
@@ -524,27 +498,22 @@ class DdsPolicy(LossPolicy):
         losses update the held-out gap."""
         if self._probing:   # only pruned epochs hold the held-out set out; summed until the next plan
             role = self._probe_role[indices]
-            losses = np.asarray(losses, np.float64)
-            self._probe_sums += (np.bincount(role, weights=losses, minlength=3),
-                                 np.bincount(role, weights=losses * losses, minlength=3), np.bincount(role, minlength=3))
+            self._probe_sums += (np.bincount(role, weights=losses, minlength=3), np.bincount(role, minlength=3))
         self._loss.update(indices, losses if aug is None else deflate_strong(losses, aug))
 
     def _fold_gap(self) -> None:
         """The last planned epoch's held-out gap into the average: once per epoch, however many calls
         of :meth:`observe` brought its losses (a slow average from 0: one epoch's losses are noisy)."""
-        (_, h_sum, a_sum), _, (_, h_n, a_n) = self._probe_sums
+        (_, h_sum, a_sum), (_, h_n, a_n) = self._probe_sums
         if h_n and a_n:   # losses of both sets
             gap = held_out_gap(h_sum / h_n, a_sum / a_n)
             self._gap = GAP_MOMENTUM * self._gap + (1.0 - GAP_MOMENTUM) * gap
-            var = gap_variance(self._probe_sums[:, 1], self._probe_sums[:, 2])
-            self._gap_var = GAP_MOMENTUM ** 2 * self._gap_var + (1.0 - GAP_MOMENTUM) ** 2 * var
         self._probe_sums[:] = 0
 
     def state_dict(self) -> dict:
         state = {"loss": self._loss.state_dict()}
         if self._held is not None:
             state["held_out_gap"] = self._gap
-            state["held_out_gap_var"] = self._gap_var
             state["probe_sums"] = self._probe_sums.tolist()
         return state
 
@@ -552,11 +521,7 @@ class DdsPolicy(LossPolicy):
         self._loss.load_state_dict(state["loss"])
         if self._held is not None and "held_out_gap" in state:
             self._gap = float(state["held_out_gap"])
-            self._gap_var = float(state.get("held_out_gap_var", 0.0))   # saved before the bound: plans by the gap
-            sums = np.array(state.get("probe_sums", np.zeros((3, 3))), np.float64)
-            if sums.shape == (2, 3):   # saved before the bound: sums and counts, no squares (variance 0)
-                sums = np.stack([sums[0], np.zeros(3), sums[1]])
-            self._probe_sums = sums
+            self._probe_sums = np.array(state.get("probe_sums", np.zeros((2, 3))), np.float64)
         elif self._held is not None and "gap" in state:   # saved before the gap was averaged signed
             log.warning("dds: this checkpoint's held-out gap was saved by an older dds (clipped, not signed); "
                         "it restarts from 0, so strong views may come later than in an uninterrupted run")

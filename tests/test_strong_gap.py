@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dds.selector import AUG_LEVELS, SampleInfo, Selector
-from dds.selector._dds import gap_codes, gap_variance, held_out_gap
+from dds.selector._dds import gap_codes, held_out_gap
 
 
 def test_gap_codes_are_a_pure_function_of_gap_suitability_and_phase():
@@ -128,31 +128,6 @@ def test_one_chance_high_gap_leaves_base_views_and_a_low_one_cancels_it():
     assert (plans[0].aug == 0).all() and (plans[1].aug == 0).all() and (plans[9].aug > 0).mean() > 0.3
 
 
-def test_gap_variance_is_the_delta_method_of_the_two_means():
-    rng = np.random.default_rng(0)
-    h, a = rng.gamma(2.0, 0.5, 50), rng.gamma(2.0, 0.3, 50)
-    sums = lambda x: np.array([x.sum(), (x * x).sum(), x.size])   # noqa: E731
-    want = (a.mean() / h.mean()) ** 2 * (a.var(ddof=1) / (50 * a.mean() ** 2) + h.var(ddof=1) / (50 * h.mean() ** 2))
-    assert gap_variance(sums(h), sums(a)) == pytest.approx(want)
-    assert gap_variance(sums(h[:1]), sums(a)) == 0.0 and gap_variance(sums(h), sums(0 * a)) == 0.0
-
-
-def test_a_gap_within_its_noise_keeps_base_views_and_the_same_gap_measured_tightly_does_not():
-    """Two runs whose anchor losses average 0.95 of the held-out ones every epoch (B1's gap): spread over
-    a wide range (a noisy gap), the bound stays under zero; nearly constant, the views come on."""
-    def run(spread: float) -> list:
-        sel = Selector("dds", INFO, epochs=12, budget=0.5, seed=0, strong_aug="gap")
-        rng, plans = np.random.default_rng(1), []
-        for e in range(12):
-            plan = sel.plan(e)
-            plans.append(plan)
-            noise = rng.uniform(1 - spread, 1 + spread, len(plan))
-            sel.observe(plan.indices, (np.where(plan.weights > 0, 0.95, 1.0) * noise).astype(np.float32), plan.aug)
-        return plans
-    assert all((p.aug == 0).all() for p in run(0.95))
-    assert (run(0.01)[9].aug > 0).mean() > 0.3
-
-
 def _verdict_workspace(tmp_path):
     from synth import write_dataset, write_scores, write_verdict
 
@@ -167,7 +142,7 @@ def _verdict_workspace(tmp_path):
     return ws, keys, status
 
 
-def test_a_run_with_strong_aug_gap_trains_probes_augments_clean_samples_only_and_resumes(tmp_path, monkeypatch):
+def test_a_run_with_strong_aug_gap_trains_probes_augments_clean_samples_only_and_resumes(tmp_path):
     import pyarrow.parquet as pq
 
     from dds.catalog import query
@@ -175,8 +150,6 @@ def test_a_run_with_strong_aug_gap_trains_probes_augments_clean_samples_only_and
     from dds.train.export import run_export
 
     ws, keys, status = _verdict_workspace(tmp_path)
-    # probe sets of 6 samples: their gap never stands 2 standard errors clear, so plan by the gap itself
-    monkeypatch.setattr("dds.selector._dds.GAP_Z", 0.0)
     cfg = TrainConfig(dataset="verdict", policy="dds", budget=0.6, epochs=8, model="cnn3", batch_size=16, seed=1,
                       policy_options={"strong_aug": "gap", "gap_full": 0.01})
     whole = run_train(ws, cfg, progress=False)
