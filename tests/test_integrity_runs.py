@@ -155,6 +155,15 @@ def test_outputs_inside_the_workspace_are_refused_and_exports_rename_whole_files
         assert len(tar.getnames()) == 3 * N_TRAIN   # half of 2 x N_TRAIN samples, 3 members each
 
 
+def test_run_bench_refuses_results_inside_the_workspace_before_training(ws):
+    from dds.bench.training import run_bench   # the path of the benchmarks/ scripts, which skip the CLI
+    with pytest.raises(DdsError, match="lies inside the workspace's own runs"):
+        run_bench(ws, "ds", policies=["full"], budgets=[0.5], epochs=1, seeds=1, progress=False,
+                  results=ws.root / "runs" / "x.jsonl")
+    assert not (ws.root / "runs" / "x.jsonl").exists()
+    assert not list(ws.root.glob("runs/*/run.json"))   # refused before any run started
+
+
 # ---------------------------------------------------------------- case 4: a damaged checkpoint
 
 def test_resume_refuses_a_checkpoint_that_fails_its_checksum(ws, cli):

@@ -61,8 +61,6 @@ def bench(
     except ValueError:
         raise DdsError(f"--budgets takes comma-separated numbers, got '{budgets}'") from None
     ws = _ws(workspace)
-    if results:
-        ws.check_output(results, "--results")
     per_policy = parse_policy_options(option)
     rows = run_bench(ws, name, policies=names, budgets=budget_list, epochs=epochs, seeds=seeds, model=model,
                      base_config={"encoder": encoder, "device": device, "seed": first_seed, "eval_split": eval_split,

@@ -95,7 +95,8 @@ def run_bench(ws: Workspace, name: str, *, policies: list[str], budgets: list[fl
         orders (per seed: the run's 0-based place in the bench's run order, :func:`run_order`).
 
     Raises:
-        DdsError: empty or duplicate entries, bad budgets/epochs/seeds, or any error of run_train.
+        DdsError: empty or duplicate entries, bad budgets/epochs/seeds, a ``results`` path inside the
+            workspace's own files, or any error of run_train.
     """
     from dds.selector import get_policy
     from dds.selector._base import check_budget, make_config
@@ -110,6 +111,8 @@ def run_bench(ws: Workspace, name: str, *, policies: list[str], budgets: list[fl
         check_budget(b)
     check_positive_int("epochs", epochs)
     check_positive_int("seeds", seeds)
+    if results:   # before any training: never one of the workspace's own files
+        ws.check_output(results, "--results")
     if from_env().enabled:
         raise DdsError("dds bench runs every policy in one process; start it without torchrun (dds train takes --nproc)")
     shared = dict(policy_options or {})
