@@ -19,7 +19,7 @@ from dds.options import parse_entry
 from dds.train import (TrainConfig, create_augment, create_model, list_augments, list_models, load_sample_info, lr_at,
                        open_split, resume_train, run_train)
 from dds.train.augment import Augmenter, crop_flip_params, epoch_aug_seeds
-from dds.train.loop import history_columns
+from dds.train.loop import epoch_line, history_columns
 from dds.workspace import Workspace
 
 N_TRAIN, N_TEST, SIZE, CLASSES = 64, 32, 8, 4
@@ -546,6 +546,14 @@ def test_history_columns_one_row_per_sample():
     assert cols["loss"].to_pylist() == [None, 1.0, None, 1.0, None]
     assert cols["aug"].to_pylist() == [None, "strong", None, "base", None]
     assert cols["magnitude"].to_pylist() == [None, 2 / AUG_LEVELS, None, 0.0, None]
+
+
+def test_epoch_line_of_a_trained_and_an_empty_epoch():
+    row = {"sample_steps": 200, "train_loss": 0.5, "test_acc": None, "data_s": 1.0, "compute_s": 1.0, "wall_s": 2.5}
+    assert epoch_line("dds", 2, 8, row) == "dds epoch 3/8: 200 samples, loss 0.5000, 100 img/s, 2.5 s"
+    empty = {**row, "sample_steps": 0, "train_loss": float("nan"), "test_acc": 0.8125, "data_s": 0.0,
+             "compute_s": 0.0}   # budgeted after its budget is spent
+    assert epoch_line("budgeted", 7, 8, empty) == "budgeted epoch 8/8: nothing planned, acc 0.8125"
 
 
 def test_load_sample_info_joins_scores_in_idx_order(tmp_path):

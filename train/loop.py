@@ -681,12 +681,15 @@ class _Writer:
 
 
 def epoch_line(policy: str, epoch: int, epochs: int, row: dict[str, Any]) -> str:
-    """One log line per epoch: samples trained, mean loss, accuracy when evaluated, training img/s, seconds.
+    """One log line per epoch: samples trained, mean loss, accuracy when evaluated, training img/s, seconds
+    (an epoch that trains nothing says so, with its accuracy when evaluated).
 
     ``row`` is the epoch's row of the ``epochs`` table (sample_steps, train_loss, test_acc, data_s,
     compute_s, wall_s); img/s counts the time spent on batches (data_s + compute_s).
     """
     acc = "" if row["test_acc"] is None else f", acc {row['test_acc']:.4f}"
+    if not row["sample_steps"]:   # e.g. ``budgeted`` once its budget is spent: no loss nor rate to show
+        return f"{policy} epoch {epoch + 1}/{epochs}: nothing planned{acc}"
     busy = row["data_s"] + row["compute_s"]
     rate = row["sample_steps"] / busy if busy > 0 else 0.0
     return (f"{policy} epoch {epoch + 1}/{epochs}: {row['sample_steps']} samples, loss {row['train_loss']:.4f}{acc}, "
