@@ -83,6 +83,7 @@ def _mix_strong_samples() -> None:
         b = len(codes)
         partner = torch.randint(0, b, (b,), generator=gen)
         lam = 1.0 - 0.5 * torch.from_numpy(augment.code_magnitude(codes)) * torch.rand(b, generator=gen)
+        partner, lam = partner.to(out.device), lam.to(out.device)
         _MIX.update(partner=partner, lam=lam)
         w = lam.view(-1, 1, 1, 1)
         return w * out + (1.0 - w) * out[partner]
