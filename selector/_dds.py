@@ -73,6 +73,7 @@ class DdsConfig:
     strong_aug: str = "gap"             # who gets strong views: gap (by the held-out gap) | none | top_q | region | all
     probe_size: int = 50                # strong_aug=gap: samples in each probe set (held out, anchor)
     gap_full: float = 0.25              # strong_aug=gap: the held-out gap at which views reach full strength
+    gap_min_passes: float = 10.0        # strong_aug=gap: runs that train each sample fewer times (budget x epochs) keep base views, no probes
     aug_fraction: float = 0.5           # q: share of each pruned selection augmented when strong_aug = top_q
     aug_strength: float = 1.0           # largest strong-augmentation magnitude in [0, 1] (see aug_codes)
     loss_rescale: str = "none"          # pruned-epoch loss weights: none (1) | const (N/size) | is (importance)
@@ -98,6 +99,7 @@ class DdsConfig:
         set_(self, "is_clip", check_real("is_clip", self.is_clip, 1.0))
         set_(self, "probe_size", check_int("probe_size", self.probe_size, 1))
         set_(self, "gap_full", check_real("gap_full", self.gap_full, 0.0, 1.0, lo_open=True))
+        set_(self, "gap_min_passes", check_real("gap_min_passes", self.gap_min_passes, 0.0))
         for name, choices in (("strong_aug", STRONG_AUG), ("loss_rescale", LOSS_RESCALE),
                               ("noise_handling", NOISE_HANDLING), ("unseen", UNSEEN), ("loss_norm", tuple(LOSS_NORMS))):
             if getattr(self, name) not in choices:
@@ -326,8 +328,13 @@ class DdsPolicy(LossPolicy):
                         if noisy.any() or relabel.any() else None)
         self._label_used = np.where(relabel, info.label_fixed, info.labels) if relabel.any() else None
         self._clean_idx = np.flatnonzero(~noisy)
-        # strong_aug=gap: the probe sets, planned apart from the draw (never drawn)
-        self._held, self._anchor = self._probes(~noisy & ~relabel) if cfg.strong_aug == "gap" else (None, None)
+        # strong_aug=gap: the probe sets, planned apart from the draw (never drawn), in runs long enough
+        passes = total / max(info.n, 1)
+        gap_on = cfg.strong_aug == "gap" and passes >= cfg.gap_min_passes
+        if cfg.strong_aug == "gap" and not gap_on:
+            log.info("dds: the budget trains each sample %.1f times, under gap_min_passes=%g: base views, "
+                     "no held-out probes", passes, cfg.gap_min_passes)
+        self._held, self._anchor = self._probes(~noisy & ~relabel) if gap_on else (None, None)
         self._gap = 0.0                                 # held_out_gap averaged over pruned epochs
         self._probing = False                           # the latest plan holds the probes
         self._probe_sums = np.zeros((2, 3))             # its loss sums (row 0) and counts (row 1) by role so far
@@ -336,7 +343,7 @@ class DdsPolicy(LossPolicy):
         if self._held is not None:
             probe_l[lay.slot[np.concatenate([self._held, self._anchor])]] = True
             self._probe_role[self._held], self._probe_role[self._anchor] = 1, 2
-        elif cfg.strong_aug == "gap":
+        elif gap_on:
             log.warning("dds: strong_aug=gap needs at least 20 clean samples for its probes; no strong views")
         self._noisy_l = noisy[lay.order]
         self._no_strong_l = (noisy | relabel)[lay.order]   # suspects are never strongly augmented
@@ -453,8 +460,9 @@ class DdsPolicy(LossPolicy):
             pos = lay.select(keys_l, quotas)
         if self.cfg.strong_aug == "gap":
             aug = gap_codes(self._gap, self._suit_l[pos], 1, self.cfg.aug_strength, self.cfg.gap_full)
-            log.info("dds: held-out gap %+.3f, %.0f%% of the selection at strong views", self._gap,
-                     100.0 * np.count_nonzero(aug) / max(aug.size, 1))
+            if self._held is not None:
+                log.info("dds: held-out gap %+.3f, %.0f%% of the selection at strong views", self._gap,
+                         100.0 * np.count_nonzero(aug) / max(aug.size, 1))
         else:
             aug = self._strong(pos) * aug_codes(self._suit_l[pos], float(self._ramp[epoch]), self.cfg.aug_strength)
         weights = self._weights(pos, pi_l, size)

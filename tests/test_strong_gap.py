@@ -31,7 +31,7 @@ def _gap_run(epochs: int, anchor_factor, seed: int = 0, observe_held: bool = Tru
     """A dds run with strong_aug=gap whose trained samples' losses are ``anchor_factor`` times the
     held-out ones (the probes: weight 0 = held out); a sequence gives one factor per epoch. Without
     ``observe_held`` the held-out losses are never reported."""
-    sel = Selector("dds", INFO, epochs=epochs, budget=0.5, seed=seed, strong_aug="gap")
+    sel = Selector("dds", INFO, epochs=epochs, budget=0.5, seed=seed, strong_aug="gap", gap_min_passes=0)
     factors = np.broadcast_to(np.asarray(anchor_factor, np.float32), (epochs,))
     plans = []
     for e in range(epochs):
@@ -58,18 +58,18 @@ def test_gap_plans_probe_sets_every_pruned_epoch_and_spend_the_budget():
 
 
 def test_gap_state_round_trip_repeats_the_plans():
-    first = Selector("dds", INFO, epochs=8, budget=0.5, seed=2)
+    first = Selector("dds", INFO, epochs=8, budget=0.5, seed=2, gap_min_passes=0)
     for e in range(3):
         plan = first.plan(e)
         first.observe(plan.indices, np.where(plan.weights > 0, 0.5, 1.0).astype(np.float32), plan.aug)
-    again = Selector("dds", INFO, epochs=8, budget=0.5, seed=2)
+    again = Selector("dds", INFO, epochs=8, budget=0.5, seed=2, gap_min_passes=0)
     again.load_state_dict(first.state_dict())
     want, got = first.plan(3), again.plan(3)
     assert (want.aug > 0).any() and np.array_equal(want.indices, got.indices) and np.array_equal(want.aug, got.aug)
 
 
 def test_the_gap_moves_once_per_epoch_however_the_losses_are_observed():
-    whole, parts = (Selector("dds", INFO, epochs=10, budget=0.5, seed=3) for _ in range(2))
+    whole, parts = (Selector("dds", INFO, epochs=10, budget=0.5, seed=3, gap_min_passes=0) for _ in range(2))
     rng, seen_strong = np.random.default_rng(0), False
     for e in range(10):
         a, b = whole.plan(e), parts.plan(e)
@@ -83,14 +83,14 @@ def test_the_gap_moves_once_per_epoch_however_the_losses_are_observed():
 
 
 def test_a_checkpoint_of_the_older_gap_restarts_it_from_0_with_a_warning(caplog):
-    sel = Selector("dds", INFO, epochs=8, budget=0.5, seed=2)
+    sel = Selector("dds", INFO, epochs=8, budget=0.5, seed=2, gap_min_passes=0)
     plan = sel.plan(0)
     sel.observe(plan.indices, np.where(plan.weights > 0, 0.2, 1.0).astype(np.float32), plan.aug)
     state = sel.state_dict()
     policy = state["policy_state"]
     policy["gap"] = policy.pop("held_out_gap")
     del policy["probe_sums"]
-    fresh = Selector("dds", INFO, epochs=8, budget=0.5, seed=2)
+    fresh = Selector("dds", INFO, epochs=8, budget=0.5, seed=2, gap_min_passes=0)
     with caplog.at_level("WARNING"):
         fresh.load_state_dict(state)
     assert "older dds" in caplog.text and (fresh.plan(1).aug == 0).all() and (sel.plan(1).aug > 0).any()
@@ -100,12 +100,29 @@ def test_probes_are_never_drawn_twice_when_the_epoch_outgrows_the_clean_samples(
     from dds.selector import synthetic_info
 
     info = synthetic_info(1000, 5, noisy_fraction=0.1)
-    sel = Selector("dds", info, epochs=6, budget=0.95, seed=0)
+    sel = Selector("dds", info, epochs=6, budget=0.95, seed=0, gap_min_passes=0)
     for e in range(6):
         plan = sel.plan(e)
         assert np.unique(plan.indices).size == len(plan)
         sel.observe(plan.indices, np.ones(len(plan), np.float32), plan.aug)
     assert sel.spent() == sel.total_sample_steps
+
+
+def test_a_run_too_short_for_views_plans_what_strong_aug_none_plans(caplog):
+    # 8 epochs at budget 0.5 train each sample 4 times, under gap_min_passes (10): no probes, base views
+    with caplog.at_level("INFO"):
+        short = Selector("dds", INFO, epochs=8, budget=0.5, seed=4)
+    assert "gap_min_passes" in caplog.text
+    none = Selector("dds", INFO, epochs=8, budget=0.5, seed=4, strong_aug="none")
+    for e in range(8):
+        a, b = short.plan(e), none.plan(e)
+        assert np.array_equal(a.indices, b.indices) and (a.aug == 0).all() and (a.weights > 0).all()
+        losses = np.where(np.arange(len(a)) % 2 == 0, 0.2, 1.0).astype(np.float32)   # a wide spread
+        short.observe(a.indices, losses, a.aug)
+        none.observe(b.indices, losses, b.aug)
+    # 20 epochs at budget 0.5 train each sample 10 times: the probes come in from the first pruned epoch
+    long_run = Selector("dds", INFO, epochs=20, budget=0.5, seed=4)
+    assert (long_run.plan(0).weights == 0).sum() == 50
 
 
 def test_gap_keeps_base_views_while_the_model_generalises():
@@ -151,7 +168,7 @@ def test_a_run_with_strong_aug_gap_trains_probes_augments_clean_samples_only_and
 
     ws, keys, status = _verdict_workspace(tmp_path)
     cfg = TrainConfig(dataset="verdict", policy="dds", budget=0.6, epochs=8, model="cnn3", batch_size=16, seed=1,
-                      policy_options={"strong_aug": "gap", "gap_full": 0.01})
+                      policy_options={"strong_aug": "gap", "gap_full": 0.01, "gap_min_passes": 0})
     whole = run_train(ws, cfg, progress=False)
     h = query(ws, f"SELECT epoch, key, weight, aug, status FROM history WHERE run_id = '{whole['run_id']}' "
                   "AND selected").to_pandas()
@@ -170,3 +187,15 @@ def test_a_run_with_strong_aug_gap_trains_probes_augments_clean_samples_only_and
     part = run_train(ws, cfg, progress=False, stop_after=3)
     again = resume_train(ws, part["run_id"], progress=False)
     assert again["test_acc"] == whole["test_acc"] and again["budget_spent"] == whole["budget_spent"]
+
+
+def test_a_run_saved_before_gap_min_passes_resumes_with_its_probes():
+    from dds.train import TrainConfig
+    from dds.train.loop import _as_saved
+
+    old = TrainConfig(dataset="d", policy="dds", policy_options={"strong_aug": "gap", "gap_full": 0.25})
+    assert _as_saved(old).policy_options == {"strong_aug": "gap", "gap_full": 0.25, "gap_min_passes": 0.0}
+    new = TrainConfig(dataset="d", policy="dds", policy_options={"strong_aug": "gap", "gap_min_passes": 10.0})
+    assert _as_saved(new) == new
+    other = TrainConfig(dataset="d", policy="random", policy_options={})
+    assert _as_saved(other) == other

@@ -78,7 +78,9 @@ def test_timm_model_adamw_and_recipe_options_are_recorded_and_the_weights_load(w
     assert capsys.readouterr().out.strip() in {str([c] * 4) for c in ("c0", "c1", "c2", "c3")}
     model, card = scope["model"], scope["card"]
     ckpt = torch.load(path, weights_only=True)
-    assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
+    # bytes, not torch.equal: after a bf16 run in the same process on a Xeon with AMX, torch.equal and
+    # != reported equal float tensors as different, differently from call to call (torch 2.14 on CPU)
+    assert all(v.numpy().tobytes() == ckpt["model"][k].numpy().tobytes() for k, v in model.state_dict().items())
     assert card["config"]["model"] == "timm:test_resnet" and not model.training
     assert card["classes"] == ["c0", "c1", "c2", "c3"] and (card["channels"], card["image_size"]) == (1, 8)
 

@@ -461,8 +461,17 @@ def resume_train(ws: Workspace, run_id: str, *, progress: bool = True, stop_afte
         saved = TrainConfig.from_json(ckpt["config"])
     if dataset is not None and dataset != saved.dataset:
         raise DdsError(f"run '{run_id}' trained on dataset {saved.dataset}, not {dataset}")
-    return _run(ws, saved, ckpt, run_id=run_id, progress=progress, stop_after=stop_after, data=data,
+    return _run(ws, _as_saved(saved), ckpt, run_id=run_id, progress=progress, stop_after=stop_after, data=data,
                 announce=announce)
+
+
+def _as_saved(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the options a run saved by an older dds ran under: its ``policy_options`` hold every
+    option then known, and a dds option added since takes the value that keeps the old behaviour."""
+    opts = cfg.policy_options
+    if cfg.policy == "dds" and "strong_aug" in opts and "gap_min_passes" not in opts:   # before gap_min_passes
+        return dataclasses.replace(cfg, policy_options={**opts, "gap_min_passes": 0.0})
+    return cfg
 
 
 @dataclass
