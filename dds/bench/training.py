@@ -40,7 +40,7 @@ from dds.distributed import from_env
 from dds.errors import DdsError
 from dds.options import parse_entry
 from dds.train.config import TrainConfig
-from dds.device import cpu_has_amx, resolve_device, uses_bf16
+from dds.device import amp_allowed, cpu_has_amx, resolve_device, uses_bf16
 from dds.train.data import open_split
 from dds.train.loop import run_train
 from dds.workspace import Workspace, write_parquet
@@ -464,6 +464,7 @@ def bench_train(ws: Workspace, name: str, *, model: str = "resnet20", batch_size
         return len(epoch_plan.indices) / spent, t["data_s"] / spent
 
     mine = (cfg.channels_last and dev.type == "cpu", uses_bf16(dev, cfg.amp))  # the trainer's own settings
+    bf16 = bf16 and amp_allowed()   # DDS_AMP=0: no bf16 variant either
     variants = [(True, False), (False, False)] + ([(True, True), (False, True)] if dev.type == "cpu" and bf16 else [])
     variants += [mine] if mine not in variants else []  # always measured: the loop's ratio is against it
     best: dict[Any, float] = {}
