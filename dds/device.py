@@ -43,8 +43,9 @@ def amp_allowed() -> bool:
     """False when the environment sets ``DDS_AMP=0``: no bf16 anywhere in dds, whatever ``--amp`` says.
 
     The test suite sets it (scripts/test.sh): on 2-core Xeon VMs with AMX, after a bf16 training run,
-    float comparisons in the same process (``torch.equal``, the trainer's NaN check) gave wrong
-    answers that changed from call to call, in 4 of 14 tries against 0 of 12 with fp32 runs.
+    float results in the same process went wrong from call to call (``torch.equal`` called equal
+    tensors different in 4 of 14 tries, 0 of 12 after fp32 runs; once a later run's losses came out
+    NaN and the run stopped as diverged).
     """
     return os.environ.get("DDS_AMP", "1") != "0"
 
