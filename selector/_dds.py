@@ -9,9 +9,10 @@ Each epoch is one of three phases (every constant is a :class:`DdsConfig` field)
   ``lnorm`` the normalised loss EMA (:data:`LOSS_NORMS`); the ``noisy`` region's ``pi`` is scaled by
   ``noisy_weight``; with ``class_balance`` each class gets its size's share, else one global draw;
 * optional strong augmentation of selected clean samples (``strong_aug``), its magnitude from
-  :func:`aug_codes`, or with ``strong_aug=gap`` from the held-out gap (:func:`gap_codes`): two random
-  probe sets of clean samples ride along every pruned epoch, one trained (the anchor), one measured
-  at weight 0 (held out), and strong views grow as the anchor's loss falls below the held-out one;
+  :func:`aug_codes`, or with ``strong_aug=gap`` from the held-out gap (:func:`gap_codes`): in runs of
+  at least ``gap_min_passes`` passes (budget x epochs) two random probe sets of clean samples ride
+  along every pruned epoch, one trained (the anchor), one measured at weight 0 (held out), and
+  strong views grow as the anchor's loss falls below the held-out one;
   strong views' losses are deflated (:func:`deflate_strong`) so augmentation alone does not raise a
   sample's selection probability.
 
@@ -73,7 +74,7 @@ class DdsConfig:
     strong_aug: str = "gap"             # who gets strong views: gap (by the held-out gap) | none | top_q | region | all
     probe_size: int = 50                # strong_aug=gap: samples in each probe set (held out, anchor)
     gap_full: float = 0.25              # strong_aug=gap: the held-out gap at which views reach full strength
-    gap_min_passes: float = 10.0        # strong_aug=gap: runs that train each sample fewer times (budget x epochs) keep base views, no probes
+    gap_min_passes: float = 10.0        # strong_aug=gap: runs of fewer passes (budget x epochs) keep base views, no probes
     aug_fraction: float = 0.5           # q: share of each pruned selection augmented when strong_aug = top_q
     aug_strength: float = 1.0           # largest strong-augmentation magnitude in [0, 1] (see aug_codes)
     loss_rescale: str = "none"          # pruned-epoch loss weights: none (1) | const (N/size) | is (importance)
