@@ -74,7 +74,7 @@ class DdsConfig:
     strong_aug: str = "gap"             # who gets strong views: gap (by the held-out gap) | none | top_q | region | all
     probe_size: int = 50                # strong_aug=gap: samples in each probe set (held out, anchor)
     gap_full: float = 0.25              # strong_aug=gap: the held-out gap at which views reach full strength
-    gap_min_passes: float = 10.0        # strong_aug=gap: runs of fewer passes (budget x epochs) keep base views, no probes
+    gap_min_passes: float = 16.0        # strong_aug=gap: runs of fewer passes (budget x epochs) keep base views, no probes
     aug_fraction: float = 0.5           # q: share of each pruned selection augmented when strong_aug = top_q
     aug_strength: float = 1.0           # largest strong-augmentation magnitude in [0, 1] (see aug_codes)
     loss_rescale: str = "none"          # pruned-epoch loss weights: none (1) | const (N/size) | is (importance)

@@ -109,7 +109,7 @@ def test_probes_are_never_drawn_twice_when_the_epoch_outgrows_the_clean_samples(
 
 
 def test_a_run_too_short_for_views_plans_what_strong_aug_none_plans(caplog):
-    # 8 epochs at budget 0.5 train each sample 4 times, under gap_min_passes (10): no probes, base views
+    # 8 epochs at budget 0.5 train each sample 4 times, under gap_min_passes (16): no probes, base views
     with caplog.at_level("INFO"):
         short = Selector("dds", INFO, epochs=8, budget=0.5, seed=4)
     assert "gap_min_passes" in caplog.text
@@ -120,8 +120,8 @@ def test_a_run_too_short_for_views_plans_what_strong_aug_none_plans(caplog):
         losses = np.where(np.arange(len(a)) % 2 == 0, 0.2, 1.0).astype(np.float32)   # a wide spread
         short.observe(a.indices, losses, a.aug)
         none.observe(b.indices, losses, b.aug)
-    # 20 epochs at budget 0.5 train each sample 10 times: the probes come in from the first pruned epoch
-    long_run = Selector("dds", INFO, epochs=20, budget=0.5, seed=4)
+    # 32 epochs at budget 0.5 train each sample 16 times: the probes come in from the first pruned epoch
+    long_run = Selector("dds", INFO, epochs=32, budget=0.5, seed=4)
     assert (long_run.plan(0).weights == 0).sum() == 50
 
 
