@@ -164,6 +164,8 @@ class Policy:
         needs_scores: whether the policy reads joint, consistency and region when ``SampleInfo`` carries
             them (``dds train`` then requires ``dds index``); which options cannot run without them,
             :meth:`scores_required` says.
+        saved_defaults: options added after runs could be saved, each with the value that keeps such a
+            run as it started: a resumed run whose saved options lack one takes this value.
 
     A policy is built by ``Selector`` with ``total``, the run's budget in sample-steps (computed and
     checked there); :meth:`follows_budget` says whether its plans spend it.
@@ -171,6 +173,7 @@ class Policy:
 
     Config: ClassVar[type] = type(None)
     needs_scores: ClassVar[bool] = False
+    saved_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, info: SampleInfo, cfg: Any, *, epochs: int, total: int) -> None:
         self.info = info

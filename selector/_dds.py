@@ -315,6 +315,7 @@ class DdsPolicy(LossPolicy):
 
     Config = DdsConfig
     needs_scores = True
+    saved_defaults = {"gap_min_passes": 0.0}   # runs saved before it planned probes at any length
 
     @classmethod
     def scores_required(cls, cfg: DdsConfig) -> list[str]:

@@ -467,11 +467,10 @@ def resume_train(ws: Workspace, run_id: str, *, progress: bool = True, stop_afte
 
 def _as_saved(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with the options a run saved by an older dds ran under: its ``policy_options`` hold every
-    option then known, and a dds option added since takes the value that keeps the old behaviour."""
+    option then known, and one added since takes its policy's ``saved_defaults`` value."""
     opts = cfg.policy_options
-    if cfg.policy == "dds" and "strong_aug" in opts and "gap_min_passes" not in opts:   # before gap_min_passes
-        return dataclasses.replace(cfg, policy_options={**opts, "gap_min_passes": 0.0})
-    return cfg
+    missing = {k: v for k, v in get_policy(cfg.policy).saved_defaults.items() if k not in opts}
+    return dataclasses.replace(cfg, policy_options={**opts, **missing}) if missing else cfg
 
 
 @dataclass
