@@ -190,11 +190,18 @@ def test_a_run_with_strong_aug_gap_trains_probes_augments_clean_samples_only_and
 
 
 def test_a_run_saved_before_gap_min_passes_resumes_with_its_probes():
+    import dataclasses
+
+    from dds.selector._dds import DdsConfig
     from dds.train import TrainConfig
     from dds.train.loop import _as_saved
 
-    old = TrainConfig(dataset="d", policy="dds", policy_options={"strong_aug": "gap", "gap_full": 0.25})
-    assert _as_saved(old).policy_options == {"strong_aug": "gap", "gap_full": 0.25, "gap_min_passes": 0.0}
+    resolved = dataclasses.asdict(DdsConfig())
+    del resolved["gap_min_passes"]   # every option a dds saved before gap_min_passes
+    old = TrainConfig(dataset="d", policy="dds", policy_options=resolved)
+    assert _as_saved(old).policy_options == {**resolved, "gap_min_passes": 0.0}
+    raw = TrainConfig(dataset="d", policy="dds", policy_options={"warmup_epochs": 1})   # older still: -o only
+    assert _as_saved(raw) == raw
     new = TrainConfig(dataset="d", policy="dds", policy_options={"strong_aug": "gap", "gap_min_passes": 10.0})
     assert _as_saved(new) == new
     other = TrainConfig(dataset="d", policy="random", policy_options={})

@@ -466,11 +466,13 @@ def resume_train(ws: Workspace, run_id: str, *, progress: bool = True, stop_afte
 
 
 def _as_saved(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with the options a run saved by an older dds ran under: its ``policy_options`` hold every
-    option then known, and one added since takes its policy's ``saved_defaults`` value."""
-    opts = cfg.policy_options
-    missing = {k: v for k, v in get_policy(cfg.policy).saved_defaults.items() if k not in opts}
-    return dataclasses.replace(cfg, policy_options={**opts, **missing}) if missing else cfg
+    """``cfg`` with the options a run saved by an older dds ran under: when its ``policy_options`` hold
+    every option known before its policy's ``saved_defaults`` (resolved when saved), those it lacks
+    take their ``saved_defaults`` value. Raw options (older still) keep today's defaults."""
+    policy, opts = get_policy(cfg.policy), cfg.policy_options
+    missing = {k: v for k, v in policy.saved_defaults.items() if k not in opts}
+    older = {f.name for f in dataclasses.fields(policy.Config)} - set(policy.saved_defaults) if missing else set()
+    return dataclasses.replace(cfg, policy_options={**opts, **missing}) if missing and older <= set(opts) else cfg
 
 
 @dataclass
