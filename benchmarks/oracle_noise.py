@@ -32,6 +32,7 @@ import shlex
 import sys
 
 import numpy as np
+import pandas as pd
 import torch
 
 import dds.selector._dds as dds_policy
@@ -50,10 +51,10 @@ def true_labels(ws: Workspace, name: str) -> np.ndarray:
     return load_train_samples(ws, name)["label_orig"].to_numpy(np.int64)
 
 
-def agreed_labels(ws: Workspace, name: str, run_id: str, min_conf: float, truth: np.ndarray) -> np.ndarray:
-    """(N,) the class on which ``run_id``'s model and the encoder's ``pred_label`` agree for each sample
-    the verdict suppresses (-1 where they do not, or the model's probability is under ``min_conf``, and
-    for every other sample). Prints how many agree and, from the truth, how many of those are right."""
+def suspect_probs(ws: Workspace, name: str, run_id: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, CachedSplit]:
+    """``(suppressed, prob, scores, train)``: the train indices the verdict suppresses, ``run_id``'s
+    final model's class probabilities for them (base views, no gradient), the scores in train order and
+    the decoded train split."""
     model, card = load_trained(ws.run_dir(run_id) / "checkpoint.pt")
     scores = load_scores(ws, name, card["config"]["encoder"], ["key", "status", "pred_label"])
     train = CachedSplit(ws, name, "train")
@@ -64,7 +65,15 @@ def agreed_labels(ws: Workspace, name: str, run_id: str, min_conf: float, truth:
         for b in range(0, sus.size, 512):
             images = normalize(train.images[torch.from_numpy(sus[b:b + 512])], card["mean"], card["std"])
             parts.append(torch.softmax(model(images), 1))
-    prob = torch.cat(parts).numpy()
+    prob = torch.cat(parts).numpy() if parts else np.zeros((0, len(card["classes"])), np.float32)
+    return sus, prob, row, train
+
+
+def agreed_labels(ws: Workspace, name: str, run_id: str, min_conf: float, truth: np.ndarray) -> np.ndarray:
+    """(N,) the class on which ``run_id``'s model and the encoder's ``pred_label`` agree for each sample
+    the verdict suppresses (-1 where they do not, or the model's probability is under ``min_conf``, and
+    for every other sample). Prints how many agree and, from the truth, how many of those are right."""
+    sus, prob, row, train = suspect_probs(ws, name, run_id)
     guess = row["pred_label"].to_numpy()[sus]
     ok = (prob.argmax(1) == guess) & (prob.max(1) >= min_conf)
     out = np.full(train.n, -1, np.int64)
