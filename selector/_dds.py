@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 STRONG_AUG = ("gap", "top_q", "region", "all", "none")
 LOSS_RESCALE = ("none", "const", "is")
 NOISE_HANDLING = ("relabel", "suppress", "off")
-SUSPECTS = ("drop", "negative")
 UNSEEN = ("mean", "max")
 AUG_BITS = AUG_LEVELS.bit_length()   # bits of a plan aug code
 # strong_aug=gap: the held-out gap is averaged over pruned epochs as g <- m * g + (1 - m) * gap_epoch,
@@ -81,7 +80,6 @@ class DdsConfig:
     loss_rescale: str = "none"          # pruned-epoch loss weights: none (1) | const (N/size) | is (importance)
     is_clip: float = 5.0                # upper clip of the importance weights (loss_rescale = is)
     noise_handling: str = "relabel"     # label verdict: relabel (train on label_fixed) | suppress | off
-    suspects: str = "drop"              # suppressed samples: drop (never trained) | negative (trained away from their label)
     class_balance: bool = False         # pruned epochs: class quotas by class size (false: one global draw)
     loss_norm: str = "rank"             # loss EMA -> [0, 1]: rank (percentile among observed clean samples) | minmax
 
@@ -104,7 +102,7 @@ class DdsConfig:
         set_(self, "gap_full", check_real("gap_full", self.gap_full, 0.0, 1.0, lo_open=True))
         set_(self, "gap_min_passes", check_real("gap_min_passes", self.gap_min_passes, 0.0))
         for name, choices in (("strong_aug", STRONG_AUG), ("loss_rescale", LOSS_RESCALE),
-                              ("noise_handling", NOISE_HANDLING), ("suspects", SUSPECTS), ("unseen", UNSEEN), ("loss_norm", tuple(LOSS_NORMS))):
+                              ("noise_handling", NOISE_HANDLING), ("unseen", UNSEEN), ("loss_norm", tuple(LOSS_NORMS))):
             if getattr(self, name) not in choices:
                 raise DdsError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
@@ -330,11 +328,8 @@ class DdsPolicy(LossPolicy):
         noisy, relabel = noise_masks(info, cfg.noise_handling)
         self._status = (np.where(noisy, SUPPRESS, np.where(relabel, RELABEL, CLEAN)).astype(np.int8)
                         if noisy.any() or relabel.any() else None)
-        negative = self._negative = cfg.suspects == "negative" and noisy.any()
-        self._label_used = np.where(relabel, info.label_fixed, info.labels) if relabel.any() or negative else None
-        if negative:   # suspects trained away from their given label: planned as -(label + 1)
-            self._label_used = np.where(noisy, -1 - info.labels, self._label_used)
-        self._clean_idx = np.flatnonzero(~noisy) if not negative else np.arange(info.n)
+        self._label_used = np.where(relabel, info.label_fixed, info.labels) if relabel.any() else None
+        self._clean_idx = np.flatnonzero(~noisy)
         # strong_aug=gap: the probe sets, planned apart from the draw (never drawn), in runs long enough
         passes = total / max(info.n, 1)
         gap_on = cfg.strong_aug == "gap" and passes >= cfg.gap_min_passes
@@ -360,7 +355,7 @@ class DdsPolicy(LossPolicy):
         self._region_l = None if info.region is None else info.region[lay.order]
         # strong-augmentation ranking: joint's float32 bits (monotone for x >= 0) + 1; suspects = 0 (never)
         self._jkey_l = np.where(self._no_strong_l, 0, (self._joint_l + np.float32(0)).view(np.uint32) + 1)
-        mult_l = np.where(self._noisy_l & ~negative, np.float32(cfg.noisy_weight), np.float32(1))
+        mult_l = np.where(self._noisy_l, np.float32(cfg.noisy_weight), np.float32(1))
         mult_l[probe_l] = 0
         prior_l = self._joint_l ** np.float32(cfg.prior_weight) if cfg.prior_weight != 1 else self._joint_l
         self._jm_l = prior_l * mult_l                     # pi = jm * loss_term + em
@@ -368,7 +363,7 @@ class DdsPolicy(LossPolicy):
         pct_l = class_percentile(self._joint_l, lay) if info.joint is not None else np.ones(info.n, np.float32)
         self._suit_l = np.where(self._no_strong_l, np.float32(0), pct_l)
         self._em_l = np.float32(cfg.eps) * mult_l
-        eligible = (~self._noisy_l if cfg.noisy_weight == 0 and not negative else np.ones(info.n, bool)) & ~probe_l
+        eligible = (~self._noisy_l if cfg.noisy_weight == 0 else np.ones(info.n, bool)) & ~probe_l
         self._cap = lay.class_counts(eligible)          # pi > 0 exactly on these when eps > 0
         self._loss = LossEma(info.n, momentum=cfg.loss_momentum, slot=lay.slot)
         self._phase, self._sizes = self._schedule()
@@ -500,8 +495,6 @@ class DdsPolicy(LossPolicy):
         ``(eps + joint * loss_term) * mult`` with mult = ``noisy_weight`` on noisy samples, else 1."""
         loss = self._loss
         lt = loss_term(loss.mean, loss.seen, self._exclude_l, self.cfg.loss_weight, self.cfg.unseen, self.cfg.loss_norm)
-        if isinstance(lt, np.ndarray) and self._negative:   # suspects: the clean samples' mean loss term
-            lt[self._noisy_l] = lt[~self._noisy_l].mean()
         if isinstance(lt, np.ndarray):
             lt *= self._jm_l           # lt is a fresh array: reuse it
             lt += self._em_l

@@ -275,7 +275,7 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, train: _Spli
                 timing["lr_first"] = lr
             with _autocast(device, cfg.amp):
                 logits = model(normalize(x, mean, std).contiguous(memory_format=fmt))
-            per_sample = _per_sample_loss(logits.float(), y, cfg.label_smoothing)
+            per_sample = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=cfg.label_smoothing)
             loss = weighted_mean(per_sample, w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -291,19 +291,6 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, train: _Spli
         timing["compute_s"] += time.perf_counter() - t1
     bar.close()
     return losses, timing
-
-
-def _per_sample_loss(logits: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """Cross-entropy per sample; a label ``-(k + 1)`` trains the sample away from class ``k``
-    (``-log(1 - p_k)``, negative learning)."""
-    neg = y < 0
-    if not bool(neg.any()):
-        return F.cross_entropy(logits, y, reduction="none", label_smoothing=smoothing)
-    k = torch.where(neg, -1 - y, y)
-    ce = F.cross_entropy(logits, k, reduction="none", label_smoothing=smoothing)
-    p_k = torch.softmax(logits, 1).gather(1, k[:, None])[:, 0]
-    nl = -torch.log((1 - p_k).clamp_min(1e-4))
-    return torch.where(neg, nl, ce)
 
 
 def _checkpoint_bytes(**state: Any) -> bytes:
