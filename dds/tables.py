@@ -70,7 +70,7 @@ TABLES: dict[str, Table] = {
         ("run_id", _s), ("epoch", _i32), ("selected", _i64), ("sample_steps", _i64), ("train_loss", _f64),
         ("test_acc", _f64), ("wall_s", _f64), ("data_s", _f64), ("compute_s", _f64), ("select_s", _f64),
         ("eval_s", _f64), ("lr_first", _f64), ("lr_last", _f64), ("steps", _i64), ("total_steps", _i64),
-        ("samples_done", _i64), ("budget_spent", _f64))),
+        ("samples_done", _i64), ("budget_spent", _f64), ("held_out_gap", _f64))),
     "history": Table("runs/*/history/*.parquet", _schema(
         ("run_id", _s), ("epoch", _i32), ("key", _s), ("selected", _b), ("count", _i32), ("weight", _f32),
         ("aug", _s), ("magnitude", _f32), ("loss", _f32), ("label_used", _i32), ("status", _s))),

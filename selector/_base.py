@@ -208,6 +208,11 @@ class Policy:
         for policies that take every label as given."""
         return None
 
+    def held_out_gap(self) -> float | None:
+        """The held-out gap as of the latest plan (``dds`` with ``strong_aug=gap`` in a run long enough
+        for probes), or None for policies and runs without one."""
+        return None
+
     def state_dict(self) -> dict:
         """Picklable state (numpy arrays / python scalars)."""
         return {}

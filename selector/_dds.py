@@ -520,6 +520,9 @@ class DdsPolicy(LossPolicy):
             self._gap = GAP_MOMENTUM * self._gap + (1.0 - GAP_MOMENTUM) * gap
         self._probe_sums[:] = 0
 
+    def held_out_gap(self) -> float | None:
+        return None if self._held is None else float(self._gap)
+
     def state_dict(self) -> dict:
         state = {"loss": self._loss.state_dict()}
         if self._held is not None:

@@ -142,6 +142,12 @@ class Selector:
         sample's label, or None when it takes every label as given (all but ``dds`` with a verdict)."""
         return self._policy.status()
 
+    def held_out_gap(self) -> float | None:
+        """The held-out gap as of the latest plan, averaged over the pruned epochs before it (what that
+        plan's strong views were decided by): ``dds`` with ``strong_aug=gap`` in runs of at least
+        ``gap_min_passes`` passes; else None. The ``epochs`` table records it per epoch."""
+        return self._policy.held_out_gap()
+
     def spent(self) -> int:
         """Sample-steps planned so far (sum of the planned epochs' sizes): the run's spend."""
         return int(self._sizes[self._sizes >= 0].sum())

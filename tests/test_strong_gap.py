@@ -123,6 +123,8 @@ def test_a_run_too_short_for_views_plans_what_strong_aug_none_plans(caplog):
     # 32 epochs at budget 0.5 train each sample 16 times: the probes come in from the first pruned epoch
     long_run = Selector("dds", INFO, epochs=32, budget=0.5, seed=4)
     assert (long_run.plan(0).weights == 0).sum() == 50
+    assert short.held_out_gap() is None and long_run.held_out_gap() == 0.0   # what the epochs table records
+    assert Selector("random", INFO, epochs=32, budget=0.5).held_out_gap() is None
 
 
 def test_gap_keeps_base_views_while_the_model_generalises():
@@ -177,6 +179,10 @@ def test_a_run_with_strong_aug_gap_trains_probes_augments_clean_samples_only_and
     held = h[(h["weight"] == 0)]
     assert held["epoch"].nunique() == 7 and (held["aug"] == "base").all()  # every pruned epoch, base views
     assert not (h[h["epoch"] == 7]["aug"] == "strong").any()             # annealing: base views
+    gap = query(ws, f"SELECT epoch, held_out_gap FROM epochs WHERE run_id = '{whole['run_id']}' "
+                    "ORDER BY epoch").to_pandas().set_index("epoch")["held_out_gap"]
+    assert gap.notna().all() and gap[0] == 0                              # from 0, recorded every epoch
+    assert (gap[sorted(set(h.loc[h["aug"] == "strong", "epoch"]))] > 0).all()   # views only where it is open
     out = tmp_path / "core.parquet"   # dds export counts the epochs a sample trained in, not those it was measured in
     run_export(ws, whole["run_id"], 0.6, out)
     table = pq.read_table(out).to_pandas().set_index("key")

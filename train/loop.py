@@ -395,7 +395,8 @@ def _write_epoch(ws: Workspace, run_id: str, epoch: int, row: dict[str, Any], ke
                  hist: dict[str, pa.Array]) -> None:
     run_dir = ws.run_dir(run_id)
     types = {"epoch": pa.int32(), "selected": pa.int64(), "sample_steps": pa.int64(), "test_acc": pa.float64(),
-             "lr_first": pa.float64(), "lr_last": pa.float64(), "steps": pa.int64(), "total_steps": pa.int64()}
+             "lr_first": pa.float64(), "lr_last": pa.float64(), "steps": pa.int64(), "total_steps": pa.int64(),
+             "held_out_gap": pa.float64()}
     write_parquet(run_dir / "epochs" / f"{epoch:04d}.parquet",
                   pa.table({"run_id": [run_id], "epoch": pa.array([epoch], pa.int32()),
                             **{k: pa.array([v], type=types.get(k)) for k, v in row.items()}}))
@@ -640,7 +641,7 @@ def _count_epoch(state: RunState, sel: Selector, epoch: int, m_plan: int, losses
     state.steps += steps
     row = {"sample_steps": m, "train_loss": float(losses.mean()) if m else float("nan"), "test_acc": test_acc,
            **times, "steps": steps, "total_steps": state.total_steps, "samples_done": state.sample_steps,
-           "budget_spent": budget_columns(sel)["budget_spent"]}
+           "budget_spent": budget_columns(sel)["budget_spent"], "held_out_gap": sel.held_out_gap()}
     for t in TIMERS:
         state.timers[t] += row[t]
     state.epochs_done = epoch + 1
