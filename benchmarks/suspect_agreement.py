@@ -42,7 +42,8 @@ def main() -> None:
         p_given = prob[np.arange(sus.size), given]
         run = json.loads((ws.run_dir(run_id) / "run.json").read_text())
         row = {"dataset": args.name, "run_id": run_id, "seed": run["seed"], "acc": run["test_acc"],
-               "eval_split": json.loads(run["config"]).get("eval_split"), "train": int(train.n), "suppressed": int(sus.size),
+               "eval_split": json.loads(run["config"]).get("eval_split"), "train": int(train.n),
+               "suppressed": int(sus.size),
                "argmax_given": int(np.count_nonzero(prob.argmax(1) == given)),
                **{f"p_given_ge_{t:g}": int(np.count_nonzero(p_given >= t)) for t in LEVELS},
                "command": shlex.join(["python", "benchmarks/suspect_agreement.py", *sys.argv[1:]]), "commit": commit}
