@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 
+from dds.bench.training import _append_jsonl, _git_commit
 from dds.workspace import Workspace
 from oracle_noise import suspect_probs
 
@@ -34,11 +33,10 @@ def main() -> None:
     ap.add_argument("--results")
     args = ap.parse_args()
     ws = Workspace.resolve(args.workspace)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                            text=True).stdout.strip()
+    commit = _git_commit()
     for run_id in args.run_ids:
         sus, prob, _, train = suspect_probs(ws, args.name, run_id)
-        given = np.asarray(train.labels)[sus]
+        given = train.labels[sus]
         p_given = prob[np.arange(sus.size), given]
         run = json.loads((ws.run_dir(run_id) / "run.json").read_text())
         row = {"dataset": args.name, "run_id": run_id, "seed": run["seed"], "acc": run["test_acc"],
@@ -51,8 +49,7 @@ def main() -> None:
         print(f"{run_id}: {sus.size} suppressed ({100 * sus.size / train.n:.2f} %), the model names the given label "
               f"for {row['argmax_given']}; clearing all of them leaves {left} ({100 * left / train.n:.2f} %)")
         if args.results:
-            with open(args.results, "a") as f:
-                f.write(json.dumps(row, sort_keys=True) + "\n")
+            _append_jsonl(args.results, row)
 
 
 if __name__ == "__main__":
