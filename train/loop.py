@@ -472,8 +472,10 @@ def _as_saved(cfg: TrainConfig) -> TrainConfig:
     take their ``saved_defaults`` value. Raw options (older still) keep today's defaults."""
     policy, opts = get_policy(cfg.policy), cfg.policy_options
     missing = {k: v for k, v in policy.saved_defaults.items() if k not in opts}
-    older = {f.name for f in dataclasses.fields(policy.Config)} - set(policy.saved_defaults) if missing else set()
-    return dataclasses.replace(cfg, policy_options={**opts, **missing}) if missing and older <= set(opts) else cfg
+    known_before = {f.name for f in dataclasses.fields(policy.Config)} - set(policy.saved_defaults)
+    if not missing or not known_before <= set(opts):
+        return cfg
+    return dataclasses.replace(cfg, policy_options={**opts, **missing})
 
 
 @dataclass
